@@ -1,0 +1,117 @@
+"""The `framecast` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages.errors import InvalidRequest
+
+EXIT_INVALID = 2
+EXIT_TRACKING_FAILED = 3
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="text-to-video: one prompt -> one MP4, recorded in MLflow")
+    p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale; 1 turns guidance off")
+    p.add_argument("--frames", type=int, default=None, help="frames (4k+1 for CogVideoX)")
+    p.add_argument("--fps", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=None, help="MP4 path (default: outputs/<model>-<time>.mp4)")
+    p.add_argument("--weights", default=None, help="local diffusers directory of the model's weights")
+    p.add_argument("--experiment", default="framecast", help="MLflow experiment name")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's own default store in this directory)",
+    )
+    p.add_argument(
+        "--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)"
+    )
+    p.add_argument("--local", action="store_true", help="run every stage in this process, without Ray")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cluster.driver import default_output, generate, make_executor, prepare
+    from cluster.tracking import log_generation
+
+    try:
+        job = prepare(
+            args.model,
+            args.prompt,
+            weights=args.weights,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            num_frames=args.frames,
+            fps=args.fps,
+            height=args.height,
+            width=args.width,
+            seed=args.seed,
+        )
+    except InvalidRequest as e:
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+
+    if not args.local:
+        from cluster.runtime import connect
+
+        connect(args.address, quiet=args.json)
+    executor = make_executor(job, local=args.local)
+    with tqdm(total=job.request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+
+        def on_step(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        result = generate(job, executor, args.output or default_output(job), on_step=on_step)
+    executor.close()
+
+    try:
+        result.run_id = log_generation(
+            params=result.params,
+            metrics=result.metrics,
+            artifacts=[result.video, result.contact_sheet],
+            config_text=job.spec.to_yaml(),
+            experiment=args.experiment,
+            tracking_uri=args.tracking_uri,
+            run_name=f"{job.spec.name}-seed{job.request.seed}",
+        )
+    except Exception as e:  # the video is already written; say so and fail the command
+        result.tracking_error = f"{type(e).__name__}: {e}".splitlines()[0]
+
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        print(f"video: {result.video}")
+        print(f"contact sheet: {result.contact_sheet}")
+        if result.run_id:
+            print(f"mlflow run: {result.run_id} (experiment {args.experiment!r}; `mlflow ui` to browse)")
+    if result.tracking_error:
+        print(
+            f"framecast: error: tracking failed, video kept at {result.video}: {result.tracking_error}", file=sys.stderr
+        )
+        return EXIT_TRACKING_FAILED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="framecast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    args = parser.parse_args(argv)
+    return {"generate": cmd_generate}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The driver: one generation, top to bottom.
+
+    request -> encode -> denoise -> decode -> write MP4 -> measure -> (caller) track
+
+Validation happens first, before any model is loaded. The driver knows which stage runs which
+step and nothing of devices or model internals; the executor decides where stages run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cluster.executor import LocalExecutor, ProgressCallback, RayExecutor
+from stages.clarity import clarity_summary
+from stages.models import ModelSpec, load_spec, resolve_weights
+from stages.request import GenerationRequest, build_request
+from stages.text_encoder import check_prompt_length, load_tokenizer
+from stages.video_io import contact_sheet, write_mp4
+
+
+@dataclass
+class Job:
+    """A validated generation: the model, its weights and the filled-in request."""
+
+    spec: ModelSpec
+    weights: Path
+    request: GenerationRequest
+
+
+@dataclass
+class GenerationResult:
+    video: Path
+    contact_sheet: Path
+    params: dict[str, str]
+    metrics: dict[str, float]
+    stages: dict[str, list[float]]  # stage -> [start, end], wall-clock seconds since the epoch
+    run_id: str | None = None
+    tracking_error: str | None = None
+
+    def as_json(self) -> dict:
+        return {
+            "video": str(self.video),
+            "contact_sheet": str(self.contact_sheet),
+            "run_id": self.run_id,
+            "tracking_error": self.tracking_error,
+            "params": self.params,
+            "metrics": self.metrics,
+            "stages": self.stages,
+        }
+
+
+def prepare(model: str, prompt: str, weights: str | None = None, **settings) -> Job:
+    """Everything that can be checked before heavy work: model, settings, weights, prompt length."""
+    spec = load_spec(model)
+    request = build_request(spec, prompt, **settings)
+    weights_dir = resolve_weights(spec, weights)
+    tokenizer = load_tokenizer(spec, weights_dir)
+    check_prompt_length(tokenizer, spec, request.prompt)
+    if request.do_classifier_free_guidance:
+        check_prompt_length(tokenizer, spec, request.negative_prompt, "negative prompt")
+    return Job(spec, weights_dir, request)
+
+
+def make_executor(job: Job, local: bool) -> LocalExecutor | RayExecutor:
+    return LocalExecutor(job.spec, job.weights) if local else RayExecutor(job.spec, job.weights)
+
+
+def default_output(job: Job) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("outputs") / f"{job.spec.name}-{stamp}-seed{job.request.seed}.mp4"
+
+
+def generate(
+    job: Job,
+    executor: LocalExecutor | RayExecutor,
+    output: Path,
+    on_step: ProgressCallback | None = None,
+) -> GenerationResult:
+    r = job.request
+    start = time.time()
+    encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+    denoised = executor.call("denoise", "denoise", encoded.value, r, on_step=on_step)
+    decoded = executor.call("decode", "decode", denoised.value)
+    frames = executor.get(decoded.value)
+    spans = {
+        "encode": list(executor.get(encoded.span)),
+        "denoise": list(executor.get(denoised.span)),
+        "decode": list(executor.get(decoded.span)),
+    }
+
+    video = write_mp4(frames, output, fps=r.fps)  # first: nothing after this may lose the video
+    sheet = video.with_suffix(".sheet.png")
+    contact_sheet(frames).save(sheet)
+    total_s = time.time() - start
+
+    seconds = {stage: end - begin for stage, (begin, end) in spans.items()}
+    metrics = {
+        "encode_s": seconds["encode"],
+        "denoise_s": seconds["denoise"],
+        "decode_s": seconds["decode"],
+        "total_s": total_s,
+        "s_per_step": seconds["denoise"] / r.steps,
+        **clarity_summary(frames),
+    }
+    devices = executor.devices()
+    params = {
+        "model": job.spec.name,
+        **{k: str(v) for k, v in r.as_dict().items()},
+        "scheduler": job.spec.components["scheduler"].class_path.rsplit(".", 1)[-1],
+        "dtype": job.spec.dtype,
+        "executor": executor.name,
+        "device_encode": devices["encode"],
+        "device_denoise": devices["denoise"],
+        "device_decode": devices["decode"],
+        "weights": str(job.weights),
+    }
+    return GenerationResult(video=video, contact_sheet=sheet, params=params, metrics=metrics, stages=spans)

@@ -1,0 +1,49 @@
+"""Starting or joining Ray, and what each stage actor asks of it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+STAGES = ("encode", "denoise", "decode")
+
+
+def connect(address: str | None = None, quiet: bool = False) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS); otherwise start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=not quiet,
+        configure_logging=not quiet,
+        logging_level="ERROR" if quiet else "INFO",
+    )
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    num_gpus: float
+    num_cpus: float
+    env: dict[str, str]
+
+
+def stage_resources() -> dict[str, ActorResources]:
+    """One actor per stage, each with its own GPU when there are enough; a share of one otherwise.
+
+    Without GPUs the actors share the CPU cores: they ask for no CPU (so three stages fit on a
+    two-core machine) and each may use every core, since one job's stages run one after another.
+    """
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    threads = str(max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))))
+    if gpus >= len(STAGES):
+        share = 1.0
+    elif gpus > 0:
+        share = int(gpus / len(STAGES) * 100) / 100  # Ray takes fractions; round down to fit
+    else:
+        share = 0.0
+    env = {} if share else {"OMP_NUM_THREADS": threads}
+    return {stage: ActorResources(num_gpus=share, num_cpus=0, env=env) for stage in STAGES}

@@ -1,0 +1,218 @@
+"""Model specs: what `configs/models/*.yaml` says about a model, and where its weights are.
+
+A spec names the diffusers/transformers class of every component, its architecture config,
+the dtype, the generation defaults and limits, and where the weights live:
+
+1. an explicit local diffusers directory (`--weights DIR`, or `weights.path` in the YAML);
+2. a hub id, resolved from the local Hugging Face cache only (nothing is ever downloaded);
+3. for test models, `weights.build`: built offline from the architecture config with seeded
+   random weights and saved with `save_pretrained` (see `stages.tiny`).
+
+Whichever way they are found, weights are loaded by the same `from_pretrained` code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.errors import InvalidRequest
+
+CONFIG_DIR = Path(os.environ.get("FRAMECAST_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+MODELS_DIR = CONFIG_DIR / "models"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One pipeline component: its class (dotted path) and its architecture config."""
+
+    class_path: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def load_class(self) -> type:
+        module, _, name = self.class_path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    steps: int
+    guidance_scale: float
+    num_frames: int
+    fps: int
+    height: int
+    width: int
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    height: tuple[int, int]
+    width: tuple[int, int]
+    num_frames: tuple[int, int]
+    max_steps: int = 1000
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    path: str | None = None
+    hub_id: str | None = None
+    build_seed: int | None = None  # set only for models built offline from their config
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    kind: str
+    description: str
+    license: str
+    dtype: str
+    components: dict[str, ComponentSpec]
+    defaults: Defaults
+    limits: Limits
+    weights: WeightsSpec
+    source: Path
+
+    @property
+    def max_sequence_length(self) -> int:
+        """How many text tokens the denoiser takes (the prompt is padded to exactly this)."""
+        return int(self.components["transformer"].config["max_text_seq_length"])
+
+    @property
+    def temporal_compression(self) -> int:
+        return int(self.components["vae"].config.get("temporal_compression_ratio", 4))
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Height and width must divide by this: VAE downsampling times the transformer's patch size."""
+        vae_factor = 2 ** (len(self.components["vae"].config["block_out_channels"]) - 1)
+        return vae_factor * int(self.components["transformer"].config.get("patch_size", 2))
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def to_yaml(self) -> str:
+        return self.source.read_text()
+
+
+def known_models() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+
+
+def load_spec(name: str) -> ModelSpec:
+    path = MODELS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise InvalidRequest(f"unknown model {name!r}; known models: {', '.join(known_models())}")
+    raw = yaml.safe_load(path.read_text())
+    weights = raw.get("weights") or {}
+    limits = raw["limits"]
+    return ModelSpec(
+        name=raw["name"],
+        family=raw["family"],
+        kind=raw["kind"],
+        description=raw.get("description", ""),
+        license=raw.get("license", "unknown"),
+        dtype=raw.get("dtype", "float32"),
+        components={
+            key: ComponentSpec(class_path=c["class"], config=dict(c.get("config") or {}))
+            for key, c in raw["components"].items()
+        },
+        defaults=Defaults(**raw["defaults"]),
+        limits=Limits(
+            height=tuple(limits["height"]),
+            width=tuple(limits["width"]),
+            num_frames=tuple(limits["num_frames"]),
+            max_steps=int(limits.get("max_steps", 1000)),
+        ),
+        weights=WeightsSpec(
+            path=weights.get("path"),
+            hub_id=weights.get("hub_id"),
+            build_seed=weights.get("build_seed"),
+        ),
+        source=path,
+    )
+
+
+def cache_dir() -> Path:
+    """Where framecast keeps models it builds itself (`FRAMECAST_CACHE`, default ~/.cache/framecast)."""
+    return Path(os.environ.get("FRAMECAST_CACHE", Path.home() / ".cache" / "framecast")).expanduser()
+
+
+def resolve_weights(spec: ModelSpec, override: str | os.PathLike | None = None) -> Path:
+    """Find the local diffusers directory of a model's weights, building test models if needed.
+
+    Raises InvalidRequest (before anything heavy is loaded) when no weights are to be found.
+    """
+    explicit = override or (os.path.expandvars(spec.weights.path) if spec.weights.path else None)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise InvalidRequest(
+                f"no diffusers weights for {spec.name} at {path} (expected model_index.json there); "
+                f"pass --weights with a local copy of the model directory"
+            )
+        return check_architecture(spec, path)
+    if spec.weights.hub_id:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            path = Path(snapshot_download(spec.weights.hub_id, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise InvalidRequest(
+                f"weights for {spec.name} ({spec.weights.hub_id}) are not in the local Hugging Face cache; "
+                f"pass --weights DIR with a local diffusers copy, or set weights.path in {spec.source.name}"
+            ) from None
+        return check_architecture(spec, path)
+    if spec.weights.build_seed is not None:
+        from stages.tiny import ensure_built
+
+        return check_architecture(spec, ensure_built(spec, cache_dir()))
+    raise InvalidRequest(f"{spec.name} names no weights; pass --weights DIR with a local diffusers copy")
+
+
+def load_component(spec: ModelSpec, key: str, weights: Path, device: Any = None) -> Any:
+    """`from_pretrained` of one component (its class from the spec), in the spec's dtype, in eval mode."""
+    import diffusers
+    import transformers
+
+    # Per-file loading bars would drown the one bar that matters (denoising steps).
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    cls = spec.components[key].load_class()
+    if key in ("tokenizer", "scheduler"):
+        return cls.from_pretrained(weights, subfolder=key)
+    model = cls.from_pretrained(weights, subfolder=key, torch_dtype=spec.torch_dtype())
+    return model.to(device).eval()
+
+
+ARCHITECTURE_COMPONENTS = ("text_encoder", "transformer", "vae")
+
+
+def check_architecture(spec: ModelSpec, weights: Path) -> Path:
+    """Refuse weights whose configs contradict the spec (say, 5b weights under the 2b name).
+
+    Reads only the small config.json files, so a mismatch is reported before anything is loaded.
+    Keys the weights' config leaves out take the library default and are not compared.
+    """
+    problems = []
+    for key in ARCHITECTURE_COMPONENTS:
+        path = weights / key / "config.json"
+        if not path.is_file():
+            raise InvalidRequest(f"{weights} has no {key}/config.json: it is not a diffusers copy of {spec.name}")
+        actual = json.loads(path.read_text())
+        for name, declared in spec.components[key].config.items():
+            if name in actual and actual[name] != declared:
+                problems.append(f"{key}.{name} is {actual[name]!r} there but {declared!r} in {spec.source.name}")
+    if problems:
+        raise InvalidRequest(f"the weights at {weights} are not {spec.name}: " + "; ".join(problems))
+    return weights

@@ -1,0 +1,108 @@
+"""What a user asks for, filled in from the model's defaults and checked against its limits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from stages.errors import InvalidRequest
+from stages.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    num_frames: int
+    fps: int
+    height: int
+    width: int
+    seed: int
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # guidance 1 is the conditional prediction alone: the unconditional branch is skipped.
+        return self.guidance_scale > 1.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_request(
+    spec: ModelSpec,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    num_frames: int | None = None,
+    fps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+) -> GenerationRequest:
+    """Fill unset fields from the model's defaults, then validate (see `validate`)."""
+    d = spec.defaults
+    request = GenerationRequest(
+        prompt=prompt,
+        negative_prompt=d.negative_prompt if negative_prompt is None else negative_prompt,
+        steps=d.steps if steps is None else steps,
+        guidance_scale=d.guidance_scale if guidance_scale is None else float(guidance_scale),
+        num_frames=d.num_frames if num_frames is None else num_frames,
+        fps=d.fps if fps is None else fps,
+        height=d.height if height is None else height,
+        width=d.width if width is None else width,
+        seed=seed,
+    )
+    validate(spec, request)
+    return request
+
+
+def nearest_valid_frames(num_frames: int, multiple: int) -> list[int]:
+    """The valid counts (k*multiple + 1) on either side of num_frames."""
+    below = ((num_frames - 1) // multiple) * multiple + 1
+    return [n for n in (below, below + multiple) if n >= 1]
+
+
+def validate(spec: ModelSpec, r: GenerationRequest) -> None:
+    """Check a request against the model's rules. Cheap: no model is loaded.
+
+    The prompt's token count is checked separately (`TextEncoderStage.check_prompt_length`
+    needs the tokenizer).
+    """
+    if not r.prompt or not r.prompt.strip():
+        raise InvalidRequest("prompt is empty; pass --prompt TEXT")
+    if r.steps < 1:
+        raise InvalidRequest(f"steps must be at least 1 (got {r.steps})")
+    if r.steps > spec.limits.max_steps:
+        raise InvalidRequest(f"steps must be at most {spec.limits.max_steps} for {spec.name} (got {r.steps})")
+    if not r.guidance_scale >= 1.0:
+        raise InvalidRequest(
+            f"guidance scale must be at least 1 (1 turns classifier-free guidance off; got {r.guidance_scale})"
+        )
+    if r.fps < 1:
+        raise InvalidRequest(f"fps must be at least 1 (got {r.fps})")
+    if r.seed < 0:
+        raise InvalidRequest(f"seed must be a non-negative integer (got {r.seed})")
+
+    t = spec.temporal_compression
+    lo, hi = spec.limits.num_frames
+    if (r.num_frames - 1) % t != 0 or r.num_frames < 1:
+        options = " or ".join(str(n) for n in nearest_valid_frames(max(r.num_frames, 1), t))
+        raise InvalidRequest(f"frames must be {t}k+1 for {spec.name} (got {r.num_frames}; nearest valid: {options})")
+    if not lo <= r.num_frames <= hi:
+        raise InvalidRequest(f"frames must be between {lo} and {hi} for {spec.name} (got {r.num_frames})")
+
+    m = spec.spatial_multiple
+    for name, value, (lo, hi) in (
+        ("height", r.height, spec.limits.height),
+        ("width", r.width, spec.limits.width),
+    ):
+        if value % m != 0:
+            options = " or ".join(str(v) for v in sorted({max(m, value // m * m), value // m * m + m}))
+            raise InvalidRequest(
+                f"{name} must be a multiple of {m} for {spec.name} (got {value}; nearest valid: {options})"
+            )
+        if not lo <= value <= hi:
+            raise InvalidRequest(f"{name} must be between {lo} and {hi} for {spec.name} (got {value})")

@@ -1,0 +1,97 @@
+"""Offline test models: built from their YAML architecture config with seeded random weights.
+
+No weights can be downloaded where framecast is developed and tested, so test models are made
+here: every component is constructed from its config after `torch.manual_seed`, the tokenizer is
+a small Unigram (SentencePiece-style) vocabulary made from the word list below, and the whole
+pipeline is written with `save_pretrained`. From then on it is loaded exactly like real weights.
+Videos from these models are noise; they exist to test the machinery, not the art.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+from stages.models import ModelSpec
+
+# Whole words get one token each; anything else falls back to characters, so every prompt
+# tokenizes, and long prompts cost tokens roughly as they would with a real T5 vocabulary.
+WORDS = """
+a an the and or of in on at to with without from into over under through across near by for
+is are was be being very more most less slow slowly fast quickly gently softly
+cat dog fox bird horse fish lion tiger bear wolf rabbit deer owl eagle dragon robot person man
+woman child girl boy people crowd astronaut chef dancer musician knight warrior
+running walking flying swimming jumping dancing playing singing sitting standing looking
+eating drinking driving riding falling rising turning spinning smiling talking reading
+red orange yellow green blue purple pink white black gray golden silver dark bright colorful
+snow rain fog mist sun sunset sunrise night day sky cloud clouds storm lightning wind fire water
+ocean sea river lake beach forest tree trees mountain mountains desert field garden flower flowers
+city street road bridge building house room kitchen window door car train boat ship plane
+piano guitar violin drum book cup table chair lamp candle clock mirror
+cinematic lighting light shadow shadows soft hard warm cold detailed realistic photorealistic
+style painting drawing anime cartoon portrait close up wide shot aerial view camera slow motion
+high quality sharp focus resolution 4k 8k hdr film grain bokeh background foreground scene
+product photography text overlay clean natural readable screen talking head studio
+blurry low distorted ugly noisy watermark
+""".split()
+
+
+def build_tokenizer():
+    """A T5 tokenizer (Unigram model, T5's special tokens) over WORDS plus single characters."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -2.0) for w in dict.fromkeys(WORDS)]
+    vocab += [(c, -5.0) for c in chars] + [("▁" + c, -5.5) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def build_pipeline_dir(spec: ModelSpec, out_dir: Path) -> None:
+    """Construct every component from its config with seeded weights and save them as one pipeline."""
+    import torch
+    from diffusers import CogVideoXPipeline
+
+    if spec.family != "cogvideox":
+        raise ValueError(f"no offline builder for model family {spec.family!r}")
+    tokenizer = build_tokenizer()
+    components = {"tokenizer": tokenizer}
+    for key, component in spec.components.items():
+        if key == "tokenizer":
+            continue
+        cls = component.load_class()
+        config = dict(component.config)
+        torch.manual_seed(spec.weights.build_seed)
+        if key == "text_encoder":
+            config["vocab_size"] = len(tokenizer)
+            components[key] = cls(cls.config_class(**config))
+        elif key == "scheduler":
+            components[key] = cls.from_config(config)
+        else:
+            components[key] = cls(**config)
+    CogVideoXPipeline(**components).save_pretrained(out_dir)
+
+
+def ensure_built(spec: ModelSpec, cache: Path) -> Path:
+    """Build the model once into the cache (keyed by its YAML) and return the directory."""
+    digest = hashlib.sha256(spec.source.read_bytes()).hexdigest()[:12]
+    target = cache / "models" / f"{spec.name}-{digest}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build aside and rename, so that concurrent builders never see half a model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        build_pipeline_dir(spec, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
