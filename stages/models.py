@@ -57,6 +57,10 @@ class Limits:
     width: tuple[int, int]
     num_frames: tuple[int, int]
     max_steps: int = 1000
+    # Valid frame counts are frame_step*k + 1. For CogVideoX that is 8, not the VAE's 4x temporal
+    # compression: its decoder works on latent frames in pairs, so an even number of latent frames
+    # (e.g. 13 frames -> 4 latents) decodes to 4 more frames than asked (16), in diffusers too.
+    frame_step: int = 1
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,6 @@ class ModelSpec:
     def max_sequence_length(self) -> int:
         """How many text tokens the denoiser takes (the prompt is padded to exactly this)."""
         return int(self.components["transformer"].config["max_text_seq_length"])
-
-    @property
-    def temporal_compression(self) -> int:
-        return int(self.components["vae"].config.get("temporal_compression_ratio", 4))
 
     @property
     def spatial_multiple(self) -> int:
@@ -132,6 +132,7 @@ def load_spec(name: str) -> ModelSpec:
             width=tuple(limits["width"]),
             num_frames=tuple(limits["num_frames"]),
             max_steps=int(limits.get("max_steps", 1000)),
+            frame_step=int(limits.get("frame_step", 1)),
         ),
         weights=WeightsSpec(
             path=weights.get("path"),
@@ -191,7 +192,7 @@ def load_component(spec: ModelSpec, key: str, weights: Path, device: Any = None)
     cls = spec.components[key].load_class()
     if key in ("tokenizer", "scheduler"):
         return cls.from_pretrained(weights, subfolder=key)
-    model = cls.from_pretrained(weights, subfolder=key, torch_dtype=spec.torch_dtype())
+    model = cls.from_pretrained(weights, subfolder=key, dtype=spec.torch_dtype())
     return model.to(device).eval()
 
 

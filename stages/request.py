@@ -86,11 +86,12 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
     if r.seed < 0:
         raise InvalidRequest(f"seed must be a non-negative integer (got {r.seed})")
 
-    t = spec.temporal_compression
+    step = spec.limits.frame_step
     lo, hi = spec.limits.num_frames
-    if (r.num_frames - 1) % t != 0 or r.num_frames < 1:
-        options = " or ".join(str(n) for n in nearest_valid_frames(max(r.num_frames, 1), t))
-        raise InvalidRequest(f"frames must be {t}k+1 for {spec.name} (got {r.num_frames}; nearest valid: {options})")
+    if r.num_frames < 1 or (r.num_frames - 1) % step != 0:
+        nearest = [n for n in nearest_valid_frames(max(r.num_frames, 1), step) if lo <= n <= hi] or [lo]
+        options = " or ".join(map(str, nearest))
+        raise InvalidRequest(f"frames must be {step}k+1 for {spec.name} (got {r.num_frames}; nearest valid: {options})")
     if not lo <= r.num_frames <= hi:
         raise InvalidRequest(f"frames must be between {lo} and {hi} for {spec.name} (got {r.num_frames})")
 

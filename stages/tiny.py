@@ -10,6 +10,7 @@ Videos from these models are noise; they exist to test the machinery, not the ar
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import string
@@ -77,8 +78,13 @@ def build_pipeline_dir(spec: ModelSpec, out_dir: Path) -> None:
 
 
 def ensure_built(spec: ModelSpec, cache: Path) -> Path:
-    """Build the model once into the cache (keyed by its YAML) and return the directory."""
-    digest = hashlib.sha256(spec.source.read_bytes()).hexdigest()[:12]
+    """Build the model once into the cache (keyed by everything it is built from) and return the directory."""
+    recipe = {
+        "seed": spec.weights.build_seed,
+        "components": {k: [c.class_path, c.config] for k, c in spec.components.items()},
+        "words": WORDS,
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     target = cache / "models" / f"{spec.name}-{digest}"
     if (target / "model_index.json").is_file():
         return target

@@ -1,0 +1,120 @@
+"""`framecast generate` end to end: in-process (--local), through local Ray, and its failure modes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from cluster.cli import EXIT_INVALID, EXIT_TRACKING_FAILED, main
+from stages.video_io import read_frames
+
+
+def run_cli(capsys, *args):
+    code = main(["generate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    video = tmp_path / "out" / "fox.mp4"
+    code, out, err = run_cli(
+        capsys, "--model", "tiny", "--prompt", "a red fox in the snow", "--negative-prompt", "blurry",
+        "--steps", "3", "--guidance", "7.5", "--frames", "17", "--fps", "12", "--height", "48", "--width", "80",
+        "--seed", "5", "--output", str(video), "--experiment", "cli-test", "--tracking-uri", uri, "--local", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["video"] == str(video) and video.is_file()
+    assert read_frames(video).shape == (17, 48, 80, 3)
+    assert set(result["stages"]) == {"encode", "denoise", "decode"}
+    enc, den, dec = (result["stages"][s] for s in ("encode", "denoise", "decode"))
+    assert enc[0] <= enc[1] <= den[0] <= den[1] <= dec[0] <= dec[1]
+    assert "denoising" in err and "3/3" in err  # the progress bar went to stderr
+
+    run = MlflowClient(uri).get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params == result["params"]
+    expected = {
+        "model": "tiny", "prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": "3",
+        "guidance_scale": "7.5", "num_frames": "17", "fps": "12", "height": "48", "width": "80", "seed": "5",
+        "scheduler": "CogVideoXDDIMScheduler", "dtype": "float32", "device_encode": "cpu",
+        "device_denoise": "cpu", "device_decode": "cpu", "executor": "local",
+    }  # fmt: skip
+    assert expected.items() <= run.data.params.items()
+    metrics = run.data.metrics
+    for key in ("encode_s", "denoise_s", "decode_s", "total_s", "s_per_step"):
+        assert metrics[key] == pytest.approx(result["metrics"][key]) and metrics[key] > 0
+    assert metrics["s_per_step"] == pytest.approx(metrics["denoise_s"] / 3)
+    assert metrics["clarity/sharpness_laplacian_var"] > 0 and metrics["clarity/flicker_mae"] > 0
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    assert artifacts == {"fox.mp4", "fox.sheet.png", "config.yaml"}
+    config_text = Path(MlflowClient(uri).download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "name: tiny" in config_text
+
+
+def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, out, _ = run_cli(capsys, "--prompt", "a cat", "--steps", "2", "--output", str(tmp_path / "c.mp4"),
+                           "--tracking-uri", uri, "--local")  # fmt: skip
+    assert code == 0
+    assert f"video: {tmp_path / 'c.mp4'}" in out
+    run_id = next(line.split()[2] for line in out.splitlines() if line.startswith("mlflow run:"))
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frames", "24"], "frames must be 8k+1 for tiny (got 24; nearest valid: 17 or 25)"),
+        (["--height", "70"], "height must be a multiple of 16 for tiny (got 70; nearest valid: 64 or 80)"),
+        (["--width", "4096"], "width must be between 32 and 256 for tiny (got 4096)"),
+        (["--steps", "0"], "steps must be at least 1 (got 0)"),
+        (["--guidance", "0.5"], "guidance scale must be at least 1"),
+        (["--model", "sora"], "unknown model 'sora'; known models: cogvideox-2b, cogvideox-5b, tiny"),
+        (["--model", "cogvideox-2b", "--weights", "/nonexistent"], "no diffusers weights for cogvideox-2b at"),
+        (["--prompt", "cat " * 250], "prompt is 251 tokens long; tiny's text encoder takes at most 226"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, tiny_weights, args, message):
+    argv = ["--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), "--local", *args]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == EXIT_INVALID
+    assert err.strip().splitlines() == [f"framecast: error: {err.strip().split('framecast: error: ', 1)[1]}"]
+    assert message in err
+    assert "Traceback" not in err and out == ""
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_tracking_failure_keeps_the_video(tmp_path, capsys, tiny_weights):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where MLflow wants a directory")
+    video = tmp_path / "kept.mp4"
+    code, out, err = run_cli(capsys, "--prompt", "a cat", "--steps", "2", "--output", str(video),
+                             "--tracking-uri", f"file://{blocker}/mlruns", "--local", "--json")  # fmt: skip
+    assert code == EXIT_TRACKING_FAILED
+    assert video.is_file() and read_frames(video).shape[0] == 9
+    result = json.loads(out)
+    assert result["run_id"] is None and result["tracking_error"]
+    assert f"tracking failed, video kept at {video}" in err
+
+
+def test_generate_through_embedded_ray(tmp_path, tiny_weights):
+    """The real command in a fresh process: it starts its own local Ray and runs the three stage actors."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "generate", "--prompt", "a fox", "--steps", "4", "--seed", "3",
+         "--output", str(tmp_path / "ray.mp4"), "--tracking-uri", uri, "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["params"]["executor"] == "ray"
+    assert "4/4" in proc.stderr  # the bar reached the last step, relayed from the denoiser actor
+    assert read_frames(result["video"]).shape == (9, 64, 96, 3)
+    assert MlflowClient(uri).get_run(result["run_id"]).data.params["seed"] == "3"

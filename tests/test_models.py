@@ -1,0 +1,94 @@
+import json
+import shutil
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.errors import InvalidRequest
+from stages.models import check_architecture, known_models, load_spec, resolve_weights
+from stages.tiny import build_tokenizer, ensure_built
+
+
+def test_shipped_model_configs_load():
+    assert {"tiny", "cogvideox-2b", "cogvideox-5b"} <= set(known_models())
+    for name in known_models():
+        spec = load_spec(name)
+        assert spec.name == name
+        assert spec.spatial_multiple == 16
+        assert spec.max_sequence_length == 226
+
+
+def test_real_architecture_values():
+    b2, b5 = load_spec("cogvideox-2b"), load_spec("cogvideox-5b")
+    t2, t5 = b2.components["transformer"].config, b5.components["transformer"].config
+    assert (t2["num_layers"], t2["num_attention_heads"], t2["use_rotary_positional_embeddings"]) == (30, 30, False)
+    assert (t5["num_layers"], t5["num_attention_heads"], t5["use_rotary_positional_embeddings"]) == (42, 48, True)
+    assert b2.components["vae"].config["scaling_factor"] == pytest.approx(1.15258426)
+    assert b5.components["vae"].config["scaling_factor"] == pytest.approx(0.7)
+    assert (b2.dtype, b5.dtype) == ("float16", "bfloat16")
+    assert b2.components["text_encoder"].config["d_model"] == 4096
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(InvalidRequest, match=r"unknown model 'cogvideox-9b'; known models: .*cogvideox-2b.*tiny"):
+        load_spec("cogvideox-9b")
+
+
+def test_missing_hub_weights_say_how_to_point_at_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(InvalidRequest, match=r"THUDM/CogVideoX-2b.*not in the local Hugging Face cache.*--weights DIR"):
+        resolve_weights(load_spec("cogvideox-2b"))
+
+
+def test_weights_dir_without_model_index(tmp_path):
+    with pytest.raises(InvalidRequest, match=r"no diffusers weights for tiny at .*model_index.json.*--weights"):
+        resolve_weights(load_spec("tiny"), tmp_path)
+
+
+def test_weights_found_in_local_hub_cache(monkeypatch, tmp_path, tiny_weights):
+    """A hub id resolves from the local HF cache layout (models--org--name/snapshots/<rev>)."""
+    from dataclasses import replace
+
+    from stages.models import WeightsSpec
+
+    repo = tmp_path / "hub" / "models--framecast--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_weights, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = replace(load_spec("tiny"), weights=WeightsSpec(hub_id="framecast/tiny"))
+    assert resolve_weights(spec) == snapshot
+
+
+def test_architecture_mismatch_is_refused(tmp_path, tiny_spec, tiny_weights):
+    copy = tmp_path / "weights"
+    shutil.copytree(tiny_weights, copy)
+    config = json.loads((copy / "transformer" / "config.json").read_text())
+    config["num_layers"] = 7
+    (copy / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidRequest, match=r"not tiny: transformer.num_layers is 7 there but 2 in tiny.yaml"):
+        check_architecture(tiny_spec, copy)
+
+
+def test_tiny_build_is_a_diffusers_directory_and_deterministic(tmp_path, tiny_spec, tiny_weights):
+    index = json.loads((tiny_weights / "model_index.json").read_text())
+    assert index["_class_name"] == "CogVideoXPipeline"
+    assert index["transformer"] == ["diffusers", "CogVideoXTransformer3DModel"]
+    again = ensure_built(tiny_spec, tmp_path)
+    assert again != tiny_weights
+    for sub in ("transformer", "vae"):
+        a = load_file(next((tiny_weights / sub).glob("*.safetensors")))
+        b = load_file(next((again / sub).glob("*.safetensors")))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offline_tokenizer():
+    tok = build_tokenizer()
+    ids = tok("a cat playing piano", add_special_tokens=True).input_ids
+    assert ids[-1] == tok.eos_token_id and len(ids) == 5  # one token per known word, plus </s>
+    rare = tok("Xylophone", add_special_tokens=True).input_ids
+    assert tok.unk_token_id not in rare  # unknown words fall back to characters

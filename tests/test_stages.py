@@ -1,0 +1,124 @@
+"""Each stage on its own, in this process."""
+
+import subprocess
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+
+from stages.clarity import clarity_summary, frame_differences, laplacian_variance, luma
+from stages.decoder import DecoderStage
+from stages.denoiser import DenoiserStage
+from stages.errors import InvalidRequest
+from stages.request import build_request
+from stages.text_encoder import TextEncoderStage
+from stages.video_io import contact_sheet, read_frames, write_mp4
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_spec, tiny_weights):
+    return TextEncoderStage(tiny_spec, tiny_weights)
+
+
+@pytest.fixture(scope="module")
+def denoiser(tiny_spec, tiny_weights):
+    return DenoiserStage(tiny_spec, tiny_weights)
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_spec, tiny_weights):
+    return DecoderStage(tiny_spec, tiny_weights)
+
+
+def test_encoder_shapes_and_guidance(encoder):
+    with_cfg = encoder.encode("a cat", "blurry", guidance=True)
+    assert with_cfg.prompt.shape == (1, 226, 32)
+    assert with_cfg.negative.shape == (1, 226, 32)
+    assert not torch.equal(with_cfg.prompt, with_cfg.negative)
+    without = encoder.encode("a cat", "blurry", guidance=False)
+    assert without.negative is None
+    assert torch.equal(without.prompt, with_cfg.prompt)
+    with pytest.raises(InvalidRequest, match="tokens long"):
+        encoder.encode(" ".join(["cat"] * 300), "", guidance=False)
+
+
+def test_denoiser_progress_seed_and_shape(tiny_spec, encoder, denoiser):
+    r = build_request(tiny_spec, "a cat", steps=3, seed=1)
+    emb = encoder.encode(r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+    calls = []
+    a = denoiser.denoise(emb, r, on_step=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert a.shape == (1, 3, 4, 8, 12)  # 9 frames -> 3 latent frames; 64x96 px -> 8x12 latents
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, denoiser.denoise(emb, r))  # same seed, same latents
+    other = denoiser.denoise(emb, build_request(tiny_spec, "a cat", steps=3, seed=2))
+    assert not torch.allclose(a, other)
+
+
+def test_guidance_one_skips_unconditional_branch(tiny_spec, encoder, denoiser, monkeypatch):
+    r = build_request(tiny_spec, "a cat", steps=2, guidance_scale=1.0)
+    emb = encoder.encode(r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+    batches = []
+    forward = denoiser.transformer.forward
+    monkeypatch.setattr(
+        denoiser.transformer, "forward", lambda **kw: batches.append(kw["hidden_states"].shape[0]) or forward(**kw)
+    )
+    denoiser.denoise(emb, r)
+    assert batches == [1, 1]
+    r2 = build_request(tiny_spec, "a cat", steps=2, guidance_scale=6.0)
+    denoiser.denoise(encoder.encode(r2.prompt, r2.negative_prompt, True), r2)
+    assert batches[2:] == [2, 2]
+
+
+def test_decoder_frames(decoder):
+    latents = torch.randn(1, 3, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    frames = decoder.decode(latents)
+    assert frames.shape == (9, 64, 96, 3) and frames.dtype == np.uint8
+    as_float = decoder.decode_float(latents)
+    assert float(as_float.min()) >= 0 and float(as_float.max()) <= 1
+    assert np.abs(frames.astype(float) - as_float.numpy() * 255).max() <= 0.5
+
+
+def test_mp4_is_h264_yuv420p_at_requested_fps(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(9, 64, 96, 3), dtype=np.uint8)
+    path = write_mp4(frames, tmp_path / "sub" / "v.mp4", fps=12)
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True)
+    stream = next(line for line in probe.stderr.splitlines() if "Video:" in line)
+    assert "h264" in stream and "yuv420p" in stream and "96x64" in stream and "12 fps" in stream
+    back = read_frames(path)
+    assert back.shape == frames.shape
+    assert not list(tmp_path.glob("sub/.*partial*"))
+
+
+def test_mp4_keeps_smooth_content(tmp_path):
+    """A smooth gradient survives H.264 at our CRF almost unchanged."""
+    x = np.linspace(0, 255, 96)[None, None, :, None]
+    y = np.linspace(0, 255, 64)[None, :, None, None]
+    t = np.arange(5)[:, None, None, None] * 10
+    frames = np.broadcast_to((x + y) / 2 + t, (5, 64, 96, 3)).clip(0, 255).astype(np.uint8)
+    back = read_frames(write_mp4(frames, tmp_path / "g.mp4", fps=8))
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 2.0
+
+
+def test_clarity_metrics():
+    rng = np.random.default_rng(0)
+    sharp = np.zeros((4, 32, 32, 3), np.uint8)
+    sharp[:, ::2, ::2] = 255  # fine checkerboard-like detail
+    blurred = ((sharp.astype(float) + np.roll(sharp, 1, axis=1) + np.roll(sharp, 1, axis=2)) / 3).astype(np.uint8)
+    assert laplacian_variance(luma(sharp)).mean() > laplacian_variance(luma(blurred)).mean()
+    static = np.repeat(rng.integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8), 5, axis=0)
+    assert clarity_summary(static)["clarity/flicker_mae"] == 0.0
+    flicker = static.copy()
+    flicker[3] = 255 - flicker[3]
+    diffs = frame_differences(luma(flicker))
+    assert diffs.argmax() in (2, 3) and diffs[0] == 0 and diffs[1] == 0
+    white = np.full((2, 4, 4, 3), 255, np.uint8)
+    assert luma(white)[0, 0, 0] == pytest.approx(235.0)  # BT.601 studio range, as ffmpeg's yuv420p
+
+
+def test_contact_sheet_picks_and_labels():
+    frames = np.zeros((30, 64, 96, 3), np.uint8)
+    sheet = contact_sheet(frames, max_frames=8, columns=4)
+    assert sheet.size == (4 * 192, 2 * 128)  # 96 px frames scaled x2 to stay readable
