@@ -35,7 +35,9 @@ def rope_dpm_variant(spec: ModelSpec) -> ModelSpec:
     components["transformer"] = ComponentSpec(
         transformer.class_path, {**transformer.config, "use_rotary_positional_embeddings": True}
     )
-    components["scheduler"] = ComponentSpec("diffusers.CogVideoXDPMScheduler", {**scheduler.config, "snr_shift_scale": 1.0})
+    components["scheduler"] = ComponentSpec(
+        "diffusers.CogVideoXDPMScheduler", {**scheduler.config, "snr_shift_scale": 1.0}
+    )
     return replace(spec, name="tiny-rope-dpm", components=components)
 
 

@@ -13,8 +13,16 @@ from stages.request import build_request
 TOL = 1e-5
 CASES = [
     dict(prompt="a red fox running through fresh snow", steps=4, guidance_scale=6.0, seed=42),
-    dict(prompt="a cat playing piano", negative_prompt="blurry, low quality", steps=3, guidance_scale=1.0, seed=7,
-         num_frames=17, height=48, width=80),
+    dict(
+        prompt="a cat playing piano",
+        negative_prompt="blurry, low quality",
+        steps=3,
+        guidance_scale=1.0,
+        seed=7,
+        num_frames=17,
+        height=48,
+        width=80,
+    ),
 ]
 
 

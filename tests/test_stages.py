@@ -84,7 +84,9 @@ def test_mp4_is_h264_yuv420p_at_requested_fps(tmp_path):
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(9, 64, 96, 3), dtype=np.uint8)
     path = write_mp4(frames, tmp_path / "sub" / "v.mp4", fps=12)
-    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True)
+    probe = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True
+    )
     stream = next(line for line in probe.stderr.splitlines() if "Video:" in line)
     assert "h264" in stream and "yuv420p" in stream and "96x64" in stream and "12 fps" in stream
     back = read_frames(path)
