@@ -43,6 +43,8 @@ def _generate_parser(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import mlflow
+
     from cluster.driver import default_output, generate, make_executor, prepare
     from cluster.tracking import log_generation
 
@@ -69,14 +71,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         connect(args.address, quiet=args.json)
     executor = make_executor(job, local=args.local)
-    with tqdm(total=job.request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+    try:
+        with tqdm(total=job.request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
 
-        def on_step(done: int, total: int) -> None:
-            bar.update(done - bar.n)
+            def on_step(done: int, total: int) -> None:
+                bar.update(done - bar.n)
 
-        result = generate(job, executor, args.output or default_output(job), on_step=on_step)
-    executor.close()
+            result = generate(job, executor, (args.output or default_output(job)).resolve(), on_step=on_step)
+    finally:
+        executor.close()
 
+    tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
     try:
         result.run_id = log_generation(
             params=result.params,
@@ -84,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             artifacts=[result.video, result.contact_sheet],
             config_text=job.spec.to_yaml(),
             experiment=args.experiment,
-            tracking_uri=args.tracking_uri,
+            tracking_uri=tracking_uri,
             run_name=f"{job.spec.name}-seed{job.request.seed}",
         )
     except Exception as e:  # the video is already written; say so and fail the command
@@ -96,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"video: {result.video}")
         print(f"contact sheet: {result.contact_sheet}")
         if result.run_id:
-            print(f"mlflow run: {result.run_id} (experiment {args.experiment!r}; `mlflow ui` to browse)")
+            print(f"mlflow run: {result.run_id} (experiment {args.experiment!r} in {tracking_uri})")
     if result.tracking_error:
         print(
             f"framecast: error: tracking failed, video kept at {result.video}: {result.tracking_error}", file=sys.stderr

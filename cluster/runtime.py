@@ -31,19 +31,20 @@ class ActorResources:
     env: dict[str, str]
 
 
-def stage_resources() -> dict[str, ActorResources]:
+def stage_resources(cluster: dict[str, float] | None = None) -> dict[str, ActorResources]:
     """One actor per stage, each with its own GPU when there are enough; a share of one otherwise.
 
     Without GPUs the actors share the CPU cores: they ask for no CPU (so three stages fit on a
     two-core machine) and each may use every core, since one job's stages run one after another.
+    `cluster` is Ray's cluster_resources() (read from the running Ray when not given).
     """
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    threads = str(max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))))
+    cluster = ray.cluster_resources() if cluster is None else cluster
+    gpus = float(cluster.get("GPU", 0))
     if gpus >= len(STAGES):
         share = 1.0
     elif gpus > 0:
-        share = int(gpus / len(STAGES) * 100) / 100  # Ray takes fractions; round down to fit
+        share = int(gpus / len(STAGES) * 100) / 100  # Ray takes fractions; round down so all fit
     else:
         share = 0.0
-    env = {} if share else {"OMP_NUM_THREADS": threads}
+    env = {} if share else {"OMP_NUM_THREADS": str(max(1, int(cluster.get("CPU", 1))))}
     return {stage: ActorResources(num_gpus=share, num_cpus=0, env=env) for stage in STAGES}

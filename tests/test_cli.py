@@ -118,3 +118,16 @@ def test_generate_through_embedded_ray(tmp_path, tiny_weights):
     assert "4/4" in proc.stderr  # the bar reached the last step, relayed from the denoiser actor
     assert read_frames(result["video"]).shape == (9, 64, 96, 3)
     assert MlflowClient(uri).get_run(result["run_id"]).data.params["seed"] == "3"
+
+
+def test_generate_joins_a_running_cluster(tmp_path, ray_session, tiny_weights):
+    """--address joins an existing Ray instead of starting one: the actors live in that cluster."""
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "generate", "--prompt", "a fox", "--steps", "2", "--address", address,
+         "--output", str(tmp_path / "joined.mp4"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Connected to Ray cluster" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr
