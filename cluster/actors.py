@@ -8,33 +8,40 @@ from typing import Any
 import ray
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"progress": 1})
 class StageActor:
     """Builds `stage_class(*args)` in its own process and runs its methods on request.
 
-    Created with max_concurrency=2 so that `progress` answers while a long call runs.
+    Calls run one at a time; `progress` has a thread of its own (concurrency group), so that it
+    answers while a long call runs.
     """
 
     def __init__(self, stage_class: type, *args: Any):
         self.stage = stage_class(*args)
-        self._progress: tuple[int, int] = (0, 0)
+        self._progress: tuple[str | None, int, int] = (None, 0, 0)
 
     def describe(self) -> str:
         return self.stage.describe()
 
-    def progress(self) -> tuple[int, int]:
+    @ray.method(concurrency_group="progress")
+    def progress(self) -> tuple[str | None, int, int]:
+        """(id of the call that reported, steps done, total steps)."""
         return self._progress
 
-    def _on_step(self, done: int, total: int) -> None:
-        self._progress = (done, total)
-
     @ray.method(num_returns=2)
-    def call(self, method: str, *args: Any, track_progress: bool = False) -> tuple[Any, tuple[float, float]]:
-        """Run `stage.method(*args)`; returns its result and its (start, end) wall-clock span."""
+    def call(self, method: str, *args: Any, progress_id: str | None = None) -> tuple[Any, tuple[float, float]]:
+        """Run `stage.method(*args)`; returns its result and its (start, end) wall-clock span.
+
+        With a progress_id, the stage's per-step callback is recorded under that id, so a
+        poller never mistakes an earlier call's progress for this one's.
+        """
         kwargs = {}
-        if track_progress:
-            self._progress = (0, 0)
-            kwargs["on_step"] = self._on_step
+        if progress_id is not None:
+
+            def on_step(done: int, total: int) -> None:
+                self._progress = (progress_id, done, total)
+
+            kwargs["on_step"] = on_step
         start = time.time()
         result = getattr(self.stage, method)(*args, **kwargs)
         return result, (start, time.time())

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+import mlflow
 from tqdm import tqdm
 
+from cluster.tracking import DEFAULT_EXPERIMENT, log_generation
 from stages.errors import InvalidRequest
 
+EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_TRACKING_FAILED = 3
 
@@ -22,14 +26,14 @@ def _generate_parser(sub) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale; 1 turns guidance off")
-    p.add_argument("--frames", type=int, default=None, help="frames (4k+1 for CogVideoX)")
+    p.add_argument("--frames", type=int, default=None, help="frames (8k+1 for CogVideoX)")
     p.add_argument("--fps", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="MP4 path (default: outputs/<model>-<time>.mp4)")
     p.add_argument("--weights", default=None, help="local diffusers directory of the model's weights")
-    p.add_argument("--experiment", default="framecast", help="MLflow experiment name")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     p.add_argument(
         "--tracking-uri",
         default=None,
@@ -42,11 +46,32 @@ def _generate_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import mlflow
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
-    from cluster.driver import default_output, generate, make_executor, prepare
-    from cluster.tracking import log_generation
+
+def _run(job, args: argparse.Namespace):
+    """Start or join Ray (unless --local), run the stages with a live progress bar, write the video."""
+    from cluster.driver import default_output, generate, make_executor
+
+    if not args.local:
+        from cluster.runtime import connect
+
+        connect(args.address, quiet=args.json)
+    executor = make_executor(job, local=args.local)
+    try:
+        with tqdm(total=job.request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+
+            def on_step(done: int, total: int) -> None:
+                bar.update(done - bar.n)
+
+            return generate(job, executor, (args.output or default_output(job)).resolve(), on_step=on_step)
+    finally:
+        executor.close()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cluster.driver import prepare
 
     try:
         job = prepare(
@@ -66,20 +91,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
 
-    if not args.local:
-        from cluster.runtime import connect
-
-        connect(args.address, quiet=args.json)
-    executor = make_executor(job, local=args.local)
     try:
-        with tqdm(total=job.request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
-
-            def on_step(done: int, total: int) -> None:
-                bar.update(done - bar.n)
-
-            result = generate(job, executor, (args.output or default_output(job)).resolve(), on_step=on_step)
-    finally:
-        executor.close()
+        result = _run(job, args)
+    except Exception as e:  # a stage, an actor or Ray itself failed: one line, unless debugging
+        if os.environ.get("FRAMECAST_DEBUG"):
+            raise
+        print(f"framecast: error: {_first_line(e)} (FRAMECAST_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
     try:
@@ -87,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             params=result.params,
             metrics=result.metrics,
             artifacts=[result.video, result.contact_sheet],
-            config_text=job.spec.to_yaml(),
+            config_text=job.resolved_config(),
             experiment=args.experiment,
             tracking_uri=tracking_uri,
             run_name=f"{job.spec.name}-seed{job.request.seed}",

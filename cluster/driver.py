@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from cluster.executor import LocalExecutor, ProgressCallback, RayExecutor
+import yaml
+
+from cluster.executor import LocalExecutor, RayExecutor, StageFailed
 from stages.clarity import clarity_summary
+from stages.denoiser import StepCallback
 from stages.models import ModelSpec, load_spec, resolve_weights
 from stages.request import GenerationRequest, build_request
-from stages.text_encoder import check_prompt_length, load_tokenizer
+from stages.text_encoder import check_prompts, load_tokenizer
 from stages.video_io import contact_sheet, write_mp4
 
 
@@ -28,6 +31,11 @@ class Job:
     spec: ModelSpec
     weights: Path
     request: GenerationRequest
+
+    def resolved_config(self) -> str:
+        """YAML of what this run used: the model spec as loaded, the weights found, the filled-in request."""
+        resolved = {"model": self.spec.as_dict(), "weights": str(self.weights), "request": self.request.as_dict()}
+        return yaml.safe_dump(resolved, sort_keys=False)
 
 
 @dataclass
@@ -58,9 +66,7 @@ def prepare(model: str, prompt: str, weights: str | None = None, **settings) -> 
     request = build_request(spec, prompt, **settings)
     weights_dir = resolve_weights(spec, weights)
     tokenizer = load_tokenizer(spec, weights_dir)
-    check_prompt_length(tokenizer, spec, request.prompt)
-    if request.do_classifier_free_guidance:
-        check_prompt_length(tokenizer, spec, request.negative_prompt, "negative prompt")
+    check_prompts(tokenizer, spec, request.prompt, request.negative_prompt, request.do_classifier_free_guidance)
     return Job(spec, weights_dir, request)
 
 
@@ -77,19 +83,20 @@ def generate(
     job: Job,
     executor: LocalExecutor | RayExecutor,
     output: Path,
-    on_step: ProgressCallback | None = None,
+    on_step: StepCallback | None = None,
 ) -> GenerationResult:
     r = job.request
     start = time.time()
     encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
     denoised = executor.call("denoise", "denoise", encoded.value, r, on_step=on_step)
     decoded = executor.call("decode", "decode", denoised.value)
+    spans = {}
+    for stage, call in (("encode", encoded), ("denoise", denoised), ("decode", decoded)):
+        try:  # in stage order, so that a failure is blamed on the stage where it began
+            spans[stage] = list(executor.get(call.span))
+        except Exception as e:
+            raise StageFailed(stage, e) from e
     frames = executor.get(decoded.value)
-    spans = {
-        "encode": list(executor.get(encoded.span)),
-        "denoise": list(executor.get(denoised.span)),
-        "decode": list(executor.get(decoded.span)),
-    }
 
     video = write_mp4(frames, output, fps=r.fps)  # first: nothing after this may lose the video
     sheet = video.with_suffix(".sheet.png")

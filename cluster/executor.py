@@ -7,8 +7,9 @@ straight from actor to actor, so embeddings and latents never pass through the d
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import ray
 from cluster.actors import StageActor
 from cluster.runtime import STAGES, stage_resources
 from stages.decoder import DecoderStage
-from stages.denoiser import DenoiserStage
+from stages.denoiser import DenoiserStage, StepCallback
 from stages.models import ModelSpec
 from stages.text_encoder import TextEncoderStage
 
@@ -27,7 +28,17 @@ STAGE_CLASSES: dict[str, type] = {
     "denoise": DenoiserStage,
     "decode": DecoderStage,
 }
-ProgressCallback = Callable[[int, int], None]
+ACTOR_START_TIMEOUT_S = float(os.environ.get("FRAMECAST_ACTOR_START_TIMEOUT", 900))
+
+
+class StageFailed(RuntimeError):
+    """A stage raised, or its actor died: the message names the stage and the root cause."""
+
+    def __init__(self, stage: str, error: BaseException):
+        cause = getattr(error, "cause", None) or error  # a RayTaskError carries the stage's own exception
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        super().__init__(f"{stage} stage failed: {type(cause).__name__}: {first_line}")
+        self.stage = stage
 
 
 @dataclass(frozen=True)
@@ -47,10 +58,13 @@ class LocalExecutor:
     def devices(self) -> dict[str, str]:
         return {stage: s.describe() for stage, s in self.stages.items()}
 
-    def call(self, stage: str, method: str, *args: Any, on_step: ProgressCallback | None = None) -> StageCall:
+    def call(self, stage: str, method: str, *args: Any, on_step: StepCallback | None = None) -> StageCall:
         kwargs = {"on_step": on_step} if on_step else {}
         start = time.time()
-        value = getattr(self.stages[stage], method)(*args, **kwargs)
+        try:
+            value = getattr(self.stages[stage], method)(*args, **kwargs)
+        except Exception as e:
+            raise StageFailed(stage, e) from e
         return StageCall(value, (start, time.time()))
 
     def get(self, value: Any) -> Any:
@@ -71,33 +85,42 @@ class RayExecutor:
             stage: StageActor.options(
                 num_gpus=resources[stage].num_gpus,
                 num_cpus=resources[stage].num_cpus,
-                max_concurrency=2,
                 runtime_env={"env_vars": resources[stage].env} if resources[stage].env else None,
             ).remote(STAGE_CLASSES[stage], spec, weights)
             for stage in STAGES
         }
-        self._devices = dict(zip(STAGES, ray.get([a.describe.remote() for a in self.actors.values()]), strict=True))
+        ready = [a.describe.remote() for a in self.actors.values()]
+        try:
+            described = ray.get(ready, timeout=ACTOR_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise RuntimeError(
+                f"stage actors did not start within {ACTOR_START_TIMEOUT_S:.0f} s: each asks for "
+                f"{resources['encode'].num_gpus} GPU; the cluster has {ray.cluster_resources()}"
+            ) from None
+        self._devices = dict(zip(STAGES, described, strict=True))
 
     def devices(self) -> dict[str, str]:
         return dict(self._devices)
 
-    def call(self, stage: str, method: str, *args: Any, on_step: ProgressCallback | None = None) -> StageCall:
+    def call(self, stage: str, method: str, *args: Any, on_step: StepCallback | None = None) -> StageCall:
         actor = self.actors[stage]
-        value, span = actor.call.remote(method, *args, track_progress=on_step is not None)
+        progress_id = uuid.uuid4().hex if on_step is not None else None
+        value, span = actor.call.remote(method, *args, progress_id=progress_id)
         if on_step is not None:
-            self._follow(actor, value, on_step)
+            self._follow(actor, progress_id, value, on_step)
         return StageCall(value, span)
 
     @staticmethod
-    def _follow(actor, value: ray.ObjectRef, on_step: ProgressCallback, poll_s: float = 0.2) -> None:
-        """Relay the actor's step progress to `on_step` until the call finishes."""
-        seen = (0, 0)
+    def _follow(actor, progress_id: str, value: ray.ObjectRef, on_step: StepCallback, poll_s: float = 0.2) -> None:
+        """Relay the actor's step progress for this call to `on_step` until the call finishes."""
+        seen = 0
         while True:
             ready, _ = ray.wait([value], timeout=poll_s)
-            progress = tuple(ray.get(actor.progress.remote()))
-            if progress != seen and progress[1]:
-                on_step(*progress)
-                seen = progress
+            call_id, done, total = ray.get(actor.progress.remote())
+            if call_id == progress_id and done != seen:
+                on_step(done, total)
+                seen = done
             if ready:
                 return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -36,14 +37,17 @@ def stage_resources(cluster: dict[str, float] | None = None) -> dict[str, ActorR
 
     Without GPUs the actors share the CPU cores: they ask for no CPU (so three stages fit on a
     two-core machine) and each may use every core, since one job's stages run one after another.
+    (Single node for now: the thread count is the cluster's CPU count.)
     `cluster` is Ray's cluster_resources() (read from the running Ray when not given).
     """
     cluster = ray.cluster_resources() if cluster is None else cluster
-    gpus = float(cluster.get("GPU", 0))
+    gpus = int(cluster.get("GPU", 0))
     if gpus >= len(STAGES):
         share = 1.0
     elif gpus > 0:
-        share = int(gpus / len(STAGES) * 100) / 100  # Ray takes fractions; round down so all fit
+        # A fractional request must fit on one GPU, so pack ceil(stages/gpus) actors per GPU:
+        # 2 GPUs -> 0.5 each (two actors on one GPU, one on the other); 1 GPU -> 0.33 each.
+        share = math.floor(100 / math.ceil(len(STAGES) / gpus)) / 100
     else:
         share = 0.0
     env = {} if share else {"OMP_NUM_THREADS": str(max(1, int(cluster.get("CPU", 1))))}

@@ -33,16 +33,11 @@ class DenoiserStage:
         self.transformer = load_component(spec, "transformer", weights, self.device)
         self.scheduler_class = spec.components["scheduler"].load_class()
         self.scheduler_config = self.scheduler_class.load_config(weights, subfolder="scheduler")
-        vae = spec.components["vae"].config
-        self.vae_scale_spatial = 2 ** (len(vae["block_out_channels"]) - 1)
-        self.vae_scale_temporal = int(vae.get("temporal_compression_ratio", 4))
+        self.vae_scale_spatial = spec.vae_scale_spatial
+        self.vae_scale_temporal = spec.vae_scale_temporal
 
     def describe(self) -> str:
         return describe(self.device)
-
-    @property
-    def scheduler_name(self) -> str:
-        return self.scheduler_class.__name__
 
     def latent_shape(self, r: GenerationRequest) -> tuple[tuple[int, int, int, int, int], int]:
         """The initial noise's shape (batch, latent frames, channels, h, w) and its padding frames.

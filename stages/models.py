@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,18 +90,37 @@ class ModelSpec:
         return int(self.components["transformer"].config["max_text_seq_length"])
 
     @property
+    def vae_scale_spatial(self) -> int:
+        """Pixels per latent pixel: the VAE halves height and width once per block after the first."""
+        return 2 ** (len(self.components["vae"].config["block_out_channels"]) - 1)
+
+    @property
+    def vae_scale_temporal(self) -> int:
+        return int(self.components["vae"].config.get("temporal_compression_ratio", 4))
+
+    @property
     def spatial_multiple(self) -> int:
         """Height and width must divide by this: VAE downsampling times the transformer's patch size."""
-        vae_factor = 2 ** (len(self.components["vae"].config["block_out_channels"]) - 1)
-        return vae_factor * int(self.components["transformer"].config.get("patch_size", 2))
+        return self.vae_scale_spatial * int(self.components["transformer"].config.get("patch_size", 2))
 
     def torch_dtype(self) -> Any:
         import torch
 
         return getattr(torch, self.dtype)
 
-    def to_yaml(self) -> str:
-        return self.source.read_text()
+    def as_dict(self) -> dict[str, Any]:
+        """The spec as loaded (for the run record), with component classes and configs."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "kind": self.kind,
+            "license": self.license,
+            "dtype": self.dtype,
+            "components": {k: {"class": c.class_path, "config": c.config} for k, c in self.components.items()},
+            "defaults": asdict(self.defaults),
+            "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.limits).items()},
+            "source": str(self.source),
+        }
 
 
 def known_models() -> list[str]:
@@ -109,6 +128,8 @@ def known_models() -> list[str]:
 
 
 def load_spec(name: str) -> ModelSpec:
+    if not MODELS_DIR.is_dir():
+        raise InvalidRequest(f"no model configs at {MODELS_DIR}; set FRAMECAST_CONFIG_DIR to framecast's configs/")
     path = MODELS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise InvalidRequest(f"unknown model {name!r}; known models: {', '.join(known_models())}")
@@ -131,8 +152,7 @@ def load_spec(name: str) -> ModelSpec:
             height=tuple(limits["height"]),
             width=tuple(limits["width"]),
             num_frames=tuple(limits["num_frames"]),
-            max_steps=int(limits.get("max_steps", 1000)),
-            frame_step=int(limits.get("frame_step", 1)),
+            **{k: int(limits[k]) for k in ("max_steps", "frame_step") if k in limits},
         ),
         weights=WeightsSpec(
             path=weights.get("path"),
@@ -196,7 +216,13 @@ def load_component(spec: ModelSpec, key: str, weights: Path, device: Any = None)
     return model.to(device).eval()
 
 
-ARCHITECTURE_COMPONENTS = ("text_encoder", "transformer", "vae")
+# The config file of each checked component, inside the weights directory.
+CHECKED_CONFIGS = {
+    "text_encoder": "text_encoder/config.json",
+    "transformer": "transformer/config.json",
+    "vae": "vae/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
 
 
 def check_architecture(spec: ModelSpec, weights: Path) -> Path:
@@ -206,10 +232,10 @@ def check_architecture(spec: ModelSpec, weights: Path) -> Path:
     Keys the weights' config leaves out take the library default and are not compared.
     """
     problems = []
-    for key in ARCHITECTURE_COMPONENTS:
-        path = weights / key / "config.json"
+    for key, config_file in CHECKED_CONFIGS.items():
+        path = weights / config_file
         if not path.is_file():
-            raise InvalidRequest(f"{weights} has no {key}/config.json: it is not a diffusers copy of {spec.name}")
+            raise InvalidRequest(f"{weights} has no {config_file}: it is not a diffusers copy of {spec.name}")
         actual = json.loads(path.read_text())
         for name, declared in spec.components[key].config.items():
             if name in actual and actual[name] != declared:

@@ -89,8 +89,8 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
     step = spec.limits.frame_step
     lo, hi = spec.limits.num_frames
     if r.num_frames < 1 or (r.num_frames - 1) % step != 0:
-        nearest = [n for n in nearest_valid_frames(max(r.num_frames, 1), step) if lo <= n <= hi] or [lo]
-        options = " or ".join(map(str, nearest))
+        clamped = min(max(r.num_frames, lo), hi)
+        options = " or ".join(str(n) for n in nearest_valid_frames(clamped, step) if lo <= n <= hi)
         raise InvalidRequest(f"frames must be {step}k+1 for {spec.name} (got {r.num_frames}; nearest valid: {options})")
     if not lo <= r.num_frames <= hi:
         raise InvalidRequest(f"frames must be between {lo} and {hi} for {spec.name} (got {r.num_frames})")
@@ -101,7 +101,9 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
         ("width", r.width, spec.limits.width),
     ):
         if value % m != 0:
-            options = " or ".join(str(v) for v in sorted({max(m, value // m * m), value // m * m + m}))
+            clamped = min(max(value, lo), hi)
+            candidates = {clamped // m * m, clamped // m * m + m}
+            options = " or ".join(str(v) for v in sorted(candidates) if lo <= v <= hi)
             raise InvalidRequest(
                 f"{name} must be a multiple of {m} for {spec.name} (got {value}; nearest valid: {options})"
             )

@@ -24,15 +24,16 @@ def load_tokenizer(spec: ModelSpec, weights: Path):
     return load_component(spec, "tokenizer", weights)
 
 
-def check_prompt_length(tokenizer, spec: ModelSpec, prompt: str, what: str = "prompt") -> int:
-    """Refuse a prompt the encoder would have to truncate. Returns its token count (with end token)."""
-    count = len(tokenizer(prompt, add_special_tokens=True).input_ids)
-    if count > spec.max_sequence_length:
-        raise InvalidRequest(
-            f"{what} is {count} tokens long; {spec.name}'s text encoder takes at most "
-            f"{spec.max_sequence_length} (shorten it by {count - spec.max_sequence_length})"
-        )
-    return count
+def check_prompts(tokenizer, spec: ModelSpec, prompt: str, negative_prompt: str, guidance: bool) -> None:
+    """Refuse a prompt the encoder would have to truncate (the negative one too, when guidance uses it)."""
+    texts = [("prompt", prompt)] + ([("negative prompt", negative_prompt)] if guidance else [])
+    for what, text in texts:
+        count = len(tokenizer(text, add_special_tokens=True).input_ids)  # with the end token
+        if count > spec.max_sequence_length:
+            raise InvalidRequest(
+                f"{what} is {count} tokens long; {spec.name}'s text encoder takes at most "
+                f"{spec.max_sequence_length} (shorten it by {count - spec.max_sequence_length})"
+            )
 
 
 class TextEncoderStage:
@@ -61,9 +62,7 @@ class TextEncoderStage:
         return hidden.to(dtype=self.text_encoder.dtype).cpu()
 
     def encode(self, prompt: str, negative_prompt: str, guidance: bool) -> PromptEmbeddings:
-        check_prompt_length(self.tokenizer, self.spec, prompt)
-        if guidance:
-            check_prompt_length(self.tokenizer, self.spec, negative_prompt, "negative prompt")
+        check_prompts(self.tokenizer, self.spec, prompt, negative_prompt, guidance)
         return PromptEmbeddings(
             prompt=self._embed(prompt),
             negative=self._embed(negative_prompt) if guidance else None,

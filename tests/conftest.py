@@ -9,12 +9,14 @@ from stages.models import ComponentSpec, ModelSpec, load_spec, resolve_weights
 
 @pytest.fixture(scope="session", autouse=True)
 def _hermetic_env(tmp_path_factory):
-    """Models built by tests go to a fresh cache; MLflow never writes into the checkout."""
-    cache = tmp_path_factory.mktemp("framecast-cache")
-    os.environ["FRAMECAST_CACHE"] = str(cache)
+    """Models built by tests go to a fresh cache, and the tests run in a scratch directory: MLflow
+    puts artifacts under ./mlruns of the working directory, and nothing may land in the checkout."""
+    os.environ["FRAMECAST_CACHE"] = str(tmp_path_factory.mktemp("framecast-cache"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/default.db"
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
+    os.chdir(cwd)
 
 
 @pytest.fixture(scope="session")
@@ -27,18 +29,31 @@ def tiny_weights(tiny_spec) -> Path:
     return resolve_weights(tiny_spec)
 
 
-def rope_dpm_variant(spec: ModelSpec) -> ModelSpec:
-    """tiny with CogVideoX-5b's distinguishing parts: 3D RoPE instead of sin-cos, and the DPM scheduler."""
-    transformer = spec.components["transformer"]
-    scheduler = spec.components["scheduler"]
+def variant(
+    spec: ModelSpec,
+    name: str,
+    transformer: dict | None = None,
+    scheduler: str | None = None,
+    scheduler_config: dict | None = None,
+    dtype: str | None = None,
+) -> ModelSpec:
+    """A test model derived from tiny: changed transformer config, scheduler or dtype."""
     components = dict(spec.components)
-    components["transformer"] = ComponentSpec(
-        transformer.class_path, {**transformer.config, "use_rotary_positional_embeddings": True}
+    t, s = components["transformer"], components["scheduler"]
+    components["transformer"] = ComponentSpec(t.class_path, {**t.config, **(transformer or {})})
+    components["scheduler"] = ComponentSpec(scheduler or s.class_path, {**s.config, **(scheduler_config or {})})
+    return replace(spec, name=name, components=components, dtype=dtype or spec.dtype)
+
+
+def rope_dpm_variant(spec: ModelSpec) -> ModelSpec:
+    """CogVideoX-5b's distinguishing parts: 3D RoPE instead of sin-cos, and the DPM scheduler."""
+    return variant(
+        spec,
+        "tiny-rope-dpm",
+        transformer={"use_rotary_positional_embeddings": True},
+        scheduler="diffusers.CogVideoXDPMScheduler",
+        scheduler_config={"snr_shift_scale": 1.0},
     )
-    components["scheduler"] = ComponentSpec(
-        "diffusers.CogVideoXDPMScheduler", {**scheduler.config, "snr_shift_scale": 1.0}
-    )
-    return replace(spec, name="tiny-rope-dpm", components=components)
 
 
 @pytest.fixture(scope="session")

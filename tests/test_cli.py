@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-from cluster.cli import EXIT_INVALID, EXIT_TRACKING_FAILED, main
+from cluster.cli import EXIT_FAILED, EXIT_INVALID, EXIT_TRACKING_FAILED, main
 from stages.video_io import read_frames
 
 
@@ -53,8 +54,11 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights):
     assert metrics["clarity/sharpness_laplacian_var"] > 0 and metrics["clarity/flicker_mae"] > 0
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
     assert artifacts == {"fox.mp4", "fox.sheet.png", "config.yaml"}
-    config_text = Path(MlflowClient(uri).download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
-    assert "name: tiny" in config_text
+    config_path = MlflowClient(uri).download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    config = yaml.safe_load(Path(config_path).read_text())
+    assert config["model"]["name"] == "tiny" and config["weights"] == result["params"]["weights"]
+    assert config["request"]["num_frames"] == 17 and config["request"]["negative_prompt"] == "blurry"
+    assert config["model"]["components"]["transformer"]["class"] == "diffusers.CogVideoXTransformer3DModel"
 
 
 def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights):
@@ -80,12 +84,17 @@ def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights):
         (["--prompt", "cat " * 250], "prompt is 251 tokens long; tiny's text encoder takes at most 226"),
     ],
 )
-def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, tiny_weights, args, message):
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, tiny_weights, args, message):
+    def no_model_work(*a, **k):
+        raise AssertionError("bad input reached the stages")
+
+    monkeypatch.setattr("cluster.driver.make_executor", no_model_work)
     argv = ["--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), "--local", *args]
     code, out, err = run_cli(capsys, *argv)
     assert code == EXIT_INVALID
-    assert err.strip().splitlines() == [f"framecast: error: {err.strip().split('framecast: error: ', 1)[1]}"]
-    assert message in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("framecast: error: ")
+    assert message in lines[0]
     assert "Traceback" not in err and out == ""
     assert not (tmp_path / "x.mp4").exists()
 
@@ -131,3 +140,15 @@ def test_generate_joins_a_running_cluster(tmp_path, ray_session, tiny_weights):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Connected to Ray cluster" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr
+
+
+def test_stage_failure_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, tiny_weights):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("out of memory while denoising\nsecond line of detail")
+
+    monkeypatch.setattr("stages.denoiser.DenoiserStage.denoise", broken)
+    code, out, err = run_cli(capsys, "--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), "--local")
+    assert code == EXIT_FAILED and out == ""
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("framecast: error: denoise stage failed: RuntimeError: out of memory while denoising")
+    assert "Traceback" not in err

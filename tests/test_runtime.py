@@ -13,6 +13,11 @@ def test_stages_share_a_single_gpu():
     assert sum(r.num_gpus for r in res.values()) <= 1
 
 
+def test_two_gpus_pack_two_stages_on_one():
+    res = stage_resources({"CPU": 16, "GPU": 2})
+    assert all(r.num_gpus == 0.5 for r in res.values())  # each fraction fits on one GPU; 3 x 0.5 <= 2
+
+
 def test_cpu_only_actors_share_the_cores():
     res = stage_resources({"CPU": 2})
     assert all(r.num_gpus == 0 and r.num_cpus == 0 for r in res.values())

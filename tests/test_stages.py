@@ -120,7 +120,9 @@ def test_clarity_metrics():
     assert luma(white)[0, 0, 0] == pytest.approx(235.0)  # BT.601 studio range, as ffmpeg's yuv420p
 
 
-def test_contact_sheet_picks_and_labels():
-    frames = np.zeros((30, 64, 96, 3), np.uint8)
-    sheet = contact_sheet(frames, max_frames=8, columns=4)
-    assert sheet.size == (4 * 192, 2 * 128)  # 96 px frames scaled x2 to stay readable
+def test_contact_sheet_picks_evenly_and_places_in_order():
+    frames = np.stack([np.full((64, 96, 3), 8 * i, np.uint8) for i in range(30)])  # frame i has value 8i
+    sheet = np.asarray(contact_sheet(frames, max_frames=8, columns=4))
+    assert sheet.shape == (2 * 128, 4 * 192, 3)  # 96 px frames scaled x2 to stay readable
+    tiles = [sheet[r * 128 + 100, c * 192 + 100, 0] for r in range(2) for c in range(4)]  # below the labels
+    assert [int(v) // 8 for v in tiles] == [0, 4, 8, 12, 17, 21, 25, 29]  # first and last frame included

@@ -1,0 +1,66 @@
+"""The Ray executor: live progress from an actor, and failures that name their stage."""
+
+import time
+
+import pytest
+
+from cluster.driver import Job, generate
+from cluster.executor import LocalExecutor, RayExecutor, StageFailed
+from stages.request import GenerationRequest
+
+
+def test_progress_is_relayed_live_and_per_call(ray_session):
+    from cluster.actors import StageActor
+
+    class SlowStage:  # defined here, so Ray ships it to the actor by value
+        def __init__(self, step_s):
+            self.step_s = step_s
+
+        def run(self, steps, on_step=None):
+            for i in range(steps):
+                time.sleep(self.step_s)
+                if on_step:
+                    on_step(i + 1, steps)
+            return steps
+
+    actor = StageActor.remote(SlowStage, 0.3)
+    seen = []
+
+    def on_step(done, total):
+        seen.append((done, total, time.monotonic()))
+
+    value, _ = actor.call.remote("run", 6, progress_id="job-1")
+    RayExecutor._follow(actor, "job-1", value, on_step)
+    finished = time.monotonic()
+    assert [d for d, _, _ in seen][-1] == 6 and all(t == 6 for _, t, _ in seen)
+    assert len([d for d, _, t in seen if d < 6 and t < finished]) >= 2  # intermediate steps, before the end
+    assert ray_session.get(value) == 6
+
+    # A second call on the same actor never shows the first call's (6, 6) as its own progress.
+    second = []
+    value, _ = actor.call.remote("run", 3, progress_id="job-2")
+    RayExecutor._follow(actor, "job-2", value, lambda d, t: second.append((d, t)))
+    assert second[-1] == (3, 3) and all(t == 3 for _, t in second)
+    ray_session.kill(actor)
+
+
+def bad_job(spec, weights):
+    # Bypasses validation on purpose: 72 px is 9 latent rows, which the transformer's 2x2 patches can't tile.
+    r = GenerationRequest(prompt="a cat", negative_prompt="", steps=2, guidance_scale=6.0, num_frames=9, fps=8,
+                          height=72, width=96, seed=0)  # fmt: skip
+    return Job(spec, weights, r)
+
+
+def test_stage_failure_in_an_actor_names_the_stage(ray_session, tiny_spec, tiny_weights, tmp_path):
+    executor = RayExecutor(tiny_spec, tiny_weights)
+    try:
+        with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
+            generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
+    finally:
+        executor.close()
+    assert not (tmp_path / "never.mp4").exists()
+
+
+def test_stage_failure_in_process_names_the_stage(tiny_spec, tiny_weights, tmp_path):
+    with pytest.raises(StageFailed, match=r"^denoise stage failed: "):
+        generate(bad_job(tiny_spec, tiny_weights), LocalExecutor(tiny_spec, tiny_weights), tmp_path / "x.mp4")

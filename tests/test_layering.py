@@ -1,0 +1,28 @@
+"""The house rules of the layout: stages never import ray; cluster never imports model libraries."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(package: str) -> dict[str, set[str]]:
+    found = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+@pytest.mark.parametrize("package, forbidden", [("stages", {"ray"}), ("cluster", {"diffusers", "transformers"})])
+def test_layer_does_not_import(package, forbidden):
+    offenders = {f: names & forbidden for f, names in imported_modules(package).items() if names & forbidden}
+    assert offenders == {}
+    assert imported_modules(package)  # the scan did read files
