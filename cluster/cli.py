@@ -64,6 +64,8 @@ def _run(job, args: argparse.Namespace):
 
             def on_step(done: int, total: int) -> None:
                 bar.update(done - bar.n)
+                if done == total:
+                    bar.close()  # stop its clock: decoding and writing are not denoising steps
 
             return generate(job, executor, (args.output or default_output(job)).resolve(), on_step=on_step)
     finally:

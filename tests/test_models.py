@@ -92,3 +92,27 @@ def test_offline_tokenizer():
     assert ids[-1] == tok.eos_token_id and len(ids) == 5  # one token per known word, plus </s>
     rare = tok("Xylophone", add_special_tokens=True).input_ids
     assert tok.unk_token_id not in rare  # unknown words fall back to characters
+
+
+def test_real_layout_sentencepiece_tokenizer_loads(tmp_path, tiny_spec):
+    """Real CogVideoX repos ship tokenizer/spiece.model (no tokenizer.json); it loads through the same code."""
+    import sentencepiece as spm
+
+    from stages.text_encoder import load_tokenizer
+    from stages.tiny import WORDS
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(WORDS[i : i + 12]) for i in range(0, len(WORDS), 3)))
+    folder = tmp_path / "weights" / "tokenizer"
+    folder.mkdir(parents=True)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=200, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+    )  # fmt: skip
+    (folder / "spiece.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
+    tok = load_tokenizer(tiny_spec, tmp_path / "weights")
+    ids = tok("a cat playing piano", padding="max_length", max_length=16, truncation=True).input_ids
+    end = ids.index(tok.eos_token_id)
+    assert len(ids) == 16 and 0 < end < 15
+    assert ids[end + 1 :] == [tok.pad_token_id] * (len(ids) - end - 1)  # padded after </s>, as T5 pads
