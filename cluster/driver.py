@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from cluster.executor import LocalExecutor, RayExecutor, StageFailed
+from cluster.runtime import STAGES
 from stages.clarity import clarity_summary
 from stages.denoiser import StepCallback
 from stages.models import ModelSpec, load_spec, resolve_weights
@@ -91,7 +92,7 @@ def generate(
     denoised = executor.call("denoise", "denoise", encoded.value, r, on_step=on_step)
     decoded = executor.call("decode", "decode", denoised.value)
     spans = {}
-    for stage, call in (("encode", encoded), ("denoise", denoised), ("decode", decoded)):
+    for stage, call in zip(STAGES, (encoded, denoised, decoded), strict=True):
         try:  # in stage order, so that a failure is blamed on the stage where it began
             spans[stage] = list(executor.get(call.span))
         except Exception as e:
@@ -103,25 +104,20 @@ def generate(
     contact_sheet(frames).save(sheet)
     total_s = time.time() - start
 
-    seconds = {stage: end - begin for stage, (begin, end) in spans.items()}
+    seconds = {f"{stage}_s": end - begin for stage, (begin, end) in spans.items()}  # encode_s, denoise_s, ...
     metrics = {
-        "encode_s": seconds["encode"],
-        "denoise_s": seconds["denoise"],
-        "decode_s": seconds["decode"],
+        **seconds,
         "total_s": total_s,
-        "s_per_step": seconds["denoise"] / r.steps,
+        "s_per_step": seconds["denoise_s"] / r.steps,
         **clarity_summary(frames),
     }
-    devices = executor.devices()
     params = {
         "model": job.spec.name,
         **{k: str(v) for k, v in r.as_dict().items()},
         "scheduler": job.spec.components["scheduler"].class_path.rsplit(".", 1)[-1],
         "dtype": job.spec.dtype,
         "executor": executor.name,
-        "device_encode": devices["encode"],
-        "device_denoise": devices["denoise"],
-        "device_decode": devices["decode"],
+        **{f"device_{stage}": device for stage, device in executor.devices().items()},
         "weights": str(job.weights),
     }
     return GenerationResult(video=video, contact_sheet=sheet, params=params, metrics=metrics, stages=spans)

@@ -33,8 +33,6 @@ class DenoiserStage:
         self.transformer = load_component(spec, "transformer", weights, self.device)
         self.scheduler_class = spec.components["scheduler"].load_class()
         self.scheduler_config = self.scheduler_class.load_config(weights, subfolder="scheduler")
-        self.vae_scale_spatial = spec.vae_scale_spatial
-        self.vae_scale_temporal = spec.vae_scale_temporal
 
     def describe(self) -> str:
         return describe(self.device)
@@ -45,15 +43,15 @@ class DenoiserStage:
         CogVideoX 1.5 patches pairs of latent frames, so an odd count gets padding frames at the
         front, which are dropped after denoising (as diffusers does).
         """
-        frames = (r.num_frames - 1) // self.vae_scale_temporal + 1
+        frames = (r.num_frames - 1) // self.spec.vae_scale_temporal + 1
         p_t = self.transformer.config.patch_size_t
         padding = 0 if p_t is None or frames % p_t == 0 else p_t - frames % p_t
         shape = (
             1,
             frames + padding,
             self.transformer.config.in_channels,
-            r.height // self.vae_scale_spatial,
-            r.width // self.vae_scale_spatial,
+            r.height // self.spec.vae_scale_spatial,
+            r.width // self.spec.vae_scale_spatial,
         )
         return shape, padding
 
@@ -62,8 +60,8 @@ class DenoiserStage:
         if not cfg.use_rotary_positional_embeddings:
             return None
         p, p_t = cfg.patch_size, cfg.patch_size_t
-        grid_h = r.height // (self.vae_scale_spatial * p)
-        grid_w = r.width // (self.vae_scale_spatial * p)
+        grid_h = r.height // (self.spec.vae_scale_spatial * p)
+        grid_w = r.width // (self.spec.vae_scale_spatial * p)
         base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
         if p_t is None:  # CogVideoX 1.0: crop the grid from the trained base size
             return get_3d_rotary_pos_embed(

@@ -32,8 +32,11 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> 
     try:
         for frame in frames:
             writer.append_data(frame)
-    finally:
         writer.close()
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(path)
     return path
 

@@ -64,3 +64,15 @@ def test_stage_failure_in_an_actor_names_the_stage(ray_session, tiny_spec, tiny_
 def test_stage_failure_in_process_names_the_stage(tiny_spec, tiny_weights, tmp_path):
     with pytest.raises(StageFailed, match=r"^denoise stage failed: "):
         generate(bad_job(tiny_spec, tiny_weights), LocalExecutor(tiny_spec, tiny_weights), tmp_path / "x.mp4")
+
+
+def test_each_stage_runs_in_its_own_actor_process(ray_session, tiny_spec, tiny_weights):
+    import os
+
+    executor = RayExecutor(tiny_spec, tiny_weights)
+    try:
+        pids = ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in executor.actors.values()])
+    finally:
+        executor.close()
+    assert len(set(pids)) == 3 and os.getpid() not in pids
+    assert executor.devices() == {"encode": "cpu", "denoise": "cpu", "decode": "cpu"}

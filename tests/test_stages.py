@@ -126,3 +126,19 @@ def test_contact_sheet_picks_evenly_and_places_in_order():
     assert sheet.shape == (2 * 128, 4 * 192, 3)  # 96 px frames scaled x2 to stay readable
     tiles = [sheet[r * 128 + 100, c * 192 + 100, 0] for r in range(2) for c in range(4)]  # below the labels
     assert [int(v) // 8 for v in tiles] == [0, 4, 8, 12, 17, 21, 25, 29]  # first and last frame included
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    import stages.video_io as video_io
+
+    real_get_writer = video_io.imageio.get_writer
+
+    def failing_writer(*args, **kwargs):
+        writer = real_get_writer(*args, **kwargs)
+        writer.append_data = lambda frame: (_ for _ in ()).throw(OSError("disk full"))
+        return writer
+
+    monkeypatch.setattr(video_io.imageio, "get_writer", failing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        write_mp4(np.zeros((9, 64, 96, 3), np.uint8), tmp_path / "v.mp4", fps=8)
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor the partial file
