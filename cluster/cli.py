@@ -43,6 +43,16 @@ def _generate_parser(sub) -> None:
         "--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)"
     )
     p.add_argument("--local", action="store_true", help="run every stage in this process, without Ray")
+    par = p.add_argument_group("context parallelism (one video denoised by a group of GPUs)")
+    par.add_argument("--workers", type=int, default=None, help="denoiser ranks; a valid layout is chosen (default 1)")
+    par.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (must divide the attention heads)")
+    par.add_argument("--ring", type=int, default=None, help="ring-attention degree")
+    par.add_argument(
+        "--cfg-parallel", action="store_true", help="run the two guidance branches on two halves of the group"
+    )
+    par.add_argument(
+        "--cluster", default="single-node", help="cluster layout from configs/cluster (default: single-node)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
 
 
@@ -88,6 +98,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             height=args.height,
             width=args.width,
             seed=args.seed,
+            workers=args.workers,
+            ulysses=args.ulysses,
+            ring=args.ring,
+            cfg_parallel=args.cfg_parallel,
+            cluster=args.cluster,
+            local=args.local,
         )
     except InvalidRequest as e:
         print(f"framecast: error: {e}", file=sys.stderr)
@@ -95,6 +111,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         result = _run(job, args)
+    except InvalidRequest as e:  # what only the running cluster can tell, e.g. too few GPUs for the layout
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
     except Exception as e:  # a stage, an actor or Ray itself failed: one line, unless debugging
         if os.environ.get("FRAMECAST_DEBUG"):
             raise

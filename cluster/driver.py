@@ -16,9 +16,11 @@ from pathlib import Path
 import yaml
 
 from cluster.executor import LocalExecutor, RayExecutor, StageFailed
-from cluster.runtime import STAGES
+from cluster.runtime import STAGES, ClusterLayout, load_cluster_layout
 from stages.clarity import clarity_summary
-from stages.denoiser import StepCallback
+from stages.context_parallel import ParallelLayout
+from stages.denoiser import StepCallback, plan_layout
+from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec, resolve_weights
 from stages.request import GenerationRequest, build_request
 from stages.text_encoder import check_prompts, load_tokenizer
@@ -27,15 +29,23 @@ from stages.video_io import contact_sheet, write_mp4
 
 @dataclass
 class Job:
-    """A validated generation: the model, its weights and the filled-in request."""
+    """A validated generation: the model, its weights, the filled-in request and where it runs."""
 
     spec: ModelSpec
     weights: Path
     request: GenerationRequest
+    layout: ParallelLayout = ParallelLayout()
+    cluster: ClusterLayout = ClusterLayout("single-node")
 
     def resolved_config(self) -> str:
         """YAML of what this run used: the model spec as loaded, the weights found, the filled-in request."""
-        resolved = {"model": self.spec.as_dict(), "weights": str(self.weights), "request": self.request.as_dict()}
+        resolved = {
+            "model": self.spec.as_dict(),
+            "weights": str(self.weights),
+            "request": self.request.as_dict(),
+            "parallel": self.layout.as_params(),
+            "cluster": self.cluster.__dict__,
+        }
         return yaml.safe_dump(resolved, sort_keys=False)
 
 
@@ -61,18 +71,35 @@ class GenerationResult:
         }
 
 
-def prepare(model: str, prompt: str, weights: str | None = None, **settings) -> Job:
-    """Everything that can be checked before heavy work: model, settings, weights, prompt length."""
+def prepare(
+    model: str,
+    prompt: str,
+    weights: str | None = None,
+    workers: int | None = None,
+    ulysses: int | None = None,
+    ring: int | None = None,
+    cfg_parallel: bool = False,
+    cluster: str = "single-node",
+    local: bool = False,
+    **settings,
+) -> Job:
+    """Everything that can be checked before heavy work: model, settings, layout, weights, prompt length."""
     spec = load_spec(model)
     request = build_request(spec, prompt, **settings)
+    layout = plan_layout(spec, request, workers, ulysses, ring, cfg_parallel)
+    if local and layout.world_size > 1:
+        raise InvalidRequest(f"--local runs in one process; the layout {layout} needs {layout.world_size} Ray actors")
+    cluster_layout = load_cluster_layout(cluster)
     weights_dir = resolve_weights(spec, weights)
     tokenizer = load_tokenizer(spec, weights_dir)
     check_prompts(tokenizer, spec, request.prompt, request.negative_prompt, request.do_classifier_free_guidance)
-    return Job(spec, weights_dir, request)
+    return Job(spec, weights_dir, request, layout, cluster_layout)
 
 
 def make_executor(job: Job, local: bool) -> LocalExecutor | RayExecutor:
-    return LocalExecutor(job.spec, job.weights) if local else RayExecutor(job.spec, job.weights)
+    if local:
+        return LocalExecutor(job.spec, job.weights)
+    return RayExecutor(job.spec, job.weights, job.layout, job.cluster)
 
 
 def default_output(job: Job) -> Path:
@@ -103,12 +130,16 @@ def generate(
     sheet = video.with_suffix(".sheet.png")
     contact_sheet(frames).save(sheet)
     total_s = time.time() - start
+    ranks = executor.rank_stats()
 
     seconds = {f"{stage}_s": end - begin for stage, (begin, end) in spans.items()}  # encode_s, denoise_s, ...
     metrics = {
         **seconds,
         "total_s": total_s,
         "s_per_step": seconds["denoise_s"] / r.steps,
+        "denoise_peak_mib": max(rank["peak_memory_mib"] for rank in ranks),
+        **{f"denoise_rank{i}_peak_mib": rank["peak_memory_mib"] for i, rank in enumerate(ranks)},
+        **{f"denoise_rank{i}_video_tokens": rank["video_tokens"] for i, rank in enumerate(ranks)},
         **clarity_summary(frames),
     }
     params = {
@@ -117,6 +148,8 @@ def generate(
         "scheduler": job.spec.components["scheduler"].class_path.rsplit(".", 1)[-1],
         "dtype": job.spec.dtype,
         "executor": executor.name,
+        **job.layout.as_params(),
+        "cluster_layout": job.cluster.name,
         **{f"device_{stage}": device for stage, device in executor.devices().items()},
         "weights": str(job.weights),
     }

@@ -16,8 +16,9 @@ from typing import Any
 
 import ray
 
-from cluster.actors import StageActor
-from cluster.runtime import STAGES, stage_resources
+from cluster.process_group import ActorGroup
+from cluster.runtime import STAGES, ClusterLayout, load_cluster_layout, plan_resources
+from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
 from stages.denoiser import DenoiserStage, StepCallback
 from stages.models import ModelSpec
@@ -67,6 +68,9 @@ class LocalExecutor:
             raise StageFailed(stage, e) from e
         return StageCall(value, (start, time.time()))
 
+    def rank_stats(self) -> list[dict[str, float]]:
+        return [self.stages["denoise"].last_run_stats()]
+
     def get(self, value: Any) -> Any:
         return value
 
@@ -75,53 +79,96 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """One actor per stage (encoder, denoiser, decoder), each asking for its own GPU share."""
+    """The encoder and decoder in one actor each; the denoiser as a group of `layout.world_size` ranks.
+
+    The driver calls a stage's method and gets one result, as vLLM's executor does with its
+    workers: for the denoiser group the call goes to every rank (they work on the same video
+    together) and rank 0's result stands for the group's.
+    """
 
     name = "ray"
 
-    def __init__(self, spec: ModelSpec, weights: Path):
-        resources = stage_resources()
-        self.actors = {
-            stage: StageActor.options(
-                num_gpus=resources[stage].num_gpus,
-                num_cpus=resources[stage].num_cpus,
-                runtime_env={"env_vars": resources[stage].env} if resources[stage].env else None,
-            ).remote(STAGE_CLASSES[stage], spec, weights)
-            for stage in STAGES
-        }
-        ready = [a.describe.remote() for a in self.actors.values()]
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Path,
+        layout: ParallelLayout | None = None,
+        cluster_layout: ClusterLayout | None = None,
+    ):
+        self.layout = layout or ParallelLayout()
+        self.cluster_layout = cluster_layout or load_cluster_layout("single-node")
+        plan = plan_resources(workers=self.layout.world_size)
+        self.group: ActorGroup | None = None
+        self.actors: dict[str, Any] = {}
         try:
-            described = ray.get(ready, timeout=ACTOR_START_TIMEOUT_S)
+            # The group's placement group first, so that the encoder and decoder never take a
+            # GPU that a rank needs.
+            self.group = ActorGroup(
+                DenoiserStage,
+                (spec, weights),
+                {"layout": self.layout},
+                self.layout.world_size,
+                plan,
+                self.cluster_layout.denoiser_placement,
+            )
+            for stage in ("encode", "decode"):
+                self.actors[stage] = self.group.side_actor(plan.stages[stage], STAGE_CLASSES[stage], spec, weights)
+            starts = [self.actors["encode"].start.remote(), self.actors["decode"].start.remote(), *self.group.start()]
+            encode, decode, *ranks = ray.get(starts, timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise RuntimeError(
-                f"stage actors did not start within {ACTOR_START_TIMEOUT_S:.0f} s: each asks for "
-                f"{resources['encode'].num_gpus} GPU; the cluster has {ray.cluster_resources()}"
+                f"stage actors did not start within {ACTOR_START_TIMEOUT_S:.0f} s; "
+                f"the cluster has {ray.cluster_resources()}"
             ) from None
-        self._devices = dict(zip(STAGES, described, strict=True))
+        except BaseException:
+            self.close()
+            raise
+        self.actors["denoise"] = self.group.actors[0]
+        self._devices = {"encode": encode, "denoise": ranks[0], "decode": decode}
 
     def devices(self) -> dict[str, str]:
         return dict(self._devices)
 
     def call(self, stage: str, method: str, *args: Any, on_step: StepCallback | None = None) -> StageCall:
-        actor = self.actors[stage]
         progress_id = uuid.uuid4().hex if on_step is not None else None
+        if stage == "denoise":
+            calls = [actor.call.remote(method, *args, progress_id=progress_id) for actor in self.group.actors]
+            spans = [span for _, span in calls]
+            try:
+                self._follow(self.group.actors[0], progress_id, spans, on_step)
+            except Exception as e:  # the other ranks would wait in a collective until it times out
+                self.group.close()
+                raise StageFailed(stage, e) from e
+            return StageCall(*calls[0])
+        actor = self.actors[stage]
         value, span = actor.call.remote(method, *args, progress_id=progress_id)
         if on_step is not None:
-            self._follow(actor, progress_id, value, on_step)
+            self._follow(actor, progress_id, [value], on_step)
         return StageCall(value, span)
 
+    def rank_stats(self) -> list[dict[str, float]]:
+        """Each denoiser rank's figures for the last job (peak memory, video tokens held)."""
+        return ray.get([actor.call.remote("last_run_stats")[0] for actor in self.group.actors])
+
     @staticmethod
-    def _follow(actor, progress_id: str, value: ray.ObjectRef, on_step: StepCallback, poll_s: float = 0.2) -> None:
-        """Relay the actor's step progress for this call to `on_step` until the call finishes."""
-        seen = 0
+    def _follow(
+        actor, progress_id: str | None, refs: list[ray.ObjectRef], on_step: StepCallback | None, poll_s: float = 0.2
+    ) -> None:
+        """Wait until every ref is ready, relaying `actor`'s step progress for this call to `on_step`.
+
+        A ref that fails raises at once, not when the others finish.
+        """
+        pending, seen = list(refs), 0
         while True:
-            ready, _ = ray.wait([value], timeout=poll_s)
-            call_id, done, total = ray.get(actor.progress.remote())
-            if call_id == progress_id and done != seen:
-                on_step(done, total)
-                seen = done
-            if ready:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+            ray.get(ready)  # raises a failed call's error
+            if on_step is not None:
+                call_id, done, total = ray.get(actor.progress.remote())
+                if call_id == progress_id and done != seen:
+                    on_step(done, total)
+                    seen = done
+            if not pending:
                 return
 
     def get(self, value: Any) -> Any:
@@ -131,3 +178,5 @@ class RayExecutor:
         for actor in self.actors.values():
             ray.kill(actor)
         self.actors.clear()
+        if self.group is not None:
+            self.group.close()

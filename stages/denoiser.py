@@ -4,7 +4,12 @@ The loop follows diffusers' `CogVideoXPipeline.__call__` step for step (same noi
 timesteps, same guidance arithmetic and dtype casts), so that for the same weights, seed and
 settings the latents are equal; `tests/test_diffusers_equality.py` holds it to that. It is written
 out here rather than calling the pipeline because framecast needs the loop itself: a progress
-callback per step now, and later sharded attention and split guidance branches.
+callback per step, and the forward pass sharded over a context-parallel group.
+
+With a `ParallelLayout` of more than one rank, this stage is one rank of a denoiser group: every
+rank runs this same loop on the whole (small) latent tensor, so the scheduler steps and their
+random draws are identical everywhere, while the transformer forward pass, where the memory and
+the time go, is split by `_sharded_forward` and gathered back after the last block.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from diffusers.utils.torch_utils import randn_tensor
 
-from stages.device import default_device, describe
+from stages.context_parallel import (
+    ContextParallel,
+    ContextParallelAttnProcessor,
+    ParallelLayout,
+    SequenceShards,
+    choose_layout,
+)
+from stages.device import PeakMemory, default_device, describe
 from stages.models import ModelSpec, load_component
 from stages.request import GenerationRequest
 from stages.text_encoder import PromptEmbeddings
@@ -27,15 +39,31 @@ StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
 class DenoiserStage:
-    def __init__(self, spec: ModelSpec, weights: Path, device: torch.device | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Path,
+        device: torch.device | None = None,
+        layout: ParallelLayout | None = None,
+    ):
         self.spec = spec
         self.device = device or default_device()
         self.transformer = load_component(spec, "transformer", weights, self.device)
         self.scheduler_class = spec.components["scheduler"].load_class()
         self.scheduler_config = self.scheduler_class.load_config(weights, subfolder="scheduler")
+        self.context = None
+        if layout is not None and layout.world_size > 1:
+            self.context = ContextParallel(layout)
+            self.transformer.set_attn_processor(ContextParallelAttnProcessor(self.context))
+        self._peak_memory = PeakMemory(self.device)
+        self._last_run: dict[str, float] = {}
 
     def describe(self) -> str:
         return describe(self.device)
+
+    def last_run_stats(self) -> dict[str, float]:
+        """This rank's figures for its last `denoise`: peak memory (MiB) and video tokens it held."""
+        return dict(self._last_run)
 
     def latent_shape(self, r: GenerationRequest) -> tuple[tuple[int, int, int, int, int], int]:
         """The initial noise's shape (batch, latent frames, channels, h, w) and its padding frames.
@@ -81,6 +109,80 @@ class DenoiserStage:
             device=self.device,
         )
 
+    def _positional_embedding(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """CogVideoX 2b's sin-cos (or I2V's learned) embedding for text + all video tokens, or None.
+
+        The same tensor `CogVideoXPatchEmbed` adds; computed once per job here so that each rank
+        can take its own rows of it.
+        """
+        embed = self.transformer.patch_embed
+        if not (embed.use_positional_embeddings or embed.use_learned_positional_embeddings):
+            return None
+        _, frames, _, height, width = shape
+        pre_compression_frames = (frames - 1) * embed.temporal_compression_ratio + 1
+        if (embed.sample_height, embed.sample_width, embed.sample_frames) == (height, width, pre_compression_frames):
+            return embed.pos_embedding
+        return embed._get_positional_embeddings(height, width, pre_compression_frames, device=self.device)
+
+    def _predict_noise(self, latents, prompt_embeds, timestep, rotary, positions) -> torch.Tensor:
+        if self.context is None:
+            return self.transformer(
+                hidden_states=latents,
+                encoder_hidden_states=prompt_embeds,
+                timestep=timestep,
+                image_rotary_emb=rotary,
+                return_dict=False,
+            )[0]
+        return self._sharded_forward(latents, prompt_embeds, timestep, rotary, positions)
+
+    def _sharded_forward(self, latents, prompt_embeds, timestep, rotary, positions) -> torch.Tensor:
+        """`CogVideoXTransformer3DModel.forward` on this rank's frames; returns every rank's output.
+
+        Step for step as diffusers' forward (time embedding, patch embedding, blocks, output
+        norm and projection, unpatchify), except that the video tokens are only this rank's
+        shard: its frames, its rows of the positional and rotary embeddings. The blocks are
+        diffusers' own; their attention processor is the context-parallel one.
+        """
+        context, model = self.context, self.transformer
+        embed, p, p_t = model.patch_embed, model.config.patch_size, model.config.patch_size_t or 1
+        latents, prompt_embeds, timestep = (context.branch_of(x) for x in (latents, prompt_embeds, timestep))
+        batch, frames, channels, height, width = latents.shape
+        tokens = (height // p) * (width // p)  # per latent frame (CogVideoX 1.0) or frame pair (1.5)
+        context.shards = SequenceShards.balanced(frames // p_t, context.layout.sequence_degree, tokens)
+
+        t_emb = model.time_proj(timestep).to(dtype=latents.dtype)
+        emb = model.time_embedding(t_emb, None)
+
+        text = embed.text_proj(prompt_embeds)
+        local = context.local_slices(latents, dim=1, slice_size=p_t)
+        if embed.patch_size_t is None:
+            video = embed.proj(local.reshape(-1, channels, height, width))
+            video = video.view(batch, local.shape[1], *video.shape[1:]).flatten(3).transpose(2, 3).flatten(1, 2)
+        else:
+            video = local.permute(0, 1, 3, 4, 2).reshape(batch, -1, p_t, height // p, p, width // p, p, channels)
+            video = embed.proj(video.permute(0, 1, 3, 5, 7, 2, 4, 6).flatten(4, 7).flatten(1, 3))
+        if positions is not None:
+            positions = positions.to(dtype=text.dtype)
+            text = text + positions[:, : text.shape[1]]
+            video = video + context.local_slices(positions[:, text.shape[1] :], dim=1, slice_size=tokens)
+        text, video = model.embedding_dropout(text), model.embedding_dropout(video)
+        if rotary is not None:
+            rotary = tuple(context.local_slices(r, dim=0, slice_size=tokens) for r in rotary)
+        self._last_run["video_tokens"] = float(video.shape[1])
+
+        for block in model.transformer_blocks:
+            video, text = block(hidden_states=video, encoder_hidden_states=text, temb=emb, image_rotary_emb=rotary)
+
+        video = model.proj_out(model.norm_out(model.norm_final(video), temb=emb))
+        slices = local.shape[1] // p_t
+        if model.config.patch_size_t is None:
+            out = video.reshape(batch, slices, height // p, width // p, -1, p, p)
+            out = out.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+        else:
+            out = video.reshape(batch, slices, height // p, width // p, -1, p_t, p, p)
+            out = out.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)
+        return context.gather_slices(out, dim=1, slice_size=p_t)
+
     @torch.no_grad()
     def denoise(
         self, embeddings: PromptEmbeddings, r: GenerationRequest, on_step: StepCallback | None = None
@@ -101,19 +203,17 @@ class DenoiserStage:
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generator)
         rotary = self._rotary_embedding(r, shape[1])
+        positions = self._positional_embedding(shape) if self.context is not None else None
         dpm = "old_pred_original_sample" in inspect.signature(scheduler.step).parameters
 
+        self._peak_memory.reset()
+        self._last_run = {}
         old_pred_original_sample = None
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = self.transformer(
-                hidden_states=model_input,
-                encoder_hidden_states=prompt_embeds,
-                timestep=t.expand(model_input.shape[0]),
-                image_rotary_emb=rotary,
-                return_dict=False,
-            )[0].float()
+            timestep = t.expand(model_input.shape[0])
+            noise_pred = self._predict_noise(model_input, prompt_embeds, timestep, rotary, positions).float()
             if guidance:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + r.guidance_scale * (cond - uncond)
@@ -128,7 +228,13 @@ class DenoiserStage:
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
 
+        self._last_run["peak_memory_mib"] = self._peak_memory.peak_mib()
+        self._last_run.setdefault("video_tokens", float(self._video_tokens(shape)))
         return latents[:, padding:].cpu()
+
+    def _video_tokens(self, shape: tuple[int, ...]) -> int:
+        p, p_t = self.transformer.config.patch_size, self.transformer.config.patch_size_t or 1
+        return shape[1] // p_t * (shape[3] // p) * (shape[4] // p)
 
 
 def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
@@ -141,3 +247,16 @@ def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
     if "generator" in params:
         kwargs["generator"] = generator
     return kwargs
+
+
+def plan_layout(
+    spec: ModelSpec,
+    r: GenerationRequest,
+    workers: int | None = None,
+    ulysses: int | None = None,
+    ring: int | None = None,
+    cfg_parallel: bool = False,
+) -> ParallelLayout:
+    """The denoiser group's layout for this model and request (see `choose_layout`)."""
+    heads = spec.components["transformer"].config["num_attention_heads"]
+    return choose_layout(heads, r.do_classifier_free_guidance, workers, ulysses, ring, cfg_parallel)

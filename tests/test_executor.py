@@ -16,6 +16,9 @@ def test_progress_is_relayed_live_and_per_call(ray_session):
         def __init__(self, step_s):
             self.step_s = step_s
 
+        def describe(self):
+            return "cpu"
+
         def run(self, steps, on_step=None):
             for i in range(steps):
                 time.sleep(self.step_s)
@@ -24,13 +27,14 @@ def test_progress_is_relayed_live_and_per_call(ray_session):
             return steps
 
     actor = StageActor.remote(SlowStage, 0.3)
+    ray_session.get(actor.start.remote())
     seen = []
 
     def on_step(done, total):
         seen.append((done, total, time.monotonic()))
 
     value, _ = actor.call.remote("run", 6, progress_id="job-1")
-    RayExecutor._follow(actor, "job-1", value, on_step)
+    RayExecutor._follow(actor, "job-1", [value], on_step)
     finished = time.monotonic()
     assert [d for d, _, _ in seen][-1] == 6 and all(t == 6 for _, t, _ in seen)
     assert len([d for d, _, t in seen if d < 6 and t < finished]) >= 2  # intermediate steps, before the end
@@ -39,7 +43,7 @@ def test_progress_is_relayed_live_and_per_call(ray_session):
     # A second call on the same actor never shows the first call's (6, 6) as its own progress.
     second = []
     value, _ = actor.call.remote("run", 3, progress_id="job-2")
-    RayExecutor._follow(actor, "job-2", value, lambda d, t: second.append((d, t)))
+    RayExecutor._follow(actor, "job-2", [value], lambda d, t: second.append((d, t)))
     assert second[-1] == (3, 3) and all(t == 3 for _, t in second)
     ray_session.kill(actor)
 

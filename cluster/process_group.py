@@ -1,0 +1,94 @@
+"""A group of stage actors that work as one torch.distributed process group.
+
+    placement group (one bundle per rank) -> one actor per bundle -> rank 0 picks an address
+    -> every rank joins the process group -> every rank builds its stage
+
+The ranks are created and torn down together: if any part fails, every actor of the group and
+its placement group are released. The stage decides what the group computes; this file only
+knows how to put processes on devices and connect them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actors import StageActor
+from cluster.runtime import ActorResources, ResourcePlan
+
+PLACEMENT_TIMEOUT_S = float(os.environ.get("FRAMECAST_PLACEMENT_TIMEOUT", 120))
+# How long a rank waits in a collective for the others. A rank that fails is noticed by the
+# driver at once (it tears the group down); this bounds the wait only if the driver is gone too.
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("FRAMECAST_COLLECTIVE_TIMEOUT", 900))
+
+
+class ActorGroup:
+    """`size` StageActors hosting `stage_class(*args, **kwargs)`, one per bundle, as one process group."""
+
+    def __init__(
+        self,
+        stage_class: type,
+        args: tuple,
+        kwargs: dict[str, Any],
+        size: int,
+        plan: ResourcePlan,
+        strategy: str,
+    ):
+        self.size = size
+        self.actors: list[Any] = []
+        self.placement_group = placement_group([dict(plan.bundle)] * size, strategy=strategy)
+        try:
+            ready = self.placement_group.ready()
+            if not ray.wait([ready], timeout=PLACEMENT_TIMEOUT_S)[0]:
+                raise RuntimeError(
+                    f"no room for {size} denoiser ranks of {plan.bundle} each placed {strategy} within "
+                    f"{PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.cluster_resources()}"
+                )
+            rank = plan.stages["denoise"]
+            self.actors = [self._actor(rank, i).remote(stage_class, *args, **kwargs) for i in range(size)]
+            if size > 1:
+                address, port = ray.get(self.actors[0].rendezvous_address.remote())
+                joins = [
+                    actor.join_process_group.remote(address, port, i, size, COLLECTIVE_TIMEOUT_S)
+                    for i, actor in enumerate(self.actors)
+                ]
+                ray.get(joins, timeout=COLLECTIVE_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    def _actor(self, resources: ActorResources, bundle: int):
+        return StageActor.options(
+            num_gpus=resources.num_gpus,
+            num_cpus=resources.num_cpus,
+            runtime_env={"env_vars": resources.env} if resources.env else None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=bundle
+            ),
+        )
+
+    def side_actor(self, resources: ActorResources, stage_class: type, *args: Any):
+        """An actor for another stage: inside one of the group's bundles if the plan says so."""
+        if resources.bundle is not None:
+            return self._actor(resources, resources.bundle).remote(stage_class, *args)
+        return StageActor.options(
+            num_gpus=resources.num_gpus,
+            num_cpus=resources.num_cpus,
+            runtime_env={"env_vars": resources.env} if resources.env else None,
+        ).remote(stage_class, *args)
+
+    def start(self) -> list[ray.ObjectRef]:
+        """Build every rank's stage (collectively: the stage may create process subgroups)."""
+        return [actor.start.remote() for actor in self.actors]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None

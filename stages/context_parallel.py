@@ -1,0 +1,396 @@
+"""Context parallelism: one denoising forward pass spread over a group of ranks, exactly.
+
+The video token sequence is split along its temporal axis (whole latent frames, or whole
+frame pairs for CogVideoX 1.5) into one shard per rank. Everything in a CogVideoX block except
+attention works token by token, so only attention has to see across shards. It does so in one
+of these ways, which compose:
+
+- **Ulysses** (DeepSpeed-Ulysses' `DistributedAttention`): an all-to-all trades the sequence
+  split for a head split, so each rank attends over the whole sequence for `heads / ulysses`
+  heads, and a second all-to-all trades back. The degree must divide the head count.
+- **ring**: keys and values travel around the ring of ranks one block per hop while each rank
+  attends its own queries to the block it holds; the partial results are merged exactly with
+  their log-sum-exp. Any degree works.
+- **hybrid**: Ulysses inside groups of `ulysses` ranks, ring across those groups (USP).
+- **CFG-parallel**: the unconditional and conditional branches run on two halves of the group.
+
+Text tokens are replicated: every rank holds all of them, they count once as keys (they are
+part of the rank's own first block, never passed around) and every rank computes their
+queries, so the text stream stays identical across ranks without extra traffic.
+
+Shards are padded to equal length when the frames do not divide by the shard count. The padding
+tokens are never used as keys (they are dropped before attention) and their outputs are
+discarded when the shards are gathered, so the result is exact.
+
+This file knows the attention pattern of CogVideoX's joint text+video attention, nothing about
+Ray; the process group it runs over is set up by `cluster/`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from stages.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How a denoiser group of `world_size` ranks divides one forward pass.
+
+    Ranks are numbered branch-major: rank = branch * (ring * ulysses) + ring_index * ulysses +
+    ulysses_index, so a Ulysses group is `ulysses` consecutive ranks (on one node when packed)
+    and the ring runs across those groups.
+    """
+
+    cfg: int = 1  # 2: the two guidance branches on two halves of the group
+    ulysses: int = 1
+    ring: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.ulysses * self.ring
+
+    @property
+    def sequence_degree(self) -> int:
+        """How many shards the video sequence is split into (per guidance branch)."""
+        return self.ulysses * self.ring
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """(guidance branch, ring index, Ulysses index) of a rank."""
+        branch, within = divmod(rank, self.sequence_degree)
+        ring_index, ulysses_index = divmod(within, self.ulysses)
+        return branch, ring_index, ulysses_index
+
+    def __str__(self) -> str:
+        return f"cfg{self.cfg}xulysses{self.ulysses}xring{self.ring}"
+
+    def as_params(self) -> dict[str, str]:
+        return {
+            "layout": str(self),
+            "workers": str(self.world_size),
+            "cfg_parallel": str(self.cfg == 2),
+            "ulysses_degree": str(self.ulysses),
+            "ring_degree": str(self.ring),
+        }
+
+
+def layout_problem(layout: ParallelLayout, heads: int, guidance: bool) -> str | None:
+    """Why `layout` cannot run a model with `heads` attention heads, or None if it can."""
+    if layout.cfg not in (1, 2):
+        return "the CFG degree is 1 or 2"
+    if layout.cfg == 2 and not guidance:
+        return "CFG-parallel needs classifier-free guidance (guidance scale > 1)"
+    if layout.ulysses < 1 or layout.ring < 1:
+        return "degrees are at least 1"
+    if heads % layout.ulysses:
+        return f"the Ulysses degree must divide the model's {heads} attention heads"
+    return None
+
+
+def valid_layouts(workers: int, heads: int, guidance: bool) -> list[ParallelLayout]:
+    """Every layout of `workers` ranks that can run, best first (see `choose_layout`)."""
+    layouts = [
+        ParallelLayout(cfg, ulysses, workers // (cfg * ulysses))
+        for cfg, ulysses in itertools.product((2, 1), range(workers, 0, -1))
+        if workers % (cfg * ulysses) == 0
+    ]
+    return [layout for layout in layouts if layout_problem(layout, heads, guidance) is None]
+
+
+def choose_layout(
+    heads: int,
+    guidance: bool,
+    workers: int | None = None,
+    ulysses: int | None = None,
+    ring: int | None = None,
+    cfg_parallel: bool = False,
+) -> ParallelLayout:
+    """The layout for `--workers N`, or the one given by `--ulysses/--ring/--cfg-parallel`.
+
+    Chosen automatically, CFG-parallel comes first (its only traffic is one exchange of the
+    noise prediction per step), then the largest Ulysses degree that divides the heads (an
+    all-to-all moves each activation once), and ring takes the rest (it moves every key and
+    value block past every rank). docs/context-parallel.md has the numbers behind this order.
+    """
+    if workers is not None and workers < 1:
+        raise InvalidRequest(f"--workers must be at least 1 (got {workers})")
+    if ulysses is None and ring is None and not cfg_parallel:
+        workers = workers or 1
+        return valid_layouts(workers, heads, guidance)[0]  # ring alone is always valid
+
+    layout = ParallelLayout(2 if cfg_parallel else 1, ulysses or 1, ring or 1)
+    size = workers or layout.world_size
+    problem = layout_problem(layout, heads, guidance)
+    if problem is None and layout.world_size != size:
+        problem = f"{layout} has {layout.world_size} ranks, not --workers {size}"
+    if problem is not None:
+        valid = ", ".join(str(v) for v in valid_layouts(size, heads, guidance))
+        raise InvalidRequest(f"invalid parallel layout {layout}: {problem}; valid layouts for {size} workers: {valid}")
+    return layout
+
+
+@dataclass(frozen=True)
+class SequenceShards:
+    """How the video tokens of one forward pass are split over the shards of a guidance branch.
+
+    Shard s holds `counts[s]` temporal slices (a latent frame, or a frame pair for CogVideoX
+    1.5) of `tokens_per_slice` tokens each, starting at slice `starts[s]`; every shard is padded
+    to `padded` slices so that collectives see equal sizes.
+    """
+
+    counts: tuple[int, ...]
+    tokens_per_slice: int
+
+    @classmethod
+    def balanced(cls, slices: int, shards: int, tokens_per_slice: int) -> SequenceShards:
+        base, extra = divmod(slices, shards)
+        return cls(tuple(base + (s < extra) for s in range(shards)), tokens_per_slice)
+
+    @property
+    def padded(self) -> int:
+        return max(self.counts)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return tuple(itertools.accumulate(self.counts, initial=0))[:-1]
+
+    def valid_keys(self, shards: Sequence[int], device: torch.device) -> torch.Tensor:
+        """Positions of real (not padding) tokens in the concatenated padded blocks of `shards`."""
+        block, per_slice = self.padded * self.tokens_per_slice, self.tokens_per_slice
+        starts_and_lengths = [(i * block, self.counts[s] * per_slice) for i, s in enumerate(shards)]
+        return torch.cat([start + torch.arange(length, device=device) for start, length in starts_and_lengths])
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of (batch, heads, seq, dim) tensors and the log-sum-exp of its scores.
+
+    PyTorch's public scaled_dot_product_attention does not return the log-sum-exp that ring
+    attention needs to merge blocks, so this calls the fused kernels underneath it.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+    elif q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    else:
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        lse = torch.logsumexp(scores, dim=-1)
+        out = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    return out, lse[..., : q.shape[2]].float()  # the efficient kernel pads the lse's sequence dim
+
+
+def merge_partial(
+    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two softmax-attention results over disjoint key sets into the result over both."""
+    if out is None:
+        return block_out.float(), block_lse
+    new_lse = torch.logaddexp(lse, block_lse)
+    keep, add = torch.exp(lse - new_lse).unsqueeze(-1), torch.exp(block_lse - new_lse).unsqueeze(-1)
+    return out * keep + block_out.float() * add, new_lse
+
+
+class ContextParallel:
+    """This rank's part of a denoiser group: its process groups and its attention over them.
+
+    Needs `torch.distributed` initialised over exactly the group's ranks (cluster/ does that).
+    Process groups are created here, in the same order on every rank, as torch requires.
+    """
+
+    def __init__(self, layout: ParallelLayout):
+        if not dist.is_initialized() or dist.get_world_size() != layout.world_size:
+            raise RuntimeError(f"{layout} needs torch.distributed initialised over {layout.world_size} ranks")
+        self.layout = layout
+        self.rank = dist.get_rank()
+        self.branch, self.ring_index, self.ulysses_index = layout.coordinates(self.rank)
+        self.shard = self.ring_index * layout.ulysses + self.ulysses_index  # within the branch
+        self.shards: SequenceShards | None = None  # set by the model adapter for each forward pass
+
+        s, u = layout.sequence_degree, layout.ulysses
+        self.ulysses_group = self.ring_group = None
+        for branch, ring_index in itertools.product(range(layout.cfg), range(layout.ring)):
+            ranks = [branch * s + ring_index * u + i for i in range(u)]
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                self.ulysses_group = group
+        for branch, ulysses_index in itertools.product(range(layout.cfg), range(u)):
+            ranks = [branch * s + j * u + ulysses_index for j in range(layout.ring)]
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                self.ring_group, self.ring_ranks = group, ranks
+
+        self._ulysses = None
+        if u > 1:
+            import deepspeed  # imported here: its import is slow and only Ulysses needs it
+            from deepspeed.sequence.layer import DistributedAttention
+
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+            # (batch, seq, heads, dim) tensors: scatter heads (dim 2), gather the sequence (dim 1).
+            self._ulysses = DistributedAttention(self._attend_gathered, self.ulysses_group, scatter_idx=2, gather_idx=1)
+        self._text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._text_out: torch.Tensor | None = None
+
+    # -- sharding the sequence ---------------------------------------------------------------
+
+    def local_slices(self, x: torch.Tensor, dim: int, slice_size: int = 1) -> torch.Tensor:
+        """This rank's shard of `x` along `dim` (in units of `slice_size` elements), zero-padded."""
+        shards = self.shards
+        start, count = shards.starts[self.shard] * slice_size, shards.counts[self.shard] * slice_size
+        local = x.narrow(dim, start, count)
+        missing = shards.padded * slice_size - count
+        if missing:
+            pad_shape = list(local.shape)
+            pad_shape[dim] = missing
+            local = torch.cat([local, local.new_zeros(pad_shape)], dim=dim)
+        return local
+
+    def gather_slices(self, local: torch.Tensor, dim: int, slice_size: int = 1) -> torch.Tensor:
+        """The inverse of `local_slices` over the whole group: every shard, padding dropped.
+
+        With CFG-parallel the two branches' results are stacked along dim 0 (unconditional
+        first), as the single-process forward pass of a batch of two would return them.
+        """
+        parts = [torch.empty_like(local) for _ in range(self.layout.world_size)]
+        dist.all_gather(parts, local.contiguous())
+        shards, degree = self.shards, self.layout.sequence_degree
+        branches = [
+            torch.cat(
+                [parts[b * degree + s].narrow(dim, 0, n * slice_size) for s, n in enumerate(shards.counts)], dim=dim
+            )
+            for b in range(self.layout.cfg)
+        ]
+        return torch.cat(branches, dim=0)
+
+    def branch_of(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's guidance branch of a batch of [unconditional, conditional] inputs."""
+        return batch[self.branch : self.branch + 1] if self.layout.cfg == 2 else batch
+
+    # -- attention ---------------------------------------------------------------------------
+
+    def attention(
+        self, text: Sequence[torch.Tensor], video: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention of (query, key, value) for the text tokens and this rank's video shard.
+
+        Tensors are (batch, heads, tokens, head dim); returns the (text, video shard) outputs,
+        equal to single-process attention over all text and video tokens.
+        """
+        if self._ulysses is None:
+            return self._joint_attention(text, video, shards=[self.shard])
+        heads = text[0].shape[1] // self.layout.ulysses
+        # DeepSpeed hands the attention callback only the video tensors, so the text tokens of
+        # this rank's heads wait here; the callback puts the text output back in _text_out.
+        self._text = tuple(t[:, self.ulysses_index * heads : (self.ulysses_index + 1) * heads] for t in text)
+        video_out = self._ulysses(*(x.transpose(1, 2) for x in video), batch_dim_idx=0).transpose(1, 2)
+        text_parts = [torch.empty_like(self._text_out) for _ in range(self.layout.ulysses)]
+        dist.all_gather(text_parts, self._text_out.contiguous(), group=self.ulysses_group)
+        self._text = self._text_out = None
+        return torch.cat(text_parts, dim=1), video_out
+
+    def _attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed's local attention: the whole Ulysses group's sequence, this rank's heads."""
+        first = self.ring_index * self.layout.ulysses
+        shards = range(first, first + self.layout.ulysses)
+        video = [x.transpose(1, 2) for x in (q, k, v)]
+        self._text_out, video_out = self._joint_attention(self._text, video, shards=list(shards))
+        return video_out.transpose(1, 2)
+
+    def _joint_attention(
+        self, text: Sequence[torch.Tensor], video: Sequence[torch.Tensor], shards: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of text + video queries to text + every video key of the branch.
+
+        `video` holds the padded blocks of `shards` (this rank's, or its Ulysses group's);
+        the ring, when there is one, brings the other groups' blocks.
+        """
+        text_len = text[0].shape[2]
+        q = torch.cat([text[0], video[0]], dim=2)
+        if self.layout.ring == 1:
+            valid = self.shards.valid_keys(shards, q.device)
+            k = torch.cat([text[1], video[1].index_select(2, valid)], dim=2)
+            v = torch.cat([text[2], video[2].index_select(2, valid)], dim=2)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = self._ring_attention(q, text, video, len(shards))
+        return out[:, :, :text_len], out[:, :, text_len:]
+
+    def _ring_attention(
+        self, q: torch.Tensor, text: Sequence[torch.Tensor], video: Sequence[torch.Tensor], shards_per_block: int
+    ) -> torch.Tensor:
+        """Pass (key, value) blocks around the ring; merge each block's attention by log-sum-exp."""
+        ring, me = self.layout.ring, self.ring_index
+        kv = torch.stack([video[1], video[2]]).contiguous()
+        out = lse = None
+        for hop in range(ring):
+            if hop < ring - 1:  # start passing this block on before attending to it
+                incoming = torch.empty_like(kv)
+                ops = [
+                    dist.P2POp(dist.isend, kv, self.ring_ranks[(me + 1) % ring], self.ring_group),
+                    dist.P2POp(dist.irecv, incoming, self.ring_ranks[(me - 1) % ring], self.ring_group),
+                ]
+                requests = dist.batch_isend_irecv(ops)
+            owner = (me - hop) % ring  # whose block this is
+            shards = list(range(owner * shards_per_block, (owner + 1) * shards_per_block))
+            valid = self.shards.valid_keys(shards, q.device)
+            k, v = kv[0].index_select(2, valid), kv[1].index_select(2, valid)
+            if hop == 0:  # the text keys count once: with this rank's own block
+                k, v = torch.cat([text[1], k], dim=2), torch.cat([text[2], v], dim=2)
+            if k.shape[2]:
+                out, lse = merge_partial(out, lse, *attention_with_lse(q, k, v))
+            if hop < ring - 1:
+                for request in requests:
+                    request.wait()
+                kv = incoming
+        return out.to(q.dtype)
+
+
+class ContextParallelAttnProcessor:
+    """CogVideoX's attention processor with the attention itself done by a ContextParallel group.
+
+    The projections, QK norms and rotary embedding are those of diffusers'
+    `CogVideoXAttnProcessor2_0`, applied to this rank's tokens; `image_rotary_emb` holds the
+    rotary rows of this rank's shard.
+    """
+
+    def __init__(self, context: ContextParallel):
+        self.context = context
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attention_mask is not None:
+            raise ValueError("context-parallel attention takes no attention mask (CogVideoX passes none)")
+        text_len = encoder_hidden_states.shape[1]
+        tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch = tokens.shape[0]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(tokens)), heads(attn.to_k(tokens)), heads(attn.to_v(tokens))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if image_rotary_emb is not None:
+            q[:, :, text_len:] = apply_rotary_emb(q[:, :, text_len:], image_rotary_emb)
+            k[:, :, text_len:] = apply_rotary_emb(k[:, :, text_len:], image_rotary_emb)
+
+        split = [(x[:, :, :text_len], x[:, :, text_len:]) for x in (q, k, v)]
+        text_out, video_out = self.context.attention([s[0] for s in split], [s[1] for s in split])
+        out = torch.cat([text_out, video_out], dim=2).transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1])
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        return out[:, text_len:], out[:, :text_len]
