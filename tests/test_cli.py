@@ -82,8 +82,14 @@ def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights):
         (["--model", "sora"], "unknown model 'sora'; known models: cogvideox-2b, cogvideox-5b, tiny"),
         (["--model", "cogvideox-2b", "--weights", "/nonexistent"], "no diffusers weights for cogvideox-2b at"),
         (["--prompt", "cat " * 250], "prompt is 251 tokens long; tiny's text encoder takes at most 226"),
+        (["--ulysses", "4"], "invalid parallel layout cfg1xulysses4xring1: the Ulysses degree must divide the "
+         "model's 2 attention heads; valid layouts for 4 workers: cfg2xulysses2xring1, cfg2xulysses1xring2, "
+         "cfg1xulysses2xring2, cfg1xulysses1xring4"),
+        (["--cfg-parallel", "--guidance", "1"], "CFG-parallel needs classifier-free guidance (guidance scale > 1)"),
+        (["--workers", "2"], "--local runs in one process; the layout cfg2xulysses1xring1 needs 2 Ray actors"),
+        (["--cluster", "moon"], "unknown cluster layout 'moon'; known: multi-node, single-node"),
     ],
-)
+)  # fmt: skip
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, tiny_weights, args, message):
     def no_model_work(*a, **k):
         raise AssertionError("bad input reached the stages")
@@ -152,3 +158,26 @@ def test_stage_failure_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, ti
     lines = err.strip().splitlines()
     assert lines[-1].startswith("framecast: error: denoise stage failed: RuntimeError: out of memory while denoising")
     assert "Traceback" not in err
+
+
+def test_generate_with_a_denoiser_group(tmp_path, capsys, ray_session, tiny_weights):
+    """--workers 2 on tiny (2 heads, guidance on) picks CFG-parallel; the layout and each rank's
+    peak memory and token count are in the MLflow run. (Its exactness: tests/test_context_parallel.py.)"""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["--prompt", "a fox", "--steps", "2", "--seed", "4", "--tracking-uri", uri, "--json"]
+    code, out, err = run_cli(capsys, *common, "--workers", "2", "--output", str(tmp_path / "group.mp4"))
+    assert code == 0, err
+    result = json.loads(out)
+    params = MlflowClient(uri).get_run(result["run_id"]).data.params
+    expected = {"layout": "cfg2xulysses1xring1", "workers": "2", "cfg_parallel": "True", "ulysses_degree": "1",
+                "ring_degree": "1", "cluster_layout": "single-node", "executor": "ray"}  # fmt: skip
+    assert expected.items() <= params.items()
+    metrics = MlflowClient(uri).get_run(result["run_id"]).data.metrics
+    assert metrics["denoise_rank0_peak_mib"] > 0 and metrics["denoise_rank1_peak_mib"] > 0
+    assert metrics["denoise_peak_mib"] == max(metrics["denoise_rank0_peak_mib"], metrics["denoise_rank1_peak_mib"])
+    assert metrics["denoise_rank0_video_tokens"] == metrics["denoise_rank1_video_tokens"] == 3 * 4 * 6
+
+    code, out, err = run_cli(capsys, *common, "--local", "--output", str(tmp_path / "single.mp4"))  # one process
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["denoise_rank0_video_tokens"] == 3 * 4 * 6  # one CFG branch: every token
+    assert read_frames(tmp_path / "group.mp4").shape == read_frames(tmp_path / "single.mp4").shape

@@ -6,6 +6,7 @@ import pytest
 
 from cluster.driver import Job, generate
 from cluster.executor import LocalExecutor, RayExecutor, StageFailed
+from stages.context_parallel import ParallelLayout
 from stages.request import GenerationRequest
 
 
@@ -63,6 +64,20 @@ def test_stage_failure_in_an_actor_names_the_stage(ray_session, tiny_spec, tiny_
     finally:
         executor.close()
     assert not (tmp_path / "never.mp4").exists()
+
+
+def test_a_failing_denoiser_group_is_torn_down_at_once(ray_session, tiny_spec, tiny_weights, tmp_path):
+    from ray.util import placement_group_table
+
+    executor = RayExecutor(tiny_spec, tiny_weights, ParallelLayout(ring=2))
+    group_id = executor.group.placement_group.id.hex()
+    try:
+        with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
+            generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
+        assert executor.group.actors == [] and executor.group.placement_group is None
+    finally:
+        executor.close()
+    assert placement_group_table()[group_id]["state"] == "REMOVED"
 
 
 def test_stage_failure_in_process_names_the_stage(tiny_spec, tiny_weights, tmp_path):
