@@ -61,25 +61,21 @@ class ActorGroup:
             self.close()
             raise
 
-    def _actor(self, resources: ActorResources, bundle: int):
+    def _actor(self, resources: ActorResources, bundle: int | None):
+        """StageActor options for `resources`, inside bundle `bundle` of the group (None: outside it)."""
+        in_group = None
+        if bundle is not None:
+            in_group = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=bundle)
         return StageActor.options(
             num_gpus=resources.num_gpus,
             num_cpus=resources.num_cpus,
             runtime_env={"env_vars": resources.env} if resources.env else None,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.placement_group, placement_group_bundle_index=bundle
-            ),
+            scheduling_strategy=in_group,
         )
 
     def side_actor(self, resources: ActorResources, stage_class: type, *args: Any):
         """An actor for another stage: inside one of the group's bundles if the plan says so."""
-        if resources.bundle is not None:
-            return self._actor(resources, resources.bundle).remote(stage_class, *args)
-        return StageActor.options(
-            num_gpus=resources.num_gpus,
-            num_cpus=resources.num_cpus,
-            runtime_env={"env_vars": resources.env} if resources.env else None,
-        ).remote(stage_class, *args)
+        return self._actor(resources, resources.bundle).remote(stage_class, *args)
 
     def start(self) -> list[ray.ObjectRef]:
         """Build every rank's stage (collectively: the stage may create process subgroups)."""
