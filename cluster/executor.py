@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from cluster.process_group import ActorGroup
+from cluster.process_group import COLLECTIVE_TIMEOUT_S, ActorGroup
 from cluster.runtime import STAGES, ClusterLayout, load_cluster_layout, plan_resources
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
@@ -106,7 +106,7 @@ class RayExecutor:
             self.group = ActorGroup(
                 DenoiserStage,
                 (spec, weights),
-                {"layout": self.layout},
+                {"layout": self.layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S},
                 self.layout.world_size,
                 plan,
                 self.cluster_layout.denoiser_placement,

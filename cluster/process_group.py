@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import StageActor
@@ -40,6 +40,7 @@ class ActorGroup:
     ):
         self.size = size
         self.actors: list[Any] = []
+        self.rank_bundles: list[int] = []
         self.placement_group = placement_group([dict(plan.bundle)] * size, strategy=strategy)
         try:
             ready = self.placement_group.ready()
@@ -48,8 +49,9 @@ class ActorGroup:
                     f"no room for {size} denoiser ranks of {plan.bundle} each placed {strategy} within "
                     f"{PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.cluster_resources()}"
                 )
-            rank = plan.stages["denoise"]
-            self.actors = [self._actor(rank, i).remote(stage_class, *args, **kwargs) for i in range(size)]
+            self.rank_bundles = self._bundles_by_node()
+            rank_options = [self._actor(plan.stages["denoise"], bundle) for bundle in self.rank_bundles]
+            self.actors = [options.remote(stage_class, *args, **kwargs) for options in rank_options]
             if size > 1:
                 address, port = ray.get(self.actors[0].rendezvous_address.remote())
                 joins = [
@@ -60,6 +62,18 @@ class ActorGroup:
         except BaseException:
             self.close()
             raise
+
+    def _bundles_by_node(self) -> list[int]:
+        """Bundle indices in rank order: node by node, so that consecutive ranks share a node.
+
+        Ray does not promise that a PACK group puts consecutive bundles on one node; the ranks of
+        a Ulysses group, which exchange the most, are consecutive and should.
+        """
+        nodes = placement_group_table(self.placement_group)["bundles_to_node_id"]
+        first_bundle_on = {}
+        for bundle in sorted(nodes):
+            first_bundle_on.setdefault(nodes[bundle], bundle)
+        return sorted(nodes, key=lambda bundle: (first_bundle_on[nodes[bundle]], bundle))
 
     def _actor(self, resources: ActorResources, bundle: int | None):
         """StageActor options for `resources`, inside bundle `bundle` of the group (None: outside it)."""
@@ -74,8 +88,9 @@ class ActorGroup:
         )
 
     def side_actor(self, resources: ActorResources, stage_class: type, *args: Any):
-        """An actor for another stage: inside one of the group's bundles if the plan says so."""
-        return self._actor(resources, resources.bundle).remote(stage_class, *args)
+        """An actor for another stage: in the bundle of a rank (beside it on its GPU) if the plan says so."""
+        bundle = None if resources.beside_rank is None else self.rank_bundles[resources.beside_rank]
+        return self._actor(resources, bundle).remote(stage_class, *args)
 
     def start(self) -> list[ray.ObjectRef]:
         """Build every rank's stage (collectively: the stage may create process subgroups)."""

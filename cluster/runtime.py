@@ -35,7 +35,7 @@ class ActorResources:
     num_gpus: float
     num_cpus: float
     env: dict[str, str]
-    bundle: int | None = None  # run inside this bundle of the denoiser group's placement group
+    beside_rank: int | None = None  # run in the placement-group bundle of this denoiser rank
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1) ->
         encode = decode = ActorResources(num_gpus=0.5, num_cpus=0, env={})
         rank = 1.0
     else:
-        encode = ActorResources(num_gpus=SIDE_SHARE, num_cpus=0, env={}, bundle=0)
-        decode = ActorResources(num_gpus=SIDE_SHARE, num_cpus=0, env={}, bundle=min(1, workers - 1))
+        encode = ActorResources(num_gpus=SIDE_SHARE, num_cpus=0, env={}, beside_rank=0)
+        decode = ActorResources(num_gpus=SIDE_SHARE, num_cpus=0, env={}, beside_rank=min(1, workers - 1))
         rank = RANK_SHARE_WHEN_SHARED
     denoise = ActorResources(num_gpus=rank, num_cpus=0, env={})
     return ResourcePlan({"encode": encode, "denoise": denoise, "decode": decode}, bundle={"GPU": 1.0})

@@ -16,7 +16,9 @@ of these ways, which compose:
 
 Text tokens are replicated: every rank holds all of them, they count once as keys (they are
 part of the rank's own first block, never passed around) and every rank computes their
-queries, so the text stream stays identical across ranks without extra traffic.
+queries, so the text stream needs no traffic. (With ring attention each rank merges the blocks
+in its own order, so the ranks' copies of the text stream agree up to rounding, not bit for bit;
+the video output is exact to the same rounding, which the tests bound.)
 
 Shards are padded to equal length when the frames do not divide by the shard count. The padding
 tokens are never used as keys (they are dropped before attention) and their outputs are
@@ -31,6 +33,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -110,28 +113,33 @@ def choose_layout(
     ring: int | None = None,
     cfg_parallel: bool = False,
 ) -> ParallelLayout:
-    """The layout for `--workers N`, or the one given by `--ulysses/--ring/--cfg-parallel`.
+    """The layout for `--workers N`, with any of `--ulysses/--ring/--cfg-parallel` fixed.
 
-    Chosen automatically, CFG-parallel comes first (its only traffic is one exchange of the
-    noise prediction per step), then the largest Ulysses degree that divides the heads (an
-    all-to-all moves each activation once), and ring takes the rest (it moves every key and
-    value block past every rank). docs/context-parallel.md has the numbers behind this order.
+    Degrees that are not given are filled in, best first: CFG-parallel (its only traffic is one
+    gather of the noise prediction per step), then the largest Ulysses degree that divides the
+    heads (an all-to-all moves each activation once), and ring takes the rest (it moves every
+    key and value block past every rank). docs/context-parallel.md has the numbers behind this
+    order. Without --workers, the group is as large as the degrees given.
     """
-    if workers is not None and workers < 1:
+    requested = ParallelLayout(2 if cfg_parallel else 1, ulysses or 1, ring or 1)
+    workers = requested.world_size if workers is None else workers
+    if workers < 1:
         raise InvalidRequest(f"--workers must be at least 1 (got {workers})")
-    if ulysses is None and ring is None and not cfg_parallel:
-        workers = workers or 1
-        return valid_layouts(workers, heads, guidance)[0]  # ring alone is always valid
-
-    layout = ParallelLayout(2 if cfg_parallel else 1, ulysses or 1, ring or 1)
-    size = workers or layout.world_size
-    problem = layout_problem(layout, heads, guidance)
-    if problem is None and layout.world_size != size:
-        problem = f"{layout} has {layout.world_size} ranks, not --workers {size}"
-    if problem is not None:
-        valid = ", ".join(str(v) for v in valid_layouts(size, heads, guidance))
-        raise InvalidRequest(f"invalid parallel layout {layout}: {problem}; valid layouts for {size} workers: {valid}")
-    return layout
+    valid = valid_layouts(workers, heads, guidance)
+    for layout in valid:  # ring alone is always valid, so with nothing fixed this returns
+        if (
+            (ulysses is None or layout.ulysses == ulysses)
+            and (ring is None or layout.ring == ring)
+            and (not cfg_parallel or layout.cfg == 2)
+        ):
+            return layout
+    fixed = [f"{name} {value}" for name, value in (("ulysses", ulysses), ("ring", ring)) if value is not None]
+    fixed += ["CFG-parallel"] * cfg_parallel
+    problem = layout_problem(requested, heads, guidance) or f"no layout of {workers} ranks has {' and '.join(fixed)}"
+    listed = ", ".join(str(v) for v in valid)
+    raise InvalidRequest(
+        f"invalid parallel layout {requested}: {problem}; valid layouts for {workers} workers: {listed}"
+    )
 
 
 @dataclass(frozen=True)
@@ -174,15 +182,19 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     """
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
-    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _has_flash(q.device):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
-    elif q.device.type == "cuda":
+    elif q.device.type == "cuda":  # fp32, or a GPU older than the flash kernel's sm80
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
     else:
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         lse = torch.logsumexp(scores, dim=-1)
         out = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
     return out, lse[..., : q.shape[2]].float()  # the efficient kernel pads the lse's sequence dim
+
+
+def _has_flash(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def merge_partial(
@@ -200,10 +212,11 @@ class ContextParallel:
     """This rank's part of a denoiser group: its process groups and its attention over them.
 
     Needs `torch.distributed` initialised over exactly the group's ranks (cluster/ does that).
-    Process groups are created here, in the same order on every rank, as torch requires.
+    Process groups are created here, in the same order on every rank, as torch requires, with
+    `timeout` for their collectives (torch's default otherwise).
     """
 
-    def __init__(self, layout: ParallelLayout):
+    def __init__(self, layout: ParallelLayout, timeout: timedelta | None = None):
         if not dist.is_initialized() or dist.get_world_size() != layout.world_size:
             raise RuntimeError(f"{layout} needs torch.distributed initialised over {layout.world_size} ranks")
         self.layout = layout
@@ -216,12 +229,12 @@ class ContextParallel:
         self.ulysses_group = self.ring_group = None
         for branch, ring_index in itertools.product(range(layout.cfg), range(layout.ring)):
             ranks = [branch * s + ring_index * u + i for i in range(u)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if self.rank in ranks:
                 self.ulysses_group = group
         for branch, ulysses_index in itertools.product(range(layout.cfg), range(u)):
             ranks = [branch * s + j * u + ulysses_index for j in range(layout.ring)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if self.rank in ranks:
                 self.ring_group, self.ring_ranks = group, ranks
 

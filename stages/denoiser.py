@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -45,15 +46,19 @@ class DenoiserStage:
         weights: Path,
         device: torch.device | None = None,
         layout: ParallelLayout | None = None,
+        collective_timeout_s: float | None = None,
     ):
         self.spec = spec
         self.device = device or default_device()
         self.transformer = load_component(spec, "transformer", weights, self.device)
+        if self.transformer.ofs_embedding is not None:  # CogVideoX 1.5-I2V: conditioned on an image offset
+            raise ValueError(f"{spec.name}: transformers with an ofs embedding (image-to-video) are not supported yet")
         self.scheduler_class = spec.components["scheduler"].load_class()
         self.scheduler_config = self.scheduler_class.load_config(weights, subfolder="scheduler")
         self.context = None
         if layout is not None and layout.world_size > 1:
-            self.context = ContextParallel(layout)
+            timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
+            self.context = ContextParallel(layout, timeout)
             self.transformer.set_attn_processor(ContextParallelAttnProcessor(self.context))
         self._peak_memory = PeakMemory(self.device)
         self._last_run: dict[str, float] = {}
@@ -122,6 +127,10 @@ class DenoiserStage:
         pre_compression_frames = (frames - 1) * embed.temporal_compression_ratio + 1
         if (embed.sample_height, embed.sample_width, embed.sample_frames) == (height, width, pre_compression_frames):
             return embed.pos_embedding
+        if embed.use_learned_positional_embeddings and (embed.sample_height, embed.sample_width) != (height, width):
+            scale = self.spec.vae_scale_spatial  # as diffusers refuses it: the learned table fits one size
+            size = f"{embed.sample_height * scale}x{embed.sample_width * scale}"
+            raise ValueError(f"{self.spec.name} has learned positional embeddings for {size} only")
         return embed._get_positional_embeddings(height, width, pre_compression_frames, device=self.device)
 
     def _predict_noise(self, latents, prompt_embeds, timestep, rotary, positions) -> torch.Tensor:
@@ -162,6 +171,8 @@ class DenoiserStage:
             video = local.permute(0, 1, 3, 4, 2).reshape(batch, -1, p_t, height // p, p, width // p, p, channels)
             video = embed.proj(video.permute(0, 1, 3, 5, 7, 2, 4, 6).flatten(4, 7).flatten(1, 3))
         if positions is not None:
+            # The table's text part is max_text_seq_length long, as diffusers assumes the prompt is.
+            assert text.shape[1] == embed.max_text_seq_length, "prompt embeddings must be padded to the maximum"
             positions = positions.to(dtype=text.dtype)
             text = text + positions[:, : text.shape[1]]
             video = video + context.local_slices(positions[:, text.shape[1] :], dim=1, slice_size=tokens)

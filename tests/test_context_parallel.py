@@ -41,9 +41,12 @@ def test_auto_layout_prefers_cfg_then_ulysses_then_ring():
     assert choose_layout(30, guidance=True) == ParallelLayout()
 
 
-def test_explicit_layouts():
+def test_explicit_layouts_and_filled_in_degrees():
     assert choose_layout(30, True, ulysses=2, ring=2, cfg_parallel=True) == ParallelLayout(2, 2, 2)
+    assert choose_layout(30, True, ulysses=2, ring=2) == ParallelLayout(1, 2, 2)  # no --workers: just these
     assert choose_layout(30, True, workers=4, ring=4) == ParallelLayout(1, 1, 4)
+    assert choose_layout(30, True, workers=4, cfg_parallel=True) == ParallelLayout(2, 2, 1)  # the rest filled in
+    assert choose_layout(30, True, workers=8, ring=2) == ParallelLayout(2, 2, 2)
 
 
 @pytest.mark.parametrize(
@@ -52,8 +55,8 @@ def test_explicit_layouts():
         (dict(workers=8, ulysses=4, ring=2), r"^invalid parallel layout cfg1xulysses4xring2: the Ulysses degree "
          r"must divide the model's 30 attention heads; valid layouts for 8 workers: cfg2xulysses2xring2, "
          r"cfg2xulysses1xring4, cfg1xulysses2xring4, cfg1xulysses1xring8$"),
-        (dict(ulysses=2, ring=2, workers=8), r"^invalid parallel layout cfg1xulysses2xring2: cfg1xulysses2xring2 "
-         r"has 4 ranks, not --workers 8; valid layouts for 8 workers: "),
+        (dict(workers=6, ring=4), r"^invalid parallel layout cfg1xulysses1xring4: no layout of 6 ranks has ring 4; "
+         r"valid layouts for 6 workers: cfg2xulysses3xring1, "),
         (dict(workers=0), r"^--workers must be at least 1 \(got 0\)$"),
     ],
 )  # fmt: skip
@@ -143,6 +146,7 @@ CASES = [
     ("rope-h4", 17, ParallelLayout(ulysses=2, ring=2)),
     ("v15-h4", 17, ParallelLayout(ulysses=2, ring=2)),
     ("v15-h4", 9, ParallelLayout(cfg=2, ring=2)),
+    ("sincos-h6", 17, ParallelLayout(cfg=2, ulysses=2, ring=2)),  # all three at once, as 2b on 8 GPUs
 ]
 
 

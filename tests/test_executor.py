@@ -1,6 +1,7 @@
 """The Ray executor: live progress from an actor, and failures that name their stage."""
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -78,6 +79,28 @@ def test_a_failing_denoiser_group_is_torn_down_at_once(ray_session, tiny_spec, t
     finally:
         executor.close()
     assert placement_group_table()[group_id]["state"] == "REMOVED"
+
+
+def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, tiny_spec, tiny_weights):
+    """Rank 1 raises mid-forward while rank 0 waits in a collective: the driver notices rank 1's
+    error itself (not a timeout on rank 0) and releases the group."""
+
+    def broken_forward(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
+        raise RuntimeError("rank 1 lost its GPU")
+
+    executor = RayExecutor(tiny_spec, tiny_weights, ParallelLayout(ring=2))
+    try:
+        rank1 = executor.group.actors[1]
+        ray_session.get(rank1.call.remote("__setattr__", "_sharded_forward", broken_forward)[0])
+        r = bad_job(tiny_spec, tiny_weights).request
+        encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
+        start = time.monotonic()
+        with pytest.raises(StageFailed, match=r"^denoise stage failed: RuntimeError: rank 1 lost its GPU$"):
+            executor.call("denoise", "denoise", encoded.value, replace(r, height=64), on_step=lambda d, t: None)
+        assert time.monotonic() - start < 30
+        assert executor.group.actors == [] and executor.group.placement_group is None
+    finally:
+        executor.close()
 
 
 def test_stage_failure_in_process_names_the_stage(tiny_spec, tiny_weights, tmp_path):
