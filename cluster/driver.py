@@ -9,7 +9,7 @@ step and nothing of devices or model internals; the executor decides where stage
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -44,7 +44,7 @@ class Job:
             "weights": str(self.weights),
             "request": self.request.as_dict(),
             "parallel": self.layout.as_params(),
-            "cluster": self.cluster.__dict__,
+            "cluster": asdict(self.cluster),
         }
         return yaml.safe_dump(resolved, sort_keys=False)
 

@@ -179,7 +179,6 @@ class DenoiserStage:
         text, video = model.embedding_dropout(text), model.embedding_dropout(video)
         if rotary is not None:
             rotary = tuple(context.local_slices(r, dim=0, slice_size=tokens) for r in rotary)
-        self._last_run["video_tokens"] = float(video.shape[1])
 
         for block in model.transformer_blocks:
             video, text = block(hidden_states=video, encoder_hidden_states=text, temb=emb, image_rotary_emb=rotary)
@@ -218,7 +217,6 @@ class DenoiserStage:
         dpm = "old_pred_original_sample" in inspect.signature(scheduler.step).parameters
 
         self._peak_memory.reset()
-        self._last_run = {}
         old_pred_original_sample = None
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guidance else latents
@@ -239,13 +237,15 @@ class DenoiserStage:
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
 
-        self._last_run["peak_memory_mib"] = self._peak_memory.peak_mib()
-        self._last_run.setdefault("video_tokens", float(self._video_tokens(shape)))
+        self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": self._video_tokens(shape)}
         return latents[:, padding:].cpu()
 
-    def _video_tokens(self, shape: tuple[int, ...]) -> int:
+    def _video_tokens(self, shape: tuple[int, ...]) -> float:
+        """Video tokens this rank's transformer holds: all of them, or its padded shard."""
+        if self.context is not None:
+            return float(self.context.shards.padded * self.context.shards.tokens_per_slice)
         p, p_t = self.transformer.config.patch_size, self.transformer.config.patch_size_t or 1
-        return shape[1] // p_t * (shape[3] // p) * (shape[4] // p)
+        return float(shape[1] // p_t * (shape[3] // p) * (shape[4] // p))
 
 
 def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
