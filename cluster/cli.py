@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -83,6 +84,16 @@ def _run(job, args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _generate(args)
+    # With --json, stdout carries the JSON object and nothing else: libraries that print while
+    # they work (DeepSpeed warns on stdout when it is first imported) are sent to stderr.
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return _generate(args, out=real_stdout)
+
+
+def _generate(args: argparse.Namespace, out=None) -> int:
     from cluster.driver import prepare
 
     try:
@@ -135,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result.tracking_error = f"{type(e).__name__}: {e}".splitlines()[0]
 
     if args.json:
-        print(json.dumps(result.as_json(), indent=2))
+        print(json.dumps(result.as_json(), indent=2), file=out)
     else:
         print(f"video: {result.video}")
         print(f"contact sheet: {result.contact_sheet}")

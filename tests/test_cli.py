@@ -181,3 +181,16 @@ def test_generate_with_a_denoiser_group(tmp_path, capsys, ray_session, tiny_weig
     assert code == 0, err
     assert json.loads(out)["metrics"]["denoise_rank0_video_tokens"] == 3 * 4 * 6  # one CFG branch: every token
     assert read_frames(tmp_path / "group.mp4").shape == read_frames(tmp_path / "single.mp4").shape
+
+
+def test_json_stdout_is_only_json_even_when_libraries_print(tmp_path):
+    """A first run builds the tiny model, which imports DeepSpeed, which warns on stdout: --json
+    still prints nothing but the JSON object there."""
+    env = {**os.environ, "FRAMECAST_CACHE": str(tmp_path / "fresh-cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "generate", "--prompt", "a fox", "--steps", "1", "--local", "--json",
+         "--output", str(tmp_path / "v.mp4"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["video"] == str(tmp_path / "v.mp4")
