@@ -66,7 +66,7 @@ def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1) ->
     cluster = ray.cluster_resources() if cluster is None else cluster
     gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
     if gpus == 0:
-        share = min(1.0, math.floor(100 * cpus / workers) / 100)
+        share = min(1.0, max(0.01, math.floor(100 * cpus / workers) / 100))  # Ray refuses empty bundles
         every_core = {"OMP_NUM_THREADS": str(cpus)}
         side = ActorResources(num_gpus=0, num_cpus=0, env=every_core)
         rank = ActorResources(num_gpus=0, num_cpus=share, env={"OMP_NUM_THREADS": str(max(1, cpus // workers))})

@@ -121,10 +121,11 @@ def choose_layout(
     key and value block past every rank). docs/context-parallel.md has the numbers behind this
     order. Without --workers, the group is as large as the degrees given.
     """
+    for flag, value in (("--workers", workers), ("--ulysses", ulysses), ("--ring", ring)):
+        if value is not None and value < 1:
+            raise InvalidRequest(f"{flag} must be at least 1 (got {value})")
     requested = ParallelLayout(2 if cfg_parallel else 1, ulysses or 1, ring or 1)
     workers = requested.world_size if workers is None else workers
-    if workers < 1:
-        raise InvalidRequest(f"--workers must be at least 1 (got {workers})")
     valid = valid_layouts(workers, heads, guidance)
     for layout in valid:  # ring alone is always valid, so with nothing fixed this returns
         if (
@@ -166,6 +167,15 @@ class SequenceShards:
     @property
     def starts(self) -> tuple[int, ...]:
         return tuple(itertools.accumulate(self.counts, initial=0))[:-1]
+
+    def real_keys(self, x: torch.Tensor, shards: Sequence[int]) -> torch.Tensor:
+        """`x` (batch, heads, tokens, dim) holding the padded blocks of `shards`, padding dropped.
+
+        Without padding in those shards this is `x` itself: no copy on the hot path.
+        """
+        if all(self.counts[s] == self.padded for s in shards):
+            return x
+        return x.index_select(2, self.valid_keys(shards, x.device))
 
     def valid_keys(self, shards: Sequence[int], device: torch.device) -> torch.Tensor:
         """Positions of real (not padding) tokens in the concatenated padded blocks of `shards`."""
@@ -325,9 +335,8 @@ class ContextParallel:
         text_len = text[0].shape[2]
         q = torch.cat([text[0], video[0]], dim=2)
         if self.layout.ring == 1:
-            valid = self.shards.valid_keys(shards, q.device)
-            k = torch.cat([text[1], video[1].index_select(2, valid)], dim=2)
-            v = torch.cat([text[2], video[2].index_select(2, valid)], dim=2)
+            k = torch.cat([text[1], self.shards.real_keys(video[1], shards)], dim=2)
+            v = torch.cat([text[2], self.shards.real_keys(video[2], shards)], dim=2)
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         else:
             out = self._ring_attention(q, text, video, len(shards))
@@ -350,8 +359,7 @@ class ContextParallel:
                 requests = dist.batch_isend_irecv(ops)
             owner = (me - hop) % ring  # whose block this is
             shards = list(range(owner * shards_per_block, (owner + 1) * shards_per_block))
-            valid = self.shards.valid_keys(shards, q.device)
-            k, v = kv[0].index_select(2, valid), kv[1].index_select(2, valid)
+            k, v = self.shards.real_keys(kv[0], shards), self.shards.real_keys(kv[1], shards)
             if hop == 0:  # the text keys count once: with this rank's own block
                 k, v = torch.cat([text[1], k], dim=2), torch.cat([text[2], v], dim=2)
             if k.shape[2]:

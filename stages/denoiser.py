@@ -133,6 +133,25 @@ class DenoiserStage:
             raise ValueError(f"{self.spec.name} has learned positional embeddings for {size} only")
         return embed._get_positional_embeddings(height, width, pre_compression_frames, device=self.device)
 
+    def _shard_job(self, shape: tuple[int, ...], rotary, dtype: torch.dtype):
+        """Once per job: this rank's share of the tokens, and its rows of the position tables.
+
+        Returns the local rotary (cos, sin) rows and the (text, local video) positional rows, so
+        that the per-step forward pass only adds them.
+        """
+        context, p = self.context, self.transformer.config.patch_size
+        p_t = self.transformer.config.patch_size_t or 1
+        tokens = (shape[3] // p) * (shape[4] // p)  # per latent frame (CogVideoX 1.0) or frame pair (1.5)
+        context.shards = SequenceShards.balanced(shape[1] // p_t, context.layout.sequence_degree, tokens)
+        if rotary is not None:
+            rotary = tuple(context.local_slices(r, dim=0, slice_size=tokens) for r in rotary)
+        positions = self._positional_embedding(shape)
+        if positions is not None:
+            positions = positions.to(dtype=dtype)
+            text_len = self.transformer.patch_embed.max_text_seq_length
+            positions = (positions[:, :text_len], context.local_slices(positions[:, text_len:], 1, tokens))
+        return rotary, positions
+
     def _predict_noise(self, latents, prompt_embeds, timestep, rotary, positions) -> torch.Tensor:
         if self.context is None:
             return self.transformer(
@@ -149,15 +168,14 @@ class DenoiserStage:
 
         Step for step as diffusers' forward (time embedding, patch embedding, blocks, output
         norm and projection, unpatchify), except that the video tokens are only this rank's
-        shard: its frames, its rows of the positional and rotary embeddings. The blocks are
-        diffusers' own; their attention processor is the context-parallel one.
+        shard: its frames, its rows of the positional and rotary embeddings (`rotary` and
+        `positions` are those rows, from `_shard_job`). The blocks are diffusers' own; their
+        attention processor is the context-parallel one.
         """
         context, model = self.context, self.transformer
         embed, p, p_t = model.patch_embed, model.config.patch_size, model.config.patch_size_t or 1
         latents, prompt_embeds, timestep = (context.branch_of(x) for x in (latents, prompt_embeds, timestep))
-        batch, frames, channels, height, width = latents.shape
-        tokens = (height // p) * (width // p)  # per latent frame (CogVideoX 1.0) or frame pair (1.5)
-        context.shards = SequenceShards.balanced(frames // p_t, context.layout.sequence_degree, tokens)
+        batch, _, channels, height, width = latents.shape
 
         t_emb = model.time_proj(timestep).to(dtype=latents.dtype)
         emb = model.time_embedding(t_emb, None)
@@ -170,15 +188,12 @@ class DenoiserStage:
         else:
             video = local.permute(0, 1, 3, 4, 2).reshape(batch, -1, p_t, height // p, p, width // p, p, channels)
             video = embed.proj(video.permute(0, 1, 3, 5, 7, 2, 4, 6).flatten(4, 7).flatten(1, 3))
-        if positions is not None:
+        if positions is not None:  # this rank's rows, from _shard_job
+            text_positions, video_positions = positions
             # The table's text part is max_text_seq_length long, as diffusers assumes the prompt is.
-            assert text.shape[1] == embed.max_text_seq_length, "prompt embeddings must be padded to the maximum"
-            positions = positions.to(dtype=text.dtype)
-            text = text + positions[:, : text.shape[1]]
-            video = video + context.local_slices(positions[:, text.shape[1] :], dim=1, slice_size=tokens)
+            assert text.shape[1] == text_positions.shape[1], "prompt embeddings must be padded to the maximum"
+            text, video = text + text_positions, video + video_positions
         text, video = model.embedding_dropout(text), model.embedding_dropout(video)
-        if rotary is not None:
-            rotary = tuple(context.local_slices(r, dim=0, slice_size=tokens) for r in rotary)
 
         for block in model.transformer_blocks:
             video, text = block(hidden_states=video, encoder_hidden_states=text, temb=emb, image_rotary_emb=rotary)
@@ -213,7 +228,9 @@ class DenoiserStage:
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generator)
         rotary = self._rotary_embedding(r, shape[1])
-        positions = self._positional_embedding(shape) if self.context is not None else None
+        positions = None  # the single-process forward adds them itself
+        if self.context is not None:
+            rotary, positions = self._shard_job(shape, rotary, prompt_embeds.dtype)
         dpm = "old_pred_original_sample" in inspect.signature(scheduler.step).parameters
 
         self._peak_memory.reset()

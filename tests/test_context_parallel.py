@@ -58,6 +58,8 @@ def test_explicit_layouts_and_filled_in_degrees():
         (dict(workers=6, ring=4), r"^invalid parallel layout cfg1xulysses1xring4: no layout of 6 ranks has ring 4; "
          r"valid layouts for 6 workers: cfg2xulysses3xring1, "),
         (dict(workers=0), r"^--workers must be at least 1 \(got 0\)$"),
+        (dict(ulysses=0), r"^--ulysses must be at least 1 \(got 0\)$"),
+        (dict(workers=4, ring=-2), r"^--ring must be at least 1 \(got -2\)$"),
     ],
 )  # fmt: skip
 def test_invalid_layouts_are_clear_errors_that_list_valid_ones(kwargs, message):
@@ -79,6 +81,10 @@ def test_shards_are_balanced_and_padding_is_never_a_key():
     assert shards.counts == (2, 1, 1, 1) and shards.padded == 2 and shards.starts == (0, 2, 3, 4)
     # Blocks of shards 1 and 2 are padded to 6 tokens each; 3 of each are real.
     assert shards.valid_keys([1, 2], torch.device("cpu")).tolist() == [0, 1, 2, 6, 7, 8]
+    keys = torch.arange(12.0).view(1, 1, 12, 1)
+    assert shards.real_keys(keys, [1, 2]).flatten().tolist() == [0, 1, 2, 6, 7, 8]
+    full_block = keys[:, :, :6]
+    assert shards.real_keys(full_block, [0]) is full_block  # no padding: used as it is, not copied
     empty = SequenceShards.balanced(3, 4, tokens_per_slice=2)
     assert empty.counts == (1, 1, 1, 0) and empty.valid_keys([3], torch.device("cpu")).numel() == 0
 
