@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
+from collections import OrderedDict
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+
+PROGRESS_KEPT = 16  # calls whose progress an actor remembers (a poller may ask after the call ended)
 
 
 @ray.remote(concurrency_groups={"progress": 1})
@@ -18,14 +23,17 @@ class StageActor:
 
     The stage is built in `start`, not in the constructor, so that the ranks of a denoiser group
     can first join their process group (`join_process_group`): the stage's constructor then
-    finds torch.distributed ready. Calls run one at a time; `progress` has a thread of its own
-    (concurrency group), so that it answers while a long call runs.
+    finds torch.distributed ready. Calls run one at a time, in the order one caller submitted
+    them, even when their arguments become ready out of order (Ray's ordering for actors that
+    run one call at a time): every rank of a denoiser group therefore takes the jobs of a
+    stream in the same order. `progress` has a thread of its own (concurrency group), so that
+    it answers while a long call runs.
     """
 
     def __init__(self, stage_class: type, *args: Any, **kwargs: Any):
         self._build = (stage_class, args, kwargs)
         self.stage = None
-        self._progress: tuple[str | None, int, int] = (None, 0, 0)
+        self._progress: OrderedDict[str, tuple[int, int]] = OrderedDict()  # call id -> (done, total)
 
     def start(self) -> str:
         """Build the stage (loads its model onto its device); returns the device's description."""
@@ -58,24 +66,59 @@ class StageActor:
         return backend
 
     @ray.method(concurrency_group="progress")
-    def progress(self) -> tuple[str | None, int, int]:
-        """(id of the call that reported, steps done, total steps)."""
-        return self._progress
+    def progress(self, progress_id: str | None = None) -> tuple[int, int] | None:
+        """(steps done, total steps) of the call with this id, None if it has not reported yet.
+
+        Answers while a long call runs (its own thread), so it doubles as a liveness check.
+        """
+        return self._progress.get(progress_id)
 
     @ray.method(num_returns=2)
-    def call(self, method: str, *args: Any, progress_id: str | None = None) -> tuple[Any, tuple[float, float]]:
-        """Run `stage.method(*args)`; returns its result and its (start, end) wall-clock span.
+    def call(
+        self, method: str, *args: Any, progress_id: str | None = None, keep_result: bool = True
+    ) -> tuple[Any, dict[str, Any]]:
+        """Run `stage.method(*args)`; returns its result and its report (see `run_stage_method`).
 
         With a progress_id, the stage's per-step callback is recorded under that id, so a
-        poller never mistakes an earlier call's progress for this one's.
+        poller never mistakes an earlier call's progress for this one's. Without keep_result the
+        result is dropped here (the ranks of a group all compute it; one copy goes on).
         """
         kwargs = {}
         if progress_id is not None:
 
             def on_step(done: int, total: int) -> None:
-                self._progress = (progress_id, done, total)
+                self._progress[progress_id] = (done, total)
+                while len(self._progress) > PROGRESS_KEPT:
+                    self._progress.popitem(last=False)
 
             kwargs["on_step"] = on_step
-        start = time.time()
-        result = getattr(self.stage, method)(*args, **kwargs)
-        return result, (start, time.time())
+        result, report = run_stage_method(self.stage, method, args, kwargs)
+        if not keep_result:
+            result, report["output_bytes"] = None, 0
+        return result, report
+
+
+def run_stage_method(stage: Any, method: str, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """`stage.method(*args, **kwargs)` and its report: wall-clock start and end, the bytes of
+    tensors and arrays in its result, and the stage's own figures for the call (peak memory...)."""
+    start = time.time()
+    result = getattr(stage, method)(*args, **kwargs)
+    report = {"start": start, "end": time.time(), "output_bytes": payload_bytes(result)}
+    if hasattr(stage, "last_run_stats"):
+        report.update(stage.last_run_stats())
+    return result, report
+
+
+def payload_bytes(value: Any) -> int:
+    """Bytes of the tensors and arrays in `value` (through dataclasses, lists, tuples and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(payload_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (list, tuple)):
+        return sum(payload_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(payload_bytes(v) for v in value.values())
+    return 0

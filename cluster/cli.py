@@ -21,9 +21,11 @@ EXIT_TRACKING_FAILED = 3
 
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="text-to-video: one prompt -> one MP4, recorded in MLflow")
+    p = sub.add_parser("generate", help="text-to-video: each prompt -> one MP4, recorded in MLflow")
     p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
-    p.add_argument("--prompt", required=True)
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt; repeat it for several videos")
+    prompts.add_argument("--prompts", type=Path, help="a text file with one prompt per line (blank lines skipped)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale; 1 turns guidance off")
@@ -32,7 +34,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=None, help="MP4 path (default: outputs/<model>-<time>.mp4)")
+    p.add_argument("--output", type=Path, default=None, help="MP4 path of a single prompt's video")
+    p.add_argument(
+        "--output-dir", type=Path, default=Path("outputs"), help="where videos go without --output (default: outputs)"
+    )
     p.add_argument("--weights", default=None, help="local diffusers directory of the model's weights")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     p.add_argument(
@@ -54,31 +59,78 @@ def _generate_parser(sub) -> None:
     par.add_argument(
         "--cluster", default="single-node", help="cluster layout from configs/cluster (default: single-node)"
     )
+    dec = p.add_argument_group("decoding (one video's VAE decode spread over decoder actors)")
+    dec.add_argument("--decoders", type=int, default=1, help="decoder actors sharing each video's tiles (default 1)")
+    dec.add_argument(
+        "--tile-size", type=_pixels, default=None, metavar="HxW",
+        help="decode in tiles of HxW pixels (default with --decoders > 1: half the VAE's sample size)",
+    )  # fmt: skip
+    dec.add_argument(
+        "--tile-overlap", type=_pixels, default=None, metavar="HxW",
+        help="pixels neighbouring tiles overlap and are blended over (default: 1/6 x 1/5 of the tile)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sequential", action="store_true", help="run several prompts one after another instead of pipelined"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+
+
+def _pixels(text: str) -> tuple[int, int]:
+    """'240x360' -> (240, 360); '64' -> (64, 64)."""
+    parts = text.lower().split("x")
+    try:
+        height, width = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 240x360 (got {text!r})") from None
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 240x360 (got {text!r})")
+    return height, width
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts is None:
+        return args.prompt
+    try:
+        lines = args.prompts.read_text().splitlines()
+    except OSError as e:
+        raise InvalidRequest(f"cannot read --prompts {args.prompts}: {e.strerror}") from None
+    return [line.strip() for line in lines if line.strip()]
 
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _run(job, args: argparse.Namespace):
-    """Start or join Ray (unless --local), run the stages with a live progress bar, write the video."""
-    from cluster.driver import default_output, generate, make_executor
+def _outputs(jobs, args: argparse.Namespace) -> list[Path]:
+    if args.output is not None:
+        return [args.output.resolve()]
+    from cluster.driver import default_output
+
+    numbered = len(jobs) > 1
+    return [default_output(job, i if numbered else None, args.output_dir).resolve() for i, job in enumerate(jobs)]
+
+
+def _stream(jobs, args: argparse.Namespace):
+    """Start or join Ray (unless --local) and yield each job's result as it is written, with a
+    live progress bar over every job's denoising steps."""
+    from cluster.driver import make_executor, run_stream
 
     if not args.local:
         from cluster.runtime import connect
 
         connect(args.address, quiet=args.json)
-    executor = make_executor(job, local=args.local)
+    executor = make_executor(jobs[0], local=args.local)
+    steps = jobs[0].request.steps
     try:
-        with tqdm(total=job.request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+        with tqdm(total=steps * len(jobs), desc="denoising", unit="step", file=sys.stderr) as bar:
 
-            def on_step(done: int, total: int) -> None:
-                bar.update(done - bar.n)
-                if done == total:
+            def on_step(index: int, done: int, total: int) -> None:
+                bar.set_postfix_str(f"job {index + 1}/{len(jobs)}", refresh=False)
+                bar.update(index * steps + done - bar.n)
+                if bar.n == bar.total:
                     bar.close()  # stop its clock: decoding and writing are not denoising steps
 
-            return generate(job, executor, (args.output or default_output(job)).resolve(), on_step=on_step)
+            yield from run_stream(jobs, executor, _outputs(jobs, args), on_step, pipelined=not args.sequential)
     finally:
         executor.close()
 
@@ -86,7 +138,7 @@ def _run(job, args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.json:
         return _generate(args)
-    # With --json, stdout carries the JSON object and nothing else: libraries that print while
+    # With --json, stdout carries the JSON records and nothing else: libraries that print while
     # they work (DeepSpeed warns on stdout when it is first imported) are sent to stderr.
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
@@ -94,12 +146,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, out=None) -> int:
-    from cluster.driver import prepare
+    from cluster.driver import JobFailed, prepare_jobs
 
     try:
-        job = prepare(
+        prompts = _read_prompts(args)
+        if args.output is not None and len(prompts) > 1:
+            raise InvalidRequest(f"--output names one video but there are {len(prompts)} prompts; use --output-dir")
+        jobs = prepare_jobs(
             args.model,
-            args.prompt,
+            prompts,
             weights=args.weights,
             negative_prompt=args.negative_prompt,
             steps=args.steps,
@@ -113,6 +168,9 @@ def _generate(args: argparse.Namespace, out=None) -> int:
             ulysses=args.ulysses,
             ring=args.ring,
             cfg_parallel=args.cfg_parallel,
+            decoders=args.decoders,
+            tile_size=args.tile_size,
+            tile_overlap=args.tile_overlap,
             cluster=args.cluster,
             local=args.local,
         )
@@ -120,44 +178,56 @@ def _generate(args: argparse.Namespace, out=None) -> int:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
 
+    tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
+    failures, tracking_failed = [], False
     try:
-        result = _run(job, args)
+        for result in _stream(jobs, args):
+            if isinstance(result, JobFailed):
+                failures.append(result)
+                if len(jobs) > 1:  # now, above the progress bar; all failures are listed again at the end
+                    tqdm.write(f"job {result.index} failed: {_first_line(result.error)}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps(result.as_json()), file=out, flush=True)
+                continue
+            job = jobs[result.index]
+            try:
+                result.run_id = log_generation(
+                    params=result.params,
+                    metrics=result.metrics,
+                    artifacts=[result.video, result.contact_sheet],
+                    config_text=job.resolved_config(),
+                    experiment=args.experiment,
+                    tracking_uri=tracking_uri,
+                    run_name=f"{job.spec.name}-seed{job.request.seed}",
+                )
+            except Exception as e:  # the video is already written; say so and fail the command
+                result.tracking_error = f"{type(e).__name__}: {e}".splitlines()[0]
+                tracking_failed = True
+                print(
+                    f"framecast: error: tracking failed, video kept at {result.video}: {result.tracking_error}",
+                    file=sys.stderr,
+                )
+            if args.json:
+                print(json.dumps(result.as_json()), file=out, flush=True)  # one line per job, as each is done
+            else:
+                print(f"video: {result.video}")
+                print(f"contact sheet: {result.contact_sheet}")
+                if result.run_id:
+                    print(f"mlflow run: {result.run_id} (experiment {args.experiment!r} in {tracking_uri})")
     except InvalidRequest as e:  # what only the running cluster can tell, e.g. too few GPUs for the layout
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    except Exception as e:  # a stage, an actor or Ray itself failed: one line, unless debugging
+    except Exception as e:  # an actor or Ray itself failed: one line, unless debugging
         if os.environ.get("FRAMECAST_DEBUG"):
             raise
         print(f"framecast: error: {_first_line(e)} (FRAMECAST_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_FAILED
-
-    tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
-    try:
-        result.run_id = log_generation(
-            params=result.params,
-            metrics=result.metrics,
-            artifacts=[result.video, result.contact_sheet],
-            config_text=job.resolved_config(),
-            experiment=args.experiment,
-            tracking_uri=tracking_uri,
-            run_name=f"{job.spec.name}-seed{job.request.seed}",
-        )
-    except Exception as e:  # the video is already written; say so and fail the command
-        result.tracking_error = f"{type(e).__name__}: {e}".splitlines()[0]
-
-    if args.json:
-        print(json.dumps(result.as_json(), indent=2), file=out)
-    else:
-        print(f"video: {result.video}")
-        print(f"contact sheet: {result.contact_sheet}")
-        if result.run_id:
-            print(f"mlflow run: {result.run_id} (experiment {args.experiment!r} in {tracking_uri})")
-    if result.tracking_error:
-        print(
-            f"framecast: error: tracking failed, video kept at {result.video}: {result.tracking_error}", file=sys.stderr
-        )
-        return EXIT_TRACKING_FAILED
-    return 0
+    for failure in failures:  # after the progress bar, so that an error is the last thing printed
+        job = f"job {failure.index}: " if len(jobs) > 1 else ""
+        print(f"framecast: error: {job}{_first_line(failure.error)}", file=sys.stderr)
+    if failures:
+        return EXIT_FAILED
+    return EXIT_TRACKING_FAILED if tracking_failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

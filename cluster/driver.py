@@ -1,30 +1,40 @@
-"""The driver: one generation, top to bottom.
+"""The driver: generations, top to bottom.
 
     request -> encode -> denoise -> decode -> write MP4 -> measure -> (caller) track
 
-Validation happens first, before any model is loaded. The driver knows which stage runs which
-step and nothing of devices or model internals; the executor decides where stages run.
+Validation happens first, for every job, before any model is loaded. Then the jobs run as a
+stream: with Ray each stage works on a different job at the same time (`run_stream`). The driver
+knows which stage runs which step and nothing of devices or model internals; the executor
+decides where stages run.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from cluster.executor import LocalExecutor, RayExecutor, StageFailed
-from cluster.runtime import STAGES, ClusterLayout, load_cluster_layout
+from cluster.executor import LocalExecutor, RayExecutor, StageCall, StageFailed
+from cluster.runtime import ClusterLayout, load_cluster_layout
 from stages.clarity import clarity_summary
 from stages.context_parallel import ParallelLayout
-from stages.denoiser import StepCallback, plan_layout
+from stages.decoder import TilePlan, assemble_frames, plan_decode, to_uint8
+from stages.denoiser import plan_layout
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec, resolve_weights
 from stages.request import GenerationRequest, build_request
 from stages.text_encoder import check_prompts, load_tokenizer
 from stages.video_io import contact_sheet, write_mp4
+
+# (job index, steps done, total steps) of the job being denoised
+JobProgress = Callable[[int, int, int], None]
+Executor = LocalExecutor | RayExecutor
 
 
 @dataclass
@@ -36,6 +46,8 @@ class Job:
     request: GenerationRequest
     layout: ParallelLayout = ParallelLayout()
     cluster: ClusterLayout = ClusterLayout("single-node")
+    decoders: int = 1
+    tiles: TilePlan | None = None  # None: untiled
 
     def resolved_config(self) -> str:
         """YAML of what this run used: the model spec as loaded, the weights found, the filled-in request."""
@@ -44,9 +56,14 @@ class Job:
             "weights": str(self.weights),
             "request": self.request.as_dict(),
             "parallel": self.layout.as_params(),
+            "decode": self.decode_params(),
             "cluster": asdict(self.cluster),
         }
         return yaml.safe_dump(resolved, sort_keys=False)
+
+    def decode_params(self) -> dict[str, str]:
+        tiling = self.tiles.as_params() if self.tiles is not None else {"tiling": "off"}
+        return {"decoders": str(self.decoders), **tiling}
 
 
 @dataclass
@@ -56,11 +73,14 @@ class GenerationResult:
     params: dict[str, str]
     metrics: dict[str, float]
     stages: dict[str, list[float]]  # stage -> [start, end], wall-clock seconds since the epoch
+    index: int = 0  # the job's place in its stream
     run_id: str | None = None
     tracking_error: str | None = None
 
     def as_json(self) -> dict:
         return {
+            "job": self.index,
+            "prompt": self.params["prompt"],
             "video": str(self.video),
             "contact_sheet": str(self.contact_sheet),
             "run_id": self.run_id,
@@ -71,75 +91,229 @@ class GenerationResult:
         }
 
 
-def prepare(
+@dataclass
+class JobFailed:
+    """A job of a stream that failed; the stream goes on with the next one."""
+
+    index: int
+    prompt: str
+    error: StageFailed
+
+    def as_json(self) -> dict:
+        return {"job": self.index, "prompt": self.prompt, "error": str(self.error), "stage": self.error.stage}
+
+
+def prepare(model: str, prompt: str, **options) -> Job:
+    """One job: see `prepare_jobs`."""
+    return prepare_jobs(model, [prompt], **options)[0]
+
+
+def prepare_jobs(
     model: str,
-    prompt: str,
+    prompts: list[str],
     weights: str | None = None,
     workers: int | None = None,
     ulysses: int | None = None,
     ring: int | None = None,
     cfg_parallel: bool = False,
+    decoders: int = 1,
+    tile_size: tuple[int, int] | None = None,
+    tile_overlap: tuple[int, int] | None = None,
     cluster: str = "single-node",
     local: bool = False,
     **settings,
-) -> Job:
-    """Everything that can be checked before heavy work: model, settings, layout, weights, prompt length."""
+) -> list[Job]:
+    """Everything that can be checked before heavy work, for every prompt: model, settings,
+    layout, tiles, weights, prompt lengths. One job per prompt, with the same settings."""
+    if not prompts:
+        raise InvalidRequest("no prompts; pass --prompt TEXT (repeatable) or --prompts FILE")
     spec = load_spec(model)
-    request = build_request(spec, prompt, **settings)
-    layout = plan_layout(spec, request, workers, ulysses, ring, cfg_parallel)
+    requests = []
+    for number, prompt in enumerate(prompts, 1):
+        try:
+            requests.append(build_request(spec, prompt, **settings))
+        except InvalidRequest as e:
+            raise _for_prompt(e, number, len(prompts)) from None
+    r = requests[0]
+    layout = plan_layout(spec, r, workers, ulysses, ring, cfg_parallel)
+    tiles = plan_decode(spec, r.height, r.width, decoders, tile_size, tile_overlap)
     if local and layout.world_size > 1:
         raise InvalidRequest(f"--local runs in one process; the layout {layout} needs {layout.world_size} Ray actors")
+    if local and decoders > 1:
+        raise InvalidRequest(f"--local runs in one process; --decoders {decoders} needs {decoders} Ray actors")
     cluster_layout = load_cluster_layout(cluster)
     weights_dir = resolve_weights(spec, weights)
     tokenizer = load_tokenizer(spec, weights_dir)
-    check_prompts(tokenizer, spec, request.prompt, request.negative_prompt, request.do_classifier_free_guidance)
-    return Job(spec, weights_dir, request, layout, cluster_layout)
+    for number, q in enumerate(requests, 1):
+        try:
+            check_prompts(tokenizer, spec, q.prompt, q.negative_prompt, q.do_classifier_free_guidance)
+        except InvalidRequest as e:
+            raise _for_prompt(e, number, len(prompts)) from None
+    return [Job(spec, weights_dir, q, layout, cluster_layout, decoders, tiles) for q in requests]
 
 
-def make_executor(job: Job, local: bool) -> LocalExecutor | RayExecutor:
+def _for_prompt(error: InvalidRequest, number: int, count: int) -> InvalidRequest:
+    return error if count == 1 else InvalidRequest(f"prompt {number} of {count}: {error}")
+
+
+def make_executor(job: Job, local: bool) -> Executor:
     if local:
         return LocalExecutor(job.spec, job.weights)
-    return RayExecutor(job.spec, job.weights, job.layout, job.cluster)
+    return RayExecutor(job.spec, job.weights, job.layout, job.cluster, decoders=job.decoders)
 
 
-def default_output(job: Job) -> Path:
+def default_output(job: Job, index: int | None = None, directory: Path = Path("outputs")) -> Path:
+    """<directory>/<model>-<time>[-<job index>]-seed<seed>.mp4"""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("outputs") / f"{job.spec.name}-{stamp}-seed{job.request.seed}.mp4"
+    number = "" if index is None else f"-{index}"
+    return directory / f"{job.spec.name}-{stamp}{number}-seed{job.request.seed}.mp4"
 
 
-def generate(
-    job: Job,
-    executor: LocalExecutor | RayExecutor,
-    output: Path,
-    on_step: StepCallback | None = None,
-) -> GenerationResult:
-    r = job.request
-    start = time.time()
-    encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
-    denoised = executor.call("denoise", "denoise", encoded.value, r, on_step=on_step)
-    decoded = executor.call("decode", "decode", denoised.value)
-    spans = {}
-    for stage, call in zip(STAGES, (encoded, denoised, decoded), strict=True):
-        try:  # in stage order, so that a failure is blamed on the stage where it began
-            spans[stage] = list(executor.get(call.span))
-        except Exception as e:
-            raise StageFailed(stage, e) from e
-    frames = executor.get(decoded.value)
+# Jobs in flight when pipelined: one per stage. The encoder works on job k+1 while the denoiser
+# group runs job k and the decoders run job k-1; the driver meanwhile writes job k-2.
+PIPELINE_DEPTH = 3
 
-    video = write_mp4(frames, output, fps=r.fps)  # first: nothing after this may lose the video
+
+@dataclass
+class _InFlight:
+    index: int
+    job: Job
+    output: Path
+    submitted: float
+    encoded: StageCall | None = None
+    denoised: StageCall | None = None
+    decoded: StageCall | None = None
+    decoded_at: float = 0.0  # when its frames were in the driver
+    failed: StageFailed | None = None
+
+
+def run_stream(
+    jobs: list[Job],
+    executor: Executor,
+    outputs: list[Path],
+    on_step: JobProgress | None = None,
+    pipelined: bool = True,
+) -> Iterator[GenerationResult | JobFailed]:
+    """Run jobs through the stages, yielding each job's result (or failure) in job order.
+
+    Pipelined, up to PIPELINE_DEPTH jobs are in flight: a job's encode and denoise calls go to
+    the actors as soon as it enters, and each actor works through its calls in order. A job's
+    decode call is sent once the job before it is decoded (so that a decoder that fails takes
+    down one job, never the next), before that job is written (so that the decoders do not wait
+    on the writer). With the local executor every call runs when it is made: one job at a time.
+    """
+    depth = PIPELINE_DEPTH if pipelined else 1
+    entering = iter(enumerate(zip(jobs, outputs, strict=True)))
+    in_flight: deque[_InFlight] = deque()
+
+    def admit() -> None:
+        """Let jobs in up to the depth, and send the oldest job's decode call."""
+        while len(in_flight) < depth and (entry := next(entering, None)) is not None:
+            index, (job, output) = entry
+            in_flight.append(_submit(executor, _InFlight(index, job, output, time.time()), on_step))
+        if in_flight and in_flight[0].decoded is None:
+            _submit_decode(executor, in_flight[0])
+
+    admit()
+    while in_flight:
+        flight = in_flight.popleft()
+        frames = _collect(executor, flight)
+        if pipelined:
+            admit()  # the next job decodes while this one is written
+        if flight.failed is not None:
+            yield JobFailed(flight.index, flight.job.request.prompt, flight.failed)
+        else:
+            yield _write(executor, flight, frames)
+        if not pipelined:
+            admit()
+
+
+def generate(job: Job, executor: Executor, output: Path, on_step: JobProgress | None = None) -> GenerationResult:
+    """One job; raises StageFailed if a stage fails."""
+    result = next(run_stream([job], executor, [output], on_step))
+    if isinstance(result, JobFailed):
+        raise result.error
+    return result
+
+
+def _submit(executor: Executor, flight: _InFlight, on_step: JobProgress | None) -> _InFlight:
+    r = flight.job.request
+    progress = None if on_step is None else (lambda done, total: on_step(flight.index, done, total))
+    try:
+        flight.encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+        flight.denoised = executor.call("denoise", "denoise", flight.encoded, r, progress=progress)
+    except StageFailed as e:  # in-process, or a denoiser group already shut down
+        flight.failed = e
+    return flight
+
+
+def _submit_decode(executor: Executor, flight: _InFlight) -> None:
+    """One decoder blends its own tiles (if any) and sends the frames; several decoders each
+    decode a share of the tiles, which are blended in the driver, where the video is written."""
+    if flight.failed is not None:
+        return
+    method = "decode" if flight.job.decoders == 1 else "decode_tiles"
+    try:
+        flight.decoded = executor.call("decode", method, flight.denoised, flight.job.tiles)
+    except StageFailed as e:
+        flight.failed = e
+
+
+def _collect(executor: Executor, flight: _InFlight) -> np.ndarray | None:
+    """Wait for the job's stages; its frames, or None (and `flight.failed`) if a stage failed."""
+    if flight.failed is not None:
+        return None
+    try:
+        executor.wait(flight.encoded, flight.denoised, flight.decoded)  # blames the first stage that failed
+        if flight.job.decoders == 1:
+            frames = executor.get(flight.decoded)
+        else:
+            tiles = [tile for share in executor.gather(flight.decoded) for tile in share]
+            frames = to_uint8(assemble_frames(flight.job.tiles, tiles))
+        flight.decoded_at = time.time()
+        return frames
+    except StageFailed as e:
+        flight.failed = e
+        return None
+
+
+def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> GenerationResult:
+    """Write the video (first: nothing after it may lose it), its contact sheet, and measure."""
+    job, r = flight.job, flight.job.request
+    write_start = time.time()
+    video = write_mp4(frames, flight.output, fps=r.fps)
     sheet = video.with_suffix(".sheet.png")
     contact_sheet(frames).save(sheet)
-    total_s = time.time() - start
-    ranks = executor.rank_stats()
+    written_at = time.time()
 
+    calls = {"encode": flight.encoded, "denoise": flight.denoised, "decode": flight.decoded}
+    reports = {stage: executor.reports(call) for stage, call in calls.items()}
+
+    spans = {stage: [min(x["start"] for x in rep), max(x["end"] for x in rep)] for stage, rep in reports.items()}
+    spans["decode"][1] = max(spans["decode"][1], flight.decoded_at)  # blending tiles in the driver is decoding
+    spans["write"] = [write_start, written_at]
     seconds = {f"{stage}_s": end - begin for stage, (begin, end) in spans.items()}  # encode_s, denoise_s, ...
+    ranks, decoders = reports["denoise"], reports["decode"]
+    moved = {
+        what: call.deliveries * sum(x["output_bytes"] for x in reports[stage]) if executor.crosses_processes else 0
+        for what, stage, call in (
+            ("prompt_embeddings", "encode", flight.encoded),
+            ("latents", "denoise", flight.denoised),
+            ("tiles" if job.decoders > 1 else "frames", "decode", flight.decoded),
+        )
+    }
     metrics = {
         **seconds,
-        "total_s": total_s,
+        "total_s": written_at - flight.submitted,
         "s_per_step": seconds["denoise_s"] / r.steps,
         "denoise_peak_mib": max(rank["peak_memory_mib"] for rank in ranks),
         **{f"denoise_rank{i}_peak_mib": rank["peak_memory_mib"] for i, rank in enumerate(ranks)},
         **{f"denoise_rank{i}_video_tokens": rank["video_tokens"] for i, rank in enumerate(ranks)},
+        "decode_peak_mib": max(d["peak_memory_mib"] for d in decoders),
+        **{f"decode_rank{i}_peak_mib": d["peak_memory_mib"] for i, d in enumerate(decoders)},
+        **{f"decode_rank{i}_work_mib": d["work_memory_mib"] for i, d in enumerate(decoders)},
+        **{f"decode_rank{i}_tiles": d["tiles"] for i, d in enumerate(decoders)},
+        **{f"moved_bytes/{what}": float(n) for what, n in moved.items()},
         **clarity_summary(frames),
     }
     params = {
@@ -149,8 +323,9 @@ def generate(
         "dtype": job.spec.dtype,
         "executor": executor.name,
         **job.layout.as_params(),
+        **job.decode_params(),
         "cluster_layout": job.cluster.name,
         **{f"device_{stage}": device for stage, device in executor.devices().items()},
         "weights": str(job.weights),
     }
-    return GenerationResult(video=video, contact_sheet=sheet, params=params, metrics=metrics, stages=spans)
+    return GenerationResult(video, sheet, params, metrics, spans, index=flight.index)

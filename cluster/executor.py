@@ -1,26 +1,32 @@
-"""Executors run stage methods: in this process (`--local`), or in one Ray actor per stage.
+"""Executors run stage methods: in this process (`--local`), or in Ray actors.
 
-The driver calls `executor.call(stage, method, *args)` and gets a StageCall back. In the Ray
-executor its value is an ObjectRef: the next stage receives the ref and Ray hands the tensor
-straight from actor to actor, so embeddings and latents never pass through the driver.
+The driver calls `executor.call(stage, method, *args)` and gets a StageCall back. With Ray the
+call returns at once and the work runs in the stage's actors, so the driver can hand the next
+job to the encoder while the denoiser and the decoders work on earlier ones. A StageCall given
+as an argument to another call hands its result straight from actor to actor (an ObjectRef), so
+embeddings and latents never pass through the driver; `get` and `gather` bring results to it.
+
+Every hand-over of a result to another process (an actor, or the driver) is counted on the
+StageCall (`deliveries`), so that the bytes each job moves between stages can be reported.
 """
 
 from __future__ import annotations
 
 import os
-import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from cluster.actors import run_stage_method
 from cluster.process_group import COLLECTIVE_TIMEOUT_S, ActorGroup
 from cluster.runtime import STAGES, ClusterLayout, load_cluster_layout, plan_resources
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
-from stages.denoiser import DenoiserStage, StepCallback
+from stages.denoiser import DenoiserStage
 from stages.models import ModelSpec
 from stages.text_encoder import TextEncoderStage
 
@@ -30,6 +36,8 @@ STAGE_CLASSES: dict[str, type] = {
     "decode": DecoderStage,
 }
 ACTOR_START_TIMEOUT_S = float(os.environ.get("FRAMECAST_ACTOR_START_TIMEOUT", 900))
+ACTOR_PING_TIMEOUT_S = 30.0  # an actor that does not answer its progress thread this long is taken for dead
+ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
 class StageFailed(RuntimeError):
@@ -42,16 +50,39 @@ class StageFailed(RuntimeError):
         self.stage = stage
 
 
-@dataclass(frozen=True)
+@dataclass
 class StageCall:
-    value: Any  # the stage's result (local) or an ObjectRef to it (Ray)
-    span: Any  # (start, end) wall-clock seconds, or an ObjectRef to it
+    """One stage method, called on every actor of the stage (one, or a group)."""
+
+    stage: str
+    values: list[Any]  # per actor: its result (local) or an ObjectRef to it; a group's other ranks give None
+    reports: list[Any]  # per actor: {"start", "end", "output_bytes", stage figures...} (or an ObjectRef)
+    # Times each actor's result was handed to another process (an actor, or the driver). The
+    # bytes the call moved are deliveries x the output bytes of its reports.
+    deliveries: int = 0
+
+    @property
+    def value(self) -> Any:
+        """The stage's result: the first actor's (a denoiser group's ranks all compute the same)."""
+        return self.values[0]
+
+
+def _results(args: tuple, receivers: int) -> tuple:
+    """The call's arguments with each StageCall replaced by its result, counted as handed to `receivers`."""
+    out = []
+    for arg in args:
+        if isinstance(arg, StageCall):
+            arg.deliveries += receivers
+            arg = arg.value
+        out.append(arg)
+    return tuple(out)
 
 
 class LocalExecutor:
-    """Every stage in this process: for debugging and tests."""
+    """Every stage in this process, one call after another: for debugging and tests."""
 
     name = "local"
+    crosses_processes = False  # results are passed by reference; nothing is copied between stages
 
     def __init__(self, spec: ModelSpec, weights: Path):
         self.stages = {stage: STAGE_CLASSES[stage](spec, weights) for stage in STAGES}
@@ -59,34 +90,83 @@ class LocalExecutor:
     def devices(self) -> dict[str, str]:
         return {stage: s.describe() for stage, s in self.stages.items()}
 
-    def call(self, stage: str, method: str, *args: Any, on_step: StepCallback | None = None) -> StageCall:
-        kwargs = {"on_step": on_step} if on_step else {}
-        start = time.time()
+    def call(self, stage: str, method: str, *args: Any, progress: ProgressCallback | None = None) -> StageCall:
+        kwargs = {"on_step": progress} if progress else {}
         try:
-            value = getattr(self.stages[stage], method)(*args, **kwargs)
+            value, report = run_stage_method(self.stages[stage], method, _results(args, 0), kwargs)
         except Exception as e:
             raise StageFailed(stage, e) from e
-        return StageCall(value, (start, time.time()))
+        return StageCall(stage, [value], [report])
 
-    def rank_stats(self) -> list[dict[str, float]]:
-        return [self.stages["denoise"].last_run_stats()]
+    def wait(self, *calls: StageCall) -> None:
+        """Nothing to wait for: a local call has finished when `call` returns."""
 
-    def get(self, value: Any) -> Any:
-        return value
+    def get(self, call: StageCall) -> Any:
+        return call.value
+
+    def gather(self, call: StageCall) -> list[Any]:
+        return list(call.values)
+
+    def reports(self, call: StageCall) -> list[dict[str, Any]]:
+        return list(call.reports)
 
     def close(self) -> None:
         self.stages.clear()
 
 
-class RayExecutor:
-    """The encoder and decoder in one actor each; the denoiser as a group of `layout.world_size` ranks.
+class ProgressRelay:
+    """Step progress of calls running in actors, relayed to callbacks in the driver while it waits."""
 
-    The driver calls a stage's method and gets one result, as vLLM's executor does with its
-    workers: for the denoiser group the call goes to every rank (they work on the same video
-    together) and rank 0's result stands for the group's.
+    def __init__(self):
+        self._followed: dict[str, tuple[Any, ProgressCallback, list[ray.ObjectRef]]] = {}
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def follow(self, actor, progress_id: str, callback: ProgressCallback, refs: list[ray.ObjectRef]) -> None:
+        """Relay `actor`'s progress for call `progress_id` until `refs` (the call's results) are ready."""
+        self._followed[progress_id] = (actor, callback, refs)
+
+    def relay(self) -> None:
+        followed = list(self._followed.items())
+        if not followed:
+            return
+        finished = {pid for pid, (_, _, refs) in followed if not ray.wait(refs, num_returns=len(refs), timeout=0)[1]}
+        states = [actor.progress.remote(pid) for pid, (actor, _, _) in followed]
+        for (pid, (_, callback, _)), state_ref in zip(followed, states, strict=True):
+            try:
+                state = ray.get(state_ref)
+            except ray.exceptions.RayActorError:  # the call failed with its actor; `wait` reports it
+                state, finished = None, finished | {pid}
+            if state is not None and state != self._seen.get(pid):
+                self._seen[pid] = state
+                callback(*state)
+            if pid in finished:  # its last state was asked after it ended, so it has been relayed
+                del self._followed[pid]
+                self._seen.pop(pid, None)
+
+
+def wait_relaying_progress(refs: list[ray.ObjectRef], relay: ProgressRelay, poll_s: float = 0.2) -> None:
+    """Block until every ref is ready, relaying progress meanwhile. A failed ref raises at once
+    (within `poll_s`), not when the others finish."""
+    pending = list(refs)
+    while True:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+        ray.get(ready)  # raises a failed call's error
+        relay.relay()
+        if not pending:
+            return
+
+
+class RayExecutor:
+    """The encoder in an actor, the decoders in one actor each, the denoiser as a group of
+    `layout.world_size` ranks.
+
+    As vLLM's executor does with its workers, the driver calls a stage's method and the call
+    goes to every actor of the stage: the denoiser ranks work on the same video together (rank
+    0's result stands for the group's), the decoders each decode their share of its tiles.
     """
 
     name = "ray"
+    crosses_processes = True
 
     def __init__(
         self,
@@ -94,27 +174,29 @@ class RayExecutor:
         weights: Path,
         layout: ParallelLayout | None = None,
         cluster_layout: ClusterLayout | None = None,
+        decoders: int = 1,
     ):
+        self.spec, self.weights = spec, weights
         self.layout = layout or ParallelLayout()
         self.cluster_layout = cluster_layout or load_cluster_layout("single-node")
-        plan = plan_resources(workers=self.layout.world_size)
+        self.plan = plan_resources(workers=self.layout.world_size, decoders=decoders)
         self.group: ActorGroup | None = None
-        self.actors: dict[str, Any] = {}
+        self.side: dict[str, list[Any]] = {"encode": [], "decode": []}
+        self.progress = ProgressRelay()
         try:
-            # The group's placement group first, so that the encoder and decoder never take a
-            # GPU that a rank needs.
+            # The group's placement group first, so that the side actors never take a GPU that a rank needs.
             self.group = ActorGroup(
                 DenoiserStage,
                 (spec, weights),
                 {"layout": self.layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S},
                 self.layout.world_size,
-                plan,
+                self.plan,
                 self.cluster_layout.denoiser_placement,
             )
-            for stage in ("encode", "decode"):
-                self.actors[stage] = self.group.side_actor(plan.stages[stage], STAGE_CLASSES[stage], spec, weights)
-            starts = [self.actors["encode"].start.remote(), self.actors["decode"].start.remote(), *self.group.start()]
-            encode, decode, *ranks = ray.get(starts, timeout=ACTOR_START_TIMEOUT_S)
+            self.side["encode"] = [self._side_actor("encode", 0)]
+            self.side["decode"] = [self._side_actor("decode", d) for d in range(decoders)]
+            side = self.side["encode"] + self.side["decode"]
+            started = ray.get([a.start.remote() for a in side] + self.group.start(), timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise RuntimeError(
@@ -124,59 +206,92 @@ class RayExecutor:
         except BaseException:
             self.close()
             raise
-        self.actors["denoise"] = self.group.actors[0]
-        self._devices = {"encode": encode, "denoise": ranks[0], "decode": decode}
+        self._devices = {"encode": started[0], "denoise": started[len(side)], "decode": started[1]}
+
+    def _side_actor(self, stage: str, index: int):
+        if stage == "encode":
+            return self.group.side_actor(self.plan.encode, TextEncoderStage, self.spec, self.weights)
+        kwargs = {"rank": index, "decoders": len(self.plan.decode)}
+        return self.group.side_actor(self.plan.decode[index], DecoderStage, self.spec, self.weights, **kwargs)
 
     def devices(self) -> dict[str, str]:
         return dict(self._devices)
 
-    def call(self, stage: str, method: str, *args: Any, on_step: StepCallback | None = None) -> StageCall:
-        progress_id = uuid.uuid4().hex if on_step is not None else None
-        if stage == "denoise":
-            calls = [actor.call.remote(method, *args, progress_id=progress_id) for actor in self.group.actors]
-            spans = [span for _, span in calls]
-            try:
-                self._follow(self.group.actors[0], progress_id, spans, on_step)
-            except Exception as e:  # the other ranks would wait in a collective until it times out
-                self.group.close()
-                raise StageFailed(stage, e) from e
-            return StageCall(*calls[0])
-        actor = self.actors[stage]
-        value, span = actor.call.remote(method, *args, progress_id=progress_id)
-        if on_step is not None:
-            self._follow(actor, progress_id, [value], on_step)
-        return StageCall(value, span)
+    def actors(self, stage: str) -> list[Any]:
+        if stage != "denoise":
+            return self.side[stage]
+        if not self.group.actors:
+            raise StageFailed(stage, RuntimeError("the denoiser group was shut down after an earlier job failed in it"))
+        return self.group.actors
 
-    def rank_stats(self) -> list[dict[str, float]]:
-        """Each denoiser rank's figures for the last job (peak memory, video tokens held)."""
-        return ray.get([actor.call.remote("last_run_stats")[0] for actor in self.group.actors])
+    def call(self, stage: str, method: str, *args: Any, progress: ProgressCallback | None = None) -> StageCall:
+        actors = self.actors(stage)
+        args = _results(args, len(actors))
+        progress_id = uuid.uuid4().hex if progress is not None else None
+        calls = [
+            actor.call.remote(method, *args, progress_id=progress_id, keep_result=stage != "denoise" or rank == 0)
+            for rank, actor in enumerate(actors)
+        ]
+        call = StageCall(stage, [value for value, _ in calls], [report for _, report in calls])
+        if progress is not None:
+            self.progress.follow(actors[0], progress_id, progress, call.values + call.reports)
+        return call
 
-    @staticmethod
-    def _follow(
-        actor, progress_id: str | None, refs: list[ray.ObjectRef], on_step: StepCallback | None, poll_s: float = 0.2
-    ) -> None:
-        """Wait until every ref is ready, relaying `actor`'s step progress for this call to `on_step`.
+    def wait(self, *calls: StageCall) -> None:
+        """Block until every call has finished, relaying step progress of followed calls meanwhile.
 
-        A ref that fails raises at once, not when the others finish.
+        A failure raises StageFailed at once, blamed on the first of `calls` (in the order
+        given) that failed: a stage whose input failed fails too, and the blame belongs upstream.
+        The failed stage is made ready for the next job: a denoiser group is torn down (its other
+        ranks would wait in a collective until it times out), dead encoder or decoder actors are
+        replaced.
         """
-        pending, seen = list(refs), 0
-        while True:
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
-            ray.get(ready)  # raises a failed call's error
-            if on_step is not None:
-                call_id, done, total = ray.get(actor.progress.remote())
-                if call_id == progress_id and done != seen:
-                    on_step(done, total)
-                    seen = done
-            if not pending:
-                return
+        try:
+            wait_relaying_progress([ref for c in calls for ref in c.values + c.reports], self.progress)
+        except Exception as error:
+            for call in calls:
+                refs = call.values + call.reports
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                try:
+                    ray.get(ready)
+                except Exception as e:
+                    self._recover(call.stage)
+                    raise StageFailed(call.stage, e) from e
+            raise StageFailed(calls[0].stage, error) from error
 
-    def get(self, value: Any) -> Any:
-        return ray.get(value)
+    def _recover(self, stage: str) -> None:
+        if stage == "denoise":
+            self.group.close()
+            return
+        for index, actor in enumerate(self.side[stage]):
+            try:
+                ray.get(actor.progress.remote(), timeout=ACTOR_PING_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.kill(actor)
+                replacement = self._side_actor(stage, index)
+                ray.get(replacement.start.remote(), timeout=ACTOR_START_TIMEOUT_S)
+                self.side[stage][index] = replacement
+
+    def get(self, call: StageCall) -> Any:
+        """The stage's result, brought to the driver."""
+        self.wait(call)
+        call.deliveries += 1
+        return ray.get(call.value)
+
+    def gather(self, call: StageCall) -> list[Any]:
+        """Every actor's result, brought to the driver (e.g. each decoder's tiles)."""
+        self.wait(call)
+        call.deliveries += 1
+        return ray.get(call.values)
+
+    def reports(self, call: StageCall) -> list[dict[str, Any]]:
+        self.wait(call)
+        return ray.get(call.reports)
 
     def close(self) -> None:
-        for actor in self.actors.values():
-            ray.kill(actor)
-        self.actors.clear()
+        for actors in self.side.values():
+            for actor in actors:
+                ray.kill(actor)
+            actors.clear()
         if self.group is not None:
             self.group.close()

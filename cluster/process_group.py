@@ -50,7 +50,7 @@ class ActorGroup:
                     f"{PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.cluster_resources()}"
                 )
             self.rank_bundles = self._bundles_by_node()
-            rank_options = [self._actor(plan.stages["denoise"], bundle) for bundle in self.rank_bundles]
+            rank_options = [self._actor(plan.denoise, bundle) for bundle in self.rank_bundles]
             self.actors = [options.remote(stage_class, *args, **kwargs) for options in rank_options]
             if size > 1:
                 address, port = ray.get(self.actors[0].rendezvous_address.remote())
@@ -87,10 +87,10 @@ class ActorGroup:
             scheduling_strategy=in_group,
         )
 
-    def side_actor(self, resources: ActorResources, stage_class: type, *args: Any):
+    def side_actor(self, resources: ActorResources, stage_class: type, *args: Any, **kwargs: Any):
         """An actor for another stage: in the bundle of a rank (beside it on its GPU) if the plan says so."""
         bundle = None if resources.beside_rank is None else self.rank_bundles[resources.beside_rank]
-        return self._actor(resources, bundle).remote(stage_class, *args)
+        return self._actor(resources, bundle).remote(stage_class, *args, **kwargs)
 
     def start(self) -> list[ray.ObjectRef]:
         """Build every rank's stage (collectively: the stage may create process subgroups)."""

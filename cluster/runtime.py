@@ -40,52 +40,65 @@ class ActorResources:
 
 @dataclass(frozen=True)
 class ResourcePlan:
-    """What each stage actor asks of Ray; "denoise" is what each rank of the denoiser group asks."""
+    """What each stage actor asks of Ray: the encoder, each decoder, and each denoiser rank."""
 
-    stages: dict[str, ActorResources]
+    encode: ActorResources
+    decode: tuple[ActorResources, ...]  # one per decoder
+    denoise: ActorResources  # each rank of the denoiser group
     bundle: dict[str, float]  # the placement-group bundle of one denoiser rank
 
 
-# With as many GPUs as denoiser ranks and none spare, the encoder and decoder live beside the
-# first ranks on their GPUs: a rank takes 0.8 of its bundle's GPU and leaves 0.1 to each.
+# With as many GPUs as denoiser ranks and none spare, the encoder and decoders live beside the
+# ranks on their GPUs: a rank takes 0.8 of its bundle's GPU and leaves 0.2 to the side actors.
 RANK_SHARE_WHEN_SHARED = 0.8
-SIDE_SHARE = 0.1
+SIDE_SHARE = 0.2
 
 
-def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1) -> ResourcePlan:
-    """Resources for the encoder, the decoder and a denoiser group of `workers` ranks.
+def _share(total: float, count: int) -> float:
+    """`total` split `count` ways, rounded down to a hundredth (never 0: Ray refuses empty requests)."""
+    return max(0.01, math.floor(100 * total / count) / 100)
 
-    With GPUs, every denoiser rank gets a whole GPU of its own (a bundle of the group's
-    placement group); the encoder and decoder get a GPU each when two are spare, share one when
-    one is, and otherwise take a small share of the first ranks' GPUs. Without GPUs the ranks
-    split the cores (threads and a CPU share each), and the encoder and decoder ask for no CPU
-    and may use every core, since a job's stages run one after another. (Single node for CPU:
-    the thread count is the cluster's CPU count.)
+
+def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1, decoders: int = 1) -> ResourcePlan:
+    """Resources for the encoder, `decoders` decoders and a denoiser group of `workers` ranks.
+
+    With GPUs, every denoiser rank gets a whole GPU of its own (a bundle of the group's placement
+    group). The encoder and the decoders (the side actors) get a GPU each when enough are spare,
+    share the spare GPUs evenly when fewer are, and otherwise live beside the ranks in their
+    bundles (the encoder beside rank 0, decoder d beside rank d+1, wrapping round).
+    Without GPUs the ranks split the cores (a CPU share each, for placement); the side actors
+    ask for no CPU, and every stage process gets an equal number of threads. (Single node for
+    CPU: the thread count is the cluster's CPU count.)
     `cluster` is Ray's cluster_resources() (read from the running Ray when not given).
     """
     cluster = ray.cluster_resources() if cluster is None else cluster
     gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
     if gpus == 0:
-        share = min(1.0, max(0.01, math.floor(100 * cpus / workers) / 100))  # Ray refuses empty bundles
-        every_core = {"OMP_NUM_THREADS": str(cpus)}
-        side = ActorResources(num_gpus=0, num_cpus=0, env=every_core)
-        rank = ActorResources(num_gpus=0, num_cpus=share, env={"OMP_NUM_THREADS": str(max(1, cpus // workers))})
-        return ResourcePlan({"encode": side, "denoise": rank, "decode": side}, bundle={"CPU": share})
+        share = min(1.0, _share(cpus, workers))
+        # Stages of different jobs run at the same time, so every stage process gets its own
+        # slice of the cores, and OpenMP threads sleep rather than spin when they wait: spinning
+        # threads of one process take the cores another needs. (Measured on 2 cores, a stream of
+        # 4 tiny jobs: 2 threads per process made it 2.4x slower than 1 each.)
+        threads = {"OMP_NUM_THREADS": str(max(1, cpus // (workers + 1 + decoders))), "OMP_WAIT_POLICY": "PASSIVE"}
+        rank = ActorResources(num_gpus=0, num_cpus=share, env=threads)
+        side = ActorResources(num_gpus=0, num_cpus=0, env=threads)
+        return ResourcePlan(side, (side,) * decoders, rank, bundle={"CPU": share})
     if gpus < workers:
         raise InvalidRequest(f"--workers {workers} needs {workers} GPUs (one per rank); the Ray cluster has {gpus}")
-    spare = gpus - workers
-    if spare >= 2:
-        encode = decode = ActorResources(num_gpus=1.0, num_cpus=0, env={})
-        rank = 1.0
-    elif spare == 1:  # both on the spare GPU
-        encode = decode = ActorResources(num_gpus=0.5, num_cpus=0, env={})
-        rank = 1.0
-    else:
-        encode = ActorResources(num_gpus=SIDE_SHARE, num_cpus=0, env={}, beside_rank=0)
-        decode = ActorResources(num_gpus=SIDE_SHARE, num_cpus=0, env={}, beside_rank=min(1, workers - 1))
-        rank = RANK_SHARE_WHEN_SHARED
-    denoise = ActorResources(num_gpus=rank, num_cpus=0, env={})
-    return ResourcePlan({"encode": encode, "denoise": denoise, "decode": decode}, bundle={"GPU": 1.0})
+    side, spare = 1 + decoders, gpus - workers
+    if spare >= side:
+        return ResourcePlan(
+            ActorResources(1.0, 0, {}), (ActorResources(1.0, 0, {}),) * decoders, ActorResources(1.0, 0, {}),
+            bundle={"GPU": 1.0},
+        )  # fmt: skip
+    if spare >= 1:  # the side actors share the spare GPUs, as many on each
+        each = ActorResources(num_gpus=_share(1.0, math.ceil(side / spare)), num_cpus=0, env={})
+        return ResourcePlan(each, (each,) * decoders, ActorResources(1.0, 0, {}), bundle={"GPU": 1.0})
+    each = _share(SIDE_SHARE, math.ceil(side / workers))  # side actors per bundle
+    beside = [ActorResources(num_gpus=each, num_cpus=0, env={}, beside_rank=i % workers) for i in range(side)]
+    return ResourcePlan(
+        beside[0], tuple(beside[1:]), ActorResources(RANK_SHARE_WHEN_SHARED, 0, {}), bundle={"GPU": 1.0}
+    )
 
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")

@@ -1,37 +1,317 @@
-"""VAE decoding: latents -> frames, as diffusers' CogVideoX pipeline decodes and post-processes them."""
+"""VAE decoding: latents -> frames, as diffusers' CogVideoX pipeline decodes and post-processes them.
+
+Two ways, one result:
+
+- untiled: the whole latent video through the VAE at once (diffusers' default);
+- tiled: the latent video cut into overlapping spatial tiles, each decoded on its own, and the
+  decoded tiles blended into one video where they overlap: the scheme of diffusers'
+  `AutoencoderKLCogVideoX.enable_tiling()` (same grid, same blending, same crops), so that the
+  frames equal `vae.enable_tiling(...)` + `vae.decode` for the same settings.
+
+The tiles of one video may be decoded by several decoders (`TilePlan.share`) and blended
+wherever they are gathered (`assemble_frames`). Decoded tiles leave the device as soon as they
+are made, so a decoder's device memory is bounded by one tile, not by the video.
+
+diffusers' own `tiled_decode` cannot be split that way (it decodes every tile in one loop and
+blends in the same call), which is why the grid and the blend are written out here.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stages.device import default_device, describe
+from stages.device import PeakMemory, default_device, describe
+from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_component
 
 
+@dataclass(frozen=True)
+class TileSettings:
+    """Tile size and overlap, in output pixels (each a whole number of latent pixels)."""
+
+    height: int
+    width: int
+    overlap_height: int
+    overlap_width: int
+
+    def as_params(self) -> dict[str, str]:
+        return {
+            "tile_size": f"{self.height}x{self.width}",
+            "tile_overlap": f"{self.overlap_height}x{self.overlap_width}",
+        }
+
+
+def default_overlap(spec: ModelSpec, height: int, width: int) -> tuple[int, int]:
+    """diffusers' default overlap for tiles of this size: 1/6 of the height and 1/5 of the width,
+    rounded to whole latent pixels (at least one)."""
+    scale = spec.vae_scale_spatial
+
+    def overlap(size: int, factor: float) -> int:
+        return max(scale, round(size * factor / scale) * scale)
+
+    return overlap(height, 1 / 6), overlap(width, 1 / 5)
+
+
+def tile_settings(
+    spec: ModelSpec, size: tuple[int, int] | None = None, overlap: tuple[int, int] | None = None
+) -> TileSettings:
+    """Tile settings with diffusers' defaults filled in: tiles half the VAE's sample size (for
+    CogVideoX's 480x720, 240x360 tiles overlapping by 40x72, diffusers' own figures exactly)."""
+    vae = spec.components["vae"].config
+    height, width = size or (int(vae["sample_height"]) // 2, int(vae["sample_width"]) // 2)
+    overlap_height, overlap_width = overlap or default_overlap(spec, height, width)
+    return TileSettings(height, width, overlap_height, overlap_width)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of the grid: its place in the grid and its latent region (latent pixels)."""
+
+    row: int
+    col: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one latent video is decoded: the tiles (row-major) and how they are blended.
+
+    An untiled plan has one tile, the whole latent video, and nothing to blend.
+    """
+
+    tiles: tuple[Tile, ...]
+    blend_height: int = 0  # output rows of a tile blended with the tile above it
+    blend_width: int = 0  # output columns blended with the tile to its left
+    keep_height: int = 0  # output rows of a tile kept in the video (the rest is the next tile's)
+    keep_width: int = 0
+    settings: TileSettings | None = None  # None: untiled
+
+    @property
+    def tiled(self) -> bool:
+        return self.settings is not None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.tiles[-1].row + 1, self.tiles[-1].col + 1
+
+    def share(self, rank: int, decoders: int) -> list[int]:
+        """Indices of the tiles decoder `rank` of `decoders` decodes: biggest tiles first, each to
+        the decoder with the least area so far (edge tiles are smaller), ties to the lowest rank."""
+        load = [0] * decoders
+        owner = {}
+        for index in sorted(range(len(self.tiles)), key=lambda i: (-self.tiles[i].height * self.tiles[i].width, i)):
+            least = min(range(decoders), key=lambda r: (load[r], r))
+            owner[index] = least
+            load[least] += self.tiles[index].height * self.tiles[index].width
+        return sorted(i for i, r in owner.items() if r == rank)
+
+    def as_params(self) -> dict[str, str]:
+        if not self.tiled:
+            return {"tiling": "off"}
+        rows, cols = self.grid
+        return {"tiling": f"{rows}x{cols}", **self.settings.as_params()}
+
+
+def plan_tiles(spec: ModelSpec, height: int, width: int, settings: TileSettings | None) -> TilePlan:
+    """The tile grid for a video of height x width pixels, as diffusers' `tiled_decode` lays it.
+
+    Raises InvalidRequest for settings that cannot tile: sizes that are not whole latent pixels,
+    or an overlap as large as the tile. (diffusers would take such settings and return frames of
+    the wrong size; refusing them is why the grid is computed in whole latent pixels here.)
+    """
+    scale = spec.vae_scale_spatial
+    latent_h, latent_w = height // scale, width // scale
+    if settings is None:
+        return TilePlan(tiles=(Tile(0, 0, 0, 0, latent_h, latent_w),))
+    for axis, size, overlap in (
+        ("height", settings.height, settings.overlap_height),
+        ("width", settings.width, settings.overlap_width),
+    ):
+        if size < scale or size % scale:
+            raise InvalidRequest(f"tile {axis} must be a positive multiple of {scale} px for {spec.name} (got {size})")
+        if overlap < 0 or overlap % scale:
+            raise InvalidRequest(
+                f"tile overlap ({axis}) must be a multiple of {scale} px for {spec.name} (got {overlap})"
+            )
+        if overlap >= size:
+            raise InvalidRequest(f"tile {axis} ({size} px) must be larger than the tile overlap ({overlap} px)")
+    tile_h, tile_w = settings.height // scale, settings.width // scale
+    if latent_h <= tile_h and latent_w <= tile_w:  # fits one tile: diffusers decodes it untiled
+        return TilePlan(tiles=(Tile(0, 0, 0, 0, latent_h, latent_w),), settings=None)
+    stride_h, stride_w = tile_h - settings.overlap_height // scale, tile_w - settings.overlap_width // scale
+    tiles = tuple(
+        Tile(row, col, top, left, min(tile_h, latent_h - top), min(tile_w, latent_w - left))
+        for row, top in enumerate(range(0, latent_h, stride_h))
+        for col, left in enumerate(range(0, latent_w, stride_w))
+    )
+    return TilePlan(
+        tiles=tiles,
+        blend_height=settings.overlap_height,
+        blend_width=settings.overlap_width,
+        keep_height=settings.height - settings.overlap_height,
+        keep_width=settings.width - settings.overlap_width,
+        settings=settings,
+    )
+
+
+def plan_decode(
+    spec: ModelSpec,
+    height: int,
+    width: int,
+    decoders: int = 1,
+    tile_size: tuple[int, int] | None = None,
+    tile_overlap: tuple[int, int] | None = None,
+) -> TilePlan:
+    """The tile plan for `decoders` decoders. Tiling is on when several decoders share a video or
+    a tile size or overlap is given; otherwise one decoder decodes the video untiled."""
+    if decoders < 1:
+        raise InvalidRequest(f"--decoders must be at least 1 (got {decoders})")
+    tiled = decoders > 1 or tile_size is not None or tile_overlap is not None
+    plan = plan_tiles(spec, height, width, tile_settings(spec, tile_size, tile_overlap) if tiled else None)
+    if decoders > len(plan.tiles):
+        settings = tile_settings(spec, tile_size, tile_overlap)
+        raise InvalidRequest(
+            f"--decoders {decoders} is more than the {len(plan.tiles)} tile(s) of a {height}x{width} video "
+            f"in {settings.height}x{settings.width} px tiles overlapping by "
+            f"{settings.overlap_height}x{settings.overlap_width} px; use at most {len(plan.tiles)} decoder(s) "
+            f"or smaller tiles (--tile-size)"
+        )
+    return plan
+
+
+@dataclass(frozen=True)
+class DecodedTile:
+    index: int  # into TilePlan.tiles
+    sample: torch.Tensor  # (1, 3, frames, H, W) in [-1, 1], the VAE's dtype, on the CPU
+
+
 class DecoderStage:
-    def __init__(self, spec: ModelSpec, weights: Path, device: torch.device | None = None):
+    """One VAE decoder. As decoder `rank` of `decoders`, `decode_tiles` decodes its share of a plan."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Path,
+        device: torch.device | None = None,
+        rank: int = 0,
+        decoders: int = 1,
+    ):
         self.spec = spec
         self.device = device or default_device()
+        self.rank, self.decoders = rank, decoders
         self.vae = load_component(spec, "vae", weights, self.device)
+        self._peak_memory = PeakMemory(self.device)
+        self._last_run: dict[str, float] = {}
 
     def describe(self) -> str:
         return describe(self.device)
 
-    @torch.no_grad()
-    def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
-        """(1, latent frames, C, h, w) latents -> (frames, H, W, 3) float32 in [0, 1], on the CPU."""
-        z = latents.to(self.device, self.vae.dtype).permute(0, 2, 1, 3, 4)  # -> (B, C, F, h, w)
-        z = 1 / self.vae.config.scaling_factor * z  # written as diffusers writes it, for bit-equality
-        video = self.vae.decode(z).sample  # (B, 3, F, H, W) in [-1, 1]
-        video = (video[0] * 0.5 + 0.5).clamp(0, 1)
-        return video.permute(1, 2, 3, 0).float().cpu()
+    def last_run_stats(self) -> dict[str, float]:
+        """Figures of the last decode: peak memory (MiB), what decoding added to it, tiles decoded."""
+        return dict(self._last_run)
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, latent frames, C, h, w) -> (1, C, latent frames, h, w) on the device, unscaled for the VAE."""
+        z = latents.to(self.device, self.vae.dtype).permute(0, 2, 1, 3, 4)
+        return 1 / self.vae.config.scaling_factor * z  # written as diffusers writes it, for bit-equality
+
+    @torch.no_grad()
+    def decode_tiles(self, latents: torch.Tensor, plan: TilePlan) -> list[DecodedTile]:
+        """Decode this decoder's share of the plan's tiles; each leaves the device once decoded."""
+        self._peak_memory.reset()
+        z = self._scaled(latents)
+        decoded = []
+        for index in plan.share(self.rank, self.decoders):
+            t = plan.tiles[index]
+            region = z[:, :, :, t.top : t.top + t.height, t.left : t.left + t.width]
+            decoded.append(DecodedTile(index, self.vae.decode(region).sample.cpu()))
+        self._record(tiles=len(decoded))
+        return decoded
+
+    @torch.no_grad()
+    def decode_float(self, latents: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
+        """Every tile of the plan decoded here: (frames, H, W, 3) float32 in [0, 1], on the CPU."""
+        if plan is not None and plan.tiled:
+            return assemble_frames(plan, self.decode_tiles(latents, plan))
+        self._peak_memory.reset()
+        video = self.vae.decode(self._scaled(latents)).sample  # (1, 3, F, H, W) in [-1, 1]
+        frames = postprocess(video)
+        self._record(tiles=1)
+        return frames
+
+    def decode(self, latents: torch.Tensor, plan: TilePlan | None = None) -> np.ndarray:
         """(frames, H, W, 3) uint8, rounded as diffusers rounds when it makes PIL frames."""
-        return to_uint8(self.decode_float(latents))
+        return to_uint8(self.decode_float(latents, plan))
+
+    def _record(self, tiles: int) -> None:
+        self._last_run = {
+            "peak_memory_mib": self._peak_memory.peak_mib(),
+            "work_memory_mib": self._peak_memory.growth_mib(),
+            "tiles": tiles,
+        }
+
+
+def _blend_rows(above: torch.Tensor, below: torch.Tensor, extent: int) -> None:
+    """Fade the top `extent` rows of `below` in from the bottom rows of `above`, in place.
+
+    Row by row with Python-float weights, as diffusers' `blend_v` does, so that the rounding
+    (in bf16 too) is the same.
+    """
+    extent = min(above.shape[3], below.shape[3], extent)
+    for y in range(extent):
+        below[:, :, :, y, :] = above[:, :, :, -extent + y, :] * (1 - y / extent) + below[:, :, :, y, :] * (y / extent)
+
+
+def _blend_columns(left: torch.Tensor, right: torch.Tensor, extent: int) -> None:
+    """`_blend_rows` across columns (diffusers' `blend_h`)."""
+    extent = min(left.shape[4], right.shape[4], extent)
+    for x in range(extent):
+        right[:, :, :, :, x] = left[:, :, :, :, -extent + x] * (1 - x / extent) + right[:, :, :, :, x] * (x / extent)
+
+
+def assemble(plan: TilePlan, tiles: list[DecodedTile]) -> torch.Tensor:
+    """Blend decoded tiles into one (1, 3, frames, H, W) video, as diffusers' `tiled_decode` does.
+
+    Tiles are visited row-major and blended in place, so a tile's overlap with the next one
+    carries the blending it already received from its own neighbours (diffusers' order).
+    """
+    if sorted(t.index for t in tiles) != list(range(len(plan.tiles))):
+        raise ValueError(f"got tiles {sorted(t.index for t in tiles)} of a plan with {len(plan.tiles)}")
+    if not plan.tiled:
+        return tiles[0].sample
+    rows, cols = plan.grid
+    by_index = {t.index: t.sample for t in tiles}
+    grid = [[by_index[r * cols + c] for c in range(cols)] for r in range(rows)]
+    kept_rows = []
+    for r in range(rows):
+        kept = []
+        for c in range(cols):
+            tile = grid[r][c]
+            if r > 0:
+                _blend_rows(grid[r - 1][c], tile, plan.blend_height)
+            if c > 0:
+                _blend_columns(grid[r][c - 1], tile, plan.blend_width)
+            kept.append(tile[:, :, :, : plan.keep_height, : plan.keep_width])
+        kept_rows.append(torch.cat(kept, dim=4))
+    return torch.cat(kept_rows, dim=3)
+
+
+def postprocess(video: torch.Tensor) -> torch.Tensor:
+    """(1, 3, F, H, W) in [-1, 1] -> (F, H, W, 3) float32 in [0, 1] on the CPU (diffusers' video processor)."""
+    video = (video[0] * 0.5 + 0.5).clamp(0, 1)
+    return video.permute(1, 2, 3, 0).float().cpu()
+
+
+def assemble_frames(plan: TilePlan, tiles: list[DecodedTile]) -> torch.Tensor:
+    """Decoded tiles (from any decoders) -> (frames, H, W, 3) float32 in [0, 1]."""
+    return postprocess(assemble(plan, tiles))
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

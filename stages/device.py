@@ -19,29 +19,46 @@ def describe(device: torch.device) -> str:
     return str(device)
 
 
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 class PeakMemory:
     """Peak memory of this process over a stretch of work: CUDA allocations on a GPU, resident
-    memory (Linux VmHWM, which `clear_refs` resets) on the CPU."""
+    memory (Linux VmHWM, which `clear_refs` resets) on the CPU. On the CPU the figure is the
+    whole process's (model weights, runtime and results included), not only tensors."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._at_reset = 0.0
+
+    def current_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _proc_status_mib("VmRSS") or 0.0
 
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
-        except OSError:
-            pass  # not Linux, or not allowed: the figure becomes the process's lifetime peak
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
+            except OSError:
+                pass  # not Linux, or not allowed: the figure becomes the process's lifetime peak
+        self._at_reset = self.current_mib()
 
     def peak_mib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _proc_status_mib("VmHWM")
+        return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def growth_mib(self) -> float:
+        """How far the peak rose above what was in use at `reset`: what the work itself needed."""
+        return max(0.0, self.peak_mib() - self._at_reset)

@@ -32,9 +32,9 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights):
     result = json.loads(out)
     assert result["video"] == str(video) and video.is_file()
     assert read_frames(video).shape == (17, 48, 80, 3)
-    assert set(result["stages"]) == {"encode", "denoise", "decode"}
-    enc, den, dec = (result["stages"][s] for s in ("encode", "denoise", "decode"))
-    assert enc[0] <= enc[1] <= den[0] <= den[1] <= dec[0] <= dec[1]
+    assert list(result["stages"]) == ["encode", "denoise", "decode", "write"]
+    enc, den, dec, wri = (result["stages"][s] for s in ("encode", "denoise", "decode", "write"))
+    assert enc[0] <= enc[1] <= den[0] <= den[1] <= dec[0] <= dec[1] <= wri[0] <= wri[1]
     assert "denoising" in err and "3/3" in err  # the progress bar went to stderr
 
     run = MlflowClient(uri).get_run(result["run_id"])
@@ -48,7 +48,7 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights):
     }  # fmt: skip
     assert expected.items() <= run.data.params.items()
     metrics = run.data.metrics
-    for key in ("encode_s", "denoise_s", "decode_s", "total_s", "s_per_step"):
+    for key in ("encode_s", "denoise_s", "decode_s", "write_s", "total_s", "s_per_step"):
         assert metrics[key] == pytest.approx(result["metrics"][key]) and metrics[key] > 0
     assert metrics["s_per_step"] == pytest.approx(metrics["denoise_s"] / 3)
     assert metrics["clarity/sharpness_laplacian_var"] > 0 and metrics["clarity/flicker_mae"] > 0
@@ -81,13 +81,24 @@ def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights):
         (["--guidance", "0.5"], "guidance scale must be at least 1"),
         (["--model", "sora"], "unknown model 'sora'; known models: cogvideox-2b, cogvideox-5b, tiny"),
         (["--model", "cogvideox-2b", "--weights", "/nonexistent"], "no diffusers weights for cogvideox-2b at"),
-        (["--prompt", "cat " * 250], "prompt is 251 tokens long; tiny's text encoder takes at most 226"),
+        (["--negative-prompt", "cat " * 250], "negative prompt is 251 tokens long; tiny's text encoder takes at most"),
         (["--ulysses", "4"], "invalid parallel layout cfg1xulysses4xring1: the Ulysses degree must divide the "
          "model's 2 attention heads; valid layouts for 4 workers: cfg2xulysses2xring1, cfg2xulysses1xring2, "
          "cfg1xulysses2xring2, cfg1xulysses1xring4"),
         (["--cfg-parallel", "--guidance", "1"], "CFG-parallel needs classifier-free guidance (guidance scale > 1)"),
         (["--workers", "2"], "--local runs in one process; the layout cfg2xulysses1xring1 needs 2 Ray actors"),
         (["--cluster", "moon"], "unknown cluster layout 'moon'; known: multi-node, single-node"),
+        (["--decoders", "0"], "--decoders must be at least 1 (got 0)"),
+        (["--decoders", "10"], "--decoders 10 is more than the 9 tile(s) of a 64x96 video in 32x48 px tiles "
+         "overlapping by 8x8 px; use at most 9 decoder(s) or smaller tiles (--tile-size)"),
+        (["--decoders", "2"], "--local runs in one process; --decoders 2 needs 2 Ray actors"),
+        (["--tile-size", "32x48", "--tile-overlap", "32x8"], "tile height (32 px) must be larger than the tile "
+         "overlap (32 px)"),
+        (["--tile-size", "30x48"], "tile height must be a positive multiple of 8 px for tiny (got 30)"),
+        (["--tile-overlap", "8x12"], "tile overlap (width) must be a multiple of 8 px for tiny (got 12)"),
+        (["--prompt", "a dog"], "--output names one video but there are 2 prompts; use --output-dir"),
+        (["--prompt", "a dog", "--prompt", "cat " * 250, "--output-dir", "."],
+         "prompt 3 of 3: prompt is 251 tokens long; tiny's text encoder takes at most 226"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, tiny_weights, args, message):
@@ -95,7 +106,8 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, tiny_w
         raise AssertionError("bad input reached the stages")
 
     monkeypatch.setattr("cluster.driver.make_executor", no_model_work)
-    argv = ["--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), "--local", *args]
+    output = [] if "--output-dir" in args else ["--output", str(tmp_path / "x.mp4")]
+    argv = ["--prompt", "a cat", *output, "--local", *args]
     code, out, err = run_cli(capsys, *argv)
     assert code == EXIT_INVALID
     lines = err.strip().splitlines()

@@ -210,8 +210,8 @@ def test_ray_executor_with_a_group_equals_local_frames(ray_session, tiny_spec, t
     def frames(executor):
         try:
             encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
-            denoised = executor.call("denoise", "denoise", encoded.value, r)
-            return executor.get(executor.call("decode", "decode_float", denoised.value).value)
+            denoised = executor.call("denoise", "denoise", encoded, r)
+            return executor.get(executor.call("decode", "decode_float", denoised))
         finally:
             executor.close()
 

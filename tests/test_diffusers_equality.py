@@ -40,9 +40,9 @@ def stock_diffusers(spec, weights, r):
 
 def framecast(executor, r):
     embeds = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
-    latents = executor.call("denoise", "denoise", embeds.value, r)
-    frames = executor.call("decode", "decode_float", latents.value)
-    return executor.get(latents.value), executor.get(frames.value)
+    latents = executor.call("denoise", "denoise", embeds, r)
+    frames = executor.call("decode", "decode_float", latents)
+    return executor.get(latents), executor.get(frames)
 
 
 def assert_equal_to_stock(spec, weights, executor, case, padding=0):

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from cluster.driver import Job, generate
-from cluster.executor import LocalExecutor, RayExecutor, StageFailed
+from cluster.executor import LocalExecutor, ProgressRelay, RayExecutor, StageFailed, wait_relaying_progress
 from stages.context_parallel import ParallelLayout
 from stages.request import GenerationRequest
 
@@ -35,8 +35,10 @@ def test_progress_is_relayed_live_and_per_call(ray_session):
     def on_step(done, total):
         seen.append((done, total, time.monotonic()))
 
+    relay = ProgressRelay()
     value, _ = actor.call.remote("run", 6, progress_id="job-1")
-    RayExecutor._follow(actor, "job-1", [value], on_step)
+    relay.follow(actor, "job-1", on_step, [value])
+    wait_relaying_progress([value], relay)
     finished = time.monotonic()
     assert [d for d, _, _ in seen][-1] == 6 and all(t == 6 for _, t, _ in seen)
     assert len([d for d, _, t in seen if d < 6 and t < finished]) >= 2  # intermediate steps, before the end
@@ -45,7 +47,8 @@ def test_progress_is_relayed_live_and_per_call(ray_session):
     # A second call on the same actor never shows the first call's (6, 6) as its own progress.
     second = []
     value, _ = actor.call.remote("run", 3, progress_id="job-2")
-    RayExecutor._follow(actor, "job-2", [value], lambda d, t: second.append((d, t)))
+    relay.follow(actor, "job-2", lambda d, t: second.append((d, t)), [value])
+    wait_relaying_progress([value], relay)
     assert second[-1] == (3, 3) and all(t == 3 for _, t in second)
     ray_session.kill(actor)
 
@@ -95,8 +98,9 @@ def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, tiny_spec, ti
         r = bad_job(tiny_spec, tiny_weights).request
         encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
         start = time.monotonic()
+        denoised = executor.call("denoise", "denoise", encoded, replace(r, height=64), progress=lambda d, t: None)
         with pytest.raises(StageFailed, match=r"^denoise stage failed: RuntimeError: rank 1 lost its GPU$"):
-            executor.call("denoise", "denoise", encoded.value, replace(r, height=64), on_step=lambda d, t: None)
+            executor.wait(encoded, denoised)
         assert time.monotonic() - start < 30
         assert executor.group.actors == [] and executor.group.placement_group is None
     finally:
@@ -113,7 +117,8 @@ def test_each_stage_runs_in_its_own_actor_process(ray_session, tiny_spec, tiny_w
 
     executor = RayExecutor(tiny_spec, tiny_weights)
     try:
-        pids = ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in executor.actors.values()])
+        actors = [*executor.side["encode"], *executor.group.actors, *executor.side["decode"]]
+        pids = ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors])
     finally:
         executor.close()
     assert len(set(pids)) == 3 and os.getpid() not in pids

@@ -2,33 +2,45 @@ import os
 
 import pytest
 
-from cluster.runtime import STAGES, load_cluster_layout, plan_resources
+from cluster.runtime import load_cluster_layout, plan_resources
 from stages.errors import InvalidRequest
 
 
+def side_actors(plan):
+    return [plan.encode, *plan.decode]
+
+
 def test_every_actor_gets_its_own_gpu_when_there_are_enough():
-    plan = plan_resources({"CPU": 32, "GPU": 8}, workers=4)
-    assert set(plan.stages) == set(STAGES) and plan.bundle == {"GPU": 1.0}
-    assert all(r.num_gpus == 1.0 and r.beside_rank is None and r.env == {} for r in plan.stages.values())
+    plan = plan_resources({"CPU": 32, "GPU": 8}, workers=4, decoders=3)
+    assert len(plan.decode) == 3 and plan.bundle == {"GPU": 1.0}
+    assert all(r.num_gpus == 1.0 and r.beside_rank is None and r.env == {} for r in [*side_actors(plan), plan.denoise])
 
 
 def test_encoder_and_decoder_share_the_one_spare_gpu():
     plan = plan_resources({"CPU": 16, "GPU": 2}, workers=1)
-    assert plan.stages["denoise"].num_gpus == 1.0
-    assert plan.stages["encode"].num_gpus == plan.stages["decode"].num_gpus == 0.5
-    assert plan.stages["encode"].beside_rank is None
+    assert plan.denoise.num_gpus == 1.0
+    assert plan.encode.num_gpus == plan.decode[0].num_gpus == 0.5
+    assert plan.encode.beside_rank is None
 
 
-@pytest.mark.parametrize("gpus", [1, 8])
-def test_with_no_spare_gpu_encoder_and_decoder_live_beside_the_first_ranks(gpus):
-    plan = plan_resources({"CPU": 16, "GPU": gpus}, workers=gpus)
-    encode, denoise, decode = (plan.stages[s] for s in STAGES)
-    assert (encode.beside_rank, decode.beside_rank) == (0, min(1, gpus - 1))
+@pytest.mark.parametrize("gpus, workers, decoders, share", [(3, 1, 3, 0.5), (6, 4, 3, 0.5), (4, 2, 4, 0.33)])
+def test_side_actors_share_the_spare_gpus_evenly(gpus, workers, decoders, share):
+    plan = plan_resources({"CPU": 16, "GPU": gpus}, workers=workers, decoders=decoders)
+    assert [r.num_gpus for r in side_actors(plan)] == [share] * (1 + decoders)
+    spare = gpus - workers  # Ray packs them: they must fit the spare GPUs
+    assert sum(r.num_gpus for r in side_actors(plan)) <= spare
+
+
+@pytest.mark.parametrize("gpus, decoders", [(1, 1), (8, 1), (2, 3), (1, 4)])
+def test_with_no_spare_gpu_side_actors_live_beside_the_ranks(gpus, decoders):
+    plan = plan_resources({"CPU": 16, "GPU": gpus}, workers=gpus, decoders=decoders)
+    side = side_actors(plan)
+    assert [r.beside_rank for r in side] == [i % gpus for i in range(1 + decoders)]
     # Each bundle is one GPU: what is asked inside it fits.
-    per_bundle = [denoise.num_gpus] * gpus
-    per_bundle[encode.beside_rank] += encode.num_gpus
-    per_bundle[decode.beside_rank] += decode.num_gpus
-    assert max(per_bundle) <= 1.0
+    per_bundle = [plan.denoise.num_gpus] * gpus
+    for r in side:
+        per_bundle[r.beside_rank] += r.num_gpus
+    assert max(per_bundle) <= 1.0 + 1e-9 and min(r.num_gpus for r in side) > 0
 
 
 def test_too_few_gpus_for_the_ranks_is_a_clear_error():
@@ -38,12 +50,13 @@ def test_too_few_gpus_for_the_ranks_is_a_clear_error():
 
 def test_cpu_only_ranks_split_the_cores():
     plan = plan_resources({"CPU": 2}, workers=4)
-    assert plan.bundle == {"CPU": 0.5} and plan.stages["denoise"].num_cpus == 0.5
-    assert plan.stages["denoise"].env == {"OMP_NUM_THREADS": "1"}
-    for stage in ("encode", "decode"):  # ask for no CPU, so they fit beside the ranks; use every core
-        assert plan.stages[stage].num_cpus == 0 and plan.stages[stage].env == {"OMP_NUM_THREADS": "2"}
-    single = plan_resources({"CPU": 2}, workers=1)
-    assert single.bundle == {"CPU": 1.0} and single.stages["denoise"].env == {"OMP_NUM_THREADS": "2"}
+    assert plan.bundle == {"CPU": 0.5} and plan.denoise.num_cpus == 0.5
+    assert all(side.num_cpus == 0 for side in side_actors(plan))  # ask for no CPU, so they fit beside the ranks
+    # Every stage process its own threads (the stages of different jobs run at once), and no spinning.
+    big = plan_resources({"CPU": 16}, workers=2, decoders=2)
+    assert {r.env["OMP_NUM_THREADS"] for r in [*side_actors(big), big.denoise]} == {"3"}  # 16 cores, 5 processes
+    assert {r.env["OMP_NUM_THREADS"] for r in [*side_actors(plan), plan.denoise]} == {"1"}
+    assert all(r.env["OMP_WAIT_POLICY"] == "PASSIVE" for r in [*side_actors(big), big.denoise])
 
 
 def test_cluster_layouts():
@@ -70,7 +83,7 @@ for gpus, workers in [(1, 1), (2, 2), (3, 2), (4, 2)]:
     ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     plan = plan_resources(workers=workers)
     group = ActorGroup(Probe, (), {}, workers, plan, "STRICT_PACK")
-    side = [group.side_actor(plan.stages[s], Probe) for s in ("encode", "decode")]
+    side = [group.side_actor(r, Probe) for r in (plan.encode, plan.decode[0])]
     ranks = ray.get(group.start(), timeout=120)
     encode, decode = ray.get([a.start.remote() for a in side], timeout=120)
     results[f"{gpus}/{workers}"] = {"ranks": ranks, "encode": encode, "decode": decode}

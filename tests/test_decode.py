@@ -1,0 +1,111 @@
+"""Tile-parallel VAE decoding: the tiles of one video decoded on M decoder actors and blended
+where they are gathered equal diffusers' own `vae.enable_tiling()` decode (fp32, <= 1e-5)."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLCogVideoX
+
+from cluster.executor import RayExecutor
+from stages.decoder import TileSettings, assemble_frames, plan_decode, plan_tiles, postprocess
+from stages.errors import InvalidRequest
+from stages.models import load_spec
+
+TOL = 1e-5
+# (height, width, latent frames, tile settings): tiny's default tiles (a 3x3 grid with edge tiles
+# of other sizes), and a 4x4 grid on a bigger, longer video with wider overlaps.
+CASES = [
+    (64, 96, 3, TileSettings(32, 48, 8, 8)),
+    (128, 160, 5, TileSettings(48, 64, 16, 16)),
+]
+
+
+def diffusers_decode(weights, latents, s: TileSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stock diffusers, as the pipeline's decode_latents does it and post-processed as the pipeline
+    does: (frames with `enable_tiling` at these settings, frames untiled)."""
+    vae = AutoencoderKLCogVideoX.from_pretrained(weights, subfolder="vae").eval()
+    z = 1 / vae.config.scaling_factor * latents.permute(0, 2, 1, 3, 4)
+    with torch.no_grad():
+        untiled = postprocess(vae.decode(z).sample)
+        vae.enable_tiling(
+            tile_sample_min_height=s.height,
+            tile_sample_min_width=s.width,
+            tile_overlap_factor_height=s.overlap_height / s.height,
+            tile_overlap_factor_width=s.overlap_width / s.width,
+        )
+        return postprocess(vae.decode(z).sample), untiled
+
+
+@pytest.mark.parametrize("height, width, frames, settings", CASES, ids=["3x3", "4x4"])
+def test_tiles_decoded_on_m_actors_equal_diffusers_tiling(ray_session, tiny_spec, tiny_weights, height, width,
+                                                          frames, settings):  # fmt: skip
+    latents = torch.randn(1, frames, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(frames))
+    expected, untiled = diffusers_decode(tiny_weights, latents, settings)
+    assert (expected - untiled).abs().max() > 1e-3  # tiling changes the frames: the comparison means something
+    plan = plan_tiles(tiny_spec, height, width, settings)
+    assert plan.grid == {3: (3, 3), 5: (4, 4)}[frames]
+
+    for m in (1, 2, 3):
+        executor = RayExecutor(tiny_spec, tiny_weights, decoders=m)
+        try:
+            if m == 1:  # one actor decodes and blends every tile itself
+                call = executor.call("decode", "decode_float", latents, plan)
+                ours = executor.get(call)
+            else:  # each actor decodes its share; the driver blends them
+                call = executor.call("decode", "decode_tiles", latents, plan)
+                ours = assemble_frames(plan, [tile for share in executor.gather(call) for tile in share])
+            reports = executor.reports(call)
+        finally:
+            executor.close()
+        assert [r["tiles"] for r in reports] == [len(plan.share(rank, m)) for rank in range(m)]
+        assert all(r["tiles"] > 0 for r in reports)  # every actor took part
+        assert ours.shape == expected.shape
+        assert (ours - expected).abs().max().item() <= TOL, f"{m} decoder(s)"
+
+
+def test_shares_cover_every_tile_once_and_balance_the_area():
+    spec = load_spec("cogvideox-2b")
+    plan = plan_decode(spec, 480, 720, decoders=3)
+    # diffusers' defaults for 480x720: 240x360 tiles overlapping by 40x72, a 3x3 grid.
+    assert plan.settings == TileSettings(240, 360, 40, 72) and plan.grid == (3, 3)
+    assert (plan.blend_height, plan.blend_width, plan.keep_height, plan.keep_width) == (40, 72, 200, 288)
+    for m in (1, 2, 3, 9):
+        shares = [plan.share(rank, m) for rank in range(m)]
+        assert sorted(i for share in shares for i in share) == list(range(9))
+        areas = [sum(plan.tiles[i].height * plan.tiles[i].width for i in share) for share in shares]
+        biggest_tile = max(t.height * t.width for t in plan.tiles)
+        assert max(areas) - min(areas) <= biggest_tile
+
+
+def test_untiled_unless_asked():
+    spec = load_spec("cogvideox-2b")
+    assert not plan_decode(spec, 480, 720).tiled
+    assert plan_decode(spec, 480, 720, tile_size=(240, 360)).settings == TileSettings(240, 360, 40, 72)
+    assert not plan_decode(spec, 240, 352, tile_size=(240, 360)).tiled  # fits one tile: decoded untiled
+    with pytest.raises(InvalidRequest, match=r"^--decoders 2 is more than the 1 tile\(s\) of a 240x352 video"):
+        plan_decode(spec, 240, 352, decoders=2)
+
+
+def test_per_actor_memory_is_bounded_by_the_tile_not_the_video(ray_session, tiny_spec, tiny_weights):
+    """What decoding adds to a decoder's memory (a run metric, here read from the call reports)
+    grows with the video untiled, and stays flat tiled: each actor holds one tile's activations.
+    Each figure comes from a fresh actor, so every one starts from the same state."""
+    from cluster.actors import StageActor
+    from stages.decoder import DecoderStage
+
+    def work_mib(height: int, width: int, tiled: bool) -> float:
+        plan = plan_decode(tiny_spec, height, width, decoders=2 if tiled else 1,
+                           tile_size=(64, 64) if tiled else None)  # fmt: skip
+        actor = StageActor.remote(DecoderStage, tiny_spec, tiny_weights, rank=0, decoders=2 if tiled else 1)
+        try:
+            ray_session.get(actor.start.remote())
+            latents = torch.randn(1, 5, 4, height // 8, width // 8)
+            method = "decode_tiles" if tiled else "decode"
+            return ray_session.get(actor.call.remote(method, latents, plan)[1])["work_memory_mib"]
+        finally:
+            ray_session.kill(actor)
+
+    untiled_small, untiled_big = work_mib(128, 128, False), work_mib(256, 256, False)
+    tiled_small, tiled_big = work_mib(128, 128, True), work_mib(256, 256, True)
+    assert untiled_big > 2 * untiled_small  # 4x the pixels: the untiled decode needs far more
+    assert tiled_big < 0.5 * untiled_big
+    assert tiled_big < 1.5 * tiled_small + 32  # 4x the pixels, about the same memory

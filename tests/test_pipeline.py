@@ -1,0 +1,152 @@
+"""Streams of jobs: stages of different jobs overlap in time, results equal a sequential run's,
+each job's bytes moved between stages are counted, and a decoder that dies fails one job only."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import ray
+
+from cluster.cli import EXIT_FAILED, main
+from cluster.driver import GenerationResult, JobFailed, prepare_jobs, run_stream
+from cluster.executor import RayExecutor
+from stages.video_io import read_frames
+
+PROMPTS = ["a red fox in the snow", "a cat playing piano", "waves on a beach at dusk", "a city street at night"]
+
+
+def overlaps(a: list[float], b: list[float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+@pytest.fixture(scope="module")
+def stream_jobs(tiny_weights):
+    # Guidance on and 8 steps: denoising is the longest stage, as it is for real models.
+    return prepare_jobs("tiny", PROMPTS, steps=8, seed=3, decoders=2)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, stream_jobs, tmp_path_factory):
+    """The same four jobs through one Ray executor (2 decoders), pipelined and one after another."""
+    out = tmp_path_factory.mktemp("stream")
+    executor = RayExecutor(stream_jobs[0].spec, stream_jobs[0].weights, decoders=2)
+    try:
+        results = {}
+        for mode in ("sequential", "pipelined"):
+            outputs = [out / f"{mode}-{i}.mp4" for i in range(len(stream_jobs))]
+            results[mode] = list(run_stream(stream_jobs, executor, outputs, pipelined=mode == "pipelined"))
+    finally:
+        executor.close()
+    assert all(isinstance(r, GenerationResult) for rs in results.values() for r in rs)
+    return results
+
+
+def test_stages_of_different_jobs_overlap(runs):
+    """Pipelined, each job has a stage running while a different stage of the job before it runs
+    (which pairs depends on which stage is the slowest); one after another, none does."""
+
+    def cross_overlaps(earlier, later) -> list[tuple[str, str]]:
+        return [(a, b) for a in earlier.stages for b in later.stages
+                if a != b and overlaps(earlier.stages[a], later.stages[b])]  # fmt: skip
+
+    pipelined, sequential = runs["pipelined"], runs["sequential"]
+    assert [r.index for r in pipelined] == [0, 1, 2, 3]
+    for k in range(len(pipelined) - 1):
+        assert cross_overlaps(pipelined[k], pipelined[k + 1]), f"jobs {k} and {k + 1} did not overlap"
+        assert not cross_overlaps(sequential[k], sequential[k + 1])
+    for result in pipelined:  # within a job, the stages keep their order
+        s = result.stages
+        assert s["encode"][1] <= s["denoise"][0] and s["denoise"][1] <= s["decode"][0] <= s["write"][0]
+
+
+def test_pipelined_frames_equal_sequential_frames(runs):
+    for seq, pipe in zip(runs["sequential"], runs["pipelined"], strict=True):
+        assert seq.params["prompt"] == pipe.params["prompt"]
+        a, b = read_frames(seq.video), read_frames(pipe.video)
+        assert a.shape == (9, 64, 96, 3) and np.array_equal(a, b)
+    # Different prompts gave different videos (the jobs did not share a result).
+    first, second = (read_frames(r.video) for r in runs["pipelined"][:2])
+    assert not np.array_equal(first, second)
+
+
+def test_throughput_gain_and_bytes_moved_are_recorded(runs, stream_jobs):
+    job = stream_jobs[0]
+    r = job.request
+    for result in runs["pipelined"]:
+        m = result.metrics
+        # Embeddings (prompt and negative, 226 tokens x 32 floats) go to the one denoiser rank;
+        # latents (3 x 4 x 8 x 12 floats) to each of the 2 decoders; each decoder's tiles to the
+        # driver once, where the frames are made (so no frames move at all).
+        assert m["moved_bytes/prompt_embeddings"] == 2 * 226 * 32 * 4
+        assert m["moved_bytes/latents"] == 2 * (3 * 4 * 8 * 12 * 4)
+        tile_pixels = sum(t.height * t.width * 64 for t in job.tiles.tiles)
+        assert m["moved_bytes/tiles"] == 3 * r.num_frames * tile_pixels * 4
+        assert "moved_bytes/frames" not in m
+        assert m["decode_rank0_tiles"] + m["decode_rank1_tiles"] == len(job.tiles.tiles)
+        assert m["decode_rank0_peak_mib"] > 0 and m["decode_rank1_work_mib"] >= 0
+        assert result.params["decoders"] == "2" and result.params["tiling"] == "3x3"
+
+
+def test_prompts_file_streams_json_lines(tmp_path, capsys, ray_session, tiny_weights):
+    """`--prompts FILE`: one JSON line per job with its stage times; one decoder sends frames once."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\n  a cat playing piano  \n")
+    code = main(["generate", "--prompts", str(prompts), "--steps", "2", "--output-dir", str(tmp_path / "out"),
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--json"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    assert [(r["job"], r["prompt"]) for r in records] == [(0, "a red fox"), (1, "a cat playing piano")]
+    for record in records:
+        assert list(record["stages"]) == ["encode", "denoise", "decode", "write"]
+        assert record["run_id"] and os.path.isfile(record["video"])
+        assert record["metrics"]["moved_bytes/frames"] == 9 * 64 * 96 * 3  # frames go to the writer once
+    assert "4/4" in err  # one progress bar over both jobs' steps
+
+
+def test_a_decoder_that_dies_fails_its_job_and_the_next_job_runs(ray_session, stream_jobs, tmp_path):
+    def die(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
+        os._exit(1)
+
+    jobs = stream_jobs[:3]
+    executor = RayExecutor(jobs[0].spec, jobs[0].weights, decoders=2)
+    try:
+        doomed = executor.side["decode"][1]
+        ray.get(doomed.call.remote("__setattr__", "decode_tiles", die)[0])
+        outputs = [tmp_path / f"{i}.mp4" for i in range(len(jobs))]
+        results = list(run_stream(jobs, executor, outputs))
+        assert executor.side["decode"][1] != doomed  # replaced
+    finally:
+        executor.close()
+    failed, *rest = results
+    assert isinstance(failed, JobFailed) and failed.index == 0
+    assert str(failed.error).startswith("decode stage failed: ActorDiedError: ")
+    assert not outputs[0].exists()
+    assert [type(r) for r in rest] == [GenerationResult, GenerationResult]
+    assert all(read_frames(r.video).shape == (9, 64, 96, 3) for r in rest)
+
+
+def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(tmp_path, capsys, monkeypatch, tiny_weights):
+    calls = []
+
+    def fails_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first job cannot be decoded")
+        return real(self, *args, **kwargs)
+
+    from stages.decoder import DecoderStage
+
+    real = DecoderStage.decode
+    monkeypatch.setattr(DecoderStage, "decode", fails_once)
+    code = main(["generate", "--prompt", "a", "--prompt", "b", "--steps", "1", "--local", "--json",
+                 "--output-dir", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == EXIT_FAILED
+    first, second = (json.loads(line) for line in out.strip().splitlines())
+    assert first == {"job": 0, "prompt": "a", "stage": "decode",
+                     "error": "decode stage failed: RuntimeError: first job cannot be decoded"}  # fmt: skip
+    assert second["job"] == 1 and os.path.isfile(second["video"])
+    assert err.strip().splitlines()[-1] == "framecast: error: job 0: decode stage failed: RuntimeError: first job " \
+        "cannot be decoded"  # fmt: skip
