@@ -10,6 +10,7 @@ decides where stages run.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -73,6 +74,7 @@ class GenerationResult:
     params: dict[str, str]
     metrics: dict[str, float]
     stages: dict[str, list[float]]  # stage -> [start, end], wall-clock seconds since the epoch
+    frames_sha256: str = ""  # of the uint8 frames as written: equal frames, equal digest
     index: int = 0  # the job's place in its stream
     run_id: str | None = None
     tracking_error: str | None = None
@@ -88,6 +90,7 @@ class GenerationResult:
             "params": self.params,
             "metrics": self.metrics,
             "stages": self.stages,
+            "frames_sha256": self.frames_sha256,
         }
 
 
@@ -183,7 +186,7 @@ class _InFlight:
     encoded: StageCall | None = None
     denoised: StageCall | None = None
     decoded: StageCall | None = None
-    decoded_at: float = 0.0  # when its frames were in the driver
+    gathered: tuple[float, float] = (0.0, 0.0)  # when the driver took the frames (and blended tiles)
     failed: StageFailed | None = None
 
 
@@ -200,9 +203,13 @@ def run_stream(
     the actors as soon as it enters, and each actor works through its calls in order. A job's
     decode call is sent once the job before it is decoded (so that a decoder that fails takes
     down one job, never the next), before that job is written (so that the decoders do not wait
-    on the writer). With the local executor every call runs when it is made: one job at a time.
+    on the writer). The local executor runs every call when it is made, so there a stream runs
+    one job at a time, each written before the next starts.
     """
+    pipelined = pipelined and executor.concurrent
     depth = PIPELINE_DEPTH if pipelined else 1
+    if any(job.decoders != executor.decoders for job in jobs):
+        raise ValueError(f"jobs for {jobs[0].decoders} decoder(s) given to an executor with {executor.decoders}")
     entering = iter(enumerate(zip(jobs, outputs, strict=True)))
     in_flight: deque[_InFlight] = deque()
 
@@ -265,12 +272,16 @@ def _collect(executor: Executor, flight: _InFlight) -> np.ndarray | None:
         return None
     try:
         executor.wait(flight.encoded, flight.denoised, flight.decoded)  # blames the first stage that failed
+        start = time.time()
         if flight.job.decoders == 1:
             frames = executor.get(flight.decoded)
         else:
             tiles = [tile for share in executor.gather(flight.decoded) for tile in share]
-            frames = to_uint8(assemble_frames(flight.job.tiles, tiles))
-        flight.decoded_at = time.time()
+            try:
+                frames = to_uint8(assemble_frames(flight.job.tiles, tiles))
+            except Exception as e:  # e.g. out of memory in the driver: this job fails, the stream goes on
+                raise StageFailed("decode", e) from e
+        flight.gathered = (start, time.time())
         return frames
     except StageFailed as e:
         flight.failed = e
@@ -280,7 +291,6 @@ def _collect(executor: Executor, flight: _InFlight) -> np.ndarray | None:
 def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> GenerationResult:
     """Write the video (first: nothing after it may lose it), its contact sheet, and measure."""
     job, r = flight.job, flight.job.request
-    write_start = time.time()
     video = write_mp4(frames, flight.output, fps=r.fps)
     sheet = video.with_suffix(".sheet.png")
     contact_sheet(frames).save(sheet)
@@ -290,9 +300,10 @@ def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> Generat
     reports = {stage: executor.reports(call) for stage, call in calls.items()}
 
     spans = {stage: [min(x["start"] for x in rep), max(x["end"] for x in rep)] for stage, rep in reports.items()}
-    spans["decode"][1] = max(spans["decode"][1], flight.decoded_at)  # blending tiles in the driver is decoding
-    spans["write"] = [write_start, written_at]
+    # The driver's part: taking the frames (or the tiles, and blending them), then writing.
+    spans["write"] = [flight.gathered[0], written_at]
     seconds = {f"{stage}_s": end - begin for stage, (begin, end) in spans.items()}  # encode_s, denoise_s, ...
+    seconds["gather_s"] = flight.gathered[1] - flight.gathered[0]
     ranks, decoders = reports["denoise"], reports["decode"]
     moved = {
         what: call.deliveries * sum(x["output_bytes"] for x in reports[stage]) if executor.crosses_processes else 0
@@ -328,4 +339,5 @@ def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> Generat
         **{f"device_{stage}": device for stage, device in executor.devices().items()},
         "weights": str(job.weights),
     }
-    return GenerationResult(video, sheet, params, metrics, spans, index=flight.index)
+    digest = hashlib.sha256(np.ascontiguousarray(frames)).hexdigest()
+    return GenerationResult(video, sheet, params, metrics, spans, frames_sha256=digest, index=flight.index)

@@ -37,6 +37,7 @@ STAGE_CLASSES: dict[str, type] = {
 }
 ACTOR_START_TIMEOUT_S = float(os.environ.get("FRAMECAST_ACTOR_START_TIMEOUT", 900))
 ACTOR_PING_TIMEOUT_S = 30.0  # an actor that does not answer its progress thread this long is taken for dead
+PROGRESS_ANSWER_S = 1.0  # how long the driver waits for an actor's progress before it goes on
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
@@ -82,7 +83,9 @@ class LocalExecutor:
     """Every stage in this process, one call after another: for debugging and tests."""
 
     name = "local"
+    concurrent = False  # a call returns when its work is done: jobs run one at a time
     crosses_processes = False  # results are passed by reference; nothing is copied between stages
+    decoders = 1
 
     def __init__(self, spec: ModelSpec, weights: Path):
         self.stages = {stage: STAGE_CLASSES[stage](spec, weights) for stage in STAGES}
@@ -131,10 +134,13 @@ class ProgressRelay:
             return
         finished = {pid for pid, (_, _, refs) in followed if not ray.wait(refs, num_returns=len(refs), timeout=0)[1]}
         states = [actor.progress.remote(pid) for pid, (actor, _, _) in followed]
+        answered, _ = ray.wait(states, num_returns=len(states), timeout=PROGRESS_ANSWER_S)
         for (pid, (_, callback, _)), state_ref in zip(followed, states, strict=True):
+            if state_ref not in answered:  # no news this time; never hold the driver up for progress
+                continue
             try:
                 state = ray.get(state_ref)
-            except ray.exceptions.RayActorError:  # the call failed with its actor; `wait` reports it
+            except ray.exceptions.RayError:  # the call failed with its actor; `wait` reports it
                 state, finished = None, finished | {pid}
             if state is not None and state != self._seen.get(pid):
                 self._seen[pid] = state
@@ -166,6 +172,7 @@ class RayExecutor:
     """
 
     name = "ray"
+    concurrent = True  # a call returns at once: stages can work on different jobs at the same time
     crosses_processes = True
 
     def __init__(
@@ -182,6 +189,8 @@ class RayExecutor:
         self.plan = plan_resources(workers=self.layout.world_size, decoders=decoders)
         self.group: ActorGroup | None = None
         self.side: dict[str, list[Any]] = {"encode": [], "decode": []}
+        self.decoders = decoders
+        self.denoiser_down: StageFailed | None = None  # set when a failure tore the denoiser group down
         self.progress = ProgressRelay()
         try:
             # The group's placement group first, so that the side actors never take a GPU that a rank needs.
@@ -218,11 +227,9 @@ class RayExecutor:
         return dict(self._devices)
 
     def actors(self, stage: str) -> list[Any]:
-        if stage != "denoise":
-            return self.side[stage]
-        if not self.group.actors:
-            raise StageFailed(stage, RuntimeError("the denoiser group was shut down after an earlier job failed in it"))
-        return self.group.actors
+        if self.denoiser_down is not None:  # the jobs after it cannot be denoised; say why
+            raise self.denoiser_down
+        return self.group.actors if stage == "denoise" else self.side[stage]
 
     def call(self, stage: str, method: str, *args: Any, progress: ProgressCallback | None = None) -> StageCall:
         actors = self.actors(stage)
@@ -242,35 +249,48 @@ class RayExecutor:
 
         A failure raises StageFailed at once, blamed on the first of `calls` (in the order
         given) that failed: a stage whose input failed fails too, and the blame belongs upstream.
-        The failed stage is made ready for the next job: a denoiser group is torn down (its other
-        ranks would wait in a collective until it times out), dead encoder or decoder actors are
-        replaced.
+        The failed stage is made ready for the next job: dead encoder or decoder actors are
+        replaced (calls already queued on a dead actor fail with it). A denoiser group in which
+        a rank failed is torn down (its other ranks would wait in a collective until it times
+        out), and so are the actors placed in its bundles; every later job fails, saying why.
         """
         try:
             wait_relaying_progress([ref for c in calls for ref in c.values + c.reports], self.progress)
-        except Exception as error:
+        except ray.exceptions.RayError:
+            if self.denoiser_down is not None:
+                raise self.denoiser_down from None
             for call in calls:
                 refs = call.values + call.reports
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 try:
                     ray.get(ready)
-                except Exception as e:
-                    self._recover(call.stage)
-                    raise StageFailed(call.stage, e) from e
-            raise StageFailed(calls[0].stage, error) from error
+                except ray.exceptions.RayError as e:
+                    failed = StageFailed(call.stage, e)
+                    self._recover(failed)
+                    raise failed from e
+            raise
 
-    def _recover(self, stage: str) -> None:
-        if stage == "denoise":
+    def _recover(self, failed: StageFailed) -> None:
+        if failed.stage == "denoise":
             self.group.close()
+            self.denoiser_down = StageFailed(
+                "denoise", RuntimeError(f"the denoiser group was shut down after a job failed in it ({failed})")
+            )
             return
-        for index, actor in enumerate(self.side[stage]):
+        for index, actor in enumerate(self.side[failed.stage]):
             try:
                 ray.get(actor.progress.remote(), timeout=ACTOR_PING_TIMEOUT_S)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                ray.kill(actor)
-                replacement = self._side_actor(stage, index)
+                continue  # alive: the stage raised, its actor is fine
+            except ray.exceptions.RayError:  # died, unreachable, or gone with its placement group
+                pass
+            ray.kill(actor)
+            self.side[failed.stage][index] = replacement = self._side_actor(failed.stage, index)
+            try:
                 ray.get(replacement.start.remote(), timeout=ACTOR_START_TIMEOUT_S)
-                self.side[stage][index] = replacement
+            except ray.exceptions.RayError as e:
+                raise StageFailed(
+                    failed.stage, RuntimeError(f"could not replace its dead actor {index} ({failed}): {e}")
+                ) from e
 
     def get(self, call: StageCall) -> Any:
         """The stage's result, brought to the driver."""

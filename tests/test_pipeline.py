@@ -4,7 +4,6 @@ each job's bytes moved between stages are counted, and a decoder that dies fails
 import json
 import os
 
-import numpy as np
 import pytest
 import ray
 
@@ -61,16 +60,16 @@ def test_stages_of_different_jobs_overlap(runs):
 
 
 def test_pipelined_frames_equal_sequential_frames(runs):
+    """Equal uint8 frames as written (their digests), not only equal MP4s (which are lossy)."""
     for seq, pipe in zip(runs["sequential"], runs["pipelined"], strict=True):
         assert seq.params["prompt"] == pipe.params["prompt"]
-        a, b = read_frames(seq.video), read_frames(pipe.video)
-        assert a.shape == (9, 64, 96, 3) and np.array_equal(a, b)
+        assert len(seq.frames_sha256) == 64 and seq.frames_sha256 == pipe.frames_sha256
+        assert read_frames(pipe.video).shape == (9, 64, 96, 3)
     # Different prompts gave different videos (the jobs did not share a result).
-    first, second = (read_frames(r.video) for r in runs["pipelined"][:2])
-    assert not np.array_equal(first, second)
+    assert len({r.frames_sha256 for r in runs["pipelined"]}) == len(PROMPTS)
 
 
-def test_throughput_gain_and_bytes_moved_are_recorded(runs, stream_jobs):
+def test_bytes_moved_and_decoder_figures_are_recorded(runs, stream_jobs):
     job = stream_jobs[0]
     r = job.request
     for result in runs["pipelined"]:
@@ -84,7 +83,7 @@ def test_throughput_gain_and_bytes_moved_are_recorded(runs, stream_jobs):
         assert m["moved_bytes/tiles"] == 3 * r.num_frames * tile_pixels * 4
         assert "moved_bytes/frames" not in m
         assert m["decode_rank0_tiles"] + m["decode_rank1_tiles"] == len(job.tiles.tiles)
-        assert m["decode_rank0_peak_mib"] > 0 and m["decode_rank1_work_mib"] >= 0
+        assert m["decode_rank0_peak_mib"] > 0 and m["decode_rank1_peak_mib"] > 0
         assert result.params["decoders"] == "2" and result.params["tiling"] == "3x3"
 
 
@@ -150,3 +149,27 @@ def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(tmp_path, capsy
     assert second["job"] == 1 and os.path.isfile(second["video"])
     assert err.strip().splitlines()[-1] == "framecast: error: job 0: decode stage failed: RuntimeError: first job " \
         "cannot be decoded"  # fmt: skip
+
+
+def test_jobs_after_a_denoiser_group_failure_fail_saying_why(ray_session, stream_jobs, tmp_path):
+    """A rank fails during job 0: the group is torn down at once, and the jobs queued behind it
+    fail with a message that says so (not with a bare 'actor died')."""
+    from stages.context_parallel import ParallelLayout
+
+    def broken_forward(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
+        raise RuntimeError("rank 1 lost its GPU")
+
+    jobs = prepare_jobs("tiny", PROMPTS[:3], steps=2, seed=3, ring=2)
+    executor = RayExecutor(jobs[0].spec, jobs[0].weights, ParallelLayout(ring=2))
+    try:
+        ray.get(executor.group.actors[1].call.remote("__setattr__", "_sharded_forward", broken_forward)[0])
+        results = list(run_stream(jobs, executor, [tmp_path / f"{i}.mp4" for i in range(3)]))
+    finally:
+        executor.close()
+    assert all(isinstance(r, JobFailed) for r in results)
+    assert str(results[0].error) == "denoise stage failed: RuntimeError: rank 1 lost its GPU"
+    for later in results[1:]:
+        assert str(later.error) == (
+            "denoise stage failed: RuntimeError: the denoiser group was shut down after a job failed in it "
+            "(denoise stage failed: RuntimeError: rank 1 lost its GPU)"
+        )
