@@ -222,13 +222,17 @@ class DecoderStage:
         z = latents.to(self.device, self.vae.dtype).permute(0, 2, 1, 3, 4)
         return 1 / self.vae.config.scaling_factor * z  # written as diffusers writes it, for bit-equality
 
-    @torch.no_grad()
     def decode_tiles(self, latents: torch.Tensor, plan: TilePlan) -> list[DecodedTile]:
-        """Decode this decoder's share of the plan's tiles; each leaves the device once decoded."""
+        """This decoder's share of the plan's tiles (`plan.share(rank, decoders)`), decoded."""
+        return self._decode_tiles(latents, plan, plan.share(self.rank, self.decoders))
+
+    @torch.no_grad()
+    def _decode_tiles(self, latents: torch.Tensor, plan: TilePlan, indices: list[int]) -> list[DecodedTile]:
+        """Decode the tiles `indices` of the plan; each leaves the device as soon as it is decoded."""
         self._peak_memory.reset()
         z = self._scaled(latents)
         decoded = []
-        for index in plan.share(self.rank, self.decoders):
+        for index in indices:
             t = plan.tiles[index]
             region = z[:, :, :, t.top : t.top + t.height, t.left : t.left + t.width]
             decoded.append(DecodedTile(index, self.vae.decode(region).sample.cpu()))
@@ -237,9 +241,9 @@ class DecoderStage:
 
     @torch.no_grad()
     def decode_float(self, latents: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
-        """Every tile of the plan decoded here: (frames, H, W, 3) float32 in [0, 1], on the CPU."""
+        """Every tile of the plan decoded and blended here: (frames, H, W, 3) float32 in [0, 1], on the CPU."""
         if plan is not None and plan.tiled:
-            return assemble_frames(plan, self.decode_tiles(latents, plan))
+            return assemble_frames(plan, self._decode_tiles(latents, plan, list(range(len(plan.tiles)))))
         self._peak_memory.reset()
         video = self.vae.decode(self._scaled(latents)).sample  # (1, 3, F, H, W) in [-1, 1]
         frames = postprocess(video)

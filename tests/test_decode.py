@@ -67,6 +67,18 @@ def test_tiles_decoded_on_m_actors_equal_diffusers_tiling(ray_session, tiny_spec
             executor.close()
 
 
+def test_a_decoder_of_several_decodes_its_share_or_everything(tiny_spec, tiny_weights):
+    """decode_tiles is this decoder's share; decode (one decoder's whole job) is every tile."""
+    from stages.decoder import DecoderStage
+
+    plan = plan_tiles(tiny_spec, 64, 96, TileSettings(32, 48, 8, 8))
+    second = DecoderStage(tiny_spec, tiny_weights, rank=1, decoders=2)
+    latents = torch.randn(1, 3, 4, 8, 12, generator=torch.Generator().manual_seed(1))
+    assert [t.index for t in second.decode_tiles(latents, plan)] == plan.share(1, 2) != list(range(9))
+    whole = DecoderStage(tiny_spec, tiny_weights).decode(latents, plan)
+    assert (second.decode(latents, plan) == whole).all() and second.last_run_stats()["tiles"] == 9
+
+
 def test_shares_cover_every_tile_once_and_balance_the_area():
     spec = load_spec("cogvideox-2b")
     plan = plan_decode(spec, 480, 720, decoders=3)
