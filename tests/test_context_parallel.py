@@ -211,10 +211,18 @@ def test_ray_executor_with_a_group_equals_local_frames(ray_session, tiny_spec, t
         try:
             encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
             denoised = executor.call("denoise", "denoise", encoded, r)
-            return executor.get(executor.call("decode", "decode_float", denoised))
+            decoded = executor.call("decode", "decode_float", denoised)
+            frames = executor.get(decoded)
+            handed_on.append((encoded.deliveries, denoised.deliveries))  # before the check below fetches them
+            handed_on.append(executor.gather(denoised)[1:])
+            return frames
         finally:
             executor.close()
 
+    handed_on = []
     group = RayExecutor(tiny_spec, tiny_weights, ParallelLayout(ulysses=2))
     assert group.devices() == {"encode": "cpu", "denoise": "cpu", "decode": "cpu"}
     assert (frames(group) - frames(LocalExecutor(tiny_spec, tiny_weights))).abs().max() <= TOL
+    # Embeddings went to both ranks; only rank 0 kept its latents, which went to the decoder
+    # once; rank 1 dropped its copy instead of storing it.
+    assert handed_on[0] == (2, 1) and handed_on[1] == [None]
