@@ -78,13 +78,9 @@ def _generate_parser(sub) -> None:
 def _pixels(text: str) -> tuple[int, int]:
     """'240x360' -> (240, 360); '64' -> (64, 64)."""
     parts = text.lower().split("x")
-    try:
-        height, width = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
-    except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 240x360 (got {text!r})") from None
-    if len(parts) > 2:
+    if len(parts) > 2 or not all(part.isdigit() for part in parts):
         raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 240x360 (got {text!r})")
-    return height, width
+    return int(parts[0]), int(parts[-1])
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -186,34 +182,10 @@ def _generate(args: argparse.Namespace, out=None) -> int:
                 failures.append(result)
                 if len(jobs) > 1:  # now, above the progress bar; all failures are listed again at the end
                     tqdm.write(f"job {result.index} failed: {_first_line(result.error)}", file=sys.stderr)
-                if args.json:
-                    print(json.dumps(result.as_json()), file=out, flush=True)
-                continue
-            job = jobs[result.index]
-            try:
-                result.run_id = log_generation(
-                    params=result.params,
-                    metrics=result.metrics,
-                    artifacts=[result.video, result.contact_sheet],
-                    config_text=job.resolved_config(),
-                    experiment=args.experiment,
-                    tracking_uri=tracking_uri,
-                    run_name=f"{job.spec.name}-seed{job.request.seed}",
-                )
-            except Exception as e:  # the video is already written; say so and fail the command
-                result.tracking_error = f"{type(e).__name__}: {e}".splitlines()[0]
-                tracking_failed = True
-                print(
-                    f"framecast: error: tracking failed, video kept at {result.video}: {result.tracking_error}",
-                    file=sys.stderr,
-                )
-            if args.json:
-                print(json.dumps(result.as_json()), file=out, flush=True)  # one line per job, as each is done
             else:
-                print(f"video: {result.video}")
-                print(f"contact sheet: {result.contact_sheet}")
-                if result.run_id:
-                    print(f"mlflow run: {result.run_id} (experiment {args.experiment!r} in {tracking_uri})")
+                _track(result, jobs[result.index], len(jobs), args, tracking_uri)
+                tracking_failed |= result.tracking_error is not None
+            _print_result(result, args, tracking_uri, out)
     except InvalidRequest as e:  # what only the running cluster can tell, e.g. too few GPUs for the layout
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -228,6 +200,39 @@ def _generate(args: argparse.Namespace, out=None) -> int:
     if failures:
         return EXIT_FAILED
     return EXIT_TRACKING_FAILED if tracking_failed else 0
+
+
+def _track(result, job, jobs: int, args: argparse.Namespace, tracking_uri: str) -> None:
+    """Record a written video's run in MLflow. A failure is kept on the result and said at once:
+    the video is already written."""
+    name = f"{job.spec.name}-seed{job.request.seed}" + (f"-job{result.index}" if jobs > 1 else "")
+    try:
+        result.run_id = log_generation(
+            params=result.params,
+            metrics=result.metrics,
+            artifacts=[result.video, result.contact_sheet],
+            config_text=job.resolved_config(),
+            experiment=args.experiment,
+            tracking_uri=tracking_uri,
+            run_name=name,
+        )
+    except Exception as e:
+        result.tracking_error = f"{type(e).__name__}: {e}".splitlines()[0]
+        print(
+            f"framecast: error: tracking failed, video kept at {result.video}: {result.tracking_error}", file=sys.stderr
+        )
+
+
+def _print_result(result, args: argparse.Namespace, tracking_uri: str, out) -> None:
+    from cluster.driver import GenerationResult
+
+    if args.json:  # one line per job, as each is done; a failed job's line says why
+        print(json.dumps(result.as_json()), file=out, flush=True)
+    elif isinstance(result, GenerationResult):  # failures are listed on stderr at the end
+        print(f"video: {result.video}")
+        print(f"contact sheet: {result.contact_sheet}")
+        if result.run_id:
+            print(f"mlflow run: {result.run_id} (experiment {args.experiment!r} in {tracking_uri})")
 
 
 def main(argv: list[str] | None = None) -> int:

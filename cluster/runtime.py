@@ -85,20 +85,17 @@ def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1, de
         return ResourcePlan(side, (side,) * decoders, rank, bundle={"CPU": share})
     if gpus < workers:
         raise InvalidRequest(f"--workers {workers} needs {workers} GPUs (one per rank); the Ray cluster has {gpus}")
-    side, spare = 1 + decoders, gpus - workers
-    if spare >= side:
-        return ResourcePlan(
-            ActorResources(1.0, 0, {}), (ActorResources(1.0, 0, {}),) * decoders, ActorResources(1.0, 0, {}),
-            bundle={"GPU": 1.0},
-        )  # fmt: skip
-    if spare >= 1:  # the side actors share the spare GPUs, as many on each
-        each = ActorResources(num_gpus=_share(1.0, math.ceil(side / spare)), num_cpus=0, env={})
-        return ResourcePlan(each, (each,) * decoders, ActorResources(1.0, 0, {}), bundle={"GPU": 1.0})
-    each = _share(SIDE_SHARE, math.ceil(side / workers))  # side actors per bundle
-    beside = [ActorResources(num_gpus=each, num_cpus=0, env={}, beside_rank=i % workers) for i in range(side)]
-    return ResourcePlan(
-        beside[0], tuple(beside[1:]), ActorResources(RANK_SHARE_WHEN_SHARED, 0, {}), bundle={"GPU": 1.0}
-    )
+    count, spare = 1 + decoders, gpus - workers  # the side actors: the encoder and the decoders
+    rank = ActorResources(num_gpus=1.0, num_cpus=0, env={})
+    if spare >= count:
+        side = [ActorResources(num_gpus=1.0, num_cpus=0, env={})] * count
+    elif spare >= 1:  # they share the spare GPUs, as many on each
+        side = [ActorResources(num_gpus=_share(1.0, math.ceil(count / spare)), num_cpus=0, env={})] * count
+    else:  # in the ranks' bundles, as many beside each rank
+        each = _share(SIDE_SHARE, math.ceil(count / workers))
+        side = [ActorResources(num_gpus=each, num_cpus=0, env={}, beside_rank=i % workers) for i in range(count)]
+        rank = ActorResources(num_gpus=RANK_SHARE_WHEN_SHARED, num_cpus=0, env={})
+    return ResourcePlan(side[0], tuple(side[1:]), rank, bundle={"GPU": 1.0})
 
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
