@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from cluster.process_group import COLLECTIVE_TIMEOUT_S, ActorGroup
 from cluster.runtime import STAGES, ClusterLayout, load_cluster_layout, plan_resources
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
-from stages.denoiser import DenoiserStage
+from stages.denoiser import DenoiserStage, StepCallback
 from stages.models import ModelSpec
 from stages.text_encoder import TextEncoderStage
 
@@ -38,7 +37,6 @@ STAGE_CLASSES: dict[str, type] = {
 ACTOR_START_TIMEOUT_S = float(os.environ.get("FRAMECAST_ACTOR_START_TIMEOUT", 900))
 ACTOR_PING_TIMEOUT_S = 30.0  # an actor that does not answer its progress thread this long is taken for dead
 PROGRESS_ANSWER_S = 1.0  # how long the driver waits for an actor's progress before it goes on
-ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
 class StageFailed(RuntimeError):
@@ -93,7 +91,7 @@ class LocalExecutor:
     def devices(self) -> dict[str, str]:
         return {stage: s.describe() for stage, s in self.stages.items()}
 
-    def call(self, stage: str, method: str, *args: Any, progress: ProgressCallback | None = None) -> StageCall:
+    def call(self, stage: str, method: str, *args: Any, progress: StepCallback | None = None) -> StageCall:
         kwargs = {"on_step": progress} if progress else {}
         try:
             value, report = run_stage_method(self.stages[stage], method, _results(args, 0), kwargs)
@@ -121,10 +119,10 @@ class ProgressRelay:
     """Step progress of calls running in actors, relayed to callbacks in the driver while it waits."""
 
     def __init__(self):
-        self._followed: dict[str, tuple[Any, ProgressCallback, list[ray.ObjectRef]]] = {}
+        self._followed: dict[str, tuple[Any, StepCallback, list[ray.ObjectRef]]] = {}
         self._seen: dict[str, tuple[int, int]] = {}
 
-    def follow(self, actor, progress_id: str, callback: ProgressCallback, refs: list[ray.ObjectRef]) -> None:
+    def follow(self, actor, progress_id: str, callback: StepCallback, refs: list[ray.ObjectRef]) -> None:
         """Relay `actor`'s progress for call `progress_id` until `refs` (the call's results) are ready."""
         self._followed[progress_id] = (actor, callback, refs)
 
@@ -231,7 +229,7 @@ class RayExecutor:
             raise self.denoiser_down
         return self.group.actors if stage == "denoise" else self.side[stage]
 
-    def call(self, stage: str, method: str, *args: Any, progress: ProgressCallback | None = None) -> StageCall:
+    def call(self, stage: str, method: str, *args: Any, progress: StepCallback | None = None) -> StageCall:
         actors = self.actors(stage)
         args = _results(args, len(actors))
         progress_id = uuid.uuid4().hex if progress is not None else None
