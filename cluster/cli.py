@@ -7,17 +7,19 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import mlflow
 from tqdm import tqdm
 
-from cluster.tracking import DEFAULT_EXPERIMENT, log_generation
+from cluster.tracking import DEFAULT_EXPERIMENT, log_run
 from stages.errors import InvalidRequest
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
-EXIT_TRACKING_FAILED = 3
+EXIT_INCOMPLETE = 3  # the video is written, but measuring or tracking it failed
 
 
 def _generate_parser(sub) -> None:
@@ -39,12 +41,7 @@ def _generate_parser(sub) -> None:
         "--output-dir", type=Path, default=Path("outputs"), help="where videos go without --output (default: outputs)"
     )
     p.add_argument("--weights", default=None, help="local diffusers directory of the model's weights")
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's own default store in this directory)",
-    )
+    _tracking_options(p)
     p.add_argument(
         "--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)"
     )
@@ -73,6 +70,45 @@ def _generate_parser(sub) -> None:
         "--sequential", action="store_true", help="run several prompts one after another instead of pipelined"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+
+
+def _tracking_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's own default store in this directory)",
+    )
+
+
+def _clarity_parser(sub) -> None:
+    p = sub.add_parser(
+        "clarity", help="the clarity panel of any video: sharpness, blur, noise, flicker, motion, warping error"
+    )
+    p.add_argument("video", type=Path, help="a video file ffmpeg can read (MP4 or other)")
+    p.add_argument("--reference", type=Path, default=None, help="a video of the same size and length: PSNR, SSIM")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--csv", type=Path, default=None, help="write the per-frame series to this CSV file")
+    p.add_argument(
+        "--sheet", type=Path, default=None, help="write a contact sheet marking the sharpest and blurriest frames"
+    )
+    p.add_argument(
+        "--log-to-mlflow", action="store_true", help="record the figures, the series and a contact sheet as a run"
+    )
+    _tracking_options(p)
+
+
+def _frames_parser(sub) -> None:
+    p = sub.add_parser("frames", help="extract one frame of a video as an image")
+    p.add_argument("video", type=Path)
+    p.add_argument("--index", type=int, required=True, help="the frame, counted from 0")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="image path, e.g. frame8.png (default: <video>.frame<index>.png)",
+    )
 
 
 def _pixels(text: str) -> tuple[int, int]:
@@ -175,7 +211,7 @@ def _generate(args: argparse.Namespace, out=None) -> int:
         return EXIT_INVALID
 
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
-    failures, tracking_failed = [], False
+    failures, incomplete = [], False
     try:
         for result in _stream(jobs, args):
             if isinstance(result, JobFailed):
@@ -183,8 +219,13 @@ def _generate(args: argparse.Namespace, out=None) -> int:
                 if len(jobs) > 1:  # now, above the progress bar; all failures are listed again at the end
                     tqdm.write(f"job {result.index} failed: {_first_line(result.error)}", file=sys.stderr)
             else:
+                if result.clarity_error:
+                    tqdm.write(
+                        f"framecast: error: clarity failed, video kept at {result.video}: {result.clarity_error}",
+                        file=sys.stderr,
+                    )
                 _track(result, jobs[result.index], len(jobs), args, tracking_uri)
-                tracking_failed |= result.tracking_error is not None
+                incomplete |= result.tracking_error is not None or result.clarity_error is not None
             _print_result(result, args, tracking_uri, out)
     except InvalidRequest as e:  # what only the running cluster can tell, e.g. too few GPUs for the layout
         print(f"framecast: error: {e}", file=sys.stderr)
@@ -199,7 +240,7 @@ def _generate(args: argparse.Namespace, out=None) -> int:
         print(f"framecast: error: {job}{_first_line(failure.error)}", file=sys.stderr)
     if failures:
         return EXIT_FAILED
-    return EXIT_TRACKING_FAILED if tracking_failed else 0
+    return EXIT_INCOMPLETE if incomplete else 0
 
 
 def _track(result, job, jobs: int, args: argparse.Namespace, tracking_uri: str) -> None:
@@ -207,11 +248,12 @@ def _track(result, job, jobs: int, args: argparse.Namespace, tracking_uri: str) 
     the video is already written."""
     name = f"{job.spec.name}-seed{job.request.seed}" + (f"-job{result.index}" if jobs > 1 else "")
     try:
-        result.run_id = log_generation(
+        result.run_id = log_run(
             params=result.params,
             metrics=result.metrics,
-            artifacts=[result.video, result.contact_sheet],
-            config_text=job.resolved_config(),
+            artifacts=result.artifacts(),
+            texts={"config.yaml": job.resolved_config()},
+            tags={"framecast.clarity_error": result.clarity_error} if result.clarity_error else None,
             experiment=args.experiment,
             tracking_uri=tracking_uri,
             run_name=name,
@@ -231,16 +273,112 @@ def _print_result(result, args: argparse.Namespace, tracking_uri: str, out) -> N
     elif isinstance(result, GenerationResult):  # failures are listed on stderr at the end
         print(f"video: {result.video}")
         print(f"contact sheet: {result.contact_sheet}")
+        if result.clarity_csv:
+            print(f"clarity per frame: {result.clarity_csv}")
         if result.run_id:
             print(f"mlflow run: {result.run_id} (experiment {args.experiment!r} in {tracking_uri})")
+
+
+def cmd_clarity(args: argparse.Namespace) -> int:
+    """Measure a video (in this process), print the table or JSON, write and log what was asked."""
+    from stages.clarity import METRICS, measure
+    from stages.video_io import DecodedVideo, contact_sheet
+
+    try:
+        _check_image_path(args.sheet, "--sheet")
+        started = time.perf_counter()
+        video = DecodedVideo.read(args.video)
+        reference = DecodedVideo.read(args.reference, planes=("y",)) if args.reference else None
+        report = measure(video, reference)
+        report.seconds = time.perf_counter() - started
+    except InvalidRequest as e:
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps({"video": str(args.video), "reference": args.reference and str(args.reference),
+                          **report.as_json()}))  # fmt: skip
+    else:
+        _print_clarity_table(args.video, report, METRICS)
+    with tempfile.TemporaryDirectory(prefix="framecast-clarity-") as scratch:
+        csv_path = args.csv or (Path(scratch) / f"{args.video.stem}.clarity.csv" if args.log_to_mlflow else None)
+        sheet_path = args.sheet or (Path(scratch) / f"{args.video.stem}.sheet.png" if args.log_to_mlflow else None)
+        if csv_path:
+            csv_path.write_text(report.csv_text())
+        if sheet_path:
+            contact_sheet(video.rgb, marks=report.marks()).save(sheet_path)
+        if not args.log_to_mlflow:
+            return 0
+        tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
+        try:
+            run_id = log_run(
+                kind="clarity",
+                params={
+                    "video": str(args.video.resolve()),
+                    "reference": str(args.reference.resolve()) if args.reference else "",
+                    "frames": str(report.frames),
+                    "height": str(report.height),
+                    "width": str(report.width),
+                    "fps": f"{report.fps:g}",
+                },
+                metrics={**report.metrics(), "measure_s": report.seconds},
+                artifacts=[csv_path, sheet_path],
+                experiment=args.experiment,
+                tracking_uri=tracking_uri,
+                run_name=f"clarity-{args.video.stem}",
+            )
+        except Exception as e:
+            print(f"framecast: error: tracking failed: {_first_line(e)}", file=sys.stderr)
+            return EXIT_INCOMPLETE
+    print(f"mlflow run: {run_id} (experiment {args.experiment!r} in {tracking_uri})", file=sys.stderr)
+    return 0
+
+
+def _print_clarity_table(video: Path, report, descriptions: dict[str, str]) -> None:
+    size = f"{report.width}x{report.height}"
+    print(f"{video}: {report.frames} frames, {size}, {report.fps:g} fps (measured in {report.seconds:.2f} s)")
+    for key, value in report.summary.items():
+        print(f"  {key:<28} {value:>12.6g}   {descriptions[key]}")
+    print(f"  sharpest frame #{report.sharpest}, blurriest frame #{report.blurriest} (by sharpness_laplacian_var)")
+
+
+def _check_image_path(path: Path | None, option: str) -> None:
+    """Refuse an image path PIL cannot write, before any work."""
+    from PIL import Image
+
+    if path is None:
+        return
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if path.suffix.lower() not in writable:
+        allowed = ", ".join(sorted(e for e in writable if e in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tiff"}))
+        raise InvalidRequest(f"{option} {path}: cannot write images of type {path.suffix or '(none)'!r}; use {allowed}")
+
+
+def cmd_frames(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from stages.video_io import read_frame
+
+    output = args.output or Path(f"{args.video.stem}.frame{args.index}.png")
+    try:
+        _check_image_path(output, "-o")
+        frame = read_frame(args.video, args.index)
+    except InvalidRequest as e:
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(frame).save(output)
+    print(output)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="framecast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _clarity_parser(sub)
+    _frames_parser(sub)
     args = parser.parse_args(argv)
-    return {"generate": cmd_generate}[args.command](args)
+    return {"generate": cmd_generate, "clarity": cmd_clarity, "frames": cmd_frames}[args.command](args)
 
 
 if __name__ == "__main__":

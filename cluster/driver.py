@@ -1,6 +1,6 @@
 """The driver: generations, top to bottom.
 
-    request -> encode -> denoise -> decode -> write MP4 -> measure -> (caller) track
+    request -> encode -> denoise -> decode -> write MP4 -> measure clarity -> (caller) track
 
 Validation happens first, for every job, before any model is loaded. Then the jobs run as a
 stream: with Ray each stage works on a different job at the same time (`run_stream`). The driver
@@ -23,7 +23,7 @@ import yaml
 
 from cluster.executor import LocalExecutor, RayExecutor, StageCall, StageFailed
 from cluster.runtime import ClusterLayout, load_cluster_layout
-from stages.clarity import clarity_summary
+from stages.clarity import ClarityReport
 from stages.context_parallel import ParallelLayout
 from stages.decoder import TilePlan, assemble_frames, plan_decode, to_uint8
 from stages.denoiser import plan_layout
@@ -72,12 +72,17 @@ class GenerationResult:
     video: Path
     contact_sheet: Path
     params: dict[str, str]
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # timings, memory, bytes moved, and the clarity summary (clarity/...)
     stages: dict[str, list[float]]  # stage -> [start, end], wall-clock seconds since the epoch
     frames_sha256: str = ""  # of the uint8 frames as written: equal frames, equal digest
     index: int = 0  # the job's place in its stream
+    clarity_csv: Path | None = None  # the per-frame clarity series
+    clarity_error: str | None = None  # why the video has no clarity figures (it is written all the same)
     run_id: str | None = None
     tracking_error: str | None = None
+
+    def artifacts(self) -> list[Path]:
+        return [self.video, self.contact_sheet] + ([self.clarity_csv] if self.clarity_csv else [])
 
     def as_json(self) -> dict:
         return {
@@ -85,6 +90,8 @@ class GenerationResult:
             "prompt": self.params["prompt"],
             "video": str(self.video),
             "contact_sheet": str(self.contact_sheet),
+            "clarity_csv": str(self.clarity_csv) if self.clarity_csv else None,
+            "clarity_error": self.clarity_error,
             "run_id": self.run_id,
             "tracking_error": self.tracking_error,
             "params": self.params,
@@ -289,20 +296,36 @@ def _collect(executor: Executor, flight: _InFlight) -> np.ndarray | None:
 
 
 def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> GenerationResult:
-    """Write the video (first: nothing after it may lose it), its contact sheet, and measure."""
+    """Write the video (first: nothing after it may lose it), measure its clarity in the panel's
+    own actor, then draw its contact sheet (marking the sharpest and blurriest frames) and
+    write the per-frame clarity series beside it."""
     job, r = flight.job, flight.job.request
     video = write_mp4(frames, flight.output, fps=r.fps)
-    sheet = video.with_suffix(".sheet.png")
-    contact_sheet(frames).save(sheet)
     written_at = time.time()
+    mp4 = video.read_bytes()
+    clarity: ClarityReport | None = None
+    clarity_error, measured = None, None
+    try:
+        measured = executor.call("measure", "measure", mp4)
+        clarity = executor.get(measured)
+    except StageFailed as e:  # the video stands without its figures; the caller says so
+        clarity_error = str(e)
+    sheet = video.with_suffix(".sheet.png")
+    contact_sheet(frames, marks=clarity.marks() if clarity else None).save(sheet)
+    series = None
+    if clarity is not None:
+        series = video.with_suffix(".clarity.csv")
+        series.write_text(clarity.csv_text())
 
     calls = {"encode": flight.encoded, "denoise": flight.denoised, "decode": flight.decoded}
+    if clarity is not None:
+        calls["measure"] = measured
     reports = {stage: executor.reports(call) for stage, call in calls.items()}
 
     spans = {stage: [min(x["start"] for x in rep), max(x["end"] for x in rep)] for stage, rep in reports.items()}
     # The driver's part: taking the frames (or the tiles, and blending them), then writing.
     spans["write"] = [flight.gathered[0], written_at]
-    seconds = {f"{stage}_s": end - begin for stage, (begin, end) in spans.items()}  # encode_s, denoise_s, ...
+    seconds = {f"{stage}_s": end - begin for stage, (begin, end) in spans.items()}  # encode_s, ..., measure_s
     seconds["gather_s"] = flight.gathered[1] - flight.gathered[0]
     ranks, decoders = reports["denoise"], reports["decode"]
     moved = {
@@ -313,9 +336,10 @@ def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> Generat
             ("tiles" if job.decoders > 1 else "frames", "decode", flight.decoded),
         )
     }
+    moved["video"] = len(mp4) if executor.crosses_processes and measured is not None else 0  # to the panel
     metrics = {
         **seconds,
-        "total_s": written_at - flight.submitted,
+        "total_s": written_at - flight.submitted,  # until the video is written
         "s_per_step": seconds["denoise_s"] / r.steps,
         "denoise_peak_mib": max(rank["peak_memory_mib"] for rank in ranks),
         **{f"denoise_rank{i}_peak_mib": rank["peak_memory_mib"] for i, rank in enumerate(ranks)},
@@ -325,7 +349,7 @@ def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> Generat
         **{f"decode_rank{i}_work_mib": d["work_memory_mib"] for i, d in enumerate(decoders)},
         **{f"decode_rank{i}_tiles": d["tiles"] for i, d in enumerate(decoders)},
         **{f"moved_bytes/{what}": float(n) for what, n in moved.items()},
-        **clarity_summary(frames),
+        **(clarity.metrics() if clarity else {}),
     }
     params = {
         "model": job.spec.name,
@@ -340,4 +364,6 @@ def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> Generat
         "weights": str(job.weights),
     }
     digest = hashlib.sha256(np.ascontiguousarray(frames)).hexdigest()
-    return GenerationResult(video, sheet, params, metrics, spans, frames_sha256=digest, index=flight.index)
+    return GenerationResult(
+        video, sheet, params, metrics, spans, digest, flight.index, clarity_csv=series, clarity_error=clarity_error
+    )

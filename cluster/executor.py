@@ -22,14 +22,15 @@ import ray
 
 from cluster.actors import run_stage_method
 from cluster.process_group import COLLECTIVE_TIMEOUT_S, ActorGroup
-from cluster.runtime import STAGES, ClusterLayout, load_cluster_layout, plan_resources
+from cluster.runtime import ClusterLayout, load_cluster_layout, plan_resources
+from stages.clarity import ClarityStage
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
 from stages.denoiser import DenoiserStage, StepCallback
 from stages.models import ModelSpec
 from stages.text_encoder import TextEncoderStage
 
-STAGE_CLASSES: dict[str, type] = {
+MODEL_STAGES: dict[str, type] = {  # built from the model's spec and weights
     "encode": TextEncoderStage,
     "denoise": DenoiserStage,
     "decode": DecoderStage,
@@ -86,7 +87,8 @@ class LocalExecutor:
     decoders = 1
 
     def __init__(self, spec: ModelSpec, weights: Path):
-        self.stages = {stage: STAGE_CLASSES[stage](spec, weights) for stage in STAGES}
+        self.stages = {stage: cls(spec, weights) for stage, cls in MODEL_STAGES.items()}
+        self.stages["measure"] = ClarityStage()
 
     def devices(self) -> dict[str, str]:
         return {stage: s.describe() for stage, s in self.stages.items()}
@@ -162,7 +164,8 @@ def wait_relaying_progress(refs: list[ray.ObjectRef], relay: ProgressRelay, poll
 
 class RayExecutor:
     """The encoder in an actor, the decoders in one actor each, the denoiser as a group of
-    `layout.world_size` ranks.
+    `layout.world_size` ranks, and the clarity panel in an actor of its own (on CPU cores, so
+    that measuring a finished video never holds up a GPU stage).
 
     As vLLM's executor does with its workers, the driver calls a stage's method and the call
     goes to every actor of the stage: the denoiser ranks work on the same video together (rank
@@ -186,7 +189,7 @@ class RayExecutor:
         self.cluster_layout = cluster_layout or load_cluster_layout("single-node")
         self.plan = plan_resources(workers=self.layout.world_size, decoders=decoders)
         self.group: ActorGroup | None = None
-        self.side: dict[str, list[Any]] = {"encode": [], "decode": []}
+        self.side: dict[str, list[Any]] = {"encode": [], "decode": [], "measure": []}
         self.decoders = decoders
         self.denoiser_down: StageFailed | None = None  # set when a failure tore the denoiser group down
         self.progress = ProgressRelay()
@@ -202,8 +205,11 @@ class RayExecutor:
             )
             self.side["encode"] = [self._side_actor("encode", 0)]
             self.side["decode"] = [self._side_actor("decode", d) for d in range(decoders)]
-            side = self.side["encode"] + self.side["decode"]
-            started = ray.get([a.start.remote() for a in side] + self.group.start(), timeout=ACTOR_START_TIMEOUT_S)
+            self.side["measure"] = [self._side_actor("measure", 0)]
+            first = {stage: actors[0] for stage, actors in self.side.items()} | {"denoise": self.group.actors[0]}
+            others = [a for actors in self.side.values() for a in actors[1:]] + self.group.actors[1:]
+            starting = {stage: actor.start.remote() for stage, actor in first.items()}
+            ray.get(list(starting.values()) + [a.start.remote() for a in others], timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise RuntimeError(
@@ -213,11 +219,13 @@ class RayExecutor:
         except BaseException:
             self.close()
             raise
-        self._devices = {"encode": started[0], "denoise": started[len(side)], "decode": started[1]}
+        self._devices = {stage: ray.get(ref) for stage, ref in starting.items()}
 
     def _side_actor(self, stage: str, index: int):
         if stage == "encode":
             return self.group.side_actor(self.plan.encode, TextEncoderStage, self.spec, self.weights)
+        if stage == "measure":
+            return self.group.side_actor(self.plan.measure, ClarityStage)
         kwargs = {"rank": index, "decoders": len(self.plan.decode)}
         return self.group.side_actor(self.plan.decode[index], DecoderStage, self.spec, self.weights, **kwargs)
 

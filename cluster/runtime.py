@@ -13,8 +13,6 @@ import yaml
 from stages.errors import InvalidRequest
 from stages.models import CONFIG_DIR
 
-STAGES = ("encode", "denoise", "decode")
-
 
 def connect(address: str | None = None, quiet: bool = False) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS); otherwise start an embedded local Ray."""
@@ -40,18 +38,23 @@ class ActorResources:
 
 @dataclass(frozen=True)
 class ResourcePlan:
-    """What each stage actor asks of Ray: the encoder, each decoder, and each denoiser rank."""
+    """What each stage actor asks of Ray: the encoder, each decoder, each denoiser rank, and the
+    clarity panel (`measure`, CPU only)."""
 
     encode: ActorResources
     decode: tuple[ActorResources, ...]  # one per decoder
     denoise: ActorResources  # each rank of the denoiser group
     bundle: dict[str, float]  # the placement-group bundle of one denoiser rank
+    measure: ActorResources
 
 
 # With as many GPUs as denoiser ranks and none spare, the encoder and decoders live beside the
 # ranks on their GPUs: a rank takes 0.8 of its bundle's GPU and leaves 0.2 to the side actors.
 RANK_SHARE_WHEN_SHARED = 0.8
 SIDE_SHARE = 0.2
+# The clarity panel runs on CPU cores beside the GPUs: its budget (bench/clarity.py) is 5 s for a
+# 49-frame 480x720 video on 2 cores.
+MEASURE_CPUS = 2
 
 
 def _share(total: float, count: int) -> float:
@@ -66,6 +69,7 @@ def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1, de
     group). The encoder and the decoders (the side actors) get a GPU each when enough are spare,
     share the spare GPUs evenly when fewer are, and otherwise live beside the ranks in their
     bundles (the encoder beside rank 0, decoder d beside rank d+1, wrapping round).
+    The clarity panel (`measure`) asks for no GPU: MEASURE_CPUS cores with GPUs.
     Without GPUs the ranks split the cores (a CPU share each, for placement); the side actors
     ask for no CPU, and every stage process gets an equal number of threads. (Single node for
     CPU: the thread count is the cluster's CPU count.)
@@ -79,10 +83,11 @@ def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1, de
         # slice of the cores, and OpenMP threads sleep rather than spin when they wait: spinning
         # threads of one process take the cores another needs. (Measured on 2 cores, a stream of
         # 4 tiny jobs: 2 threads per process made it 2.4x slower than 1 each.)
-        threads = {"OMP_NUM_THREADS": str(max(1, cpus // (workers + 1 + decoders))), "OMP_WAIT_POLICY": "PASSIVE"}
+        processes = workers + 1 + decoders + 1  # the ranks, the encoder, the decoders, the panel
+        threads = {"OMP_NUM_THREADS": str(max(1, cpus // processes)), "OMP_WAIT_POLICY": "PASSIVE"}
         rank = ActorResources(num_gpus=0, num_cpus=share, env=threads)
         side = ActorResources(num_gpus=0, num_cpus=0, env=threads)
-        return ResourcePlan(side, (side,) * decoders, rank, bundle={"CPU": share})
+        return ResourcePlan(side, (side,) * decoders, rank, bundle={"CPU": share}, measure=side)
     if gpus < workers:
         raise InvalidRequest(f"--workers {workers} needs {workers} GPUs (one per rank); the Ray cluster has {gpus}")
     count, spare = 1 + decoders, gpus - workers  # the side actors: the encoder and the decoders
@@ -95,7 +100,9 @@ def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1, de
         each = _share(SIDE_SHARE, math.ceil(count / workers))
         side = [ActorResources(num_gpus=each, num_cpus=0, env={}, beside_rank=i % workers) for i in range(count)]
         rank = ActorResources(num_gpus=RANK_SHARE_WHEN_SHARED, num_cpus=0, env={})
-    return ResourcePlan(side[0], tuple(side[1:]), rank, bundle={"GPU": 1.0})
+    panel_cpus = min(MEASURE_CPUS, cpus)
+    measure = ActorResources(num_gpus=0, num_cpus=panel_cpus, env={"OMP_NUM_THREADS": str(panel_cpus)})
+    return ResourcePlan(side[0], tuple(side[1:]), rank, bundle={"GPU": 1.0}, measure=measure)
 
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")

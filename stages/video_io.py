@@ -1,13 +1,22 @@
-"""Video I/O: MP4 (H.264, yuv420p) through imageio and the ffmpeg that imageio-ffmpeg ships; contact sheets."""
+"""Video I/O: MP4 (H.264, yuv420p) through imageio and the ffmpeg that imageio-ffmpeg ships; contact sheets.
+
+Reading goes through the same ffmpeg, so any video it can decode is read the same way, and a
+figure measured here can be checked with that ffmpeg binary (`imageio_ffmpeg.get_ffmpeg_exe()`).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v2 as imageio
+import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageDraw
+
+from stages.errors import InvalidRequest
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> Path:
@@ -42,18 +51,129 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> 
 
 
 def read_frames(path: str | Path) -> np.ndarray:
-    """All frames of a video as (frames, H, W, 3) uint8."""
-    reader = imageio.get_reader(path, format="FFMPEG")
+    """All frames of a video as (frames, H, W, 3) uint8 RGB."""
+    return DecodedVideo.read(path, planes=("rgb",)).rgb
+
+
+@dataclass
+class DecodedVideo:
+    """A video as ffmpeg decodes it: its luma plane and/or its RGB frames, and its frame rate."""
+
+    path: str
+    fps: float
+    y: np.ndarray | None = None  # (frames, H, W) uint8: the decoded Y plane, untouched
+    rgb: np.ndarray | None = None  # (frames, H, W, 3) uint8: ffmpeg's conversion to RGB
+
+    @property
+    def frames(self) -> int:
+        return len(self.y if self.y is not None else self.rgb)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)"""
+        return (self.y if self.y is not None else self.rgb).shape[1:3]
+
+    @classmethod
+    def read(cls, path: str | Path, planes: tuple[str, ...] = ("y", "rgb")) -> DecodedVideo:
+        """Decode every frame; InvalidRequest names the problem if `path` is no readable video
+        or has no frames.
+
+        "y" is the decoded Y plane as stored, the plane ffmpeg's own signalstats, psnr and ssim
+        filters read. (It is taken with ffmpeg's extractplanes filter: asking ffmpeg for gray
+        output instead would stretch limited-range luma, 16-235, to 0-255.)
+        """
+        video = cls(str(path), fps=0.0)
+        for plane in planes:
+            pix_fmt, channels, filters = {"y": ("gray", 1, ["-vf", "extractplanes=y"]), "rgb": ("rgb24", 3, None)}[
+                plane
+            ]
+            fps, frames = _decode(path, pix_fmt, channels, filters)
+            video.fps = fps
+            setattr(video, plane, frames[..., 0] if channels == 1 else frames)
+        return video
+
+
+def _decode(path: str | Path, pix_fmt: str, channels: int, filters: list[str] | None) -> tuple[float, np.ndarray]:
+    fps, frames = _open(path, pix_fmt, channels, filters)
+    decoded = list(frames)
+    if not decoded:
+        raise InvalidRequest(f"{path}: the video has no frames")
+    return fps, np.stack(decoded)
+
+
+def read_frame(path: str | Path, index: int) -> np.ndarray:
+    """Frame `index` (0-based) as (H, W, 3) uint8 RGB, decoding no further than it."""
+    if index < 0:
+        raise InvalidRequest(f"frame index {index}: frames are numbered from 0")
+    _, frames = _open(path, "rgb24", 3)
+    count = 0
     try:
-        return np.stack([np.asarray(f) for f in reader])
+        for count, frame in enumerate(frames, 1):  # noqa: B007 (count is the frames seen)
+            if count == index + 1:
+                return frame
     finally:
-        reader.close()
+        frames.close()
+    raise InvalidRequest(f"{path} has {count} frames (0 to {count - 1}); there is no frame {index}")
 
 
-def contact_sheet(frames: np.ndarray, max_frames: int = 16, columns: int = 4, min_width: int = 160) -> Image.Image:
-    """A grid of evenly spaced frames, each labelled with its 0-based index."""
+def _open(
+    path: str | Path, pix_fmt: str, channels: int, filters: list[str] | None = None
+) -> tuple[float, Iterator[np.ndarray]]:
+    """The frame rate of `path` and an iterator over its frames as ffmpeg decodes them (closing
+    the iterator stops ffmpeg)."""
+    if not Path(path).is_file():
+        raise InvalidRequest(f"{path}: no such file")
+    try:
+        reader = imageio_ffmpeg.read_frames(
+            str(path), pix_fmt=pix_fmt, bits_per_pixel=8 * channels, output_params=filters
+        )
+        meta = next(reader)
+    except (OSError, RuntimeError, StopIteration) as e:
+        raise InvalidRequest(f"{path}: not a video ffmpeg can read ({_ffmpeg_reason(e)})") from None
+    width, height = meta["size"]
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            for raw in reader:
+                yield np.frombuffer(raw, np.uint8).reshape(height, width, channels)
+        except (OSError, RuntimeError) as e:
+            raise InvalidRequest(f"{path}: ffmpeg failed while decoding it ({_ffmpeg_reason(e)})") from None
+        finally:
+            reader.close()
+
+    return float(meta.get("fps") or 0.0), frames()
+
+
+def _ffmpeg_reason(error: BaseException) -> str:
+    """The line of ffmpeg's output that says what is wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any("does not contain any stream" in line for line in lines):
+        return "it has no video stream"
+    for line in reversed(lines):
+        if "Error opening input:" in line:
+            return line.split("Error opening input:", 1)[1].strip()
+    return lines[-1] if lines else type(error).__name__
+
+
+MARK_COLOURS = {"sharpest": (0, 220, 0), "blurriest": (230, 0, 0)}
+
+
+def contact_sheet(
+    frames: np.ndarray,
+    max_frames: int = 16,
+    columns: int = 4,
+    min_width: int = 160,
+    marks: dict[int, str] | None = None,
+) -> Image.Image:
+    """A grid of evenly spaced frames, each labelled with its 0-based index.
+
+    `marks` (frame index -> word, e.g. {12: "sharpest"}) are always on the sheet, framed in
+    colour and labelled with their word; they take the place of evenly spaced frames.
+    """
+    marks = marks or {}
     n = len(frames)
-    picks = sorted({round(i * (n - 1) / max(min(n, max_frames) - 1, 1)) for i in range(min(n, max_frames))})
+    even = min(n, max(1, max_frames - len(marks)))
+    picks = sorted({round(i * (n - 1) / max(even - 1, 1)) for i in range(even)} | set(marks))
     h, w = frames.shape[1:3]
     scale = max(1, math.ceil(min_width / w))  # tiny test videos are scaled up to stay readable
     cell_w, cell_h = w * scale, h * scale
@@ -65,6 +185,11 @@ def contact_sheet(frames: np.ndarray, max_frames: int = 16, columns: int = 4, mi
         x, y = (k % cols) * cell_w, (k // cols) * cell_h
         tile = Image.fromarray(frames[idx]).resize((cell_w, cell_h), Image.NEAREST)
         sheet.paste(tile, (x, y))
-        draw.rectangle([x, y, x + 38, y + 13], fill="black")
-        draw.text((x + 3, y + 1), f"#{idx}", fill="white")
+        label = f"#{idx}" + (f" {marks[idx]}" if idx in marks else "")
+        if idx in marks:
+            colour = MARK_COLOURS.get(marks[idx].split(",")[0], (255, 200, 0))
+            border = max(2, cell_w // 80)
+            draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], outline=colour, width=border)
+        draw.rectangle([x, y, x + 6 * len(label) + 4, y + 13], fill="black")
+        draw.text((x + 3, y + 1), label, fill="white")
     return sheet

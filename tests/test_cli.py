@@ -10,7 +10,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from cluster.cli import EXIT_FAILED, EXIT_INVALID, EXIT_TRACKING_FAILED, main
+from cluster.cli import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_INVALID, main
+from stages.clarity import METRICS, measure_file
 from stages.video_io import read_frames
 
 
@@ -32,9 +33,9 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights):
     result = json.loads(out)
     assert result["video"] == str(video) and video.is_file()
     assert read_frames(video).shape == (17, 48, 80, 3)
-    assert list(result["stages"]) == ["encode", "denoise", "decode", "write"]
-    enc, den, dec, wri = (result["stages"][s] for s in ("encode", "denoise", "decode", "write"))
-    assert enc[0] <= enc[1] <= den[0] <= den[1] <= dec[0] <= dec[1] <= wri[0] <= wri[1]
+    assert list(result["stages"]) == ["encode", "denoise", "decode", "measure", "write"]
+    enc, den, dec, mea, wri = (result["stages"][s] for s in ("encode", "denoise", "decode", "measure", "write"))
+    assert enc[0] <= enc[1] <= den[0] <= den[1] <= dec[0] <= dec[1] <= wri[0] <= wri[1] <= mea[0] <= mea[1]
     assert "denoising" in err and "3/3" in err  # the progress bar went to stderr
 
     run = MlflowClient(uri).get_run(result["run_id"])
@@ -48,12 +49,18 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights):
     }  # fmt: skip
     assert expected.items() <= run.data.params.items()
     metrics = run.data.metrics
-    for key in ("encode_s", "denoise_s", "decode_s", "write_s", "total_s", "s_per_step"):
+    for key in ("encode_s", "denoise_s", "decode_s", "write_s", "measure_s", "total_s", "s_per_step"):
         assert metrics[key] == pytest.approx(result["metrics"][key]) and metrics[key] > 0
     assert metrics["s_per_step"] == pytest.approx(metrics["denoise_s"] / 3)
-    assert metrics["clarity/sharpness_laplacian_var"] > 0 and metrics["clarity/flicker_mae"] > 0
+    # The clarity panel measured the MP4 as saved: measuring the file again gives the same figures.
+    again = measure_file(video)
+    assert again.metrics() == {k: v for k, v in metrics.items() if k.startswith("clarity/")}
+    assert set(again.summary) == set(METRICS) - {"psnr_y", "ssim_y"}  # no reference, no fidelity figures
+    assert result["clarity_csv"] == str(video.with_suffix(".clarity.csv")) and result["clarity_error"] is None
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
-    assert artifacts == {"fox.mp4", "fox.sheet.png", "config.yaml"}
+    assert artifacts == {"fox.mp4", "fox.sheet.png", "fox.clarity.csv", "config.yaml"}
+    csv_path = MlflowClient(uri).download_artifacts(run.info.run_id, "fox.clarity.csv", str(tmp_path))
+    assert Path(csv_path).read_text() == again.csv_text()
     config_path = MlflowClient(uri).download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     config = yaml.safe_load(Path(config_path).read_text())
     assert config["model"]["name"] == "tiny" and config["weights"] == result["params"]["weights"]
@@ -123,7 +130,7 @@ def test_tracking_failure_keeps_the_video(tmp_path, capsys, tiny_weights):
     video = tmp_path / "kept.mp4"
     code, out, err = run_cli(capsys, "--prompt", "a cat", "--steps", "2", "--output", str(video),
                              "--tracking-uri", f"file://{blocker}/mlruns", "--local", "--json")  # fmt: skip
-    assert code == EXIT_TRACKING_FAILED
+    assert code == EXIT_INCOMPLETE
     assert video.is_file() and read_frames(video).shape[0] == 9
     result = json.loads(out)
     assert result["run_id"] is None and result["tracking_error"]
