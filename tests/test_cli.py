@@ -137,6 +137,27 @@ def test_tracking_failure_keeps_the_video(tmp_path, capsys, tiny_weights):
     assert f"tracking failed, video kept at {video}" in err
 
 
+def test_clarity_failure_keeps_the_video_and_the_run(tmp_path, capsys, monkeypatch, tiny_weights):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("ffmpeg vanished")
+
+    monkeypatch.setattr("stages.clarity.ClarityStage.measure", broken)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    video = tmp_path / "kept.mp4"
+    code, out, err = run_cli(capsys, "--prompt", "a cat", "--steps", "2", "--output", str(video),
+                             "--tracking-uri", uri, "--local", "--json")  # fmt: skip
+    assert code == EXIT_INCOMPLETE
+    assert read_frames(video).shape[0] == 9 and video.with_suffix(".sheet.png").is_file()
+    result = json.loads(out)
+    assert result["clarity_error"] == "measure stage failed: RuntimeError: ffmpeg vanished"
+    assert result["clarity_csv"] is None and not any(k.startswith("clarity/") for k in result["metrics"])
+    assert f"clarity failed, video kept at {video}: measure stage failed" in err
+    run = MlflowClient(uri).get_run(result["run_id"])  # tracked all the same, saying why figures are missing
+    assert run.data.tags["framecast.clarity_error"] == result["clarity_error"]
+    assert {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)} == {"kept.mp4", "kept.sheet.png",
+                                                                                   "config.yaml"}  # fmt: skip
+
+
 def test_generate_through_embedded_ray(tmp_path, tiny_weights):
     """The real command in a fresh process: it starts its own local Ray and runs the three stage actors."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"

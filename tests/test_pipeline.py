@@ -1,5 +1,6 @@
 """Streams of jobs: stages of different jobs overlap in time, results equal a sequential run's,
-each job's bytes moved between stages are counted, and a decoder that dies fails one job only."""
+each job's bytes moved between stages are counted, each video is measured by the clarity panel
+in its own actor, and a decoder that dies fails one job only (a dying panel, no job)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import ray
 from cluster.cli import EXIT_FAILED, main
 from cluster.driver import GenerationResult, JobFailed, prepare_jobs, run_stream
 from cluster.executor import RayExecutor
+from stages.clarity import measure_file
 from stages.video_io import read_frames
 
 PROMPTS = ["a red fox in the snow", "a cat playing piano", "waves on a beach at dusk", "a city street at night"]
@@ -87,6 +89,21 @@ def test_bytes_moved_and_decoder_figures_are_recorded(runs, stream_jobs):
         assert result.params["decoders"] == "2" and result.params["tiling"] == "3x3"
 
 
+def test_each_video_is_measured_in_the_panels_own_actor(runs):
+    """The panel measured each MP4 as saved (measuring the file again gives the same figures),
+    after it was written, and the next job's denoising never waited for it."""
+    pipelined = runs["pipelined"]
+    for result in pipelined:
+        again = measure_file(result.video)
+        assert again.metrics() == {k: v for k, v in result.metrics.items() if k.startswith("clarity/")}
+        assert result.clarity_csv.read_text() == again.csv_text()
+        assert result.metrics["moved_bytes/video"] == result.video.stat().st_size  # sent to the panel's actor
+        assert result.params["device_measure"].startswith("cpu (")
+        assert result.stages["write"][1] <= result.stages["measure"][0]
+    for earlier, later in zip(pipelined, pipelined[1:], strict=False):
+        assert later.stages["denoise"][0] < earlier.stages["measure"][0]
+
+
 def test_prompts_file_streams_json_lines(tmp_path, capsys, ray_session, tiny_weights):
     """`--prompts FILE`: one JSON line per job with its stage times; one decoder sends frames once."""
     prompts = tmp_path / "prompts.txt"
@@ -98,7 +115,7 @@ def test_prompts_file_streams_json_lines(tmp_path, capsys, ray_session, tiny_wei
     records = [json.loads(line) for line in out.strip().splitlines()]
     assert [(r["job"], r["prompt"]) for r in records] == [(0, "a red fox"), (1, "a cat playing piano")]
     for record in records:
-        assert list(record["stages"]) == ["encode", "denoise", "decode", "write"]
+        assert list(record["stages"]) == ["encode", "denoise", "decode", "measure", "write"]
         assert record["run_id"] and os.path.isfile(record["video"])
         assert record["metrics"]["moved_bytes/frames"] == 9 * 64 * 96 * 3  # frames go to the writer once
     assert "4/4" in err  # one progress bar over both jobs' steps
@@ -124,6 +141,30 @@ def test_a_decoder_that_dies_fails_its_job_and_the_next_job_runs(ray_session, st
     assert not outputs[0].exists()
     assert [type(r) for r in rest] == [GenerationResult, GenerationResult]
     assert all(read_frames(r.video).shape == (9, 64, 96, 3) for r in rest)
+
+
+def test_a_dying_panel_costs_a_video_its_figures_only(ray_session, stream_jobs, tmp_path):
+    """The panel's actor dies measuring job 0: job 0's video is kept (without figures, saying
+    why), the actor is replaced, and job 1 is measured."""
+
+    def die(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
+        os._exit(1)
+
+    jobs = stream_jobs[:2]
+    executor = RayExecutor(jobs[0].spec, jobs[0].weights, decoders=2)
+    try:
+        doomed = executor.side["measure"][0]
+        ray.get(doomed.call.remote("__setattr__", "measure", die)[0])
+        outputs = [tmp_path / f"{i}.mp4" for i in range(len(jobs))]
+        first, second = run_stream(jobs, executor, outputs)
+        assert executor.side["measure"][0] != doomed  # replaced
+    finally:
+        executor.close()
+    assert first.clarity_error.startswith("measure stage failed: ActorDiedError: ")
+    assert read_frames(first.video).shape == (9, 64, 96, 3) and first.contact_sheet.is_file()
+    assert first.clarity_csv is None and not any(k.startswith("clarity/") for k in first.metrics)
+    assert "measure" not in first.stages
+    assert second.clarity_error is None and second.metrics["clarity/blur_effect"] > 0
 
 
 def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(tmp_path, capsys, monkeypatch, tiny_weights):

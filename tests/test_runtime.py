@@ -54,9 +54,18 @@ def test_cpu_only_ranks_split_the_cores():
     assert all(side.num_cpus == 0 for side in side_actors(plan))  # ask for no CPU, so they fit beside the ranks
     # Every stage process its own threads (the stages of different jobs run at once), and no spinning.
     big = plan_resources({"CPU": 16}, workers=2, decoders=2)
-    assert {r.env["OMP_NUM_THREADS"] for r in [*side_actors(big), big.denoise]} == {"3"}  # 16 cores, 5 processes
-    assert {r.env["OMP_NUM_THREADS"] for r in [*side_actors(plan), plan.denoise]} == {"1"}
-    assert all(r.env["OMP_WAIT_POLICY"] == "PASSIVE" for r in [*side_actors(big), big.denoise])
+    every = [*side_actors(big), big.denoise, big.measure]  # 16 cores, 6 processes (the clarity panel too)
+    assert {r.env["OMP_NUM_THREADS"] for r in every} == {"2"}
+    assert {r.env["OMP_NUM_THREADS"] for r in [*side_actors(plan), plan.denoise, plan.measure]} == {"1"}
+    assert all(r.env["OMP_WAIT_POLICY"] == "PASSIVE" for r in every)
+    assert plan.measure.num_cpus == 0 and plan.measure.num_gpus == 0
+
+
+@pytest.mark.parametrize("gpus, cpus", [(1, 16), (8, 64), (2, 1)])
+def test_the_clarity_panel_takes_cpu_cores_never_a_gpu(gpus, cpus):
+    plan = plan_resources({"CPU": cpus, "GPU": gpus}, workers=gpus, decoders=1)
+    assert plan.measure.num_gpus == 0 and plan.measure.beside_rank is None
+    assert plan.measure.num_cpus == min(2, cpus) and plan.measure.env == {"OMP_NUM_THREADS": str(min(2, cpus))}
 
 
 def test_cluster_layouts():
@@ -83,10 +92,10 @@ for gpus, workers in [(1, 1), (2, 2), (3, 2), (4, 2)]:
     ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     plan = plan_resources(workers=workers)
     group = ActorGroup(Probe, (), {}, workers, plan, "STRICT_PACK")
-    side = [group.side_actor(r, Probe) for r in (plan.encode, plan.decode[0])]
+    side = [group.side_actor(r, Probe) for r in (plan.encode, plan.decode[0], plan.measure)]
     ranks = ray.get(group.start(), timeout=120)
-    encode, decode = ray.get([a.start.remote() for a in side], timeout=120)
-    results[f"{gpus}/{workers}"] = {"ranks": ranks, "encode": encode, "decode": decode}
+    encode, decode, measure = ray.get([a.start.remote() for a in side], timeout=120)
+    results[f"{gpus}/{workers}"] = {"ranks": ranks, "encode": encode, "decode": decode, "measure": measure}
     group.close()
     ray.shutdown()
 print(json.dumps(results))
@@ -105,6 +114,7 @@ def test_plans_are_schedulable_on_a_cluster_with_gpus(tmp_path):
                           cwd=tmp_path, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     placed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(p.pop("measure") == "" for p in placed.values())  # the clarity panel sees no GPU
     assert placed["1/1"] == {"ranks": ["0"], "encode": "0", "decode": "0"}  # all three share the one GPU
     two = placed["2/2"]
     assert sorted(two["ranks"]) == ["0", "1"] and (two["encode"], two["decode"]) == (two["ranks"][0], two["ranks"][1])
