@@ -166,18 +166,22 @@ def measure(video: DecodedVideo, reference: DecodedVideo | None = None) -> Clari
             series["psnr_y"][:] = 10 * np.log10(PEAK**2 / mse)
         series["ssim_y"][:] = [ssim(a, b) for a, b in zip(y, reference.y, strict=True)]
 
-    summary = {}
-    for key in METRICS:
-        if key == "sharpness_laplacian_var_min":
-            summary[key] = float(series["sharpness_laplacian_var"].min())
-        elif key == "psnr_y" and reference is not None:
-            with np.errstate(divide="ignore"):
-                summary[key] = float(10 * np.log10(PEAK**2 / mse.mean()))  # of the mean MSE, as ffmpeg
-        elif key in series and not (key in PAIRWISE and len(y) < 2):
-            summary[key] = float(np.nanmean(series[key])) if not np.isnan(series[key]).all() else math.nan
+    # The video's figures: means over frames (pairs), except two; none for pairs a video lacks.
+    summary = {key: _mean(values) for key, values in series.items() if not (key in PAIRWISE and len(y) < 2)}
+    summary["sharpness_laplacian_var_min"] = float(series["sharpness_laplacian_var"].min())
+    if reference is not None:
+        with np.errstate(divide="ignore"):
+            summary["psnr_y"] = float(10 * np.log10(PEAK**2 / mse.mean()))  # of the mean MSE, as ffmpeg
+    summary = {key: summary[key] for key in METRICS if key in summary}  # in the table's order
     height, width = video.size
     per_frame = {key: [float(v) for v in values] for key, values in series.items()}
     return ClarityReport(len(y), height, width, video.fps, summary, per_frame)
+
+
+def _mean(values: np.ndarray) -> float:
+    """The mean of the defined values (NaN if none is)."""
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else math.nan
 
 
 def _check_reference(video: DecodedVideo, reference: DecodedVideo) -> None:
@@ -289,7 +293,7 @@ class ClarityStage:
         self._threads = cv2.getNumThreads()
 
     def describe(self) -> str:
-        return f"cpu ({self._threads} OpenCV threads)"
+        return f"cpu ({self._threads} OpenCV thread{'s' if self._threads != 1 else ''})"
 
     def measure(self, mp4: bytes, reference: bytes | None = None) -> ClarityReport:
         with tempfile.TemporaryDirectory(prefix="framecast-clarity-") as scratch:

@@ -221,8 +221,8 @@ def test_ray_executor_with_a_group_equals_local_frames(ray_session, tiny_spec, t
 
     handed_on = []
     group = RayExecutor(tiny_spec, tiny_weights, ParallelLayout(ulysses=2))
-    assert group.devices() == {"encode": "cpu", "denoise": "cpu", "decode": "cpu"}
     assert (frames(group) - frames(LocalExecutor(tiny_spec, tiny_weights))).abs().max() <= TOL
+    assert all(group.devices()[stage] == "cpu" for stage in ("encode", "denoise", "decode"))
     # Embeddings went to both ranks; only rank 0 kept its latents, which went to the decoder
     # once; rank 1 dropped its copy instead of storing it.
     assert handed_on[0] == (2, 1) and handed_on[1] == [None]
