@@ -72,7 +72,7 @@ def main() -> None:
             dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
             flow_s, _ = timed(
                 lambda y=video.y, dis=dis: [
-                    dis.calc(a, b, None) for a, b in zip(y, y[1:], strict=False) for _ in (0, 1)
+                    dis.calc(*pair, None) for a, b in zip(y, y[1:], strict=False) for pair in ((a, b), (b, a))
                 ],
                 args.repeats,
             )

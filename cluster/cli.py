@@ -107,7 +107,7 @@ def _frames_parser(sub) -> None:
         "--output",
         type=Path,
         default=None,
-        help="image path, e.g. frame8.png (default: <video>.frame<index>.png)",
+        help="image path, e.g. frame8.png (default: <video name>.frame<index>.png in this directory)",
     )
 
 
@@ -286,6 +286,8 @@ def cmd_clarity(args: argparse.Namespace) -> int:
 
     try:
         _check_image_path(args.sheet, "--sheet")
+        for path, option in ((args.csv, "--csv"), (args.sheet, "--sheet")):
+            _make_parent(path, option)
         started = time.perf_counter()
         video = DecodedVideo.read(args.video)
         reference = DecodedVideo.read(args.reference, planes=("y",)) if args.reference else None
@@ -295,17 +297,21 @@ def cmd_clarity(args: argparse.Namespace) -> int:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
     if args.json:
-        print(json.dumps({"video": str(args.video), "reference": args.reference and str(args.reference),
-                          **report.as_json()}))  # fmt: skip
+        reference = str(args.reference) if args.reference else None
+        print(json.dumps({"video": str(args.video), "reference": reference, **report.as_json()}, allow_nan=False))
     else:
         _print_clarity_table(args.video, report, METRICS)
     with tempfile.TemporaryDirectory(prefix="framecast-clarity-") as scratch:
         csv_path = args.csv or (Path(scratch) / f"{args.video.stem}.clarity.csv" if args.log_to_mlflow else None)
         sheet_path = args.sheet or (Path(scratch) / f"{args.video.stem}.sheet.png" if args.log_to_mlflow else None)
-        if csv_path:
-            csv_path.write_text(report.csv_text())
-        if sheet_path:
-            contact_sheet(video.rgb, marks=report.marks()).save(sheet_path)
+        try:
+            if csv_path:
+                csv_path.write_text(report.csv_text())
+            if sheet_path:
+                contact_sheet(video.rgb, marks=report.marks()).save(sheet_path)
+        except OSError as e:
+            print(f"framecast: error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+            return EXIT_FAILED
         if not args.log_to_mlflow:
             return 0
         tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
@@ -341,6 +347,16 @@ def _print_clarity_table(video: Path, report, descriptions: dict[str, str]) -> N
     print(f"  sharpest frame #{report.sharpest}, blurriest frame #{report.blurriest} (by sharpness_laplacian_var)")
 
 
+def _make_parent(path: Path | None, option: str) -> None:
+    """Create the directory an output goes to, or refuse the path before any work."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequest(f"{option} {path}: cannot create its directory: {e.strerror}") from None
+
+
 def _check_image_path(path: Path | None, option: str) -> None:
     """Refuse an image path PIL cannot write, before any work."""
     from PIL import Image
@@ -361,12 +377,16 @@ def cmd_frames(args: argparse.Namespace) -> int:
     output = args.output or Path(f"{args.video.stem}.frame{args.index}.png")
     try:
         _check_image_path(output, "-o")
+        _make_parent(output, "-o")
         frame = read_frame(args.video, args.index)
     except InvalidRequest as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    output.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(frame).save(output)
+    try:
+        Image.fromarray(frame).save(output)
+    except OSError as e:
+        print(f"framecast: error: cannot write {output}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
     print(output)
     return 0
 

@@ -195,6 +195,12 @@ class _InFlight:
     decoded: StageCall | None = None
     gathered: tuple[float, float] = (0.0, 0.0)  # when the driver took the frames (and blended tiles)
     failed: StageFailed | None = None
+    frames: np.ndarray | None = None  # kept for the contact sheet until the job is finished
+    video: Path | None = None
+    written_at: float = 0.0
+    video_bytes: int = 0
+    measured: StageCall | None = None
+    clarity_error: str | None = None
 
 
 def run_stream(
@@ -210,8 +216,10 @@ def run_stream(
     the actors as soon as it enters, and each actor works through its calls in order. A job's
     decode call is sent once the job before it is decoded (so that a decoder that fails takes
     down one job, never the next), before that job is written (so that the decoders do not wait
-    on the writer). The local executor runs every call when it is made, so there a stream runs
-    one job at a time, each written before the next starts.
+    on the writer). Once written, a job's video goes to the clarity panel, and the job is
+    finished (its figures taken, its contact sheet drawn) after the next job's frames are taken:
+    the panel measures while the driver waits for those. The local executor runs every call
+    when it is made, so there a stream runs one job at a time, each finished before the next starts.
     """
     pipelined = pipelined and executor.concurrent
     depth = PIPELINE_DEPTH if pipelined else 1
@@ -228,16 +236,18 @@ def run_stream(
         if in_flight and in_flight[0].decoded is None:
             _submit_decode(executor, in_flight[0])
 
+    measuring: deque[_InFlight] = deque()  # written (or failed), not yet finished
     admit()
     while in_flight:
         flight = in_flight.popleft()
-        frames = _collect(executor, flight)
+        flight.frames = _collect(executor, flight)
         if pipelined:
             admit()  # the next job decodes while this one is written
-        if flight.failed is not None:
-            yield JobFailed(flight.index, flight.job.request.prompt, flight.failed)
-        else:
-            yield _write(executor, flight, frames)
+        if flight.failed is None:
+            _write(executor, flight)
+        measuring.append(flight)
+        while len(measuring) > (1 if pipelined and in_flight else 0):
+            yield _finish(executor, measuring.popleft())
         if not pipelined:
             admit()
 
@@ -295,21 +305,46 @@ def _collect(executor: Executor, flight: _InFlight) -> np.ndarray | None:
         return None
 
 
-def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> GenerationResult:
-    """Write the video (first: nothing after it may lose it), measure its clarity in the panel's
-    own actor, then draw its contact sheet (marking the sharpest and blurriest frames) and
-    write the per-frame clarity series beside it."""
-    job, r = flight.job, flight.job.request
-    video = write_mp4(frames, flight.output, fps=r.fps)
-    written_at = time.time()
-    mp4 = video.read_bytes()
-    clarity: ClarityReport | None = None
-    clarity_error, measured = None, None
+def _write(executor: Executor, flight: _InFlight) -> None:
+    """Write the video (first: nothing after it may lose it), and send it to the clarity panel."""
+    flight.video = write_mp4(flight.frames, flight.output, fps=flight.job.request.fps)
+    flight.written_at = time.time()
+    _send_to_panel(executor, flight)
+
+
+def _send_to_panel(executor: Executor, flight: _InFlight) -> None:
+    mp4 = flight.video.read_bytes()
+    flight.video_bytes = len(mp4)
     try:
-        measured = executor.call("measure", "measure", mp4)
-        clarity = executor.get(measured)
-    except StageFailed as e:  # the video stands without its figures; the caller says so
-        clarity_error = str(e)
+        flight.measured, flight.clarity_error = executor.call("measure", "measure", mp4), None
+    except StageFailed as e:  # in-process: the panel has already failed
+        flight.clarity_error = str(e)
+
+
+def _take_clarity(executor: Executor, flight: _InFlight) -> ClarityReport | None:
+    """The panel's figures for the job, or None (and `flight.clarity_error`): the video stands
+    without them. A call whose actor died is sent once more, to the actor that replaced it: it
+    may have been queued behind the job that killed the actor."""
+    for attempt in (1, 2):
+        if flight.measured is None:
+            return None
+        try:
+            return executor.get(flight.measured)
+        except StageFailed as e:
+            flight.clarity_error, flight.measured = str(e), None
+            if attempt == 1 and e.actor_lost:
+                _send_to_panel(executor, flight)
+    return None
+
+
+def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFailed:
+    """The job's result: its clarity figures (a failure to measure keeps the video, saying why),
+    its contact sheet marking the sharpest and blurriest frames, the per-frame series beside it,
+    and the job's timings, memory and bytes moved."""
+    if flight.failed is not None:
+        return JobFailed(flight.index, flight.job.request.prompt, flight.failed)
+    job, r, video, frames = flight.job, flight.job.request, flight.video, flight.frames
+    clarity = _take_clarity(executor, flight)
     sheet = video.with_suffix(".sheet.png")
     contact_sheet(frames, marks=clarity.marks() if clarity else None).save(sheet)
     series = None
@@ -318,13 +353,13 @@ def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> Generat
         series.write_text(clarity.csv_text())
 
     calls = {"encode": flight.encoded, "denoise": flight.denoised, "decode": flight.decoded}
-    if clarity is not None:
-        calls["measure"] = measured
     reports = {stage: executor.reports(call) for stage, call in calls.items()}
-
     spans = {stage: [min(x["start"] for x in rep), max(x["end"] for x in rep)] for stage, rep in reports.items()}
     # The driver's part: taking the frames (or the tiles, and blending them), then writing.
-    spans["write"] = [flight.gathered[0], written_at]
+    spans["write"] = [flight.gathered[0], flight.written_at]
+    if clarity is not None:
+        (report,) = executor.reports(flight.measured)
+        spans["measure"] = [report["start"], report["end"]]
     seconds = {f"{stage}_s": end - begin for stage, (begin, end) in spans.items()}  # encode_s, ..., measure_s
     seconds["gather_s"] = flight.gathered[1] - flight.gathered[0]
     ranks, decoders = reports["denoise"], reports["decode"]
@@ -336,10 +371,10 @@ def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> Generat
             ("tiles" if job.decoders > 1 else "frames", "decode", flight.decoded),
         )
     }
-    moved["video"] = len(mp4) if executor.crosses_processes and measured is not None else 0  # to the panel
+    moved["video"] = flight.video_bytes if executor.crosses_processes and clarity is not None else 0  # to the panel
     metrics = {
         **seconds,
-        "total_s": written_at - flight.submitted,  # until the video is written
+        "total_s": flight.written_at - flight.submitted,  # until the video is written
         "s_per_step": seconds["denoise_s"] / r.steps,
         "denoise_peak_mib": max(rank["peak_memory_mib"] for rank in ranks),
         **{f"denoise_rank{i}_peak_mib": rank["peak_memory_mib"] for i, rank in enumerate(ranks)},
@@ -364,6 +399,8 @@ def _write(executor: Executor, flight: _InFlight, frames: np.ndarray) -> Generat
         "weights": str(job.weights),
     }
     digest = hashlib.sha256(np.ascontiguousarray(frames)).hexdigest()
+    flight.frames = None  # the stream holds no finished job's frames
     return GenerationResult(
-        video, sheet, params, metrics, spans, digest, flight.index, clarity_csv=series, clarity_error=clarity_error
-    )
+        video, sheet, params, metrics, spans, digest, flight.index, clarity_csv=series,
+        clarity_error=flight.clarity_error,
+    )  # fmt: skip

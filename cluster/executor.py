@@ -48,6 +48,7 @@ class StageFailed(RuntimeError):
         first_line = (str(cause).strip().splitlines() or [""])[0]
         super().__init__(f"{stage} stage failed: {type(cause).__name__}: {first_line}")
         self.stage = stage
+        self.actor_lost = isinstance(cause, ray.exceptions.RayActorError)  # died, not raised
 
 
 @dataclass

@@ -19,9 +19,10 @@ The video's figure is the mean over frames (over pairs), except psnr_y, the PSNR
 squared error (as ffmpeg's psnr filter), and sharpness_laplacian_var_min, the blurriest frame's.
 Y values are 8-bit code values (0-255): sharpness, tenengrad and noise_sigma are in those units.
 
-Two of these have a library implementation, scikit-image's, which the tests compare against.
-The panel does not call it: Crete's measure is computed here from the Sobel gradients that
-tenengrad already needs, with OpenCV, and scikit-image stays out of the stage processes.
+Three of these (blur_effect, noise_sigma, SSIM) have scikit-image implementations, which the
+tests compare against digit for digit. The panel does not call them: Crete's measure is computed
+here from the Sobel gradients that tenengrad already needs, in about half scikit-image's time
+(bench/clarity.py), and scikit-image stays out of the stage processes.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ OCCLUSION_ALPHA, OCCLUSION_BETA = 0.01, 0.5
 SSIM_SIGMA, SSIM_RADIUS = 1.5, 5  # Wang et al.: Gaussian sigma 1.5, 11x11 (skimage: truncate 3.5)
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 PEAK = 255.0
+# The smallest frame side measured: DIS flow needs 12 pixels, the SSIM window 11 clear of its border.
+MIN_SIDE = 16
 
 
 @dataclass
@@ -113,8 +116,12 @@ class ClarityReport:
         return out.getvalue()
 
     def as_json(self) -> dict:
-        def clean(v: float) -> float | None:
-            return None if math.isnan(v) else v
+        """JSON-ready: undefined figures are null; an infinite PSNR (identical frames) is "inf"."""
+
+        def clean(v: float) -> float | str | None:
+            if math.isnan(v):
+                return None
+            return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
 
         return {
             "frames": self.frames,
@@ -141,6 +148,11 @@ def measure_file(path: str | Path, reference: str | Path | None = None) -> Clari
 def measure(video: DecodedVideo, reference: DecodedVideo | None = None) -> ClarityReport:
     """The panel for decoded frames: `video` needs its Y plane and RGB frames, `reference` its Y plane."""
     y, rgb = video.y, video.rgb
+    if min(video.size) < MIN_SIDE:
+        h, w = video.size
+        raise InvalidRequest(
+            f"{video.path}: frames of {w}x{h} are too small to measure; at least {MIN_SIDE}x{MIN_SIDE}"
+        )
     if reference is not None:
         _check_reference(video, reference)
     series = {key: np.full(len(y), np.nan) for key in METRICS if key != "sharpness_laplacian_var_min"}

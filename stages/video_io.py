@@ -7,7 +7,7 @@ figure measured here can be checked with that ffmpeg binary (`imageio_ffmpeg.get
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,16 @@ def read_frames(path: str | Path) -> np.ndarray:
     return DecodedVideo.read(path, planes=("rgb",)).rgb
 
 
+# 8-bit YUV and gray pass through untouched (ffmpeg picks the input's format when it is listed);
+# anything else (RGB, palettes, 10-bit) is converted to one of them before the Y plane is taken.
+LUMA_FILTER = (
+    "format=yuv420p|yuvj420p|yuv422p|yuvj422p|yuv444p|yuvj444p|yuv440p|yuvj440p|yuv411p|yuv410p|gray,extractplanes=y"
+)
+# Every decoded frame once, at its own time: by default ffmpeg's raw output is constant-rate and
+# would repeat or drop frames of a variable-frame-rate video.
+EACH_FRAME_ONCE = ["-fps_mode", "passthrough"]
+
+
 @dataclass
 class DecodedVideo:
     """A video as ffmpeg decodes it: its luma plane and/or its RGB frames, and its frame rate."""
@@ -80,20 +90,19 @@ class DecodedVideo:
 
         "y" is the decoded Y plane as stored, the plane ffmpeg's own signalstats, psnr and ssim
         filters read. (It is taken with ffmpeg's extractplanes filter: asking ffmpeg for gray
-        output instead would stretch limited-range luma, 16-235, to 0-255.)
+        output instead would stretch limited-range luma, 16-235, to 0-255.) Video stored as RGB
+        or with a palette is converted to YUV first, as those filters do.
         """
         video = cls(str(path), fps=0.0)
         for plane in planes:
-            pix_fmt, channels, filters = {"y": ("gray", 1, ["-vf", "extractplanes=y"]), "rgb": ("rgb24", 3, None)}[
-                plane
-            ]
+            pix_fmt, channels, filters = {"y": ("gray", 1, ["-vf", LUMA_FILTER]), "rgb": ("rgb24", 3, [])}[plane]
             fps, frames = _decode(path, pix_fmt, channels, filters)
             video.fps = fps
             setattr(video, plane, frames[..., 0] if channels == 1 else frames)
         return video
 
 
-def _decode(path: str | Path, pix_fmt: str, channels: int, filters: list[str] | None) -> tuple[float, np.ndarray]:
+def _decode(path: str | Path, pix_fmt: str, channels: int, filters: Sequence[str]) -> tuple[float, np.ndarray]:
     fps, frames = _open(path, pix_fmt, channels, filters)
     decoded = list(frames)
     if not decoded:
@@ -113,11 +122,13 @@ def read_frame(path: str | Path, index: int) -> np.ndarray:
                 return frame
     finally:
         frames.close()
+    if count == 0:
+        raise InvalidRequest(f"{path}: the video has no frames")
     raise InvalidRequest(f"{path} has {count} frames (0 to {count - 1}); there is no frame {index}")
 
 
 def _open(
-    path: str | Path, pix_fmt: str, channels: int, filters: list[str] | None = None
+    path: str | Path, pix_fmt: str, channels: int, filters: Sequence[str] = ()
 ) -> tuple[float, Iterator[np.ndarray]]:
     """The frame rate of `path` and an iterator over its frames as ffmpeg decodes them (closing
     the iterator stops ffmpeg)."""
@@ -125,7 +136,7 @@ def _open(
         raise InvalidRequest(f"{path}: no such file")
     try:
         reader = imageio_ffmpeg.read_frames(
-            str(path), pix_fmt=pix_fmt, bits_per_pixel=8 * channels, output_params=filters
+            str(path), pix_fmt=pix_fmt, bits_per_pixel=8 * channels, output_params=[*EACH_FRAME_ONCE, *filters]
         )
         meta = next(reader)
     except (OSError, RuntimeError, StopIteration) as e:
@@ -152,7 +163,9 @@ def _ffmpeg_reason(error: BaseException) -> str:
     for line in reversed(lines):
         if "Error opening input:" in line:
             return line.split("Error opening input:", 1)[1].strip()
-    return lines[-1] if lines else type(error).__name__
+    # ffmpeg's last lines are often generic ("Conversion failed!"); the first error line says why
+    informative = [line for line in lines if "rror" in line or "nvalid" in line or "not available" in line]
+    return (informative or lines or [type(error).__name__])[0]
 
 
 MARK_COLOURS = {"sharpest": (0, 220, 0), "blurriest": (230, 0, 0)}

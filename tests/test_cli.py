@@ -33,7 +33,7 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights):
     result = json.loads(out)
     assert result["video"] == str(video) and video.is_file()
     assert read_frames(video).shape == (17, 48, 80, 3)
-    assert list(result["stages"]) == ["encode", "denoise", "decode", "measure", "write"]
+    assert list(result["stages"]) == ["encode", "denoise", "decode", "write", "measure"]
     enc, den, dec, mea, wri = (result["stages"][s] for s in ("encode", "denoise", "decode", "measure", "write"))
     assert enc[0] <= enc[1] <= den[0] <= den[1] <= dec[0] <= dec[1] <= wri[0] <= wri[1] <= mea[0] <= mea[1]
     assert "denoising" in err and "3/3" in err  # the progress bar went to stderr
