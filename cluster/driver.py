@@ -246,6 +246,8 @@ def run_stream(
         if flight.failed is None:
             _write(executor, flight)
         measuring.append(flight)
+        # Pipelined, the job just written stays with the panel until the next job's frames are
+        # taken; the ones before it (at the end: all) are finished, in order.
         while len(measuring) > (1 if pipelined and in_flight else 0):
             yield _finish(executor, measuring.popleft())
         if not pipelined:

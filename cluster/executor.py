@@ -207,10 +207,9 @@ class RayExecutor:
             self.side["encode"] = [self._side_actor("encode", 0)]
             self.side["decode"] = [self._side_actor("decode", d) for d in range(decoders)]
             self.side["measure"] = [self._side_actor("measure", 0)]
-            first = {stage: actors[0] for stage, actors in self.side.items()} | {"denoise": self.group.actors[0]}
-            others = [a for actors in self.side.values() for a in actors[1:]] + self.group.actors[1:]
-            starting = {stage: actor.start.remote() for stage, actor in first.items()}
-            ray.get(list(starting.values()) + [a.start.remote() for a in others], timeout=ACTOR_START_TIMEOUT_S)
+            starting = {stage: [a.start.remote() for a in actors] for stage, actors in self.side.items()}
+            starting["denoise"] = self.group.start()
+            ray.get([ref for refs in starting.values() for ref in refs], timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise RuntimeError(
@@ -220,7 +219,7 @@ class RayExecutor:
         except BaseException:
             self.close()
             raise
-        self._devices = {stage: ray.get(ref) for stage, ref in starting.items()}
+        self._devices = {stage: ray.get(refs[0]) for stage, refs in starting.items()}  # each stage's first actor
 
     def _side_actor(self, stage: str, index: int):
         if stage == "encode":

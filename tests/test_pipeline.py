@@ -89,6 +89,19 @@ def test_bytes_moved_and_decoder_figures_are_recorded(runs, stream_jobs):
         assert result.params["decoders"] == "2" and result.params["tiling"] == "3x3"
 
 
+def stream_with_a_method_replaced(jobs, tmp_path, stage: str, index: int, method: str, replacement):
+    """Run `jobs` through a fresh Ray executor (2 decoders) whose `stage` actor number `index`
+    has its stage's `method` replaced; the results, and whether that actor was replaced since."""
+    executor = RayExecutor(jobs[0].spec, jobs[0].weights, decoders=2)
+    try:
+        patched = executor.side[stage][index]
+        ray.get(patched.call.remote("__setattr__", method, replacement)[0])
+        results = list(run_stream(jobs, executor, [tmp_path / f"{i}.mp4" for i in range(len(jobs))]))
+        return results, executor.side[stage][index] != patched
+    finally:
+        executor.close()
+
+
 def test_each_video_is_measured_in_the_panels_own_actor(runs):
     """The panel measured each MP4 as saved (measuring the file again gives the same figures),
     after it was written."""
@@ -114,13 +127,7 @@ def test_the_driver_takes_the_next_frames_while_a_video_is_measured(ray_session,
         time.sleep(1.0)
         return ClarityStage(threads=1).measure(mp4, reference)
 
-    jobs = stream_jobs[:3]
-    executor = RayExecutor(jobs[0].spec, jobs[0].weights, decoders=2)
-    try:
-        ray.get(executor.side["measure"][0].call.remote("__setattr__", "measure", slow_measure)[0])
-        results = list(run_stream(jobs, executor, [tmp_path / f"{i}.mp4" for i in range(len(jobs))]))
-    finally:
-        executor.close()
+    results, _ = stream_with_a_method_replaced(stream_jobs[:3], tmp_path, "measure", 0, "measure", slow_measure)
     assert all(r.clarity_error is None and r.metrics["measure_s"] >= 1.0 for r in results)
     for earlier, later in zip(results, results[1:], strict=False):
         assert later.stages["write"][0] < earlier.stages["measure"][1]  # frames taken mid-measure
@@ -147,20 +154,12 @@ def test_a_decoder_that_dies_fails_its_job_and_the_next_job_runs(ray_session, st
     def die(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
         os._exit(1)
 
-    jobs = stream_jobs[:3]
-    executor = RayExecutor(jobs[0].spec, jobs[0].weights, decoders=2)
-    try:
-        doomed = executor.side["decode"][1]
-        ray.get(doomed.call.remote("__setattr__", "decode_tiles", die)[0])
-        outputs = [tmp_path / f"{i}.mp4" for i in range(len(jobs))]
-        results = list(run_stream(jobs, executor, outputs))
-        assert executor.side["decode"][1] != doomed  # replaced
-    finally:
-        executor.close()
+    results, replaced = stream_with_a_method_replaced(stream_jobs[:3], tmp_path, "decode", 1, "decode_tiles", die)
+    assert replaced
     failed, *rest = results
     assert isinstance(failed, JobFailed) and failed.index == 0
     assert str(failed.error).startswith("decode stage failed: ActorDiedError: ")
-    assert not outputs[0].exists()
+    assert not (tmp_path / "0.mp4").exists()
     assert [type(r) for r in rest] == [GenerationResult, GenerationResult]
     assert all(read_frames(r.video).shape == (9, 64, 96, 3) for r in rest)
 
@@ -172,17 +171,9 @@ def test_a_dying_panel_is_replaced_and_every_video_measured(ray_session, stream_
     def die(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
         os._exit(1)
 
-    jobs = stream_jobs[:2]
-    executor = RayExecutor(jobs[0].spec, jobs[0].weights, decoders=2)
-    try:
-        doomed = executor.side["measure"][0]
-        ray.get(doomed.call.remote("__setattr__", "measure", die)[0])
-        outputs = [tmp_path / f"{i}.mp4" for i in range(len(jobs))]
-        first, second = run_stream(jobs, executor, outputs)
-        assert executor.side["measure"][0] != doomed  # replaced
-    finally:
-        executor.close()
-    for result in (first, second):
+    results, replaced = stream_with_a_method_replaced(stream_jobs[:2], tmp_path, "measure", 0, "measure", die)
+    assert replaced
+    for result in results:
         assert result.clarity_error is None and result.clarity_csv.is_file()
         assert result.metrics["clarity/blur_effect"] == measure_file(result.video).summary["blur_effect"]
 
