@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
@@ -281,18 +280,14 @@ def _print_result(result, args: argparse.Namespace, tracking_uri: str, out) -> N
 
 def cmd_clarity(args: argparse.Namespace) -> int:
     """Measure a video (in this process), print the table or JSON, write and log what was asked."""
-    from stages.clarity import METRICS, measure
-    from stages.video_io import DecodedVideo, contact_sheet
+    from stages.clarity import read_and_measure
+    from stages.video_io import contact_sheet
 
     try:
         _check_image_path(args.sheet, "--sheet")
         for path, option in ((args.csv, "--csv"), (args.sheet, "--sheet")):
             _make_parent(path, option)
-        started = time.perf_counter()
-        video = DecodedVideo.read(args.video)
-        reference = DecodedVideo.read(args.reference, planes=("y",)) if args.reference else None
-        report = measure(video, reference)
-        report.seconds = time.perf_counter() - started
+        video, report = read_and_measure(args.video, args.reference)
     except InvalidRequest as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -300,7 +295,7 @@ def cmd_clarity(args: argparse.Namespace) -> int:
         reference = str(args.reference) if args.reference else None
         print(json.dumps({"video": str(args.video), "reference": reference, **report.as_json()}, allow_nan=False))
     else:
-        _print_clarity_table(args.video, report, METRICS)
+        _print_clarity_table(args.video, report)
     with tempfile.TemporaryDirectory(prefix="framecast-clarity-") as scratch:
         csv_path = args.csv or (Path(scratch) / f"{args.video.stem}.clarity.csv" if args.log_to_mlflow else None)
         sheet_path = args.sheet or (Path(scratch) / f"{args.video.stem}.sheet.png" if args.log_to_mlflow else None)
@@ -339,11 +334,13 @@ def cmd_clarity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_clarity_table(video: Path, report, descriptions: dict[str, str]) -> None:
+def _print_clarity_table(video: Path, report) -> None:
+    from stages.clarity import METRICS
+
     size = f"{report.width}x{report.height}"
     print(f"{video}: {report.frames} frames, {size}, {report.fps:g} fps (measured in {report.seconds:.2f} s)")
     for key, value in report.summary.items():
-        print(f"  {key:<28} {value:>12.6g}   {descriptions[key]}")
+        print(f"  {key:<28} {value:>12.6g}   {METRICS[key]}")
     print(f"  sharpest frame #{report.sharpest}, blurriest frame #{report.blurriest} (by sharpness_laplacian_var)")
 
 

@@ -137,12 +137,18 @@ class ClarityReport:
 
 def measure_file(path: str | Path, reference: str | Path | None = None) -> ClarityReport:
     """The panel for a video file (any video ffmpeg decodes), against an optional reference."""
+    return read_and_measure(path, reference)[1]
+
+
+def read_and_measure(path: str | Path, reference: str | Path | None = None) -> tuple[DecodedVideo, ClarityReport]:
+    """`measure_file`, also returning the decoded video (e.g. for a contact sheet); the report's
+    `seconds` count decoding too."""
     start = time.perf_counter()
     video = DecodedVideo.read(path)
     ref = DecodedVideo.read(reference, planes=("y",)) if reference is not None else None
     report = measure(video, ref)
     report.seconds = time.perf_counter() - start
-    return report
+    return video, report
 
 
 def measure(video: DecodedVideo, reference: DecodedVideo | None = None) -> ClarityReport:
@@ -155,10 +161,8 @@ def measure(video: DecodedVideo, reference: DecodedVideo | None = None) -> Clari
         )
     if reference is not None:
         _check_reference(video, reference)
-    series = {key: np.full(len(y), np.nan) for key in METRICS if key != "sharpness_laplacian_var_min"}
-    if reference is None:
-        for key in REFERENCED:
-            del series[key]
+    keys = [k for k in METRICS if k != "sharpness_laplacian_var_min" and (reference is not None or k not in REFERENCED)]
+    series = {key: np.full(len(y), np.nan) for key in keys}  # per frame; NaN where a figure is undefined
     for t, frame in enumerate(y):
         series["sharpness_laplacian_var"][t] = cv2.Laplacian(frame, cv2.CV_64F).var()
         gx, gy = sobel(frame)
