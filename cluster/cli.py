@@ -27,20 +27,58 @@ def _generate_parser(sub) -> None:
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt; repeat it for several videos")
     prompts.add_argument("--prompts", type=Path, help="a text file with one prompt per line (blank lines skipped)")
+    _settings_options(p)
+    p.add_argument("--output", type=Path, default=None, help="MP4 path of a single prompt's video")
+    p.add_argument(
+        "--output-dir", type=Path, default=Path("outputs"), help="where videos go without --output (default: outputs)"
+    )
+    _tracking_options(p)
+    _placement_options(p)
+    p.add_argument(
+        "--sequential", action="store_true", help="run several prompts one after another instead of pipelined"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+
+
+def _settings_options(p: argparse.ArgumentParser) -> None:
+    """What a generation is asked to be: explicit settings win over --preset, which wins over the model's defaults."""
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale; 1 turns guidance off")
     p.add_argument("--frames", type=int, default=None, help="frames (8k+1 for CogVideoX)")
     p.add_argument("--fps", type=int, default=None)
+    p.add_argument(
+        "--duration", type=float, default=None, metavar="SECONDS",
+        help="frames for this many seconds at the fps, taken up to a count the model makes (2 s at 12 fps -> 25)",
+    )  # fmt: skip
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=None, help="MP4 path of a single prompt's video")
+    p.add_argument("--scheduler", default=None, help="a scheduler the model allows (e.g. ddim, dpm; default: its own)")
     p.add_argument(
-        "--output-dir", type=Path, default=Path("outputs"), help="where videos go without --output (default: outputs)"
-    )
+        "--dynamic-guidance", action="store_true",
+        help="diffusers' cosine guidance schedule over the steps (CogVideoX use_dynamic_cfg)",
+    )  # fmt: skip
+    p.add_argument("--preset", default=None, help="named settings from configs/presets (explicit flags win)")
+
+
+def _explicit(args: argparse.Namespace) -> dict:
+    """The settings given on the command line (None: not given)."""
+    return {
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "frames": args.frames,
+        "fps": args.fps,
+        "height": args.height,
+        "width": args.width,
+        "scheduler": args.scheduler,
+        "dynamic_guidance": True if args.dynamic_guidance else None,
+    }
+
+
+def _placement_options(p: argparse.ArgumentParser) -> None:
+    """Where the stages run: weights, Ray, the denoiser layout and the decoders."""
     p.add_argument("--weights", default=None, help="local diffusers directory of the model's weights")
-    _tracking_options(p)
     p.add_argument(
         "--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)"
     )
@@ -65,10 +103,29 @@ def _generate_parser(sub) -> None:
         "--tile-overlap", type=_pixels, default=None, metavar="HxW",
         help="pixels neighbouring tiles overlap and are blended over (default: 1/6 x 1/5 of the tile)",
     )  # fmt: skip
-    p.add_argument(
-        "--sequential", action="store_true", help="run several prompts one after another instead of pipelined"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    return {
+        "weights": args.weights,
+        "workers": args.workers,
+        "ulysses": args.ulysses,
+        "ring": args.ring,
+        "cfg_parallel": args.cfg_parallel,
+        "decoders": args.decoders,
+        "tile_size": args.tile_size,
+        "tile_overlap": args.tile_overlap,
+        "cluster": args.cluster,
+        "local": args.local,
+    }
+
+
+def _say(notes: list[str], warnings: list[str]) -> None:
+    """Notes (how settings were derived) and warnings (the articles' pitfalls), each once, on stderr."""
+    for line in dict.fromkeys(notes):
+        print(f"framecast: note: {line}", file=sys.stderr)
+    for line in dict.fromkeys(warnings):
+        print(f"framecast: warning: {line}", file=sys.stderr)
 
 
 def _tracking_options(p: argparse.ArgumentParser) -> None:
@@ -95,6 +152,53 @@ def _clarity_parser(sub) -> None:
         "--log-to-mlflow", action="store_true", help="record the figures, the series and a contact sheet as a run"
     )
     _tracking_options(p)
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="one prompt and seed over a grid of settings: which give the clearest video (MLflow parent run)"
+    )
+    p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--grid", action="append", default=[], metavar="AXIS=V1,V2,...",
+        help="an axis of the grid (repeatable): steps, guidance, frames, fps, height, width, scheduler, "
+        "dynamic_guidance; e.g. --grid steps=30,40,50 --grid guidance=6,7.5,9",
+    )  # fmt: skip
+    _settings_options(p)
+    p.add_argument(
+        "--replicas", type=int, default=None,
+        help="pipeline replicas running cells at the same time (default: as many as the cluster has room for)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sheet-frame", type=int, default=None,
+        help="the frame shown from every cell on the side-by-side sheet (default: the middle of the shortest)",
+    )  # fmt: skip
+    p.add_argument(
+        "--output-dir", type=Path, default=Path("outputs"),
+        help="videos and summary go to <dir>/sweep-<model>-<id>/ (default: outputs)",
+    )  # fmt: skip
+    _tracking_options(p)
+    _placement_options(p)
+    p.add_argument("--sequential", action="store_true", help="each replica runs its cells one after another")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the sweep's result")
+
+
+def _recommend_parser(sub) -> None:
+    p = sub.add_parser(
+        "recommend", help="settings for a prompt: the articles' heuristics, and what past MLflow runs measured"
+    )
+    p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", type=Path, default=None, help="the input image (image-to-video): resolution advice")
+    p.add_argument(
+        "--metric", default="clarity/sharpness_laplacian_var",
+        help="what past runs are ranked by (default: clarity/sharpness_laplacian_var)",
+    )  # fmt: skip
+    p.add_argument("--top", type=int, default=3, help="how many measured settings to show (default 3)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment to search (default: all)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _frames_parser(sub) -> None:
@@ -178,36 +282,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, out=None) -> int:
     from cluster.driver import JobFailed, prepare_jobs
+    from cluster.settings import resolve_settings
+    from stages.models import load_spec
 
     try:
-        prompts = _read_prompts(args)
+        settings = resolve_settings(load_spec(args.model), _explicit(args), args.preset, args.duration)
+        settings.require_single()
+        prompts = [settings.prompt(prompt) for prompt in _read_prompts(args)]
         if args.output is not None and len(prompts) > 1:
             raise InvalidRequest(f"--output names one video but there are {len(prompts)} prompts; use --output-dir")
         jobs = prepare_jobs(
             args.model,
             prompts,
-            weights=args.weights,
             negative_prompt=args.negative_prompt,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            num_frames=args.frames,
-            fps=args.fps,
-            height=args.height,
-            width=args.width,
             seed=args.seed,
-            workers=args.workers,
-            ulysses=args.ulysses,
-            ring=args.ring,
-            cfg_parallel=args.cfg_parallel,
-            decoders=args.decoders,
-            tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap,
-            cluster=args.cluster,
-            local=args.local,
+            **settings.request_kwargs(),
+            **_placement(args),
         )
     except InvalidRequest as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    for job in jobs:
+        job.warnings = {**settings.warnings, **job.warnings}
+    _say(settings.notes, [line for job in jobs for line in job.warnings.values()])
+    recorded = settings.recorded_params()
 
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
     failures, incomplete = [], False
@@ -223,7 +321,7 @@ def _generate(args: argparse.Namespace, out=None) -> int:
                         f"framecast: error: clarity failed, video kept at {result.video}: {result.clarity_error}",
                         file=sys.stderr,
                     )
-                _track(result, jobs[result.index], len(jobs), args, tracking_uri)
+                _track(result, jobs[result.index], len(jobs), args, tracking_uri, recorded)
                 incomplete |= result.tracking_error is not None or result.clarity_error is not None
             _print_result(result, args, tracking_uri, out)
     except InvalidRequest as e:  # what only the running cluster can tell, e.g. too few GPUs for the layout
@@ -242,17 +340,20 @@ def _generate(args: argparse.Namespace, out=None) -> int:
     return EXIT_INCOMPLETE if incomplete else 0
 
 
-def _track(result, job, jobs: int, args: argparse.Namespace, tracking_uri: str) -> None:
+def _track(result, job, jobs: int, args: argparse.Namespace, tracking_uri: str, recorded: dict[str, str]) -> None:
     """Record a written video's run in MLflow. A failure is kept on the result and said at once:
     the video is already written."""
     name = f"{job.spec.name}-seed{job.request.seed}" + (f"-job{result.index}" if jobs > 1 else "")
+    tags = {f"framecast.warning.{key}": line for key, line in result.warnings.items()}
+    if result.clarity_error:
+        tags["framecast.clarity_error"] = result.clarity_error
     try:
         result.run_id = log_run(
-            params=result.params,
+            params={**result.params, **recorded},
             metrics=result.metrics,
             artifacts=result.artifacts(),
             texts={"config.yaml": job.resolved_config()},
-            tags={"framecast.clarity_error": result.clarity_error} if result.clarity_error else None,
+            tags=tags,
             experiment=args.experiment,
             tracking_uri=tracking_uri,
             run_name=name,
@@ -276,6 +377,156 @@ def _print_result(result, args: argparse.Namespace, tracking_uri: str, out) -> N
             print(f"clarity per frame: {result.clarity_csv}")
         if result.run_id:
             print(f"mlflow run: {result.run_id} (experiment {args.experiment!r} in {tracking_uri})")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _sweep(args)
+    real_stdout = sys.stdout  # as in `generate`: stdout carries the JSON and nothing else
+    with contextlib.redirect_stdout(sys.stderr):
+        return _sweep(args, out=real_stdout)
+
+
+def _sweep(args: argparse.Namespace, out=None) -> int:
+    from cluster.settings import resolve_settings
+    from cluster.sweep import parse_grid, plan_sweep, run_sweep, sheet_frame_index
+    from stages.models import load_spec
+
+    try:
+        if args.replicas is not None and args.replicas < 1:
+            raise InvalidRequest(f"--replicas must be at least 1 (got {args.replicas})")
+        if args.local and (args.replicas or 1) > 1:
+            raise InvalidRequest(f"--local runs in one process; --replicas {args.replicas} needs Ray")
+        grid = parse_grid(args.grid)
+        spec = load_spec(args.model)
+        settings = resolve_settings(spec, _explicit(args), args.preset, args.duration, swept=frozenset(grid))
+        swept = [f"--{axis}" for axis, value in _explicit(args).items() if axis in grid and value is not None]
+        if swept:
+            raise InvalidRequest(f"{', '.join(swept)} is also a --grid axis; give it in one place")
+        plan = plan_sweep(
+            args.model, args.prompt, grid, settings, seed=args.seed, negative_prompt=args.negative_prompt,
+            **_placement(args),
+        )  # fmt: skip
+        sheet_frame_index(plan, args.sheet_frame)
+        replicas = 1 if args.local else _replicas(args, plan.jobs[0].layout.world_size)
+    except InvalidRequest as e:
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    warned = {}
+    for job in plan.jobs:
+        for key, line in job.warnings.items():
+            warned.setdefault(key, line)
+    _say(plan.notes, list({**settings.warnings, **warned}.values()))
+    print(f"sweep of {len(plan.cells)} cells over {', '.join(plan.axes)}; seed {plan.seed}", file=sys.stderr)
+
+    tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
+    bar = tqdm(total=1, desc="sweep", unit="step", file=sys.stderr)
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def on_cell(outcome) -> None:
+        line = f"cell {outcome.cell.label}: {outcome.status}"
+        tqdm.write(line + (f" ({outcome.error})" if outcome.error else ""), file=sys.stderr)
+
+    try:
+        result = run_sweep(
+            plan, output_dir=args.output_dir, replicas=replicas, local=args.local, pipelined=not args.sequential,
+            experiment=args.experiment, tracking_uri=tracking_uri, sheet_frame=args.sheet_frame,
+            on_progress=on_progress, on_cell=on_cell,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        bar.close()
+        print("framecast: interrupted; the cells finished so far are kept: run the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except Exception as e:
+        bar.close()
+        if os.environ.get("FRAMECAST_DEBUG"):
+            raise
+        print(f"framecast: error: {_first_line(e)} (FRAMECAST_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+    bar.close()
+    if args.json:
+        print(json.dumps(result.as_json(), allow_nan=False), file=out, flush=True)
+    else:
+        _print_sweep(result, tracking_uri, args.experiment)
+    if result.count("failed"):
+        return EXIT_FAILED
+    return EXIT_INCOMPLETE if result.count("unmeasured") else 0
+
+
+def _replicas(args: argparse.Namespace, world_size: int) -> int:
+    """The replicas asked for, or as many as the Ray cluster has room for (starting Ray if needed)."""
+    from cluster.runtime import connect, replicas_that_fit
+
+    connect(args.address, quiet=args.json)
+    fit = replicas_that_fit(workers=world_size)
+    if args.replicas is not None and args.replicas > fit:
+        raise InvalidRequest(
+            f"--replicas {args.replicas} needs {args.replicas * world_size} GPUs (or CPU cores without GPUs) for "
+            f"{world_size} denoiser rank(s) each; the Ray cluster has room for {fit}"
+        )
+    return args.replicas or fit
+
+
+def _print_sweep(result, tracking_uri: str, experiment: str) -> None:
+    from cluster.sweep_report import table_markdown
+
+    print(table_markdown(*result.table), end="")
+    counts = result.as_json()
+    print(
+        f"\ncells: {counts['cells']} ({counts['ran']} ran, {counts['reused']} reused, {counts['failed']} failed); "
+        f"prompt encoded {result.encodings} time(s)"
+    )
+    if result.best:
+        print("best cell per metric:")
+    for key, (outcome, value) in result.best.items():
+        print(f"  {key:<36} {outcome.cell.label:<32} {value:.6g}")
+    print(f"summary: {result.summary['table.md'].parent}")
+    print(f"mlflow parent run: {result.parent_run_id} (experiment {experiment!r} in {tracking_uri})")
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from cluster.recommend import heuristics, image_size, measured, metric_direction
+    from stages.models import load_spec
+
+    try:
+        spec = load_spec(args.model)
+        way = "higher" if metric_direction(args.metric) > 0 else "lower"
+        size = image_size(args.image) if args.image else None
+        if args.top < 1:
+            raise InvalidRequest(f"--top must be at least 1 (got {args.top})")
+    except InvalidRequest as e:
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    rules = heuristics(spec, args.prompt, size)
+    tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
+    ranked, runs = measured(args.model, args.metric, args.prompt, args.experiment, tracking_uri)
+    where = f"experiment {args.experiment!r}" if args.experiment else "all experiments"
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "metric": args.metric, "better": way,
+            "heuristics": [{"rule": h.rule, "advice": h.advice} for h in rules],
+            "data": {"runs": runs, "where": f"{where} in {tracking_uri}",
+                     "settings": [m.__dict__ for m in ranked[: args.top]]},
+        }))  # fmt: skip
+        return 0
+    print(f"heuristics (rules of thumb from the tuning articles, not measured here) for {spec.name}:")
+    for h in rules:
+        print(f"  - {h.rule}: {h.advice}")
+    print(f"\nwhat the data says ({args.metric}, {way} is better; runs of {args.model} in {where} in {tracking_uri}):")
+    if not ranked:
+        print(f"  no data: no finished runs of {args.model} with {args.metric}; run `framecast sweep` to measure")
+        return 0
+    print(f"  {runs} run(s) in {len(ranked)} distinct setting(s); best first:")
+    for number, m in enumerate(ranked[: args.top], 1):
+        shown = ", ".join(f"{k}={v}" for k, v in m.settings.items())
+        spread = f", {m.low:.4g}..{m.high:.4g}" if m.runs > 1 else ""
+        prompt = f"; {m.same_prompt} with this prompt" if m.same_prompt else ""
+        print(f"  {number}. {shown}: mean {m.mean:.6g} over {m.runs} run(s){spread}{prompt}")
+    return 0
 
 
 def cmd_clarity(args: argparse.Namespace) -> int:
@@ -392,10 +643,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="framecast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _sweep_parser(sub)
+    _recommend_parser(sub)
     _clarity_parser(sub)
     _frames_parser(sub)
     args = parser.parse_args(argv)
-    return {"generate": cmd_generate, "clarity": cmd_clarity, "frames": cmd_frames}[args.command](args)
+    commands = {
+        "generate": cmd_generate,
+        "sweep": cmd_sweep,
+        "recommend": cmd_recommend,
+        "clarity": cmd_clarity,
+        "frames": cmd_frames,
+    }
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

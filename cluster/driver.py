@@ -14,7 +14,7 @@ import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -29,12 +29,14 @@ from stages.decoder import TilePlan, assemble_frames, plan_decode, to_uint8
 from stages.denoiser import plan_layout
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec, resolve_weights
-from stages.request import GenerationRequest, build_request
-from stages.text_encoder import check_prompts, load_tokenizer
+from stages.request import GenerationRequest, build_request, pitfalls
+from stages.text_encoder import check_prompts, count_tokens, load_tokenizer
 from stages.video_io import contact_sheet, write_mp4
 
 # (job index, steps done, total steps) of the job being denoised
 JobProgress = Callable[[int, int, int], None]
+# Prompt embeddings already asked for, by (prompt, negative prompt): see `encode_once`.
+Encodings = dict[tuple[str, str], StageCall]
 Executor = LocalExecutor | RayExecutor
 
 
@@ -49,6 +51,7 @@ class Job:
     cluster: ClusterLayout = ClusterLayout("single-node")
     decoders: int = 1
     tiles: TilePlan | None = None  # None: untiled
+    warnings: dict[str, str] = field(default_factory=dict)  # settings the articles warn against (pitfalls)
 
     def resolved_config(self) -> str:
         """YAML of what this run used: the model spec as loaded, the weights found, the filled-in request."""
@@ -78,6 +81,7 @@ class GenerationResult:
     index: int = 0  # the job's place in its stream
     clarity_csv: Path | None = None  # the per-frame clarity series
     clarity_error: str | None = None  # why the video has no clarity figures (it is written all the same)
+    warnings: dict[str, str] = field(default_factory=dict)  # the job's pitfalls (see stages.request)
     run_id: str | None = None
     tracking_error: str | None = None
 
@@ -92,6 +96,7 @@ class GenerationResult:
             "contact_sheet": str(self.contact_sheet),
             "clarity_csv": str(self.clarity_csv) if self.clarity_csv else None,
             "clarity_error": self.clarity_error,
+            "warnings": self.warnings,
             "run_id": self.run_id,
             "tracking_error": self.tracking_error,
             "params": self.params,
@@ -133,20 +138,49 @@ def prepare_jobs(
     local: bool = False,
     **settings,
 ) -> list[Job]:
-    """Everything that can be checked before heavy work, for every prompt: model, settings,
-    layout, tiles, weights, prompt lengths. One job per prompt, with the same settings."""
+    """One job per prompt, with the same settings: see `prepare_variants`."""
     if not prompts:
         raise InvalidRequest("no prompts; pass --prompt TEXT (repeatable) or --prompts FILE")
+    labels = [None] if len(prompts) == 1 else [f"prompt {n} of {len(prompts)}" for n in range(1, len(prompts) + 1)]
+    return prepare_variants(
+        model, [(prompt, settings) for prompt in prompts], labels, weights, workers, ulysses, ring, cfg_parallel,
+        decoders, tile_size, tile_overlap, cluster, local,
+    )  # fmt: skip
+
+
+def prepare_variants(
+    model: str,
+    variants: list[tuple[str, dict]],
+    labels: list[str | None],
+    weights: str | None = None,
+    workers: int | None = None,
+    ulysses: int | None = None,
+    ring: int | None = None,
+    cfg_parallel: bool = False,
+    decoders: int = 1,
+    tile_size: tuple[int, int] | None = None,
+    tile_overlap: tuple[int, int] | None = None,
+    cluster: str = "single-node",
+    local: bool = False,
+) -> list[Job]:
+    """Everything that can be checked before heavy work, for every job: model, settings, layout,
+    tiles, weights, prompt lengths, and the settings the articles warn against. `variants` are
+    (prompt, `build_request` settings) pairs, one per job, all run by one executor; an error
+    names the job's label (e.g. "prompt 3 of 3") when it has one."""
     spec = load_spec(model)
-    requests = []
-    for number, prompt in enumerate(prompts, 1):
+    requests, layouts, tiles = [], [], []
+    for (prompt, settings), label in zip(variants, labels, strict=True):
         try:
-            requests.append(build_request(spec, prompt, **settings))
+            r = build_request(spec, prompt, **settings)
+            requests.append(r)
+            layouts.append(plan_layout(spec, r, workers, ulysses, ring, cfg_parallel))
+            tiles.append(plan_decode(spec, r.height, r.width, decoders, tile_size, tile_overlap))
         except InvalidRequest as e:
-            raise _for_prompt(e, number, len(prompts)) from None
-    r = requests[0]
-    layout = plan_layout(spec, r, workers, ulysses, ring, cfg_parallel)
-    tiles = plan_decode(spec, r.height, r.width, decoders, tile_size, tile_overlap)
+            raise _labelled(e, label) from None
+    layout = layouts[0]
+    if any(other != layout for other in layouts):
+        found = ", ".join(sorted({str(other) for other in layouts}))
+        raise InvalidRequest(f"the jobs need different denoiser layouts ({found}); one executor runs one layout")
     if local and layout.world_size > 1:
         raise InvalidRequest(f"--local runs in one process; the layout {layout} needs {layout.world_size} Ray actors")
     if local and decoders > 1:
@@ -154,22 +188,27 @@ def prepare_jobs(
     cluster_layout = load_cluster_layout(cluster)
     weights_dir = resolve_weights(spec, weights)
     tokenizer = load_tokenizer(spec, weights_dir)
-    for number, q in enumerate(requests, 1):
+    jobs = []
+    for q, plan, label in zip(requests, tiles, labels, strict=True):
         try:
             check_prompts(tokenizer, spec, q.prompt, q.negative_prompt, q.do_classifier_free_guidance)
         except InvalidRequest as e:
-            raise _for_prompt(e, number, len(prompts)) from None
-    return [Job(spec, weights_dir, q, layout, cluster_layout, decoders, tiles) for q in requests]
+            raise _labelled(e, label) from None
+        warnings = pitfalls(spec, q, count_tokens(tokenizer, q.prompt))
+        jobs.append(Job(spec, weights_dir, q, layout, cluster_layout, decoders, plan, warnings))
+    return jobs
 
 
-def _for_prompt(error: InvalidRequest, number: int, count: int) -> InvalidRequest:
-    return error if count == 1 else InvalidRequest(f"prompt {number} of {count}: {error}")
+def _labelled(error: InvalidRequest, label: str | None) -> InvalidRequest:
+    return error if label is None else InvalidRequest(f"{label}: {error}")
 
 
-def make_executor(job: Job, local: bool) -> Executor:
+def make_executor(job: Job, local: bool, replicas: int = 1) -> Executor:
+    """The stages for `job` (and jobs like it): in this process, or in Ray actors, one of
+    `replicas` executors that share the cluster."""
     if local:
         return LocalExecutor(job.spec, job.weights)
-    return RayExecutor(job.spec, job.weights, job.layout, job.cluster, decoders=job.decoders)
+    return RayExecutor(job.spec, job.weights, job.layout, job.cluster, decoders=job.decoders, replicas=replicas)
 
 
 def default_output(job: Job, index: int | None = None, directory: Path = Path("outputs")) -> Path:
@@ -209,6 +248,7 @@ def run_stream(
     outputs: list[Path],
     on_step: JobProgress | None = None,
     pipelined: bool = True,
+    encodings: Encodings | None = None,
 ) -> Iterator[GenerationResult | JobFailed]:
     """Run jobs through the stages, yielding each job's result (or failure) in job order.
 
@@ -220,6 +260,7 @@ def run_stream(
     finished (its figures taken, its contact sheet drawn) after the next job's frames are taken:
     the panel measures while the driver waits for those. The local executor runs every call
     when it is made, so there a stream runs one job at a time, each finished before the next starts.
+    A job whose prompt is in `encodings` (see `encode_once`) is not encoded again.
     """
     pipelined = pipelined and executor.concurrent
     depth = PIPELINE_DEPTH if pipelined else 1
@@ -232,7 +273,7 @@ def run_stream(
         """Let jobs in up to the depth, and send the oldest job's decode call."""
         while len(in_flight) < depth and (entry := next(entering, None)) is not None:
             index, (job, output) = entry
-            in_flight.append(_submit(executor, _InFlight(index, job, output, time.time()), on_step))
+            in_flight.append(_submit(executor, _InFlight(index, job, output, time.time()), on_step, encodings))
         if in_flight and in_flight[0].decoded is None:
             _submit_decode(executor, in_flight[0])
 
@@ -262,11 +303,31 @@ def generate(job: Job, executor: Executor, output: Path, on_step: JobProgress | 
     return result
 
 
-def _submit(executor: Executor, flight: _InFlight, on_step: JobProgress | None) -> _InFlight:
+def encode_once(executor: Executor, jobs: list[Job]) -> Encodings:
+    """Ask for each distinct prompt's embeddings once, for jobs that differ only in other settings
+    (a sweep's cells). With the negative prompt's if any job guides: a job without guidance uses
+    the prompt's alone. The results stay where they are made; any executor's stages can use them."""
+    guided: dict[tuple[str, str], bool] = {}
+    for job in jobs:
+        key = _encoding_key(job.request)
+        guided[key] = guided.get(key, False) or job.request.do_classifier_free_guidance
+    return {key: executor.call("encode", "encode", *key, guidance) for key, guidance in guided.items()}
+
+
+def _encoding_key(r: GenerationRequest) -> tuple[str, str]:
+    return r.prompt, r.negative_prompt
+
+
+def _submit(
+    executor: Executor, flight: _InFlight, on_step: JobProgress | None, encodings: Encodings | None = None
+) -> _InFlight:
     r = flight.job.request
     progress = None if on_step is None else (lambda done, total: on_step(flight.index, done, total))
     try:
-        flight.encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+        known = (encodings or {}).get(_encoding_key(r))
+        guidance = r.do_classifier_free_guidance
+        encoded = known.shared() if known else executor.call("encode", "encode", *_encoding_key(r), guidance)
+        flight.encoded = encoded
         flight.denoised = executor.call("denoise", "denoise", flight.encoded, r, progress=progress)
     except StageFailed as e:  # in-process, or a denoiser group already shut down
         flight.failed = e
@@ -391,7 +452,6 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
     params = {
         "model": job.spec.name,
         **{k: str(v) for k, v in r.as_dict().items()},
-        "scheduler": job.spec.components["scheduler"].class_path.rsplit(".", 1)[-1],
         "dtype": job.spec.dtype,
         "executor": executor.name,
         **job.layout.as_params(),
@@ -404,5 +464,5 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
     flight.frames = None  # the stream holds no finished job's frames
     return GenerationResult(
         video, sheet, params, metrics, spans, digest, flight.index, clarity_csv=series,
-        clarity_error=flight.clarity_error,
+        clarity_error=flight.clarity_error, warnings=dict(job.warnings),
     )  # fmt: skip

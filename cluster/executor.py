@@ -67,6 +67,10 @@ class StageCall:
         """The stage's result: the first actor's (a denoiser group's ranks all compute the same)."""
         return self.values[0]
 
+    def shared(self) -> StageCall:
+        """The same result for another job to use, its hand-overs counted on their own."""
+        return StageCall(self.stage, self.values, self.reports)
+
 
 def _results(args: tuple, receivers: int) -> tuple:
     """The call's arguments with each StageCall replaced by its result, counted as handed to `receivers`."""
@@ -184,11 +188,13 @@ class RayExecutor:
         layout: ParallelLayout | None = None,
         cluster_layout: ClusterLayout | None = None,
         decoders: int = 1,
+        replicas: int = 1,
     ):
         self.spec, self.weights = spec, weights
         self.layout = layout or ParallelLayout()
         self.cluster_layout = cluster_layout or load_cluster_layout("single-node")
-        self.plan = plan_resources(workers=self.layout.world_size, decoders=decoders)
+        # One of `replicas` executors sharing the cluster (a sweep's); its actors take its share.
+        self.plan = plan_resources(workers=self.layout.world_size, decoders=decoders, replicas=replicas)
         self.group: ActorGroup | None = None
         self.side: dict[str, list[Any]] = {"encode": [], "decode": [], "measure": []}
         self.decoders = decoders

@@ -62,8 +62,20 @@ def _share(total: float, count: int) -> float:
     return max(0.01, math.floor(100 * total / count) / 100)
 
 
-def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1, decoders: int = 1) -> ResourcePlan:
-    """Resources for the encoder, `decoders` decoders and a denoiser group of `workers` ranks.
+def replicas_that_fit(cluster: dict[str, float] | None = None, workers: int = 1) -> int:
+    """How many pipeline replicas (each its own denoiser group of `workers` ranks, encoder,
+    decoders and panel) the cluster has room for: a GPU per rank each, or a CPU core per rank."""
+    cluster = ray.cluster_resources() if cluster is None else cluster
+    gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+    return max(1, (gpus or cpus) // workers)
+
+
+def plan_resources(
+    cluster: dict[str, float] | None = None, workers: int = 1, decoders: int = 1, replicas: int = 1
+) -> ResourcePlan:
+    """Resources for the encoder, `decoders` decoders and a denoiser group of `workers` ranks:
+    one pipeline replica of `replicas` that share the cluster evenly (a sweep runs its cells on
+    several), each planned as if its share were the whole cluster.
 
     With GPUs, every denoiser rank gets a whole GPU of its own (a bundle of the group's placement
     group). The encoder and the decoders (the side actors) get a GPU each when enough are spare,
@@ -76,7 +88,9 @@ def plan_resources(cluster: dict[str, float] | None = None, workers: int = 1, de
     `cluster` is Ray's cluster_resources() (read from the running Ray when not given).
     """
     cluster = ray.cluster_resources() if cluster is None else cluster
-    gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+    gpus, cpus = int(cluster.get("GPU", 0)) // replicas, max(1, int(cluster.get("CPU", 1)) // replicas)
+    if gpus == 0 and cluster.get("GPU", 0):
+        raise InvalidRequest(f"{replicas} replicas need a GPU each at least; the Ray cluster has {cluster['GPU']:g}")
     if gpus == 0:
         share = min(1.0, _share(cpus, workers))
         # Stages of different jobs run at the same time, so every stage process gets its own

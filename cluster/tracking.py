@@ -1,5 +1,6 @@
-"""MLflow tracking: one run per generation (params, timings, clarity metrics and files), and one
-per video measured on its own (`framecast clarity --log-to-mlflow`).
+"""MLflow tracking: one run per generation (params, timings, clarity metrics and files), one per
+video measured on its own (`framecast clarity --log-to-mlflow`), and for a sweep a parent run
+whose children are its cells' generations (`framecast sweep`).
 
 The store is MLflow's own default (so `mlflow ui` in the same directory shows the runs) unless
 MLFLOW_TRACKING_URI or an explicit URI says otherwise. Runs are logged after the video is written:
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.time import get_current_time_millis
 
 DEFAULT_EXPERIMENT = "framecast"
@@ -29,13 +31,15 @@ def log_run(
     experiment: str = DEFAULT_EXPERIMENT,
     tracking_uri: str | None = None,
     run_name: str | None = None,
+    parent_run_id: str | None = None,
 ) -> str:
-    """Record one finished run (tag `framecast.kind`: `kind`); `texts` are artifact name -> text
-    (e.g. config.yaml). Returns the MLflow run id."""
+    """Record one finished run (tag `framecast.kind`: `kind`), nested under `parent_run_id` if
+    given; `texts` are artifact name -> text (e.g. config.yaml). Returns the MLflow run id."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={"framecast.kind": kind, **(tags or {})})
+    tags = {"framecast.kind": kind, **(tags or {})}
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
     run_id = run.info.run_id
     try:
         now = get_current_time_millis()
@@ -54,3 +58,40 @@ def log_run(
         raise
     client.set_terminated(run_id)
     return run_id
+
+
+def experiment_id(client: MlflowClient, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else client.create_experiment(experiment)
+
+
+def open_parent_run(
+    client: MlflowClient, experiment: str, tags: dict[str, str], params: dict[str, str], run_name: str
+) -> tuple[str, bool]:
+    """The latest run with all of `tags`, set running again if there is one (an earlier try of
+    the same work), else a new one with these tags and params. Returns (run id, whether it existed)."""
+    exp = experiment_id(client, experiment)
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = client.search_runs([exp], query, order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id, True
+    run = client.create_run(exp, run_name=run_name, tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id, False
+
+
+def child_runs(client: MlflowClient, parent_run_id: str, finished_only: bool = True) -> list:
+    """The runs nested under `parent_run_id` (the finished ones: status FINISHED)."""
+    parent = client.get_run(parent_run_id)
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
+    if finished_only:
+        query += " and attributes.status = 'FINISHED'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id], query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs

@@ -57,6 +57,20 @@ METRICS: dict[str, str] = {
     "psnr_y": "fidelity to the reference, dB",
     "ssim_y": "structural similarity to the reference, 0 ... 1",
 }
+# Which way is clearer, for ranking settings: +1 higher, -1 lower. motion_magnitude says how
+# much moves, which is neither clearer nor less clear, so settings are not ranked by it.
+CLEARER: dict[str, int] = {
+    "sharpness_laplacian_var": 1,
+    "sharpness_laplacian_var_min": 1,
+    "tenengrad": 1,
+    "blur_effect": -1,
+    "noise_sigma": -1,
+    "flicker_mae": -1,
+    "flicker_score": 1,
+    "warp_error": -1,
+    "psnr_y": 1,
+    "ssim_y": 1,
+}
 PAIRWISE = ("flicker_mae", "flicker_score", "motion_magnitude", "warp_error")
 REFERENCED = ("psnr_y", "ssim_y")
 

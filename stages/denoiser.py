@@ -15,6 +15,7 @@ the time go, is split by `_sharded_forward` and gathered back after the last blo
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -53,8 +54,8 @@ class DenoiserStage:
         self.transformer = load_component(spec, "transformer", weights, self.device)
         if self.transformer.ofs_embedding is not None:  # CogVideoX 1.5-I2V: conditioned on an image offset
             raise ValueError(f"{spec.name}: transformers with an ofs embedding (image-to-video) are not supported yet")
-        self.scheduler_class = spec.components["scheduler"].load_class()
-        self.scheduler_config = self.scheduler_class.load_config(weights, subfolder="scheduler")
+        # The weights' scheduler config; a request may name another scheduler class built from it.
+        self.scheduler_config = spec.components["scheduler"].load_class().load_config(weights, subfolder="scheduler")
         self.context = None
         if layout is not None and layout.world_size > 1:
             timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
@@ -218,7 +219,8 @@ class DenoiserStage:
         if guidance:
             prompt_embeds = torch.cat([embeddings.negative.to(self.device), prompt_embeds])
 
-        scheduler = self.scheduler_class.from_config(self.scheduler_config)  # fresh state per job
+        scheduler_class = self.spec.scheduler_class(r.scheduler or self.spec.scheduler_name(None))
+        scheduler = scheduler_class.from_config(self.scheduler_config)  # fresh state per job
         scheduler.set_timesteps(r.steps, device=self.device)
         timesteps = scheduler.timesteps
 
@@ -242,7 +244,7 @@ class DenoiserStage:
             noise_pred = self._predict_noise(model_input, prompt_embeds, timestep, rotary, positions).float()
             if guidance:
                 uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + r.guidance_scale * (cond - uncond)
+                noise_pred = uncond + guidance_at(r, t.item()) * (cond - uncond)
             if dpm:
                 t_back = timesteps[i - 1] if i > 0 else None
                 latents, old_pred_original_sample = scheduler.step(
@@ -263,6 +265,20 @@ class DenoiserStage:
             return float(self.context.shards.padded * self.context.shards.tokens_per_slice)
         p, p_t = self.transformer.config.patch_size, self.transformer.config.patch_size_t or 1
         return float(shape[1] // p_t * (shape[3] // p) * (shape[4] // p))
+
+
+def guidance_at(r: GenerationRequest, timestep: float) -> float:
+    """The guidance scale at a step: `r.guidance_scale`, or with `r.dynamic_guidance` diffusers'
+    CogVideoX cosine schedule, 1 + g (1 - cos(pi ((steps - t) / steps)^5)) / 2.
+
+    As in diffusers, t is the step's timestep value (999 ... 0), not the step's index, so the
+    base of the power is negative and large and the scale swings between 1 and 1 + g from step
+    to step (docs/sweeps.md). It is reproduced as is: the point is to equal diffusers' output.
+    """
+    if not r.dynamic_guidance:
+        return r.guidance_scale
+    progress = (r.steps - timestep) / r.steps
+    return 1 + r.guidance_scale * ((1 - math.cos(math.pi * progress**5.0)) / 2)
 
 
 def _step_kwargs(scheduler, generator: torch.Generator) -> dict:

@@ -61,6 +61,9 @@ class Limits:
     # compression: its decoder works on latent frames in pairs, so an even number of latent frames
     # (e.g. 13 frames -> 4 latents) decodes to 4 more frames than asked (16), in diffusers too.
     frame_step: int = 1
+    # The resolution the model was trained at (height, width): larger sizes are allowed up to the
+    # limits, but are warned about (see `stages.request.pitfalls`).
+    trained_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class ModelSpec:
     limits: Limits
     weights: WeightsSpec
     source: Path
+    # Schedulers a request may pick instead of the weights' own: short name -> class path. They
+    # are built from the weights' scheduler config (`from_config`), as diffusers' docs swap them.
+    schedulers: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_sequence_length(self) -> int:
@@ -103,6 +109,29 @@ class ModelSpec:
         """Height and width must divide by this: VAE downsampling times the transformer's patch size."""
         return self.vae_scale_spatial * int(self.components["transformer"].config.get("patch_size", 2))
 
+    @property
+    def trained_size(self) -> tuple[int, int]:
+        return self.limits.trained_size or (self.defaults.height, self.defaults.width)
+
+    def scheduler_choices(self) -> dict[str, str]:
+        """Every scheduler a request may name, by short name and by class name -> class path;
+        the weights' own scheduler always among them."""
+        own = self.components["scheduler"].class_path
+        paths = {**self.schedulers, own.rsplit(".", 1)[-1]: own}
+        return {**paths, **{path.rsplit(".", 1)[-1]: path for path in paths.values()}}
+
+    def scheduler_name(self, name: str | None) -> str:
+        """The class name of the scheduler `name` (a short name or class name; None: the weights' own)."""
+        choices = self.scheduler_choices()
+        if name is None:
+            return self.components["scheduler"].class_path.rsplit(".", 1)[-1]
+        if name not in choices:
+            raise InvalidRequest(f"unknown scheduler {name!r} for {self.name}; choose one of {', '.join(choices)}")
+        return choices[name].rsplit(".", 1)[-1]
+
+    def scheduler_class(self, class_name: str) -> type:
+        return ComponentSpec(self.scheduler_choices()[class_name]).load_class()
+
     def torch_dtype(self) -> Any:
         import torch
 
@@ -120,6 +149,7 @@ class ModelSpec:
             "defaults": asdict(self.defaults),
             "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.limits).items()},
             "source": str(self.source),
+            "schedulers": dict(self.schedulers),
         }
 
 
@@ -153,6 +183,7 @@ def load_spec(name: str) -> ModelSpec:
             width=tuple(limits["width"]),
             num_frames=tuple(limits["num_frames"]),
             **{k: int(limits[k]) for k in ("max_steps", "frame_step") if k in limits},
+            trained_size=tuple(limits["trained_size"]) if "trained_size" in limits else None,
         ),
         weights=WeightsSpec(
             path=weights.get("path"),
@@ -160,6 +191,7 @@ def load_spec(name: str) -> ModelSpec:
             build_seed=weights.get("build_seed"),
         ),
         source=path,
+        schedulers=dict(raw.get("schedulers") or {}),
     )
 
 

@@ -1,7 +1,9 @@
-"""What a user asks for, filled in from the model's defaults and checked against its limits."""
+"""What a user asks for, filled in from the model's defaults and checked against its limits, and
+what it may cost in quality (`pitfalls`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from stages.errors import InvalidRequest
@@ -19,6 +21,10 @@ class GenerationRequest:
     height: int
     width: int
     seed: int
+    scheduler: str = ""  # the scheduler's class name (build_request fills in the weights' own)
+    # diffusers' CogVideoX `use_dynamic_cfg`: the guidance scale follows a cosine schedule over
+    # the steps instead of staying at guidance_scale (see DenoiserStage.guidance_at).
+    dynamic_guidance: bool = False
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -41,6 +47,8 @@ def build_request(
     height: int | None = None,
     width: int | None = None,
     seed: int = 0,
+    scheduler: str | None = None,
+    dynamic_guidance: bool = False,
 ) -> GenerationRequest:
     """Fill unset fields from the model's defaults, then validate (see `validate`)."""
     d = spec.defaults
@@ -54,6 +62,8 @@ def build_request(
         height=d.height if height is None else height,
         width=d.width if width is None else width,
         seed=seed,
+        scheduler=spec.scheduler_name(scheduler),
+        dynamic_guidance=bool(dynamic_guidance),
     )
     validate(spec, request)
     return request
@@ -109,3 +119,56 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
             )
         if not lo <= value <= hi:
             raise InvalidRequest(f"{name} must be between {lo} and {hi} for {spec.name} (got {value})")
+
+
+def frames_for_duration(spec: ModelSpec, seconds: float, fps: int) -> tuple[int, str]:
+    """The frame count that lasts at least `seconds` at `fps` for this model, and a line saying how
+    it was reached: the smallest valid count (frame_step*k + 1) of at least seconds x fps frames,
+    e.g. 2 s at 12 fps = 24 frames -> 25 for CogVideoX."""
+    if not seconds > 0:
+        raise InvalidRequest(f"duration must be positive seconds (got {seconds})")
+    if fps < 1:
+        raise InvalidRequest(f"fps must be at least 1 (got {fps})")
+    wanted = math.ceil(seconds * fps - 1e-9)
+    return frames_at_least(spec, wanted, f"{seconds:g} s at {fps} fps = {wanted} frames", fps)
+
+
+def frames_at_least(spec: ModelSpec, wanted: int, what: str, fps: int) -> tuple[int, str]:
+    """The smallest frame count the model makes that is at least `wanted`, and a line saying so
+    (`what` names where `wanted` came from, e.g. "2 s at 12 fps = 24 frames")."""
+    step, (lo, hi) = spec.limits.frame_step, spec.limits.num_frames
+    frames = max(lo, -(-(wanted - 1) // step) * step + 1)
+    if frames > hi:
+        raise InvalidRequest(
+            f"{what}: more than the {hi} frames {spec.name} makes at most (at {fps} fps that is {hi / fps:.2f} s)"
+        )
+    rule = f"{spec.name} makes {step}k+1 frames, {lo} to {hi}" if step > 1 else f"{spec.name} makes {lo} to {hi}"
+    if frames == wanted:
+        return frames, f"{what}"
+    return frames, f"{what} -> {frames} ({rule}; {frames / fps:.2f} s)"
+
+
+# The articles' pitfalls, warned about (never refused): see docs/sweeps.md.
+GUIDANCE_WARN_ABOVE = 9.5  # over-saturated colours and burnt-out highlights above this
+PROMPT_TOKENS_WARN_ABOVE = 60  # the model follows the later part of a longer prompt less closely
+
+
+def pitfalls(spec: ModelSpec, r: GenerationRequest, prompt_tokens: int) -> dict[str, str]:
+    """Settings the tuning articles warn against: name -> a line saying what and why."""
+    found = {}
+    if r.guidance_scale > GUIDANCE_WARN_ABOVE:
+        found["high_guidance"] = (
+            f"guidance {r.guidance_scale:g} is above {GUIDANCE_WARN_ABOVE:g}: expect over-saturated colours"
+        )
+    if prompt_tokens > PROMPT_TOKENS_WARN_ABOVE:
+        found["long_prompt"] = (
+            f"the prompt is {prompt_tokens} tokens, more than about {PROMPT_TOKENS_WARN_ABOVE}: "
+            f"its later details tend to be ignored"
+        )
+    trained_h, trained_w = spec.trained_size
+    if r.height > trained_h or r.width > trained_w:
+        found["above_trained_size"] = (
+            f"{r.width}x{r.height} is above {spec.name}'s trained {trained_w}x{trained_h}: "
+            f"expect repeated subjects and less coherent motion"
+        )
+    return found

@@ -24,6 +24,11 @@ def load_tokenizer(spec: ModelSpec, weights: Path):
     return load_component(spec, "tokenizer", weights)
 
 
+def count_tokens(tokenizer, text: str) -> int:
+    """The prompt's own tokens (without the end token)."""
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def check_prompts(tokenizer, spec: ModelSpec, prompt: str, negative_prompt: str, guidance: bool) -> None:
     """Refuse a prompt the encoder would have to truncate (the negative one too, when guidance uses it)."""
     texts = [("prompt", prompt)] + ([("negative prompt", negative_prompt)] if guidance else [])

@@ -1,0 +1,175 @@
+"""`framecast recommend`: settings for a prompt, from two sources kept apart.
+
+(a) Heuristics: the tuning articles' rules of thumb (motion words -> a guidance band, detail or
+    artistic words -> steps and guidance, an image below the trained size -> compensation). They
+    are labelled as heuristics: nobody measured them here.
+(b) Data: past MLflow runs of the same model, grouped by their settings and ranked by a metric,
+    each with how many runs support it. Without runs it says "no data", never a guess.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from stages.clarity import CLEARER
+from stages.errors import InvalidRequest
+from stages.models import ModelSpec
+
+TIMINGS = ("total_s", "denoise_s", "s_per_step", "decode_s", "measure_s")  # lower is better
+# The settings runs are grouped by: run params, in the order shown.
+SETTING_PARAMS = ("steps", "guidance_scale", "num_frames", "fps", "height", "width", "scheduler", "dynamic_guidance")
+
+# Word lists behind the heuristics (lower-case word stems; a prompt word matches a stem it starts with).
+MOTION_WORDS = ("run", "danc", "jump", "fly", "flie", "race", "racing", "chas", "spin", "explod", "crash", "fight",
+                "gallop", "surf", "wave", "storm", "fast", "rush", "swirl", "splash", "sprint")  # fmt: skip
+CALM_WORDS = ("still", "calm", "slow", "gentl", "static", "seren", "quiet", "portrait", "drift", "float", "sleep")
+DETAIL_WORDS = ("detail", "intricate", "text", "sharp", "textur", "close-up", "closeup", "macro", "product", "logo",
+                "typograph", "8k", "4k", "photoreal")  # fmt: skip
+ARTISTIC_WORDS = ("painting", "watercolo", "oil", "surreal", "dream", "fantas", "anime", "impressionis", "abstract",
+                  "styliz", "stylis", "artistic", "illustration", "sketch")  # fmt: skip
+
+
+@dataclass
+class Heuristic:
+    rule: str  # what in the prompt (or image) triggered it
+    advice: str  # the settings it suggests
+
+
+def _matches(prompt: str, stems: tuple[str, ...]) -> list[str]:
+    words = re.findall(r"[a-z0-9][a-z0-9-]*", prompt.lower())
+    return sorted({w for w in words if w.startswith(stems)})
+
+
+def heuristics(spec: ModelSpec, prompt: str, image_size: tuple[int, int] | None = None) -> list[Heuristic]:
+    """The articles' rules of thumb for this prompt (and image: (width, height))."""
+    found = []
+    motion, calm = _matches(prompt, MOTION_WORDS), _matches(prompt, CALM_WORDS)
+    if motion:
+        found.append(
+            Heuristic(
+                f"motion words ({', '.join(motion)})",
+                "guidance 9-11 and 50-60 steps hold fast motion to the prompt (preset high-motion)",
+            )
+        )
+    elif calm:
+        found.append(
+            Heuristic(
+                f"calm words ({', '.join(calm)})",
+                "guidance 6.5-7.5 and 30-40 steps are enough for little motion (presets explore, preview)",
+            )
+        )
+    else:
+        found.append(Heuristic("no motion words", "guidance 7.5-9 and 40-50 steps, the articles' general band"))
+    detail, artistic = _matches(prompt, DETAIL_WORDS), _matches(prompt, ARTISTIC_WORDS)
+    if detail:
+        found.append(
+            Heuristic(
+                f"detail words ({', '.join(detail)})",
+                "45-50 steps and guidance 8-8.5 for crisp detail and legible text (preset product)",
+            )
+        )
+    if artistic:
+        found.append(
+            Heuristic(
+                f"artistic words ({', '.join(artistic)})",
+                "50 steps and guidance 9 for stylised scenes (preset creative)",
+            )
+        )
+    if image_size is not None:
+        found.append(_resolution(spec, image_size))
+    return found
+
+
+def _resolution(spec: ModelSpec, image_size: tuple[int, int]) -> Heuristic:
+    (width, height), (trained_h, trained_w) = image_size, spec.trained_size
+    scale = max(trained_w / width, trained_h / height)
+    rule = f"image {width}x{height}, {spec.name} trained at {trained_w}x{trained_h}"
+    if scale > 1.0:
+        return Heuristic(rule, f"it is upscaled {scale:.2f}x: add about 10 steps to recover detail, "
+                               "or upscale the image beforehand")  # fmt: skip
+    if abs(width / height - trained_w / trained_h) > 0.05:
+        return Heuristic(rule, f"its aspect ratio differs from {trained_w}x{trained_h}: crop it to that ratio first")
+    return Heuristic(rule, "at or above the trained size: no compensation needed")
+
+
+@dataclass
+class MeasuredSetting:
+    settings: dict[str, str]  # SETTING_PARAMS -> value
+    runs: int
+    mean: float
+    low: float
+    high: float
+    same_prompt: int  # of the runs, those with exactly the asked prompt
+
+
+def metric_direction(metric: str) -> int:
+    """+1 if higher is better, -1 if lower; refuses metrics that do not rank settings."""
+    key = metric.removeprefix("clarity/")
+    if metric.startswith("clarity/") and key in CLEARER:
+        return CLEARER[key]
+    if metric in TIMINGS:
+        return -1
+    allowed = [f"clarity/{k}" for k in CLEARER] + list(TIMINGS)
+    raise InvalidRequest(f"--metric {metric} does not rank settings; choose one of {', '.join(allowed)}")
+
+
+def measured(
+    model: str,
+    metric: str,
+    prompt: str | None = None,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[list[MeasuredSetting], int]:
+    """Past generation runs of `model` that have `metric`, grouped by settings, best first; and
+    how many runs that is. `experiment` None: every experiment in the store."""
+    sign = metric_direction(metric)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if experiment is None:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+    else:
+        found = client.get_experiment_by_name(experiment)
+        experiments = [found.experiment_id] if found else []
+    runs, token = [], None
+    query = f"params.model = '{model}' and tags.`framecast.kind` = 'generation' and attributes.status = 'FINISHED'"
+    while experiments:
+        page = client.search_runs(experiments, query, max_results=1000, page_token=token)
+        runs += [r for r in page if not math.isnan(r.data.metrics.get(metric, math.nan))]
+        token = page.token
+        if not token:
+            break
+    groups = defaultdict(list)
+    for run in runs:
+        key = tuple(run.data.params.get(name, "") for name in SETTING_PARAMS)
+        groups[key].append((run.data.metrics[metric], run.data.params.get("prompt") == prompt))
+    ranked = [
+        MeasuredSetting(
+            dict(zip(SETTING_PARAMS, key, strict=True)),
+            len(values),
+            sum(v for v, _ in values) / len(values),
+            min(v for v, _ in values),
+            max(v for v, _ in values),
+            sum(same for _, same in values),
+        )
+        for key, values in groups.items()
+    ]
+    ranked.sort(key=lambda m: (-sign * m.mean, -m.runs))
+    return ranked, len(runs)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image, or a clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise InvalidRequest(f"--image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise InvalidRequest(f"--image {path}: not an image PIL can read ({e})") from None

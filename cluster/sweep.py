@@ -1,0 +1,485 @@
+"""Parameter sweeps: one prompt and one seed over a grid of settings, measured, to answer which
+settings give the clearest video.
+
+    grid -> cells (a validated job each) -> the parent MLflow run (found again on a rerun)
+         -> cells already finished are reused -> the prompt is encoded once
+         -> the other cells run on the pipeline replicas the cluster has room for
+         -> each cell's video, clarity figures and child run -> the summary on the parent run
+
+A sweep is known by what decides its videos: model, weights, prompt, seed and every cell's
+settings. How it runs (replicas, denoiser layout, decoders) changes no video (the parallel paths
+equal the single-process one), so a sweep interrupted on one layout resumes on another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import queue
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunStatus, RunTag
+from mlflow.utils.time import get_current_time_millis
+
+from cluster import sweep_report
+from cluster.driver import Job, JobFailed, encode_once, make_executor, prepare_variants, run_stream
+from cluster.settings import REQUEST_FIELDS, Settings
+from cluster.tracking import child_runs, log_run, open_parent_run
+from stages.errors import InvalidRequest
+from stages.models import load_spec
+
+# Grid axes and how their values are read. Not the seed: a sweep holds it fixed.
+AXES: dict[str, type] = {
+    "steps": int,
+    "guidance": float,
+    "frames": int,
+    "fps": int,
+    "height": int,
+    "width": int,
+    "scheduler": str,
+    "dynamic_guidance": bool,
+}
+TRUE, FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+SWEEP_TAG, CELL_TAG, CELL_ID_TAG = "framecast.sweep_id", "framecast.sweep_cell", "framecast.cell_id"
+VIDEO_TAG = "framecast.video"  # where the cell's video was written
+
+
+def parse_grid(texts: list[str]) -> dict[str, list]:
+    """`["steps=30,40,50", "guidance=6,7.5"]` -> {"steps": [30, 40, 50], "guidance": [6.0, 7.5]}."""
+    grid: dict[str, list] = {}
+    for text in texts:
+        axis, sep, listed = text.partition("=")
+        axis = axis.strip().replace("-", "_")
+        if not sep or not listed.strip():
+            raise InvalidRequest(f"--grid {text!r}: expected AXIS=V1,V2,... e.g. steps=30,40,50")
+        if axis not in AXES:
+            raise InvalidRequest(f"--grid {text!r}: unknown axis {axis!r}; axes: {', '.join(AXES)}")
+        if axis in grid:
+            raise InvalidRequest(f"--grid {axis} is given twice; list all its values in one --grid")
+        values = [_read_value(axis, v.strip(), text) for v in listed.split(",")]
+        if len(set(values)) != len(values):
+            raise InvalidRequest(f"--grid {text!r}: a value is repeated")
+        grid[axis] = values
+    return grid
+
+
+def _read_value(axis: str, text: str, whole: str) -> Any:
+    kind = AXES[axis]
+    if kind is bool:
+        if text.lower() not in TRUE + FALSE:
+            raise InvalidRequest(f"--grid {whole!r}: {axis} values are true or false (got {text!r})")
+        return text.lower() in TRUE
+    try:
+        return kind(text)
+    except ValueError:
+        raise InvalidRequest(f"--grid {whole!r}: {axis} values are {kind.__name__}s (got {text!r})") from None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: ((axis, value), ...) in the grid's axis order."""
+
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{axis}={value}" for axis, value in self.values)
+
+    @property
+    def file_stem(self) -> str:
+        return "_".join(f"{axis}{value}" for axis, value in self.values)
+
+    def value(self, axis: str) -> Any:
+        return dict(self.values)[axis]
+
+
+@dataclass
+class SweepPlan:
+    """A validated sweep: its cells, their jobs (same order) and what was said about them."""
+
+    model: str
+    prompt: str
+    seed: int
+    axes: dict[str, list]
+    cells: list[Cell]
+    jobs: list[Job]
+    settings: Settings
+    notes: list[str]  # e.g. how a duration became frames at each fps
+
+    @property
+    def sweep_id(self) -> str:
+        cells = [self.cell_id(i) for i in range(len(self.cells))]
+        return _digest([self.model, str(self.jobs[0].weights), list(self.axes), cells])
+
+    def cell_id(self, index: int) -> str:
+        job = self.jobs[index]
+        return _digest([self.model, str(job.weights), job.request.as_dict()])
+
+    def params(self) -> dict[str, str]:
+        """The parent run's params: what the sweep holds fixed, and each axis's values."""
+        r = self.jobs[0].request
+        fixed = {k: str(v) for k, v in r.as_dict().items() if k not in {REQUEST_FIELDS[a] for a in self.axes}}
+        axes = {f"grid.{axis}": ",".join(str(v) for v in values) for axis, values in self.axes.items()}
+        return {
+            "model": self.model, **fixed, **axes, "cells": str(len(self.cells)),
+            **self.settings.recorded_params(), "weights": str(self.jobs[0].weights),
+        }  # fmt: skip
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_sweep(
+    model: str,
+    prompt: str,
+    grid: dict[str, list],
+    settings: Settings,
+    seed: int = 0,
+    negative_prompt: str | None = None,
+    **placement: Any,
+) -> SweepPlan:
+    """Every cell validated (before any model is loaded): `grid` on top of `settings` (the preset's
+    ranges become axes unless the grid names them); `placement` as for `prepare_variants`."""
+    spec = load_spec(model)
+    axes = {**grid, **{k: v for k, v in settings.preset_grid.items() if k not in grid}}
+    if not axes:
+        raise InvalidRequest("nothing to sweep; give at least one --grid AXIS=V1,V2,... (or a preset with ranges)")
+    cells = [Cell(tuple(zip(axes, values, strict=True))) for values in itertools.product(*axes.values())]
+    notes = list(settings.notes)
+    variants = []
+    for cell in cells:
+        overrides = dict(cell.values)
+        if settings.duration is not None and "fps" in overrides:  # frames follow each cell's fps
+            overrides["frames"], note = settings.frames_for(spec, overrides["fps"])
+            notes += [note] if note not in notes else []
+        kwargs = settings.request_kwargs(overrides)
+        if negative_prompt is not None:
+            kwargs["negative_prompt"] = negative_prompt
+        variants.append((settings.prompt(prompt), {**kwargs, "seed": seed}))
+    labels = [f"cell {cell.label}" for cell in cells]
+    jobs = prepare_variants(model, variants, labels, **placement)
+    return SweepPlan(model, settings.prompt(prompt), seed, axes, cells, jobs, settings, notes)
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    status: str  # "ran", "reused", "failed" (no video) or "unmeasured" (a video without clarity)
+    metrics: dict[str, float] = field(default_factory=dict)
+    video: Path | None = None
+    run_id: str | None = None
+    error: str | None = None
+    warnings: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        return {
+            "cell": dict(self.cell.values),
+            "label": self.cell.label,
+            "status": self.status,
+            "video": str(self.video) if self.video else None,
+            "run_id": self.run_id,
+            "error": self.error,
+            "metrics": self.metrics,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    parent_run_id: str
+    outcomes: list[CellOutcome]  # in grid order
+    encodings: int  # prompt encodings made this time (one per distinct prompt, negative prompt, guidance on)
+    summary: dict[str, Path]  # name -> file, also on the parent run under summary/
+    table: tuple[list[str], list[list[str]]]
+    best: dict[str, tuple[CellOutcome, float]]
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    def as_json(self) -> dict:
+        return {
+            "sweep_id": self.sweep_id,
+            "parent_run_id": self.parent_run_id,
+            "cells": len(self.outcomes),
+            "ran": self.count("ran") + self.count("unmeasured"),
+            "reused": self.count("reused"),
+            "failed": self.count("failed"),
+            "prompt_encodings": self.encodings,
+            "summary": {name: str(path) for name, path in self.summary.items()},
+            "best": {key: {"cell": o.cell.label, "value": value} for key, (o, value) in self.best.items()},
+            "outcomes": [o.as_json() for o in self.outcomes],
+        }
+
+
+# (steps done, steps in all) over the cells being run
+SweepProgress = Callable[[int, int], None]
+
+
+def run_sweep(
+    plan: SweepPlan,
+    *,
+    output_dir: Path,
+    replicas: int | None = None,
+    local: bool = False,
+    pipelined: bool = True,
+    experiment: str,
+    tracking_uri: str | None = None,
+    sheet_frame: int | None = None,
+    on_progress: SweepProgress | None = None,
+    on_cell: Callable[[CellOutcome], None] | None = None,
+) -> SweepResult:
+    """Run the cells not finished before, track each as a child run, and write the summary.
+
+    The parent run is FINISHED when every cell has its video and figures, FAILED otherwise (a
+    rerun does the rest), KILLED if interrupted. A cell's video is written before its run is
+    tracked; a cell whose run is not FINISHED is done again on a rerun.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    directory = output_dir / f"sweep-{plan.model}-{plan.sweep_id}"
+    directory.mkdir(parents=True, exist_ok=True)
+    parent, _ = open_parent_run(
+        client, experiment, {SWEEP_TAG: plan.sweep_id, "framecast.kind": "sweep"}, plan.params(),
+        run_name=f"sweep-{plan.model}-seed{plan.seed}",
+    )  # fmt: skip
+    outcomes: dict[int, CellOutcome] = _finished_cells(client, parent, plan, directory)
+    encodings = 0
+    try:
+        todo = [i for i in range(len(plan.cells)) if i not in outcomes]
+        if todo:
+            pipelines = Replicas(plan.jobs[todo[0]], min(replicas or 1, len(todo)), local)
+            try:
+                for index, result in pipelines.run(plan, todo, directory, pipelined, on_progress):
+                    outcomes[index] = _track_cell(plan, index, result, parent, experiment, tracking_uri)
+                    if on_cell is not None:
+                        on_cell(outcomes[index])
+            finally:
+                encodings = pipelines.encodings
+                pipelines.close()
+        ordered = [outcomes[i] for i in range(len(plan.cells))]
+        summary = _summarize(plan, ordered, directory, sheet_frame)
+        best = sweep_report.best_cells(ordered)
+        _record_summary(client, parent, ordered, summary, best)
+    except BaseException:
+        client.set_terminated(parent, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    complete = all(o.status in ("ran", "reused") for o in ordered)
+    client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED if complete else RunStatus.FAILED))
+    header_rows = sweep_report.table(plan.axes, ordered)
+    return SweepResult(plan.sweep_id, parent, ordered, encodings, summary, header_rows, best)
+
+
+def _finished_cells(client: MlflowClient, parent: str, plan: SweepPlan, directory: Path) -> dict[int, CellOutcome]:
+    """Cells an earlier try finished: a FINISHED child run with the video and clarity figures."""
+    by_id = {plan.cell_id(i): i for i in range(len(plan.cells))}
+    found = {}
+    for run in child_runs(client, parent):
+        index = by_id.get(run.data.tags.get(CELL_ID_TAG))
+        metrics = dict(run.data.metrics)
+        if index is None or index in found or not any(k.startswith("clarity/") for k in metrics):
+            continue
+        video = _local_video(client, run, directory)
+        if video is None:
+            continue
+        found[index] = CellOutcome(plan.cells[index], "reused", metrics, video, run.info.run_id,
+                                   warnings=_warnings_of(run.data.tags))  # fmt: skip
+    return found
+
+
+def _local_video(client: MlflowClient, run, directory: Path) -> Path | None:
+    """The cell's video on this machine: where it was written, else downloaded from the run."""
+    written = run.data.tags.get(VIDEO_TAG)
+    if written and Path(written).is_file():
+        return Path(written)
+    mp4s = [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(".mp4")]
+    if not mp4s:
+        return None
+    return Path(client.download_artifacts(run.info.run_id, mp4s[0], str(directory)))
+
+
+def _warnings_of(tags: dict[str, str]) -> dict[str, str]:
+    prefix = "framecast.warning."
+    return {k.removeprefix(prefix): v for k, v in tags.items() if k.startswith(prefix)}
+
+
+class Replicas:
+    """`count` pipeline replicas (executors sharing the cluster), each driving its share of the
+    cells from a thread of its own; the driver's thread tracks the results as they come."""
+
+    def __init__(self, job: Job, count: int, local: bool):
+        with ThreadPoolExecutor(count) as pool:  # the replicas' actors start at the same time
+            starting = [pool.submit(make_executor, job, local, count) for _ in range(count)]
+        self.executors = [s.result() for s in starting if s.exception() is None]
+        failed = next((s.exception() for s in starting if s.exception() is not None), None)
+        if failed is not None:
+            self.close()
+            raise failed
+        self.encodings = 0  # prompt encodings made
+
+    def run(
+        self, plan: SweepPlan, todo: list[int], directory: Path, pipelined: bool, on_progress: SweepProgress | None
+    ) -> Iterator[tuple[int, Any]]:
+        """Run cells `todo`; yields (cell index, GenerationResult | JobFailed) as each finishes.
+
+        The prompt is encoded once for all of them. Cells go to replicas longest first, each to
+        the least loaded (by steps x frames x pixels x guidance branches), so that the replicas
+        finish together. A replica that fails stops the sweep; the cells done are kept."""
+        shares: list[list[int]] = [[] for _ in self.executors]
+        load = [0.0] * len(self.executors)
+        for index in sorted(todo, key=lambda i: -_cost(plan.jobs[i])):
+            least = load.index(min(load))
+            shares[least].append(index)
+            load[least] += _cost(plan.jobs[index])
+        encodings = encode_once(self.executors[0], [plan.jobs[i] for i in todo])
+        self.encodings = len(encodings)
+        total, done, lock = sum(plan.jobs[i].request.steps for i in todo), {}, threading.Lock()
+        results: queue.Queue = queue.Queue()
+        stop, finished = threading.Event(), object()
+
+        def work(executor, share: list[int]) -> None:
+            def on_step(job: int, steps: int, _total: int) -> None:
+                with lock:
+                    done[share[job]] = steps
+                    if on_progress is not None:
+                        on_progress(sum(done.values()), total)
+
+            try:
+                jobs = [plan.jobs[i] for i in share]
+                outputs = [directory / f"{plan.cells[i].file_stem}.mp4" for i in share]
+                for result in run_stream(jobs, executor, outputs, on_step, pipelined, encodings):
+                    results.put((share[result.index], result))
+                    if stop.is_set():
+                        return
+            except BaseException as e:
+                results.put((None, e))
+            finally:
+                results.put((None, finished))
+
+        pairs = zip(self.executors, shares, strict=True)
+        threads = [threading.Thread(target=work, args=pair, daemon=True) for pair in pairs]
+        try:
+            for thread in threads:
+                thread.start()
+            running = len(threads)
+            while running:
+                try:
+                    index, item = results.get(timeout=0.5)  # a timeout, so that Ctrl-C is heard
+                except queue.Empty:
+                    continue
+                if item is finished:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            stop.set()
+            self.close()  # a thread still waiting on its executor is woken by the error
+            for thread in threads:
+                if thread.is_alive():
+                    thread.join(timeout=30)
+
+    def close(self) -> None:
+        for executor in self.executors:
+            executor.close()
+        self.executors = []
+
+
+def _cost(job: Job) -> float:
+    r = job.request
+    return r.steps * r.num_frames * r.height * r.width * (2 if r.do_classifier_free_guidance else 1)
+
+
+def _track_cell(plan: SweepPlan, index: int, result, parent: str, experiment: str, tracking_uri) -> CellOutcome:
+    """A cell's child run (after its video is written: a tracking failure loses no video)."""
+    cell = plan.cells[index]
+    if isinstance(result, JobFailed):
+        return CellOutcome(cell, "failed", error=str(result.error))
+    job = plan.jobs[index]
+    tags = {
+        SWEEP_TAG: plan.sweep_id,
+        CELL_TAG: cell.label,
+        CELL_ID_TAG: plan.cell_id(index),
+        VIDEO_TAG: str(result.video),
+        **{f"framecast.warning.{k}": v for k, v in result.warnings.items()},
+        **({"framecast.clarity_error": result.clarity_error} if result.clarity_error else {}),
+    }
+    status = "unmeasured" if result.clarity_error else "ran"
+    outcome = CellOutcome(cell, status, dict(result.metrics), result.video, warnings=result.warnings,
+                          error=result.clarity_error)  # fmt: skip
+    try:
+        outcome.run_id = log_run(
+            params={**result.params, **plan.settings.recorded_params()},
+            metrics=result.metrics,
+            artifacts=result.artifacts(),
+            texts={"config.yaml": job.resolved_config()},
+            tags=tags,
+            experiment=experiment,
+            tracking_uri=tracking_uri,
+            run_name=cell.label,
+            parent_run_id=parent,
+        )
+    except Exception as e:
+        outcome.status, outcome.error = "unmeasured", f"tracking failed: {type(e).__name__}: {e}".splitlines()[0]
+    return outcome
+
+
+def _summarize(plan: SweepPlan, outcomes: list[CellOutcome], directory: Path, frame: int | None) -> dict[str, Path]:
+    """The summary files, in `directory`/summary: table.csv, table.md, a heatmap per clarity
+    metric, and the side-by-side sheet of one frame of every cell."""
+    out = directory / "summary"
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    header, rows = sweep_report.table(plan.axes, outcomes)
+    files = {"table.csv": out / "table.csv", "table.md": out / "table.md"}
+    files["table.csv"].write_text(sweep_report.table_csv(header, rows))
+    files["table.md"].write_text(sweep_report.table_markdown(header, rows))
+    for key in sweep_report.clarity_keys(outcomes):
+        name = key.removeprefix("clarity/")
+        files[f"heatmaps/{name}.png"] = sweep_report.heatmap(plan.axes, outcomes, key, out / "heatmaps" / f"{name}.png")
+    index = sheet_frame_index(plan, frame)
+    files["frames.png"] = sweep_report.frame_sheet(plan.axes, outcomes, index, out / "frames.png")
+    return files
+
+
+def sheet_frame_index(plan: SweepPlan, frame: int | None) -> int:
+    """The frame shown for every cell: `frame`, or the middle of the shortest cell's video."""
+    shortest = min(job.request.num_frames for job in plan.jobs)
+    if frame is None:
+        return shortest // 2
+    if not 0 <= frame < shortest:
+        raise InvalidRequest(
+            f"--sheet-frame {frame} is out of range; the shortest cell has {shortest} frames (0..{shortest - 1})"
+        )
+    return frame
+
+
+def _record_summary(client: MlflowClient, parent: str, outcomes, summary: dict[str, Path], best) -> None:
+    """The summary files, the cell counts and the best cell per metric, on the parent run."""
+    now = get_current_time_millis()
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("ran", "reused", "failed", "unmeasured")}
+    metrics = [Metric(f"cells_{status}", float(n), now, 0) for status, n in counts.items()]
+    metrics += [Metric(f"best/{key}", float(value), now, 0) for key, (_, value) in best.items()]
+    tags = [RunTag(f"framecast.best.{key.removeprefix('clarity/')}", o.cell.label) for key, (o, _) in best.items()]
+    warned = sorted({k for o in outcomes for k in o.warnings})
+    tags += [RunTag(f"framecast.warning.{k}", _warning_line(k, outcomes)) for k in warned]
+    client.log_batch(parent, metrics=metrics, tags=tags)
+    with tempfile.TemporaryDirectory() as scratch:  # log_artifacts keeps the summary/ layout
+        for name, path in summary.items():
+            target = Path(scratch) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+        client.log_artifacts(parent, scratch, "summary")
+
+
+def _warning_line(key: str, outcomes: list[CellOutcome]) -> str:
+    cells = [o for o in outcomes if key in o.warnings]
+    return f"{len(cells)} of {len(outcomes)} cells: " + "; ".join(sorted({o.warnings[key] for o in cells}))

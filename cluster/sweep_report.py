@@ -1,0 +1,171 @@
+"""A sweep's summary, for people comparing settings: a table of clarity and timings per cell
+(CSV and Markdown), a heatmap per clarity metric over the grid's first two axes, the same frame
+of every cell side by side, and the best cell per metric."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+from stages.clarity import CLEARER, METRICS
+from stages.video_io import read_frame
+
+if TYPE_CHECKING:
+    from cluster.sweep import CellOutcome
+
+TIMINGS = ("total_s", "denoise_s", "s_per_step", "decode_s", "measure_s")
+# Frames on the side-by-side sheet are scaled to this width (pixels): small ones up, so that their
+# labels fit, large ones down, so that a big grid stays a readable picture.
+SHEET_TILE_WIDTH = 192
+LINE_HEIGHT = 12  # a label line: one per axis
+
+
+def clarity_keys(outcomes: list[CellOutcome]) -> list[str]:
+    """The clarity metrics any cell has, in the panel's order (`clarity/<key>`)."""
+    present = {key for o in outcomes for key in o.metrics}
+    return [f"clarity/{key}" for key in METRICS if f"clarity/{key}" in present]
+
+
+def table(axes: dict[str, list], outcomes: list[CellOutcome]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: the cell's axis values, its status, its clarity figures and timings."""
+    keys = clarity_keys(outcomes) + [t for t in TIMINGS if any(t in o.metrics for o in outcomes)]
+    header = [*axes, "status", *keys]
+    rows = []
+    for o in outcomes:
+        figures = [_format(o.metrics.get(key)) for key in keys]
+        rows.append([str(o.cell.value(axis)) for axis in axes] + [o.status] + figures)
+    return header, rows
+
+
+def _format(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return ""
+    return f"{value:.6g}"
+
+
+def table_csv(header: list[str], rows: list[list[str]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def table_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def best_cells(outcomes: list[CellOutcome]) -> dict[str, tuple[CellOutcome, float]]:
+    """Per clarity metric with a direction (stages.clarity.CLEARER), the clearest cell and its
+    figure; the first in grid order on a tie."""
+    best = {}
+    for key in clarity_keys(outcomes):
+        sign = CLEARER.get(key.removeprefix("clarity/"))
+        scored = [(o, o.metrics[key]) for o in outcomes if not math.isnan(o.metrics.get(key, math.nan))]
+        if sign is None or not scored:
+            continue
+        best[key] = max(scored, key=lambda pair: sign * pair[1])
+    return best
+
+
+def _panels(axes: dict[str, list]) -> tuple[list, list, list[tuple]]:
+    """Rows (first axis), columns (second axis, or one) and one panel per combination of the rest."""
+    names = list(axes)
+    rows = axes[names[0]]
+    columns = axes[names[1]] if len(names) > 1 else [None]
+    rest = [axes[name] for name in names[2:]]
+    return rows, columns, list(itertools.product(*rest))
+
+
+def heatmap(axes: dict[str, list], outcomes: list[CellOutcome], key: str, path: Path) -> Path:
+    """One metric over the first two axes (a panel per combination of the others), clearer cells
+    brighter whichever way the metric runs, the clearest outlined."""
+    names = list(axes)
+    rows, columns, panels = _panels(axes)
+    by_values = {o.cell.values: o for o in outcomes}
+    sign = CLEARER.get(key.removeprefix("clarity/"))
+    best = best_cells(outcomes).get(key)
+    fig = Figure(figsize=(1.2 + 1.1 * len(columns) * len(panels), 1.4 + 0.6 * len(rows)), layout="constrained")
+    figures = [o.metrics[key] for o in outcomes if not math.isnan(o.metrics.get(key, math.nan))]
+    low, high = (min(figures), max(figures)) if figures else (0.0, 1.0)  # one colour scale for every panel
+    for p, rest in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        grid = np.full((len(rows), len(columns)), np.nan)
+        for (i, row), (j, column) in itertools.product(enumerate(rows), enumerate(columns)):
+            values = (row,) + ((column,) if column is not None else ()) + rest
+            outcome = by_values.get(tuple(zip(names, values, strict=True)))
+            if outcome is not None:
+                grid[i, j] = outcome.metrics.get(key, np.nan)
+            text = "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3g}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=_ink(grid[i, j], low, high, sign))
+            if best is not None and outcome is best[0]:
+                ax.add_patch(_outline(i, j))
+        cmap = "viridis_r" if sign == -1 else "viridis"
+        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=low, vmax=high, aspect="auto")
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        ax.set_ylabel(names[0])
+        ax.set_xticks(range(len(columns)), [str(c) if c is not None else "" for c in columns])
+        if len(names) > 1:
+            ax.set_xlabel(names[1])
+        if rest:
+            ax.set_title(", ".join(f"{n}={v}" for n, v in zip(names[2:], rest, strict=True)), fontsize=8)
+    way = {1: "higher is clearer", -1: "lower is clearer", None: "not ranked"}[sign]
+    fig.suptitle(f"{key} ({way})", fontsize=9)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _ink(value: float, low: float, high: float, sign: int | None) -> str:
+    """Black on the bright end of viridis (the clearer end), white elsewhere."""
+    if np.isnan(value):
+        return "white"
+    fraction = (value - low) / ((high - low) or 1.0)
+    return "black" if (1 - fraction if sign == -1 else fraction) > 0.6 else "white"
+
+
+def _outline(i: int, j: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5)
+
+
+def frame_sheet(axes: dict[str, list], outcomes: list[CellOutcome], index: int, path: Path) -> Path:
+    """Frame `index` of every cell, labelled: a row per value of the first axis, a column per
+    combination of the others, in grid order. A cell without a video is a grey tile."""
+    names = list(axes)
+    rows = axes[names[0]]
+    columns = list(itertools.product(*(axes[name] for name in names[1:])))
+    by_values = {o.cell.values: o for o in outcomes}
+    frames = {}
+    for o in outcomes:
+        if o.video is not None:
+            frame = Image.fromarray(read_frame(o.video, index))
+            size = (SHEET_TILE_WIDTH, round(frame.height * SHEET_TILE_WIDTH / frame.width))
+            frames[o.cell.values] = frame.resize(size, Image.Resampling.LANCZOS)
+    label_height = LINE_HEIGHT * len(names) + 4
+    width = SHEET_TILE_WIDTH + 4
+    height = max((f.height for f in frames.values()), default=SHEET_TILE_WIDTH * 9 // 16) + label_height + 4
+    sheet = Image.new("RGB", (width * len(columns), height * len(rows)), (40, 40, 40))
+    draw = ImageDraw.Draw(sheet)
+    for (i, row), (j, column) in itertools.product(enumerate(rows), enumerate(columns)):
+        values = tuple(zip(names, (row, *column), strict=True))
+        x, y = j * width + 2, i * height + 2
+        frame = frames.get(values)
+        if frame is not None:
+            sheet.paste(frame, (x, y + label_height))
+        elif values in by_values:
+            draw.text((x + 4, y + label_height + 4), by_values[values].status, fill=(200, 200, 200))
+        for line, (name, value) in enumerate(values):
+            draw.text((x + 2, y + 2 + line * LINE_HEIGHT), f"{name}={value}", fill=(255, 255, 255))
+    sheet.save(path)
+    return path
