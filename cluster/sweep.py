@@ -258,8 +258,8 @@ def run_sweep(
         if todo:
             pipelines = Replicas(plan.jobs[todo[0]], min(replicas or 1, len(todo)), local)
             try:
-                for index, result in pipelines.run(plan, todo, directory, pipelined, on_progress):
-                    outcomes[index] = _track_cell(plan, index, result, parent, experiment, tracking_uri)
+                for index, result, replica in pipelines.run(plan, todo, directory, pipelined, on_progress):
+                    outcomes[index] = _track_cell(plan, index, result, replica, parent, experiment, tracking_uri)
                     if on_cell is not None:
                         on_cell(outcomes[index])
             finally:
@@ -328,7 +328,7 @@ class Replicas:
     def run(
         self, plan: SweepPlan, todo: list[int], directory: Path, pipelined: bool, on_progress: SweepProgress | None
     ) -> Iterator[tuple[int, Any]]:
-        """Run cells `todo`; yields (cell index, GenerationResult | JobFailed) as each finishes.
+        """Run cells `todo`; yields (cell index, GenerationResult | JobFailed, replica) as each finishes.
 
         The prompt is encoded once for all of them. Cells go to replicas longest first, each to
         the least loaded (by steps x frames x pixels x guidance branches), so that the replicas
@@ -345,7 +345,7 @@ class Replicas:
         results: queue.Queue = queue.Queue()
         stop, finished = threading.Event(), object()
 
-        def work(executor, share: list[int]) -> None:
+        def work(replica: int, executor, share: list[int]) -> None:
             def on_step(job: int, steps: int, _total: int) -> None:
                 with lock:
                     done[share[job]] = steps
@@ -356,23 +356,23 @@ class Replicas:
                 jobs = [plan.jobs[i] for i in share]
                 outputs = [directory / f"{plan.cells[i].file_stem}.mp4" for i in share]
                 for result in run_stream(jobs, executor, outputs, on_step, pipelined, encodings):
-                    results.put((share[result.index], result))
+                    results.put((share[result.index], result, replica))
                     if stop.is_set():
                         return
             except BaseException as e:
-                results.put((None, e))
+                results.put((None, e, replica))
             finally:
-                results.put((None, finished))
+                results.put((None, finished, replica))
 
-        pairs = zip(self.executors, shares, strict=True)
-        threads = [threading.Thread(target=work, args=pair, daemon=True) for pair in pairs]
+        shared = enumerate(zip(self.executors, shares, strict=True))
+        threads = [threading.Thread(target=work, args=(i, *pair), daemon=True) for i, pair in shared]
         try:
             for thread in threads:
                 thread.start()
             running = len(threads)
             while running:
                 try:
-                    index, item = results.get(timeout=0.5)  # a timeout, so that Ctrl-C is heard
+                    index, item, replica = results.get(timeout=0.5)  # a timeout, so that Ctrl-C is heard
                 except queue.Empty:
                     continue
                 if item is finished:
@@ -380,7 +380,7 @@ class Replicas:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
-                    yield index, item
+                    yield index, item, replica
         finally:
             stop.set()
             self.close()  # a thread still waiting on its executor is woken by the error
@@ -399,7 +399,9 @@ def _cost(job: Job) -> float:
     return r.steps * r.num_frames * r.height * r.width * (2 if r.do_classifier_free_guidance else 1)
 
 
-def _track_cell(plan: SweepPlan, index: int, result, parent: str, experiment: str, tracking_uri) -> CellOutcome:
+def _track_cell(
+    plan: SweepPlan, index: int, result, replica: int, parent: str, experiment: str, tracking_uri: str | None
+) -> CellOutcome:
     """A cell's child run (after its video is written: a tracking failure loses no video)."""
     cell = plan.cells[index]
     if isinstance(result, JobFailed):
@@ -410,6 +412,8 @@ def _track_cell(plan: SweepPlan, index: int, result, parent: str, experiment: st
         CELL_TAG: cell.label,
         CELL_ID_TAG: plan.cell_id(index),
         VIDEO_TAG: str(result.video),
+        "framecast.replica": str(replica),  # which of the sweep's pipeline replicas made it
+        "framecast.frames_sha256": result.frames_sha256,
         **{f"framecast.warning.{k}": v for k, v in result.warnings.items()},
         **({"framecast.clarity_error": result.clarity_error} if result.clarity_error else {}),
     }

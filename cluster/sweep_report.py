@@ -87,31 +87,46 @@ def _panels(axes: dict[str, list]) -> tuple[list, list, list[tuple]]:
     return rows, columns, list(itertools.product(*rest))
 
 
-def heatmap(axes: dict[str, list], outcomes: list[CellOutcome], key: str, path: Path) -> Path:
-    """One metric over the first two axes (a panel per combination of the others), clearer cells
-    brighter whichever way the metric runs, the clearest outlined."""
+def panel_values(axes: dict[str, list], outcomes: list[CellOutcome], key: str) -> list[tuple[tuple, np.ndarray]]:
+    """The metric over the first two axes: (values of the other axes, rows x columns array, NaN
+    where a cell has no figure), one per combination of the other axes."""
     names = list(axes)
     rows, columns, panels = _panels(axes)
     by_values = {o.cell.values: o for o in outcomes}
-    sign = CLEARER.get(key.removeprefix("clarity/"))
-    best = best_cells(outcomes).get(key)
-    fig = Figure(figsize=(1.2 + 1.1 * len(columns) * len(panels), 1.4 + 0.6 * len(rows)), layout="constrained")
-    figures = [o.metrics[key] for o in outcomes if not math.isnan(o.metrics.get(key, math.nan))]
-    low, high = (min(figures), max(figures)) if figures else (0.0, 1.0)  # one colour scale for every panel
-    for p, rest in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), p + 1)
+    out = []
+    for rest in panels:
         grid = np.full((len(rows), len(columns)), np.nan)
         for (i, row), (j, column) in itertools.product(enumerate(rows), enumerate(columns)):
             values = (row,) + ((column,) if column is not None else ()) + rest
             outcome = by_values.get(tuple(zip(names, values, strict=True)))
             if outcome is not None:
                 grid[i, j] = outcome.metrics.get(key, np.nan)
+        out.append((rest, grid))
+    return out
+
+
+def heatmap(axes: dict[str, list], outcomes: list[CellOutcome], key: str, path: Path) -> Path:
+    """One metric over the first two axes (a panel per combination of the others) on one colour
+    scale, clearer cells brighter whichever way the metric runs, the clearest outlined."""
+    names = list(axes)
+    rows, columns, _ = _panels(axes)
+    sign = CLEARER.get(key.removeprefix("clarity/"))
+    best = best_cells(outcomes).get(key)
+    best_at = None if best is None else best[0].cell.values
+    panels = panel_values(axes, outcomes, key)
+    fig = Figure(figsize=(1.2 + 1.1 * len(columns) * len(panels), 1.4 + 0.6 * len(rows)), layout="constrained")
+    figures = np.concatenate([grid.ravel() for _, grid in panels])
+    low, high = (np.nanmin(figures), np.nanmax(figures)) if not np.isnan(figures).all() else (0.0, 1.0)
+    for p, (rest, grid) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r" if sign == -1 else "viridis", vmin=low, vmax=high,
+                  aspect="auto")  # fmt: skip
+        for (i, row), (j, column) in itertools.product(enumerate(rows), enumerate(columns)):
             text = "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3g}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color=_ink(grid[i, j], low, high, sign))
-            if best is not None and outcome is best[0]:
+            values = (row,) + ((column,) if column is not None else ()) + rest
+            if best_at == tuple(zip(names, values, strict=True)):
                 ax.add_patch(_outline(i, j))
-        cmap = "viridis_r" if sign == -1 else "viridis"
-        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=low, vmax=high, aspect="auto")
         ax.set_yticks(range(len(rows)), [str(r) for r in rows])
         ax.set_ylabel(names[0])
         ax.set_xticks(range(len(columns)), [str(c) if c is not None else "" for c in columns])

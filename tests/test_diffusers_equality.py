@@ -22,7 +22,7 @@ CASES = [
 
 def stock_diffusers(spec, weights, r):
     pipe = CogVideoXPipeline.from_pretrained(weights, dtype=spec.torch_dtype())
-    pipe.scheduler = spec.components["scheduler"].load_class().from_config(pipe.scheduler.config)
+    pipe.scheduler = spec.scheduler_class(r.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(
         prompt=r.prompt,
@@ -32,6 +32,7 @@ def stock_diffusers(spec, weights, r):
         num_frames=r.num_frames,
         height=r.height,
         width=r.width,
+        use_dynamic_cfg=r.dynamic_guidance,
     )
     latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="latent").frames
     frames = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="np").frames[0]
@@ -60,6 +61,26 @@ def assert_equal_to_stock(spec, weights, executor, case, padding=0):
 @pytest.mark.parametrize("case", CASES, ids=["cfg", "no-cfg"])
 def test_local_equals_diffusers(tiny_spec, tiny_weights, case):
     assert_equal_to_stock(tiny_spec, tiny_weights, LocalExecutor(tiny_spec, tiny_weights), case)
+
+
+def test_dynamic_guidance_equals_diffusers(tiny_spec, tiny_weights):
+    """`--dynamic-guidance` is diffusers' use_dynamic_cfg, and it changes the video."""
+    case = dict(CASES[0], dynamic_guidance=True)
+    executor = LocalExecutor(tiny_spec, tiny_weights)
+    assert_equal_to_stock(tiny_spec, tiny_weights, executor, case)
+    plain, dynamic = (framecast(executor, build_request(tiny_spec, **c))[0] for c in (CASES[0], case))
+    assert (plain - dynamic).abs().max() > 1e-3
+
+
+def test_chosen_scheduler_equals_diffusers(tiny_spec, tiny_weights):
+    """A request's scheduler (tiny's weights ship DDIM; DPM chosen) is built from the weights'
+    config, as diffusers' docs swap it in."""
+    case = dict(CASES[0], scheduler="dpm")
+    executor = LocalExecutor(tiny_spec, tiny_weights)
+    assert build_request(tiny_spec, **case).scheduler == "CogVideoXDPMScheduler"
+    assert_equal_to_stock(tiny_spec, tiny_weights, executor, case)
+    ddim, dpm = (framecast(executor, build_request(tiny_spec, **c))[0] for c in (CASES[0], case))
+    assert (ddim - dpm).abs().max() > 1e-3
 
 
 def test_rope_and_dpm_equal_diffusers(rope_spec, rope_weights):

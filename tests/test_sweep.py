@@ -1,0 +1,234 @@
+"""`framecast sweep`: a grid of settings at one seed, one parent MLflow run with a child per cell,
+resumable, with a summary (table, heatmaps, side-by-side frames) whose numbers are the cells'."""
+
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+import cluster.sweep as sweep_module
+from cluster.cli import main
+from cluster.driver import generate, make_executor
+from cluster.settings import resolve_settings
+from cluster.sweep import CellOutcome, parse_grid, plan_sweep, run_sweep
+from cluster.sweep_report import SHEET_TILE_WIDTH, panel_values
+from stages.clarity import CLEARER
+from stages.errors import InvalidRequest
+from stages.models import load_spec
+from stages.video_io import read_frame
+
+GRID = ["--grid", "steps=1,2", "--grid", "guidance=1,6"]
+
+
+def run_cli(capsys, tmp_path, experiment, *extra):
+    argv = ["sweep", "--local", "--prompt", "a red fox in snow", *GRID, "--frames", "9", "--seed", "42", "--json",
+            "--experiment", experiment, "--output-dir", str(tmp_path / "out"), *extra]  # fmt: skip
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if out.strip() else None), err
+
+
+def children(client: MlflowClient, parent: str) -> list:
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_grid_parsing():
+    grid = parse_grid(["steps=30,40,50", "guidance=6,7.5", "scheduler=ddim,dpm", "dynamic-guidance=off,on"])
+    assert grid == {"steps": [30, 40, 50], "guidance": [6.0, 7.5], "scheduler": ["ddim", "dpm"],
+                    "dynamic_guidance": [False, True]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "texts, message",
+    [
+        (["seed=1,2"], "unknown axis 'seed'; axes: steps, guidance"),
+        (["steps"], "expected AXIS=V1,V2,... e.g. steps=30,40,50"),
+        (["steps=30,x"], "steps values are ints (got 'x')"),
+        (["steps=30,30"], "a value is repeated"),
+        (["steps=1", "steps=2"], "--grid steps is given twice"),
+        (["dynamic_guidance=maybe"], "dynamic_guidance values are true or false"),
+    ],
+)
+def test_bad_grids(texts, message):
+    with pytest.raises(InvalidRequest, match=re.escape(message)):
+        parse_grid(texts)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--grid", "steps=1,2000"], "cell steps=2000,guidance=1.0: steps must be at most 200 for tiny"),
+        (["--steps", "3", "--grid", "steps=1,2"], "--steps is also a --grid axis; give it in one place"),
+        (["--replicas", "2"], "--local runs in one process; --replicas 2 needs Ray"),
+        (["--sheet-frame", "9"], "--sheet-frame 9 is out of range; the shortest cell has 9 frames (0..8)"),
+        (["--grid", "scheduler=euler"], "unknown scheduler 'euler' for tiny"),
+        (["--duration", "2"], "--duration sets the frames from the fps; drop --frames"),
+    ],
+)
+def test_bad_sweeps_are_refused_before_any_work(tmp_path, capsys, extra, message):
+    argv = ["sweep", "--local", "--prompt", "a fox", "--frames", "9", "--output-dir", str(tmp_path), *extra,
+            "--grid", "guidance=1"]  # fmt: skip
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written, no run started
+
+
+def test_sweep_parent_children_and_summary(tmp_path, capsys):
+    code, result, err = run_cli(capsys, tmp_path, "sweep-summary")
+    assert code == 0, err
+    assert (result["cells"], result["ran"], result["reused"], result["failed"]) == (4, 4, 0, 0)
+    assert result["prompt_encodings"] == 1  # one prompt: encoded once, guidance 1 and 6 alike
+
+    client = MlflowClient()
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["framecast.kind"] == "sweep"
+    assert parent.data.params["grid.steps"] == "1,2" and parent.data.params["grid.guidance"] == "1.0,6.0"
+    assert parent.data.params["seed"] == "42" and parent.data.metrics["cells_ran"] == 4
+    runs = children(client, parent.info.run_id)
+    assert len(runs) == 4
+    by_label = {r.data.tags["framecast.sweep_cell"]: r for r in runs}
+    assert set(by_label) == {"steps=1,guidance=1.0", "steps=1,guidance=6.0", "steps=2,guidance=1.0",
+                             "steps=2,guidance=6.0"}  # fmt: skip
+    for label, run in by_label.items():
+        steps, guidance = (part.split("=")[1] for part in label.split(","))
+        assert run.info.status == "FINISHED"
+        assert (run.data.params["steps"], run.data.params["guidance_scale"]) == (steps, guidance)
+        assert run.data.params["seed"] == "42"  # the same seed in every cell
+        assert any(a.path.endswith(".mp4") for a in client.list_artifacts(run.info.run_id))
+    digests = {r.data.tags["framecast.frames_sha256"] for r in runs}
+    assert len(digests) == 4  # four different videos
+
+    # The table on the parent run holds each child's figures.
+    table = Path(client.download_artifacts(parent.info.run_id, "summary/table.csv", str(tmp_path / "dl")))
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    assert len(rows) == 4
+    for row in rows:
+        run = by_label[f"steps={row['steps']},guidance={row['guidance']}"]
+        assert row["status"] == "ran"
+        for key in ("clarity/sharpness_laplacian_var", "clarity/blur_effect", "clarity/warp_error", "total_s"):
+            assert math.isclose(float(row[key]), run.data.metrics[key], rel_tol=1e-5)
+    markdown = client.download_artifacts(parent.info.run_id, "summary/table.md", str(tmp_path / "dl"))
+    assert Path(markdown).read_text().startswith("| steps | guidance | status | clarity/sharpness_laplacian_var |")
+
+    # A heatmap per clarity metric, over steps (rows) x guidance (columns), with the children's figures.
+    heatmaps = {a.path for a in client.list_artifacts(parent.info.run_id, "summary/heatmaps")}
+    keys = [k for k in parent.data.metrics if k.startswith("best/")]
+    assert heatmaps == {f"summary/heatmaps/{k}.png" for k in
+                        ("sharpness_laplacian_var", "sharpness_laplacian_var_min", "tenengrad", "blur_effect",
+                         "noise_sigma", "flicker_mae", "flicker_score", "motion_magnitude", "warp_error")}  # fmt: skip
+    png = client.download_artifacts(parent.info.run_id, "summary/heatmaps/blur_effect.png", str(tmp_path / "dl"))
+    assert Image.open(png).size[0] > 200
+    outcomes = [CellOutcome(sweep_module.Cell((("steps", int(s)), ("guidance", float(g)))), "ran",
+                            dict(by_label[f"steps={s},guidance={g}"].data.metrics))
+                for s in ("1", "2") for g in ("1.0", "6.0")]  # fmt: skip
+    [((), grid)] = panel_values({"steps": [1, 2], "guidance": [1.0, 6.0]}, outcomes, "clarity/blur_effect")
+    for i, s in enumerate(("1", "2")):
+        for j, g in enumerate(("1.0", "6.0")):
+            assert grid[i, j] == by_label[f"steps={s},guidance={g}"].data.metrics["clarity/blur_effect"]
+
+    # The best cell per metric, on the parent and in the JSON, is the clearest child.
+    assert len(keys) == len(result["best"]) == 8  # every clarity metric but motion, which ranks nothing
+    for key, best in result["best"].items():
+        sign = CLEARER[key.removeprefix("clarity/")]
+        clearest = max(runs, key=lambda r: sign * r.data.metrics[key])
+        assert best["cell"] == clearest.data.tags["framecast.sweep_cell"]
+        assert parent.data.metrics[f"best/{key}"] == clearest.data.metrics[key]
+        assert parent.data.tags[f"framecast.best.{key.removeprefix('clarity/')}"] == best["cell"]
+
+    # The same frame of every cell, side by side: steps down, guidance across.
+    sheet = np.asarray(Image.open(client.download_artifacts(parent.info.run_id, "summary/frames.png",
+                                                            str(tmp_path / "dl"))))  # fmt: skip
+    tile_w, tile_h = sheet.shape[1] // 2, sheet.shape[0] // 2
+    assert tile_w == SHEET_TILE_WIDTH + 4
+    for i, s in enumerate(("1", "2")):
+        for j, g in enumerate(("1.0", "6.0")):
+            video = by_label[f"steps={s},guidance={g}"].data.tags["framecast.video"]
+            frame = Image.fromarray(read_frame(Path(video), 4))  # the middle of 9 frames
+            frame = np.asarray(frame.resize((SHEET_TILE_WIDTH, SHEET_TILE_WIDTH * 64 // 96), Image.LANCZOS))
+            bottom, left = (i + 1) * tile_h - 2, j * tile_w + 2  # each tile: 2 px border, label, frame
+            tile = sheet[bottom - frame.shape[0] : bottom, left : left + SHEET_TILE_WIDTH]
+            assert np.abs(tile.astype(int) - frame).mean() < 1.0
+
+
+def test_interrupted_sweep_resumes(tmp_path, capsys, monkeypatch):
+    tracked = []
+    real_track = sweep_module._track_cell
+
+    def interrupting(*args, **kwargs):
+        if len(tracked) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the third cell is being recorded
+        tracked.append(real_track(*args, **kwargs))
+        return tracked[-1]
+
+    monkeypatch.setattr(sweep_module, "_track_cell", interrupting)
+    code, _, err = run_cli(capsys, tmp_path, "sweep-resume")
+    assert code == 130
+    assert "interrupted; the cells finished so far are kept: run the same command to resume" in err
+    client = MlflowClient()
+    parent_id = client.get_run(tracked[0].run_id).data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    assert len(children(client, parent_id)) == 2
+
+    # One of the two finished cells loses its run's FINISHED status (say, killed while logging):
+    # it must be done again; the other is reused.
+    client.set_terminated(tracked[1].run_id, "FAILED")
+    monkeypatch.setattr(sweep_module, "_track_cell", real_track)
+    code, result, err = run_cli(capsys, tmp_path, "sweep-resume")
+    assert code == 0, err
+    assert result["parent_run_id"] == parent_id
+    assert (result["cells"], result["ran"], result["reused"]) == (4, 3, 1)
+    reused = [o for o in result["outcomes"] if o["status"] == "reused"]
+    assert [o["run_id"] for o in reused] == [tracked[0].run_id]
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    finished = [r for r in children(client, parent_id) if r.info.status == "FINISHED"]
+    assert len(finished) == 4
+    # Run again: everything is reused, nothing is encoded or generated.
+    code, again, _ = run_cli(capsys, tmp_path, "sweep-resume")
+    assert (again["ran"], again["reused"], again["prompt_encodings"]) == (0, 4, 0)
+    assert again["best"] == result["best"]
+
+
+def test_duration_sweep_derives_frames_per_cell(tmp_path, capsys):
+    argv = ["sweep", "--local", "--prompt", "a fox", "--grid", "fps=8,12,16", "--duration", "2", "--steps", "1",
+            "--json", "--experiment", "sweep-duration", "--output-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    client = MlflowClient()
+    frames = {o["label"]: client.get_run(o["run_id"]).data.params["num_frames"] for o in result["outcomes"]}
+    assert frames == {"fps=8": "17", "fps=12": "25", "fps=16": "33"}
+    assert "2 s at 8 fps = 16 frames -> 17 (tiny makes 8k+1 frames, 9 to 33; 2.12 s)" in err
+    assert "2 s at 12 fps = 24 frames -> 25" in err and "2 s at 16 fps = 32 frames -> 33" in err
+
+
+def test_preset_ranges_become_axes(tmp_path):
+    spec = load_spec("tiny")
+    settings = resolve_settings(spec, {"frames": 9}, "quick", swept=frozenset({"guidance"}))
+    plan = plan_sweep("tiny", "a fox", {"guidance": [5.0, 6.0]}, settings, seed=3, local=True)
+    assert plan.axes == {"guidance": [5.0, 6.0], "steps": [10, 15, 20]}  # the user's axis, then the preset's
+    assert len(plan.cells) == 6 and {j.request.seed for j in plan.jobs} == {3}
+
+
+def test_replicas_equal_single_process(ray_session, tmp_path, tiny_spec, tiny_weights):
+    """Two pipeline replicas on Ray (2 CPUs: room for two) share the cells; each cell's frames
+    equal the same settings generated in one process."""
+    settings = resolve_settings(tiny_spec, {"frames": 9})
+    plan = plan_sweep("tiny", "a lighthouse at dusk", {"steps": [1, 2], "guidance": [1.0, 6.0]}, settings, seed=5)
+    result = run_sweep(plan, output_dir=tmp_path, replicas=2, experiment="sweep-replicas")
+    assert result.count("ran") == 4 and result.encodings == 1
+    client = MlflowClient()
+    runs = {o.cell.label: client.get_run(o.run_id) for o in result.outcomes}
+    assert {r.data.tags["framecast.replica"] for r in runs.values()} == {"0", "1"}
+    local = make_executor(plan.jobs[0], local=True)
+    for index, cell in enumerate(plan.cells):
+        alone = generate(plan.jobs[index], local, tmp_path / f"alone{index}.mp4")
+        assert runs[cell.label].data.tags["framecast.frames_sha256"] == alone.frames_sha256
