@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from tqdm import tqdm
 
-from cluster.tracking import DEFAULT_EXPERIMENT, log_run
+from cluster.tracking import DEFAULT_EXPERIMENT, log_run, warning_tags
 from stages.errors import InvalidRequest
 
 EXIT_FAILED = 1
@@ -344,7 +344,7 @@ def _track(result, job, jobs: int, args: argparse.Namespace, tracking_uri: str, 
     """Record a written video's run in MLflow. A failure is kept on the result and said at once:
     the video is already written."""
     name = f"{job.spec.name}-seed{job.request.seed}" + (f"-job{result.index}" if jobs > 1 else "")
-    tags = {f"framecast.warning.{key}": line for key, line in result.warnings.items()}
+    tags = warning_tags(result.warnings)
     if result.clarity_error:
         tags["framecast.clarity_error"] = result.clarity_error
     try:
@@ -412,11 +412,10 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
     except InvalidRequest as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    warned = {}
-    for job in plan.jobs:
-        for key, line in job.warnings.items():
-            warned.setdefault(key, line)
-    _say(plan.notes, list({**settings.warnings, **warned}.values()))
+    except Exception as e:  # Ray could not be started or joined
+        print(f"framecast: error: {_first_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    _say(plan.notes, [line for job in plan.jobs for line in job.warnings.values()])
     print(f"sweep of {len(plan.cells)} cells over {', '.join(plan.axes)}; seed {plan.seed}", file=sys.stderr)
 
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
@@ -441,6 +440,10 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
         print("framecast: interrupted; the cells finished so far are kept: run the same command to resume",
               file=sys.stderr)  # fmt: skip
         return 130
+    except InvalidRequest as e:  # what only the running cluster can tell
+        bar.close()
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
     except Exception as e:
         bar.close()
         if os.environ.get("FRAMECAST_DEBUG"):
@@ -454,12 +457,12 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
         _print_sweep(result, tracking_uri, args.experiment)
     if result.count("failed"):
         return EXIT_FAILED
-    return EXIT_INCOMPLETE if result.count("unmeasured") else 0
+    return EXIT_INCOMPLETE if result.count("unmeasured") + result.count("untracked") else 0
 
 
 def _replicas(args: argparse.Namespace, world_size: int) -> int:
     """The replicas asked for, or as many as the Ray cluster has room for (starting Ray if needed)."""
-    from cluster.runtime import connect, replicas_that_fit
+    from cluster.runtime import connect, plan_resources, replicas_that_fit
 
     connect(args.address, quiet=args.json)
     fit = replicas_that_fit(workers=world_size)
@@ -468,7 +471,9 @@ def _replicas(args: argparse.Namespace, world_size: int) -> int:
             f"--replicas {args.replicas} needs {args.replicas * world_size} GPUs (or CPU cores without GPUs) for "
             f"{world_size} denoiser rank(s) each; the Ray cluster has room for {fit}"
         )
-    return args.replicas or fit
+    replicas = args.replicas or fit
+    plan_resources(workers=world_size, decoders=args.decoders, replicas=replicas)  # e.g. too few GPUs: refused here
+    return replicas
 
 
 def _print_sweep(result, tracking_uri: str, experiment: str) -> None:
@@ -503,7 +508,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     rules = heuristics(spec, args.prompt, size)
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
-    ranked, runs = measured(args.model, args.metric, args.prompt, args.experiment, tracking_uri)
+    try:
+        ranked, runs = measured(spec.name, args.metric, args.prompt, args.experiment, tracking_uri)
+    except Exception as e:
+        print(f"framecast: error: cannot read past runs from {tracking_uri}: {_first_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
     where = f"experiment {args.experiment!r}" if args.experiment else "all experiments"
     if args.json:
         print(json.dumps({

@@ -189,6 +189,7 @@ class RayExecutor:
         cluster_layout: ClusterLayout | None = None,
         decoders: int = 1,
         replicas: int = 1,
+        encoder: bool = True,
     ):
         self.spec, self.weights = spec, weights
         self.layout = layout or ParallelLayout()
@@ -210,7 +211,7 @@ class RayExecutor:
                 self.plan,
                 self.cluster_layout.denoiser_placement,
             )
-            self.side["encode"] = [self._side_actor("encode", 0)]
+            self.side["encode"] = [self._side_actor("encode", 0)] if encoder else []
             self.side["decode"] = [self._side_actor("decode", d) for d in range(decoders)]
             self.side["measure"] = [self._side_actor("measure", 0)]
             starting = {stage: [a.start.remote() for a in actors] for stage, actors in self.side.items()}
@@ -225,7 +226,7 @@ class RayExecutor:
         except BaseException:
             self.close()
             raise
-        self._devices = {stage: ray.get(refs[0]) for stage, refs in starting.items()}  # each stage's first actor
+        self._devices = {stage: ray.get(refs[0]) for stage, refs in starting.items() if refs}  # first actor of each
 
     def _side_actor(self, stage: str, index: int):
         if stage == "encode":
@@ -241,6 +242,8 @@ class RayExecutor:
     def actors(self, stage: str) -> list[Any]:
         if self.denoiser_down is not None:  # the jobs after it cannot be denoised; say why
             raise self.denoiser_down
+        if stage == "encode" and not self.side["encode"]:
+            raise ValueError("this executor was built without a text encoder; encode the prompts elsewhere")
         return self.group.actors if stage == "denoise" else self.side[stage]
 
     def call(self, stage: str, method: str, *args: Any, progress: StepCallback | None = None) -> StageCall:

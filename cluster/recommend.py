@@ -17,13 +17,16 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from cluster.settings import REQUEST_FIELDS
+from cluster.tracking import TIMING_METRICS
 from stages.clarity import CLEARER
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec
 
-TIMINGS = ("total_s", "denoise_s", "s_per_step", "decode_s", "measure_s")  # lower is better
-# The settings runs are grouped by: run params, in the order shown.
-SETTING_PARAMS = ("steps", "guidance_scale", "num_frames", "fps", "height", "width", "scheduler", "dynamic_guidance")
+# The settings runs are grouped by: the request fields of every setting, as run params.
+SETTING_PARAMS = tuple(REQUEST_FIELDS.values())
+# What a run from before a setting existed had: its default.
+PARAM_DEFAULTS = {"dynamic_guidance": "False"}
 
 # Word lists behind the heuristics (lower-case word stems; a prompt word matches a stem it starts with).
 MOTION_WORDS = ("run", "danc", "jump", "fly", "flie", "race", "racing", "chas", "spin", "explod", "crash", "fight",
@@ -113,9 +116,9 @@ def metric_direction(metric: str) -> int:
     key = metric.removeprefix("clarity/")
     if metric.startswith("clarity/") and key in CLEARER:
         return CLEARER[key]
-    if metric in TIMINGS:
+    if metric in TIMING_METRICS:
         return -1
-    allowed = [f"clarity/{k}" for k in CLEARER] + list(TIMINGS)
+    allowed = [f"clarity/{k}" for k in CLEARER] + list(TIMING_METRICS)
     raise InvalidRequest(f"--metric {metric} does not rank settings; choose one of {', '.join(allowed)}")
 
 
@@ -145,7 +148,7 @@ def measured(
             break
     groups = defaultdict(list)
     for run in runs:
-        key = tuple(run.data.params.get(name, "") for name in SETTING_PARAMS)
+        key = tuple(run.data.params.get(name, PARAM_DEFAULTS.get(name, "")) for name in SETTING_PARAMS)
         groups[key].append((run.data.metrics[metric], run.data.params.get("prompt") == prompt))
     ranked = [
         MeasuredSetting(

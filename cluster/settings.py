@@ -15,17 +15,19 @@ from stages.models import ModelSpec
 from stages.presets import Preset, load_preset, resolve_preset
 from stages.request import frames_for_duration
 
-# Setting names users type (flags, grid axes, presets) -> GenerationRequest fields.
-REQUEST_FIELDS = {
-    "steps": "steps",
-    "guidance": "guidance_scale",
-    "frames": "num_frames",
-    "fps": "fps",
-    "height": "height",
-    "width": "width",
-    "scheduler": "scheduler",
-    "dynamic_guidance": "dynamic_guidance",
+# Setting names users type (flags, grid axes, presets) -> (GenerationRequest field, value type).
+# The seed is not among them: it names the sample, not a setting to compare.
+SETTINGS: dict[str, tuple[str, type]] = {
+    "steps": ("steps", int),
+    "guidance": ("guidance_scale", float),
+    "frames": ("num_frames", int),
+    "fps": ("fps", int),
+    "height": ("height", int),
+    "width": ("width", int),
+    "scheduler": ("scheduler", str),
+    "dynamic_guidance": ("dynamic_guidance", bool),
 }
+REQUEST_FIELDS = {name: field_name for name, (field_name, _) in SETTINGS.items()}
 
 
 @dataclass
@@ -93,8 +95,8 @@ def resolve_settings(
     if preset is not None:
         p = load_preset(preset)
         # What the user set, swept or derived from a duration is not the preset's to fill.
-        taken = {**given, **dict.fromkeys(swept, "swept"), **({"frames": "duration"} if duration else {})}
-        resolved = resolve_preset(p, spec, taken)
+        taken = frozenset(given) | swept | ({"frames"} if duration is not None else set())
+        resolved = resolve_preset(p, spec, taken, given.get("fps"))
         settings.values = {**resolved.settings, **given}
         settings.preset = p
         settings.prompt_suffix = p.prompt_suffix

@@ -31,22 +31,13 @@ from mlflow.utils.time import get_current_time_millis
 
 from cluster import sweep_report
 from cluster.driver import Job, JobFailed, encode_once, make_executor, prepare_variants, run_stream
-from cluster.settings import REQUEST_FIELDS, Settings
-from cluster.tracking import child_runs, log_run, open_parent_run
+from cluster.settings import REQUEST_FIELDS, SETTINGS, Settings
+from cluster.tracking import WARNING_TAG, child_runs, log_run, open_parent_run, warning_tags
 from stages.errors import InvalidRequest
 from stages.models import load_spec
 
-# Grid axes and how their values are read. Not the seed: a sweep holds it fixed.
-AXES: dict[str, type] = {
-    "steps": int,
-    "guidance": float,
-    "frames": int,
-    "fps": int,
-    "height": int,
-    "width": int,
-    "scheduler": str,
-    "dynamic_guidance": bool,
-}
+# Grid axes: every setting (cluster.settings.SETTINGS), read as its type. A sweep holds the seed fixed.
+AXES: dict[str, type] = {name: kind for name, (_, kind) in SETTINGS.items()}
 TRUE, FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 SWEEP_TAG, CELL_TAG, CELL_ID_TAG = "framecast.sweep_id", "framecast.sweep_cell", "framecast.cell_id"
 VIDEO_TAG = "framecast.video"  # where the cell's video was written
@@ -120,13 +111,23 @@ class SweepPlan:
         return _digest([self.model, str(self.jobs[0].weights), list(self.axes), cells])
 
     def cell_id(self, index: int) -> str:
+        """What decides the cell's video: model, weights, request, and the decode tiles (tiling
+        changes the frames; how many decoders share the tiles does not)."""
         job = self.jobs[index]
-        return _digest([self.model, str(job.weights), job.request.as_dict()])
+        tiling = {k: v for k, v in job.decode_params().items() if k != "decoders"}
+        return _digest([self.model, str(job.weights), job.request.as_dict(), tiling])
 
     def params(self) -> dict[str, str]:
-        """The parent run's params: what the sweep holds fixed, and each axis's values."""
-        r = self.jobs[0].request
-        fixed = {k: str(v) for k, v in r.as_dict().items() if k not in {REQUEST_FIELDS[a] for a in self.axes}}
+        """The parent run's params: what every cell has alike, each axis's values, and the values
+        of other fields that differ between cells (`derived.num_frames`: frames from a duration)."""
+        swept = {REQUEST_FIELDS[a] for a in self.axes}
+        seen: dict[str, list[str]] = {}
+        for job in self.jobs:
+            for key, value in job.request.as_dict().items():
+                if key not in swept and str(value) not in seen.setdefault(key, []):
+                    seen[key].append(str(value))
+        fixed = {k: v[0] for k, v in seen.items() if len(v) == 1}
+        fixed |= {f"derived.{k}": ",".join(v) for k, v in seen.items() if len(v) > 1}
         axes = {f"grid.{axis}": ",".join(str(v) for v in values) for axis, values in self.axes.items()}
         return {
             "model": self.model, **fixed, **axes, "cells": str(len(self.cells)),
@@ -167,13 +168,23 @@ def plan_sweep(
         variants.append((settings.prompt(prompt), {**kwargs, "seed": seed}))
     labels = [f"cell {cell.label}" for cell in cells]
     jobs = prepare_variants(model, variants, labels, **placement)
-    return SweepPlan(model, settings.prompt(prompt), seed, axes, cells, jobs, settings, notes)
+    for job in jobs:
+        job.warnings = {**settings.warnings, **job.warnings}
+    plan = SweepPlan(model, settings.prompt(prompt), seed, axes, cells, jobs, settings, notes)
+    first: dict[str, Cell] = {}
+    for index, cell in enumerate(cells):  # e.g. scheduler=ddim,CogVideoXDDIMScheduler
+        same = first.setdefault(plan.cell_id(index), cell)
+        if same is not cell:
+            raise InvalidRequest(f"cells {same.label} and {cell.label} are the same generation; list each value once")
+    return plan
 
 
 @dataclass
 class CellOutcome:
     cell: Cell
-    status: str  # "ran", "reused", "failed" (no video) or "unmeasured" (a video without clarity)
+    # "ran", "reused", "failed" (no video), "unmeasured" (a video without clarity figures) or
+    # "untracked" (a video and figures, but its run could not be recorded)
+    status: str
     metrics: dict[str, float] = field(default_factory=dict)
     video: Path | None = None
     run_id: str | None = None
@@ -211,7 +222,7 @@ class SweepResult:
             "sweep_id": self.sweep_id,
             "parent_run_id": self.parent_run_id,
             "cells": len(self.outcomes),
-            "ran": self.count("ran") + self.count("unmeasured"),
+            "ran": self.count("ran") + self.count("unmeasured") + self.count("untracked"),
             "reused": self.count("reused"),
             "failed": self.count("failed"),
             "prompt_encodings": self.encodings,
@@ -241,19 +252,19 @@ def run_sweep(
     """Run the cells not finished before, track each as a child run, and write the summary.
 
     The parent run is FINISHED when every cell has its video and figures, FAILED otherwise (a
-    rerun does the rest), KILLED if interrupted. A cell's video is written before its run is
-    tracked; a cell whose run is not FINISHED is done again on a rerun.
+    cell or the sweep failed: a rerun does the rest), KILLED if interrupted. A cell's video is
+    written before its run is tracked; a cell whose run is not FINISHED is done again on a rerun.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
-    directory = output_dir / f"sweep-{plan.model}-{plan.sweep_id}"
+    directory = output_dir.resolve() / f"sweep-{plan.model}-{plan.sweep_id}"
     directory.mkdir(parents=True, exist_ok=True)
     parent, _ = open_parent_run(
         client, experiment, {SWEEP_TAG: plan.sweep_id, "framecast.kind": "sweep"}, plan.params(),
         run_name=f"sweep-{plan.model}-seed{plan.seed}",
     )  # fmt: skip
-    outcomes: dict[int, CellOutcome] = _finished_cells(client, parent, plan, directory)
     encodings = 0
     try:
+        outcomes: dict[int, CellOutcome] = _finished_cells(client, parent, plan, directory)
         todo = [i for i in range(len(plan.cells)) if i not in outcomes]
         if todo:
             pipelines = Replicas(plan.jobs[todo[0]], min(replicas or 1, len(todo)), local)
@@ -269,8 +280,9 @@ def run_sweep(
         summary = _summarize(plan, ordered, directory, sheet_frame)
         best = sweep_report.best_cells(ordered)
         _record_summary(client, parent, ordered, summary, best)
-    except BaseException:
-        client.set_terminated(parent, RunStatus.to_string(RunStatus.KILLED))
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        client.set_terminated(parent, RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
         raise
     complete = all(o.status in ("ran", "reused") for o in ordered)
     client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED if complete else RunStatus.FAILED))
@@ -307,8 +319,7 @@ def _local_video(client: MlflowClient, run, directory: Path) -> Path | None:
 
 
 def _warnings_of(tags: dict[str, str]) -> dict[str, str]:
-    prefix = "framecast.warning."
-    return {k.removeprefix(prefix): v for k, v in tags.items() if k.startswith(prefix)}
+    return {k.removeprefix(WARNING_TAG): v for k, v in tags.items() if k.startswith(WARNING_TAG)}
 
 
 class Replicas:
@@ -317,7 +328,8 @@ class Replicas:
 
     def __init__(self, job: Job, count: int, local: bool):
         with ThreadPoolExecutor(count) as pool:  # the replicas' actors start at the same time
-            starting = [pool.submit(make_executor, job, local, count) for _ in range(count)]
+            # Only the first replica encodes (the prompt, once), so only it loads a text encoder.
+            starting = [pool.submit(make_executor, job, local, count, i == 0) for i in range(count)]
         self.executors = [s.result() for s in starting if s.exception() is None]
         failed = next((s.exception() for s in starting if s.exception() is not None), None)
         if failed is not None:
@@ -369,7 +381,7 @@ class Replicas:
         try:
             for thread in threads:
                 thread.start()
-            running = len(threads)
+            running, failure = len(threads), None
             while running:
                 try:
                     index, item, replica = results.get(timeout=0.5)  # a timeout, so that Ctrl-C is heard
@@ -378,9 +390,12 @@ class Replicas:
                 if item is finished:
                     running -= 1
                 elif isinstance(item, BaseException):
-                    raise item
+                    failure = failure or item
+                    stop.set()  # the others stop after their current cell, which is still yielded
                 else:
                     yield index, item, replica
+            if failure is not None:
+                raise failure
         finally:
             stop.set()
             self.close()  # a thread still waiting on its executor is woken by the error
@@ -414,7 +429,7 @@ def _track_cell(
         VIDEO_TAG: str(result.video),
         "framecast.replica": str(replica),  # which of the sweep's pipeline replicas made it
         "framecast.frames_sha256": result.frames_sha256,
-        **{f"framecast.warning.{k}": v for k, v in result.warnings.items()},
+        **warning_tags(result.warnings),
         **({"framecast.clarity_error": result.clarity_error} if result.clarity_error else {}),
     }
     status = "unmeasured" if result.clarity_error else "ran"
@@ -433,7 +448,7 @@ def _track_cell(
             parent_run_id=parent,
         )
     except Exception as e:
-        outcome.status, outcome.error = "unmeasured", f"tracking failed: {type(e).__name__}: {e}".splitlines()[0]
+        outcome.status, outcome.error = "untracked", f"tracking failed: {type(e).__name__}: {e}".splitlines()[0]
     return outcome
 
 
@@ -469,12 +484,13 @@ def sheet_frame_index(plan: SweepPlan, frame: int | None) -> int:
 def _record_summary(client: MlflowClient, parent: str, outcomes, summary: dict[str, Path], best) -> None:
     """The summary files, the cell counts and the best cell per metric, on the parent run."""
     now = get_current_time_millis()
-    counts = {status: sum(o.status == status for o in outcomes) for status in ("ran", "reused", "failed", "unmeasured")}
+    statuses = ("ran", "reused", "failed", "unmeasured", "untracked")
+    counts = {status: sum(o.status == status for o in outcomes) for status in statuses}
     metrics = [Metric(f"cells_{status}", float(n), now, 0) for status, n in counts.items()]
     metrics += [Metric(f"best/{key}", float(value), now, 0) for key, (_, value) in best.items()]
     tags = [RunTag(f"framecast.best.{key.removeprefix('clarity/')}", o.cell.label) for key, (o, _) in best.items()]
     warned = sorted({k for o in outcomes for k in o.warnings})
-    tags += [RunTag(f"framecast.warning.{k}", _warning_line(k, outcomes)) for k in warned]
+    tags += [RunTag(WARNING_TAG + k, _warning_line(k, outcomes)) for k in warned]
     client.log_batch(parent, metrics=metrics, tags=tags)
     with tempfile.TemporaryDirectory() as scratch:  # log_artifacts keeps the summary/ layout
         for name, path in summary.items():

@@ -15,13 +15,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
+from cluster.tracking import TIMING_METRICS
 from stages.clarity import CLEARER, METRICS
 from stages.video_io import read_frame
 
 if TYPE_CHECKING:
     from cluster.sweep import CellOutcome
 
-TIMINGS = ("total_s", "denoise_s", "s_per_step", "decode_s", "measure_s")
 # Frames on the side-by-side sheet are scaled to this width (pixels): small ones up, so that their
 # labels fit, large ones down, so that a big grid stays a readable picture.
 SHEET_TILE_WIDTH = 192
@@ -36,7 +36,7 @@ def clarity_keys(outcomes: list[CellOutcome]) -> list[str]:
 
 def table(axes: dict[str, list], outcomes: list[CellOutcome]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: the cell's axis values, its status, its clarity figures and timings."""
-    keys = clarity_keys(outcomes) + [t for t in TIMINGS if any(t in o.metrics for o in outcomes)]
+    keys = clarity_keys(outcomes) + [t for t in TIMING_METRICS if any(t in o.metrics for o in outcomes)]
     header = [*axes, "status", *keys]
     rows = []
     for o in outcomes:

@@ -18,6 +18,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.time import get_current_time_millis
 
 DEFAULT_EXPERIMENT = "framecast"
+# A generation's timings, as recorded (seconds; lower is better).
+TIMING_METRICS = ("total_s", "denoise_s", "s_per_step", "decode_s", "measure_s")
+WARNING_TAG = "framecast.warning."  # + the pitfall's name (stages.request.pitfalls)
+
+
+def warning_tags(warnings: dict[str, str]) -> dict[str, str]:
+    return {WARNING_TAG + name: line for name, line in warnings.items()}
 
 
 def log_run(
@@ -71,6 +78,8 @@ def open_parent_run(
     """The latest run with all of `tags`, set running again if there is one (an earlier try of
     the same work), else a new one with these tags and params. Returns (run id, whether it existed)."""
     exp = experiment_id(client, experiment)
+    if any("'" in v for v in tags.values()):  # MLflow's filter language has no escape for it
+        raise ValueError(f"tag values to search by must not contain a single quote: {tags}")
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     found = client.search_runs([exp], query, order_by=["attributes.start_time DESC"], max_results=1)
     if found:

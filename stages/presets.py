@@ -65,7 +65,7 @@ def known_presets() -> list[str]:
 
 def load_preset(name: str) -> Preset:
     path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if name not in known_presets():
         raise InvalidRequest(f"unknown preset {name!r}; known presets: {', '.join(known_presets())}")
     raw = yaml.safe_load(path.read_text()) or {}
     settings: dict[str, float | int | Range] = {}
@@ -87,19 +87,20 @@ def load_preset(name: str) -> Preset:
     )
 
 
-def resolve_preset(preset: Preset, spec: ModelSpec, explicit: dict[str, Any]) -> Resolved:
-    """The preset's settings for `spec`, under `explicit` (setting -> the user's value, or None
-    where the user set none; an axis the user sweeps counts as set)."""
+def resolve_preset(preset: Preset, spec: ModelSpec, taken: frozenset[str], fps: int | None = None) -> Resolved:
+    """The preset's settings for `spec`, except those in `taken` (set by the user, swept, or
+    derived from a duration: explicit settings win). `fps`: the user's, if given."""
     out = Resolved(settings={}, grid={})
     for key, value in preset.settings.items():
-        if explicit.get(key) is not None:
-            continue  # explicit settings win
+        if key in taken:
+            continue
         if isinstance(value, Range):
             out.grid[key] = value.values(integer=key in ("steps", "frames", "fps"))
         else:
             out.settings[key] = value
     if "frames" in out.settings:
-        fps = explicit.get("fps") or out.settings.get("fps") or spec.defaults.fps
+        if fps is None and "fps" not in taken:  # else fps is swept: the frames' seconds vary
+            fps = out.settings.get("fps", spec.defaults.fps)
         what = f"preset {preset.name}: {out.settings['frames']} frames"
         out.settings["frames"], note = frames_at_least(spec, int(out.settings["frames"]), what, fps)
         out.notes.append(note)

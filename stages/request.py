@@ -133,19 +133,20 @@ def frames_for_duration(spec: ModelSpec, seconds: float, fps: int) -> tuple[int,
     return frames_at_least(spec, wanted, f"{seconds:g} s at {fps} fps = {wanted} frames", fps)
 
 
-def frames_at_least(spec: ModelSpec, wanted: int, what: str, fps: int) -> tuple[int, str]:
+def frames_at_least(spec: ModelSpec, wanted: int, what: str, fps: int | None) -> tuple[int, str]:
     """The smallest frame count the model makes that is at least `wanted`, and a line saying so
-    (`what` names where `wanted` came from, e.g. "2 s at 12 fps = 24 frames")."""
+    (`what` names where `wanted` came from, e.g. "2 s at 12 fps = 24 frames"; `fps`, if known,
+    gives the seconds)."""
     step, (lo, hi) = spec.limits.frame_step, spec.limits.num_frames
     frames = max(lo, -(-(wanted - 1) // step) * step + 1)
     if frames > hi:
-        raise InvalidRequest(
-            f"{what}: more than the {hi} frames {spec.name} makes at most (at {fps} fps that is {hi / fps:.2f} s)"
-        )
+        longest = f" (at {fps} fps that is {hi / fps:.2f} s)" if fps else ""
+        raise InvalidRequest(f"{what}: more than the {hi} frames {spec.name} makes at most{longest}")
     rule = f"{spec.name} makes {step}k+1 frames, {lo} to {hi}" if step > 1 else f"{spec.name} makes {lo} to {hi}"
     if frames == wanted:
         return frames, f"{what}"
-    return frames, f"{what} -> {frames} ({rule}; {frames / fps:.2f} s)"
+    seconds = f"; {frames / fps:.2f} s" if fps else ""
+    return frames, f"{what} -> {frames} ({rule}{seconds})"
 
 
 # The articles' pitfalls, warned about (never refused): see docs/sweeps.md.

@@ -1,6 +1,7 @@
 """Presets, durations and the articles' pitfall warnings: from flags to request settings."""
 
 import json
+import re
 
 import pytest
 from mlflow import MlflowClient
@@ -54,6 +55,10 @@ def test_preset_fills_what_is_not_set_and_flags_win(spec):
     assert "steps" not in resolve_settings(spec, {}, "creative", swept=frozenset({"steps"})).values
     assert resolve_settings(spec, {"steps": 12}, "quick").preset_grid == {"guidance": [5.0, 5.5, 6.0]}
     assert resolve_settings(spec, {}, "product").warnings == {}
+    # fps swept under a preset with frames: its frames stay, said without seconds (they vary)
+    swept = resolve_settings(spec, {}, "product", swept=frozenset({"fps"}))
+    assert swept.values == {"steps": 45, "guidance": 8.5, "frames": 25}
+    assert swept.notes == ["preset product: 24 frames -> 25 (tiny makes 8k+1 frames, 9 to 33)"]
     assert "image-to-video" in resolve_settings(spec, {}, "preview").warnings["preset_kind"]
 
 
@@ -61,8 +66,9 @@ def test_ranges_are_refused_for_one_video(spec):
     with pytest.raises(InvalidRequest, match=r"preset quick gives ranges \(steps 10-20, guidance 5-6\): sweep them"):
         resolve_settings(spec, {}, "quick").require_single()
     resolve_settings(spec, {"steps": 10, "guidance": 5.0}, "quick").require_single()  # values picked: fine
-    with pytest.raises(InvalidRequest, match="unknown preset 'fast'; known presets: creative, daily"):
-        resolve_settings(spec, {}, "fast")
+    for name in ("fast", "../models/tiny"):
+        with pytest.raises(InvalidRequest, match=f"unknown preset '{re.escape(name)}'; known presets: creative, daily"):
+            resolve_settings(spec, {}, name)
 
 
 @pytest.mark.parametrize(
@@ -125,12 +131,14 @@ def test_generate_with_a_preset_warns_and_records(tmp_path, capsys):
 def test_generate_with_a_duration(tmp_path, capsys):
     code = main(
         ["generate", "--local", "--prompt", "a fox", "--steps", "1", "--duration", "1.5", "--fps", "12",
-         "--output", str(tmp_path / "v.mp4"), "--json", "--experiment", "presets"]
+         "--scheduler", "dpm", "--dynamic-guidance", "--output", str(tmp_path / "v.mp4"), "--json",
+         "--experiment", "presets"]
     )  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)
     assert result["params"]["num_frames"] == "25"
+    assert result["params"]["scheduler"] == "CogVideoXDPMScheduler" and result["params"]["dynamic_guidance"] == "True"
     assert "1.5 s at 12 fps = 18 frames -> 25 (tiny makes 8k+1 frames, 9 to 33; 2.08 s)" in err
     assert MlflowClient().get_run(result["run_id"]).data.params["duration_s"] == "1.5"
 

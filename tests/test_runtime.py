@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from cluster.runtime import load_cluster_layout, plan_resources
+from cluster.runtime import load_cluster_layout, plan_resources, replicas_that_fit
 from stages.errors import InvalidRequest
 
 
@@ -66,6 +66,30 @@ def test_the_clarity_panel_takes_cpu_cores_never_a_gpu(gpus, cpus):
     plan = plan_resources({"CPU": cpus, "GPU": gpus}, workers=gpus, decoders=1)
     assert plan.measure.num_gpus == 0 and plan.measure.beside_rank is None
     assert plan.measure.num_cpus == min(2, cpus) and plan.measure.env == {"OMP_NUM_THREADS": str(min(2, cpus))}
+
+
+@pytest.mark.parametrize(
+    "cluster, workers, fit",
+    [({"CPU": 2}, 1, 2), ({"CPU": 2}, 2, 1), ({"CPU": 1}, 2, 1), ({"CPU": 64, "GPU": 8}, 1, 8),
+     ({"CPU": 64, "GPU": 8}, 2, 4), ({"CPU": 64, "GPU": 8}, 3, 2), ({"CPU": 64, "GPU": 2}, 4, 1)],
+)  # fmt: skip
+def test_replicas_that_fit(cluster, workers, fit):
+    assert replicas_that_fit(cluster, workers) == fit
+
+
+def test_each_replica_is_planned_on_its_share():
+    """A sweep's replicas: 8 GPUs, 2 ranks each. Two replicas of 4 GPUs give the encoder and the
+    decoder a GPU each; four replicas of 2 GPUs put them beside the ranks."""
+    two = plan_resources({"CPU": 64, "GPU": 8}, workers=2, decoders=1, replicas=2)
+    assert [r.num_gpus for r in side_actors(two)] == [1.0, 1.0] and two.denoise.num_gpus == 1.0
+    assert 2 * (2 * two.denoise.num_gpus + sum(r.num_gpus for r in side_actors(two))) <= 8  # all fit at once
+    four = plan_resources({"CPU": 64, "GPU": 8}, workers=2, decoders=1, replicas=4)
+    assert [r.beside_rank for r in side_actors(four)] == [0, 1]
+    assert four.denoise.num_gpus == 0.8
+    cpu = plan_resources({"CPU": 2}, workers=1, decoders=1, replicas=2)
+    assert cpu.bundle == {"CPU": 1.0} and cpu.denoise.env["OMP_NUM_THREADS"] == "1"
+    with pytest.raises(InvalidRequest, match="3 replicas need a GPU each at least; the Ray cluster has 2"):
+        plan_resources({"CPU": 8, "GPU": 2}, replicas=3)
 
 
 def test_cluster_layouts():

@@ -22,6 +22,7 @@ from cluster.sweep_report import SHEET_TILE_WIDTH, panel_values
 from stages.clarity import CLEARER
 from stages.errors import InvalidRequest
 from stages.models import load_spec
+from stages.text_encoder import TextEncoderStage
 from stages.video_io import read_frame
 
 GRID = ["--grid", "steps=1,2", "--grid", "guidance=1,6"]
@@ -71,6 +72,10 @@ def test_bad_grids(texts, message):
         (["--sheet-frame", "9"], "--sheet-frame 9 is out of range; the shortest cell has 9 frames (0..8)"),
         (["--grid", "scheduler=euler"], "unknown scheduler 'euler' for tiny"),
         (["--duration", "2"], "--duration sets the frames from the fps; drop --frames"),
+        (
+            ["--grid", "scheduler=ddim,CogVideoXDDIMScheduler"],
+            "cells scheduler=ddim,guidance=1.0 and scheduler=CogVideoXDDIMScheduler,guidance=1.0 are the same generation",
+        ),
     ],
 )
 def test_bad_sweeps_are_refused_before_any_work(tmp_path, capsys, extra, message):
@@ -81,11 +86,16 @@ def test_bad_sweeps_are_refused_before_any_work(tmp_path, capsys, extra, message
     assert not any(tmp_path.iterdir())  # nothing written, no run started
 
 
-def test_sweep_parent_children_and_summary(tmp_path, capsys):
+def test_sweep_parent_children_and_summary(tmp_path, capsys, monkeypatch):
+    encoded = []
+    real_encode = TextEncoderStage.encode
+    monkeypatch.setattr(TextEncoderStage, "encode", lambda self, *a: encoded.append(a) or real_encode(self, *a))
     code, result, err = run_cli(capsys, tmp_path, "sweep-summary")
     assert code == 0, err
     assert (result["cells"], result["ran"], result["reused"], result["failed"]) == (4, 4, 0, 0)
-    assert result["prompt_encodings"] == 1  # one prompt: encoded once, guidance 1 and 6 alike
+    # One prompt, encoded once (with the negative prompt: two cells guide), for guidance 1 and 6 alike.
+    assert encoded == [("a red fox in snow", "", True)] and result["prompt_encodings"] == 1
+    assert len({o["metrics"]["encode_s"] for o in result["outcomes"]}) == 1  # the one encoding's span
 
     client = MlflowClient()
     parent = client.get_run(result["parent_run_id"])
@@ -195,6 +205,17 @@ def test_interrupted_sweep_resumes(tmp_path, capsys, monkeypatch):
     code, again, _ = run_cli(capsys, tmp_path, "sweep-resume")
     assert (again["ran"], again["reused"], again["prompt_encodings"]) == (0, 4, 0)
     assert again["best"] == result["best"]
+    # What a person reads: the table, the best cell per metric, the counts.
+    argv = ["sweep", "--local", "--prompt", "a red fox in snow", *GRID, "--frames", "9", "--seed", "42",
+            "--experiment", "sweep-resume", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("| steps | guidance | status | clarity/sharpness_laplacian_var |")
+    assert text.count("| reused |") == 4
+    best = result["best"]["clarity/sharpness_laplacian_var"]
+    assert "clarity/sharpness_laplacian_var" in text and best["cell"] in text
+    assert "cells: 4 (0 ran, 4 reused, 0 failed); prompt encoded 0 time(s)" in text
+    assert f"mlflow parent run: {parent_id}" in text
 
 
 def test_duration_sweep_derives_frames_per_cell(tmp_path, capsys):
@@ -206,8 +227,44 @@ def test_duration_sweep_derives_frames_per_cell(tmp_path, capsys):
     client = MlflowClient()
     frames = {o["label"]: client.get_run(o["run_id"]).data.params["num_frames"] for o in result["outcomes"]}
     assert frames == {"fps=8": "17", "fps=12": "25", "fps=16": "33"}
+    params = client.get_run(result["parent_run_id"]).data.params
+    assert params["derived.num_frames"] == "17,25,33" and "num_frames" not in params
+    assert params["grid.fps"] == "8,12,16" and params["duration_s"] == "2" and params["steps"] == "1"
     assert "2 s at 8 fps = 16 frames -> 17 (tiny makes 8k+1 frames, 9 to 33; 2.12 s)" in err
     assert "2 s at 12 fps = 24 frames -> 25" in err and "2 s at 16 fps = 32 frames -> 33" in err
+
+
+def test_warnings_are_tagged_on_cells_and_parent(tmp_path, capsys):
+    argv = ["sweep", "--local", "--prompt", "a fox", "--grid", "guidance=6,11", "--steps", "1", "--frames", "9",
+            "--json", "--experiment", "sweep-warnings", "--output-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err.count("framecast: warning: guidance 11 is above 9.5: expect over-saturated colours") == 1
+    result = json.loads(out)
+    client = MlflowClient()
+    tags = {o["label"]: client.get_run(o["run_id"]).data.tags for o in result["outcomes"]}
+    assert "framecast.warning.high_guidance" not in tags["guidance=6.0"]
+    assert tags["guidance=11.0"]["framecast.warning.high_guidance"].startswith("guidance 11 is above 9.5")
+    parent = client.get_run(result["parent_run_id"]).data.tags
+    assert (
+        parent["framecast.warning.high_guidance"]
+        == "1 of 2 cells: guidance 11 is above 9.5: expect over-saturated colours"
+    )
+
+
+def test_what_identifies_a_sweep(tiny_spec):
+    """The videos decide a sweep's identity: tiling does (it changes the frames), how the work is
+    spread does not (workers, decoders sharing the same tiles)."""
+    settings = resolve_settings(tiny_spec, {"frames": 9})
+
+    def sweep_id(**placement) -> str:
+        return plan_sweep("tiny", "a fox", {"steps": [1, 2]}, settings, seed=1, **placement).sweep_id
+
+    plain = sweep_id()
+    assert sweep_id(workers=2) == plain
+    tiled = sweep_id(decoders=2, tile_size=(32, 48))
+    assert tiled != plain and sweep_id(decoders=3, tile_size=(32, 48)) == tiled
+    assert plan_sweep("tiny", "a fox", {"steps": [1, 2]}, settings, seed=2).sweep_id != plain
 
 
 def test_preset_ranges_become_axes(tmp_path):
