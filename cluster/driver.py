@@ -11,12 +11,14 @@ decides where stages run.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -123,29 +125,14 @@ def prepare(model: str, prompt: str, **options) -> Job:
     return prepare_jobs(model, [prompt], **options)[0]
 
 
-def prepare_jobs(
-    model: str,
-    prompts: list[str],
-    weights: str | None = None,
-    workers: int | None = None,
-    ulysses: int | None = None,
-    ring: int | None = None,
-    cfg_parallel: bool = False,
-    decoders: int = 1,
-    tile_size: tuple[int, int] | None = None,
-    tile_overlap: tuple[int, int] | None = None,
-    cluster: str = "single-node",
-    local: bool = False,
-    **settings,
-) -> list[Job]:
-    """One job per prompt, with the same settings: see `prepare_variants`."""
+def prepare_jobs(model: str, prompts: list[str], **options: Any) -> list[Job]:
+    """One job per prompt, with the same settings. `options`: `prepare_variants`' placement
+    arguments (weights, workers, decoders, ...) and `build_request`'s settings."""
     if not prompts:
         raise InvalidRequest("no prompts; pass --prompt TEXT (repeatable) or --prompts FILE")
+    placement = {k: options.pop(k) for k in list(options) if k in _PLACEMENT}
     labels = [None] if len(prompts) == 1 else [f"prompt {n} of {len(prompts)}" for n in range(1, len(prompts) + 1)]
-    return prepare_variants(
-        model, [(prompt, settings) for prompt in prompts], labels, weights, workers, ulysses, ring, cfg_parallel,
-        decoders, tile_size, tile_overlap, cluster, local,
-    )  # fmt: skip
+    return prepare_variants(model, [(prompt, options) for prompt in prompts], labels, **placement)
 
 
 def prepare_variants(
@@ -197,6 +184,9 @@ def prepare_variants(
         warnings = pitfalls(spec, q, count_tokens(tokenizer, q.prompt))
         jobs.append(Job(spec, weights_dir, q, layout, cluster_layout, decoders, plan, warnings))
     return jobs
+
+
+_PLACEMENT = tuple(inspect.signature(prepare_variants).parameters)[3:]  # weights, workers, ..., local
 
 
 def _labelled(error: InvalidRequest, label: str | None) -> InvalidRequest:

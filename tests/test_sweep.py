@@ -74,7 +74,8 @@ def test_bad_grids(texts, message):
         (["--duration", "2"], "--duration sets the frames from the fps; drop --frames"),
         (
             ["--grid", "scheduler=ddim,CogVideoXDDIMScheduler"],
-            "cells scheduler=ddim,guidance=1.0 and scheduler=CogVideoXDDIMScheduler,guidance=1.0 are the same generation",
+            "cells scheduler=ddim,guidance=1.0 and scheduler=CogVideoXDDIMScheduler,guidance=1.0 are the same "
+            "generation",
         ),
     ],
 )
@@ -285,6 +286,8 @@ def test_replicas_equal_single_process(ray_session, tmp_path, tiny_spec, tiny_we
     client = MlflowClient()
     runs = {o.cell.label: client.get_run(o.run_id) for o in result.outcomes}
     assert {r.data.tags["framecast.replica"] for r in runs.values()} == {"0", "1"}
+    for run in runs.values():  # only the first replica has a text encoder
+        assert ("device_encode" in run.data.params) == (run.data.tags["framecast.replica"] == "0")
     local = make_executor(plan.jobs[0], local=True)
     for index, cell in enumerate(plan.cells):
         alone = generate(plan.jobs[index], local, tmp_path / f"alone{index}.mp4")
