@@ -97,13 +97,15 @@ class SweepPlan:
     """A validated sweep: its cells, their jobs (same order) and what was said about them."""
 
     model: str
-    prompt: str
-    seed: int
     axes: dict[str, list]
     cells: list[Cell]
     jobs: list[Job]
     settings: Settings
     notes: list[str]  # e.g. how a duration became frames at each fps
+
+    @property
+    def seed(self) -> int:
+        return self.jobs[0].request.seed  # every cell's
 
     @property
     def sweep_id(self) -> str:
@@ -170,7 +172,7 @@ def plan_sweep(
     jobs = prepare_variants(model, variants, labels, **placement)
     for job in jobs:
         job.warnings = {**settings.warnings, **job.warnings}
-    plan = SweepPlan(model, settings.prompt(prompt), seed, axes, cells, jobs, settings, notes)
+    plan = SweepPlan(model, axes, cells, jobs, settings, notes)
     first: dict[str, Cell] = {}
     for index, cell in enumerate(cells):  # e.g. scheduler=ddim,CogVideoXDDIMScheduler
         same = first.setdefault(plan.cell_id(index), cell)
@@ -209,7 +211,8 @@ class SweepResult:
     sweep_id: str
     parent_run_id: str
     outcomes: list[CellOutcome]  # in grid order
-    encodings: int  # prompt encodings made this time (one per distinct prompt, negative prompt, guidance on)
+    encodings: int  # prompt encodings made this time (one per distinct prompt and negative prompt)
+    resumed: bool  # an earlier try of the same sweep was found and continued
     summary: dict[str, Path]  # name -> file, also on the parent run under summary/
     table: tuple[list[str], list[list[str]]]
     best: dict[str, tuple[CellOutcome, float]]
@@ -221,6 +224,7 @@ class SweepResult:
         return {
             "sweep_id": self.sweep_id,
             "parent_run_id": self.parent_run_id,
+            "resumed": self.resumed,
             "cells": len(self.outcomes),
             "ran": self.count("ran") + self.count("unmeasured") + self.count("untracked"),
             "reused": self.count("reused"),
@@ -258,7 +262,7 @@ def run_sweep(
     client = MlflowClient(tracking_uri=tracking_uri)
     directory = output_dir.resolve() / f"sweep-{plan.model}-{plan.sweep_id}"
     directory.mkdir(parents=True, exist_ok=True)
-    parent, _ = open_parent_run(
+    parent, resumed = open_parent_run(
         client, experiment, {SWEEP_TAG: plan.sweep_id, "framecast.kind": "sweep"}, plan.params(),
         run_name=f"sweep-{plan.model}-seed{plan.seed}",
     )  # fmt: skip
@@ -287,7 +291,7 @@ def run_sweep(
     complete = all(o.status in ("ran", "reused") for o in ordered)
     client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED if complete else RunStatus.FAILED))
     header_rows = sweep_report.table(plan.axes, ordered)
-    return SweepResult(plan.sweep_id, parent, ordered, encodings, summary, header_rows, best)
+    return SweepResult(plan.sweep_id, parent, ordered, encodings, resumed, summary, header_rows, best)
 
 
 def _finished_cells(client: MlflowClient, parent: str, plan: SweepPlan, directory: Path) -> dict[int, CellOutcome]:

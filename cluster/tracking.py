@@ -91,12 +91,10 @@ def open_parent_run(
     return run.info.run_id, False
 
 
-def child_runs(client: MlflowClient, parent_run_id: str, finished_only: bool = True) -> list:
-    """The runs nested under `parent_run_id` (the finished ones: status FINISHED)."""
+def child_runs(client: MlflowClient, parent_run_id: str) -> list:
+    """The FINISHED runs nested under `parent_run_id`."""
     parent = client.get_run(parent_run_id)
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
-    if finished_only:
-        query += " and attributes.status = 'FINISHED'"
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and attributes.status = 'FINISHED'"
     runs, token = [], None
     while True:
         page = client.search_runs([parent.info.experiment_id], query, max_results=1000, page_token=token)

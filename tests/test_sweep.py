@@ -94,6 +94,7 @@ def test_sweep_parent_children_and_summary(tmp_path, capsys, monkeypatch):
     code, result, err = run_cli(capsys, tmp_path, "sweep-summary")
     assert code == 0, err
     assert (result["cells"], result["ran"], result["reused"], result["failed"]) == (4, 4, 0, 0)
+    assert not result["resumed"]
     # One prompt, encoded once (with the negative prompt: two cells guide), for guidance 1 and 6 alike.
     assert encoded == [("a red fox in snow", "", True)] and result["prompt_encodings"] == 1
     assert len({o["metrics"]["encode_s"] for o in result["outcomes"]}) == 1  # the one encoding's span
@@ -195,7 +196,7 @@ def test_interrupted_sweep_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sweep_module, "_track_cell", real_track)
     code, result, err = run_cli(capsys, tmp_path, "sweep-resume")
     assert code == 0, err
-    assert result["parent_run_id"] == parent_id
+    assert result["parent_run_id"] == parent_id and result["resumed"]
     assert (result["cells"], result["ran"], result["reused"]) == (4, 3, 1)
     reused = [o for o in result["outcomes"] if o["status"] == "reused"]
     assert [o["run_id"] for o in reused] == [tracked[0].run_id]
