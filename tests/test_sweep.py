@@ -277,6 +277,15 @@ def test_preset_ranges_become_axes(tmp_path):
     assert len(plan.cells) == 6 and {j.request.seed for j in plan.jobs} == {3}
 
 
+def test_more_replicas_than_fit_are_refused(ray_session, tmp_path, capsys):
+    argv = ["sweep", "--prompt", "a fox", "--grid", "steps=1,2", "--frames", "9", "--replicas", "3",
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 2
+    assert "--replicas 3 needs 3 GPUs (or CPU cores without GPUs) for 1 denoiser rank(s) each; the Ray cluster " \
+           "has room for 2" in capsys.readouterr().err  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
 def test_replicas_equal_single_process(ray_session, tmp_path, tiny_spec, tiny_weights):
     """Two pipeline replicas on Ray (2 CPUs: room for two) share the cells; each cell's frames
     equal the same settings generated in one process."""
