@@ -18,7 +18,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from cluster.settings import REQUEST_FIELDS
-from cluster.tracking import TIMING_METRICS
+from cluster.tracking import TIMING_METRICS, search_all_runs
 from stages.clarity import CLEARER
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec
@@ -49,41 +49,30 @@ def _matches(prompt: str, stems: tuple[str, ...]) -> list[str]:
     return sorted({w for w in words if w.startswith(stems)})
 
 
+# (what the words say, their stems, the advice). Of the motion rules the first that matches
+# applies (the last has no words: it is the default); every matching prompt rule applies.
+MOTION_RULES = (
+    ("motion", MOTION_WORDS, "guidance 9-11 and 50-60 steps hold fast motion to the prompt (preset high-motion)"),
+    ("calm", CALM_WORDS, "guidance 6.5-7.5 and 30-40 steps are enough for little motion (presets explore, preview)"),
+    ("no motion", (), "guidance 7.5-9 and 40-50 steps, the articles' general band"),
+)
+PROMPT_RULES = (
+    ("detail", DETAIL_WORDS, "45-50 steps and guidance 8-8.5 for crisp detail and legible text (preset product)"),
+    ("artistic", ARTISTIC_WORDS, "50 steps and guidance 9 for stylised scenes (preset creative)"),
+)
+
+
 def heuristics(spec: ModelSpec, prompt: str, image_size: tuple[int, int] | None = None) -> list[Heuristic]:
     """The articles' rules of thumb for this prompt (and image: (width, height))."""
     found = []
-    motion, calm = _matches(prompt, MOTION_WORDS), _matches(prompt, CALM_WORDS)
-    if motion:
-        found.append(
-            Heuristic(
-                f"motion words ({', '.join(motion)})",
-                "guidance 9-11 and 50-60 steps hold fast motion to the prompt (preset high-motion)",
-            )
-        )
-    elif calm:
-        found.append(
-            Heuristic(
-                f"calm words ({', '.join(calm)})",
-                "guidance 6.5-7.5 and 30-40 steps are enough for little motion (presets explore, preview)",
-            )
-        )
-    else:
-        found.append(Heuristic("no motion words", "guidance 7.5-9 and 40-50 steps, the articles' general band"))
-    detail, artistic = _matches(prompt, DETAIL_WORDS), _matches(prompt, ARTISTIC_WORDS)
-    if detail:
-        found.append(
-            Heuristic(
-                f"detail words ({', '.join(detail)})",
-                "45-50 steps and guidance 8-8.5 for crisp detail and legible text (preset product)",
-            )
-        )
-    if artistic:
-        found.append(
-            Heuristic(
-                f"artistic words ({', '.join(artistic)})",
-                "50 steps and guidance 9 for stylised scenes (preset creative)",
-            )
-        )
+    for kind, stems, advice in MOTION_RULES:
+        words = _matches(prompt, stems) if stems else []
+        if words or not stems:
+            found.append(Heuristic(f"{kind} words ({', '.join(words)})" if words else f"{kind} words", advice))
+            break
+    for kind, stems, advice in PROMPT_RULES:
+        if words := _matches(prompt, stems):
+            found.append(Heuristic(f"{kind} words ({', '.join(words)})", advice))
     if image_size is not None:
         found.append(_resolution(spec, image_size))
     return found
@@ -138,14 +127,9 @@ def measured(
     else:
         found = client.get_experiment_by_name(experiment)
         experiments = [found.experiment_id] if found else []
-    runs, token = [], None
     query = f"params.model = '{model}' and tags.`framecast.kind` = 'generation' and attributes.status = 'FINISHED'"
-    while experiments:
-        page = client.search_runs(experiments, query, max_results=1000, page_token=token)
-        runs += [r for r in page if not math.isnan(r.data.metrics.get(metric, math.nan))]
-        token = page.token
-        if not token:
-            break
+    runs = search_all_runs(client, experiments, query)
+    runs = [r for r in runs if not math.isnan(r.data.metrics.get(metric, math.nan))]
     groups = defaultdict(list)
     for run in runs:
         key = tuple(run.data.params.get(name, PARAM_DEFAULTS.get(name, "")) for name in SETTING_PARAMS)

@@ -13,6 +13,7 @@ equal the single-process one), so a sweep interrupted on one layout resumes on a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -107,17 +108,19 @@ class SweepPlan:
     def seed(self) -> int:
         return self.jobs[0].request.seed  # every cell's
 
-    @property
-    def sweep_id(self) -> str:
-        cells = [self.cell_id(i) for i in range(len(self.cells))]
-        return _digest([self.model, str(self.jobs[0].weights), list(self.axes), cells])
-
-    def cell_id(self, index: int) -> str:
-        """What decides the cell's video: model, weights, request, and the decode tiles (tiling
+    @functools.cached_property
+    def cell_ids(self) -> list[str]:
+        """Per cell, what decides its video: model, weights, request, and the decode tiles (tiling
         changes the frames; how many decoders share the tiles does not)."""
-        job = self.jobs[index]
-        tiling = {k: v for k, v in job.decode_params().items() if k != "decoders"}
-        return _digest([self.model, str(job.weights), job.request.as_dict(), tiling])
+        ids = []
+        for job in self.jobs:
+            tiling = {k: v for k, v in job.decode_params().items() if k != "decoders"}
+            ids.append(_digest([self.model, str(job.weights), job.request.as_dict(), tiling]))
+        return ids
+
+    @functools.cached_property
+    def sweep_id(self) -> str:
+        return _digest([self.model, str(self.jobs[0].weights), list(self.axes), self.cell_ids])
 
     def params(self) -> dict[str, str]:
         """The parent run's params: what every cell has alike, each axis's values, and the values
@@ -175,7 +178,7 @@ def plan_sweep(
     plan = SweepPlan(model, axes, cells, jobs, settings, notes)
     first: dict[str, Cell] = {}
     for index, cell in enumerate(cells):  # e.g. scheduler=ddim,CogVideoXDDIMScheduler
-        same = first.setdefault(plan.cell_id(index), cell)
+        same = first.setdefault(plan.cell_ids[index], cell)
         if same is not cell:
             raise InvalidRequest(f"cells {same.label} and {cell.label} are the same generation; list each value once")
     return plan
@@ -296,7 +299,7 @@ def run_sweep(
 
 def _finished_cells(client: MlflowClient, parent: str, plan: SweepPlan, directory: Path) -> dict[int, CellOutcome]:
     """Cells an earlier try finished: a FINISHED child run with the video and clarity figures."""
-    by_id = {plan.cell_id(i): i for i in range(len(plan.cells))}
+    by_id = {cell_id: i for i, cell_id in enumerate(plan.cell_ids)}
     found = {}
     for run in child_runs(client, parent):
         index = by_id.get(run.data.tags.get(CELL_ID_TAG))
@@ -331,7 +334,10 @@ class Replicas:
     cells from a thread of its own; the driver's thread tracks the results as they come."""
 
     def __init__(self, job: Job, count: int, local: bool):
-        with ThreadPoolExecutor(count) as pool:  # the replicas' actors start at the same time
+        # Ray replicas' actors start at the same time. In-process ones load one after another:
+        # diffusers' from_pretrained builds models on the meta device under a process-wide
+        # context, which two threads loading at once break ("Cannot copy out of meta tensor").
+        with ThreadPoolExecutor(1 if local else count) as pool:
             # Only the first replica encodes (the prompt, once), so only it loads a text encoder.
             starting = [pool.submit(make_executor, job, local, count, i == 0) for i in range(count)]
         self.executors = [s.result() for s in starting if s.exception() is None]
@@ -429,7 +435,7 @@ def _track_cell(
     tags = {
         SWEEP_TAG: plan.sweep_id,
         CELL_TAG: cell.label,
-        CELL_ID_TAG: plan.cell_id(index),
+        CELL_ID_TAG: plan.cell_ids[index],
         VIDEO_TAG: str(result.video),
         "framecast.replica": str(replica),  # which of the sweep's pipeline replicas made it
         "framecast.frames_sha256": result.frames_sha256,

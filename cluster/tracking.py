@@ -95,10 +95,16 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
     """The FINISHED runs nested under `parent_run_id`."""
     parent = client.get_run(parent_run_id)
     query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and attributes.status = 'FINISHED'"
+    return search_all_runs(client, [parent.info.experiment_id], query)
+
+
+def search_all_runs(client: MlflowClient, experiment_ids: list[str], query: str) -> list:
+    """Every run of the experiments that matches `query`, page after page."""
     runs, token = [], None
-    while True:
-        page = client.search_runs([parent.info.experiment_id], query, max_results=1000, page_token=token)
+    while experiment_ids:
+        page = client.search_runs(experiment_ids, query, max_results=1000, page_token=token)
         runs += list(page)
         token = page.token
         if not token:
-            return runs
+            break
+    return runs

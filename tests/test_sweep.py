@@ -277,6 +277,35 @@ def test_preset_ranges_become_axes(tmp_path):
     assert len(plan.cells) == 6 and {j.request.seed for j in plan.jobs} == {3}
 
 
+def test_a_failing_replica_keeps_the_others_cells(tmp_path, tiny_spec, monkeypatch):
+    """Replica 1 fails at once; replica 0's finished cell is still tracked before the error is
+    raised, the parent run is FAILED, and a rerun reuses that cell. (Two in-process replicas.)"""
+    settings = resolve_settings(tiny_spec, {"frames": 9, "guidance": 1.0})
+    plan = plan_sweep("tiny", "a fox", {"steps": [1, 2, 3, 4]}, settings, seed=1, local=True)
+    replicas: list = []
+    real_stream = sweep_module.run_stream
+
+    def failing_on_the_second(jobs, executor, *args):
+        if executor not in replicas:
+            replicas.append(executor)
+        if replicas.index(executor) == 1:
+            raise RuntimeError("replica 1 lost its GPU")
+        yield from real_stream(jobs, executor, *args)
+
+    monkeypatch.setattr(sweep_module, "run_stream", failing_on_the_second)
+    with pytest.raises(RuntimeError, match="replica 1 lost its GPU"):
+        run_sweep(plan, output_dir=tmp_path, replicas=2, local=True, experiment="sweep-replica-fails")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("sweep-replica-fails").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`framecast.kind` = 'sweep'")
+    assert parent.info.status == "FAILED"
+    kept = children(client, parent.info.run_id)
+    assert len(kept) >= 1 and all(r.info.status == "FINISHED" for r in kept)
+    monkeypatch.setattr(sweep_module, "run_stream", real_stream)
+    again = run_sweep(plan, output_dir=tmp_path, replicas=1, local=True, experiment="sweep-replica-fails")
+    assert again.count("reused") == len(kept) and again.count("ran") == 4 - len(kept)
+
+
 def test_more_replicas_than_fit_are_refused(ray_session, tmp_path, capsys):
     argv = ["sweep", "--prompt", "a fox", "--grid", "steps=1,2", "--frames", "9", "--replicas", "3",
             "--output-dir", str(tmp_path)]  # fmt: skip
