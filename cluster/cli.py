@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from tqdm import tqdm
 
-from cluster.tracking import DEFAULT_EXPERIMENT, log_run, warning_tags
+from cluster.tracking import DEFAULT_EXPERIMENT, log_generation, log_run
 from stages.errors import InvalidRequest
 
 EXIT_FAILED = 1
@@ -214,6 +214,34 @@ def _frames_parser(sub) -> None:
     )
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible Videos API on Ray Serve (POST /v1/videos ...); Ctrl-C stops it"
+    )
+    p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
+    p.add_argument("--weights", default=None, help="local diffusers directory of the model's weights")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--workers", type=int, default=1, help="denoiser ranks (GPUs) of the context-parallel group")
+    p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: the largest that fits)")
+    p.add_argument("--ring", type=int, default=None, help="ring-attention degree")
+    p.add_argument("--decoders", type=int, default=1, help="decoder replicas sharing each video's tiles (default 1)")
+    p.add_argument(
+        "--api-key-env", default=None, metavar="VAR",
+        help="require Authorization: Bearer <the value of $VAR> on every route (default: no key)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data-dir", default="framecast-serve",
+        help="videos and the job database (SQLite) go here (default: framecast-serve)",
+    )  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=16, help="videos queued or running; beyond it, 429 (default 16)")
+    p.add_argument("--runners", type=int, default=2, help="videos in the pipeline at once (default 2)")
+    p.add_argument(
+        "--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)"
+    )
+    _tracking_options(p)
+
+
 def _pixels(text: str) -> tuple[int, int]:
     """'240x360' -> (240, 360); '64' -> (64, 64)."""
     parts = text.lower().split("x")
@@ -344,19 +372,9 @@ def _track(result, job, jobs: int, args: argparse.Namespace, tracking_uri: str, 
     """Record a written video's run in MLflow. A failure is kept on the result and said at once:
     the video is already written."""
     name = f"{job.spec.name}-seed{job.request.seed}" + (f"-job{result.index}" if jobs > 1 else "")
-    tags = warning_tags(result.warnings)
-    if result.clarity_error:
-        tags["framecast.clarity_error"] = result.clarity_error
     try:
-        result.run_id = log_run(
-            params={**result.params, **recorded},
-            metrics=result.metrics,
-            artifacts=result.artifacts(),
-            texts={"config.yaml": job.resolved_config()},
-            tags=tags,
-            experiment=args.experiment,
-            tracking_uri=tracking_uri,
-            run_name=name,
+        result.run_id = log_generation(
+            result, job, run_name=name, experiment=args.experiment, tracking_uri=tracking_uri, params=recorded
         )
     except Exception as e:
         result.tracking_error = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -491,6 +509,68 @@ def _print_sweep(result, tracking_uri: str, experiment: str) -> None:
         print(f"  {key:<36} {outcome.cell.label:<32} {value:.6g}")
     print(f"summary: {result.summary['table.md'].parent}")
     print(f"mlflow parent run: {result.parent_run_id} (experiment {experiment!r} in {tracking_uri})")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start Ray Serve with the framecast application and keep it up until Ctrl-C (or SIGTERM)."""
+    import signal
+    import time
+
+    import pydantic
+
+    from cluster.runtime import connect
+    from cluster.serving import ServeArgs, resolve_served
+
+    try:
+        if not 0 < args.port < 65536:
+            raise InvalidRequest(f"--port must be 1 to 65535 (got {args.port})")
+        serve_args = ServeArgs(
+            model=args.model, weights=args.weights, workers=args.workers, ulysses=args.ulysses, ring=args.ring,
+            decoders=args.decoders, data_dir=args.data_dir, max_queue=args.max_queue, runners=args.runners,
+            api_key_env=args.api_key_env, experiment=args.experiment, tracking_uri=args.tracking_uri,
+        )  # fmt: skip
+        resolve_served(serve_args)  # every check that needs no cluster, before Ray starts
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        print(f"framecast: error: --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", file=sys.stderr)
+        return EXIT_INVALID
+    except InvalidRequest as e:
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    from ray import serve
+
+    import serve_app
+
+    signal.signal(signal.SIGTERM, _interrupt)  # a stop from a process manager stops it as Ctrl-C does
+    try:
+        connect(args.address, quiet=True)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(serve_app.app(serve_args), name="framecast", route_prefix="/", blocking=False)
+    except KeyboardInterrupt:
+        print("framecast: interrupted while starting", file=sys.stderr)
+        serve.shutdown()
+        return 130
+    except InvalidRequest as e:  # what only the cluster can tell, e.g. too few GPUs for --workers
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception as e:
+        print(f"framecast: error: could not start serving: {_first_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    url = f"http://{args.host}:{args.port}/v1"
+    print(f"framecast: serving {args.model} at {url} (OpenAI Videos API; docs at http://{args.host}:{args.port}/docs)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("framecast: stopping; queued videos stay in the job database and resume on the next start",
+              file=sys.stderr)  # fmt: skip
+        serve.shutdown()
+    return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -656,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     _recommend_parser(sub)
     _clarity_parser(sub)
     _frames_parser(sub)
+    _serve_parser(sub)
     args = parser.parse_args(argv)
     commands = {
         "generate": cmd_generate,
@@ -663,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         "recommend": cmd_recommend,
         "clarity": cmd_clarity,
         "frames": cmd_frames,
+        "serve": cmd_serve,
     }
     return commands[args.command](args)
 

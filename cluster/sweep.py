@@ -33,7 +33,7 @@ from mlflow.utils.time import get_current_time_millis
 from cluster import sweep_report
 from cluster.driver import Job, JobFailed, encode_once, make_executor, prepare_variants, run_stream
 from cluster.settings import REQUEST_FIELDS, SETTINGS, Settings
-from cluster.tracking import WARNING_TAG, child_runs, log_run, open_parent_run, warning_tags
+from cluster.tracking import WARNING_TAG, child_runs, log_generation, open_parent_run
 from stages.errors import InvalidRequest
 from stages.models import load_spec
 
@@ -439,24 +439,15 @@ def _track_cell(
         VIDEO_TAG: str(result.video),
         "framecast.replica": str(replica),  # which of the sweep's pipeline replicas made it
         "framecast.frames_sha256": result.frames_sha256,
-        **warning_tags(result.warnings),
-        **({"framecast.clarity_error": result.clarity_error} if result.clarity_error else {}),
     }
     status = "unmeasured" if result.clarity_error else "ran"
     outcome = CellOutcome(cell, status, dict(result.metrics), result.video, warnings=result.warnings,
                           error=result.clarity_error)  # fmt: skip
     try:
-        outcome.run_id = log_run(
-            params={**result.params, **plan.settings.recorded_params()},
-            metrics=result.metrics,
-            artifacts=result.artifacts(),
-            texts={"config.yaml": job.resolved_config()},
-            tags=tags,
-            experiment=experiment,
-            tracking_uri=tracking_uri,
-            run_name=cell.label,
-            parent_run_id=parent,
-        )
+        outcome.run_id = log_generation(
+            result, job, run_name=cell.label, experiment=experiment, tracking_uri=tracking_uri,
+            params=plan.settings.recorded_params(), tags=tags, parent_run_id=parent,
+        )  # fmt: skip
     except Exception as e:
         outcome.status, outcome.error = "untracked", f"tracking failed: {type(e).__name__}: {e}".splitlines()[0]
     return outcome

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
@@ -65,6 +66,35 @@ def log_run(
         raise
     client.set_terminated(run_id)
     return run_id
+
+
+def log_generation(
+    result: Any,
+    job: Any,
+    *,
+    run_name: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tracking_uri: str | None = None,
+    params: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Record a generation (a driver GenerationResult and its Job): its params (and `params`),
+    metrics, files and resolved config; its pitfalls and any clarity error as tags (with `tags`)."""
+    tags = {**warning_tags(result.warnings), **(tags or {})}
+    if result.clarity_error:
+        tags["framecast.clarity_error"] = result.clarity_error
+    return log_run(
+        params={**result.params, **(params or {})},
+        metrics=result.metrics,
+        artifacts=result.artifacts(),
+        texts={"config.yaml": job.resolved_config()},
+        tags=tags,
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+        run_name=run_name,
+        parent_run_id=parent_run_id,
+    )
 
 
 def experiment_id(client: MlflowClient, experiment: str) -> str:
