@@ -72,7 +72,7 @@ class StageCall:
         return StageCall(self.stage, self.values, self.reports)
 
 
-def _results(args: tuple, receivers: int) -> tuple:
+def call_arguments(args: tuple, receivers: int) -> tuple:
     """The call's arguments with each StageCall replaced by its result, counted as handed to `receivers`."""
     out = []
     for arg in args:
@@ -101,7 +101,7 @@ class LocalExecutor:
     def call(self, stage: str, method: str, *args: Any, progress: StepCallback | None = None) -> StageCall:
         kwargs = {"on_step": progress} if progress else {}
         try:
-            value, report = run_stage_method(self.stages[stage], method, _results(args, 0), kwargs)
+            value, report = run_stage_method(self.stages[stage], method, call_arguments(args, 0), kwargs)
         except Exception as e:
             raise StageFailed(stage, e) from e
         return StageCall(stage, [value], [report])
@@ -208,7 +208,8 @@ class RayExecutor:
                 (spec, weights),
                 {"layout": self.layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S},
                 self.layout.world_size,
-                self.plan,
+                self.plan.denoise,
+                self.plan.bundle,
                 self.cluster_layout.denoiser_placement,
             )
             self.side["encode"] = [self._side_actor("encode", 0)] if encoder else []
@@ -248,7 +249,7 @@ class RayExecutor:
 
     def call(self, stage: str, method: str, *args: Any, progress: StepCallback | None = None) -> StageCall:
         actors = self.actors(stage)
-        args = _results(args, len(actors))
+        args = call_arguments(args, len(actors))
         progress_id = uuid.uuid4().hex if progress is not None else None
         calls = [
             actor.call.remote(method, *args, progress_id=progress_id, keep_result=stage != "denoise" or rank == 0)

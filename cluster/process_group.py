@@ -14,11 +14,16 @@ import os
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import StageActor
-from cluster.runtime import ActorResources, ResourcePlan
+from cluster.runtime import ActorResources
 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("FRAMECAST_PLACEMENT_TIMEOUT", 120))
 # How long a rank waits in a collective for the others. A rank that fails is noticed by the
@@ -35,22 +40,29 @@ class ActorGroup:
         args: tuple,
         kwargs: dict[str, Any],
         size: int,
-        plan: ResourcePlan,
-        strategy: str,
+        rank: ActorResources,
+        bundle: dict[str, float],
+        strategy: str = "STRICT_PACK",
+        within: PlacementGroup | None = None,
     ):
+        """Each rank asks for `rank` within its `bundle`. `within`: a placement group made
+        elsewhere, with a bundle per rank (a Serve replica's, from `placement_group_bundles`); it
+        is the owner's to remove. Otherwise the group makes its own, placed by `strategy`, and
+        removes it on `close`."""
         self.size = size
         self.actors: list[Any] = []
         self.rank_bundles: list[int] = []
-        self.placement_group = placement_group([dict(plan.bundle)] * size, strategy=strategy)
+        self._owns_placement = within is None
+        self.placement_group = within or placement_group([dict(bundle)] * size, strategy=strategy)
         try:
             ready = self.placement_group.ready()
             if not ray.wait([ready], timeout=PLACEMENT_TIMEOUT_S)[0]:
                 raise RuntimeError(
-                    f"no room for {size} denoiser ranks of {plan.bundle} each placed {strategy} within "
+                    f"no room for {size} denoiser ranks of {bundle} each placed {strategy} within "
                     f"{PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.cluster_resources()}"
                 )
             self.rank_bundles = self._bundles_by_node()
-            rank_options = [self._actor(plan.denoise, bundle) for bundle in self.rank_bundles]
+            rank_options = [self._actor(rank, index) for index in self.rank_bundles]
             self.actors = [options.remote(stage_class, *args, **kwargs) for options in rank_options]
             if size > 1:
                 address, port = ray.get(self.actors[0].rendezvous_address.remote())
@@ -100,6 +112,6 @@ class ActorGroup:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-        if self.placement_group is not None:
+        if self.placement_group is not None and self._owns_placement:
             remove_placement_group(self.placement_group)
-            self.placement_group = None
+        self.placement_group = None

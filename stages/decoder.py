@@ -224,7 +224,12 @@ class DecoderStage:
 
     def decode_tiles(self, latents: torch.Tensor, plan: TilePlan) -> list[DecodedTile]:
         """This decoder's share of the plan's tiles (`plan.share(rank, decoders)`), decoded."""
-        return self._decode_tiles(latents, plan, plan.share(self.rank, self.decoders))
+        return self.decode_share(latents, plan, self.rank, self.decoders)
+
+    def decode_share(self, latents: torch.Tensor, plan: TilePlan, rank: int, decoders: int) -> list[DecodedTile]:
+        """Share `rank` of `decoders` of the plan's tiles, decoded: for interchangeable decoders
+        (Serve replicas), which learn the share with each call."""
+        return self._decode_tiles(latents, plan, plan.share(rank, decoders))
 
     @torch.no_grad()
     def _decode_tiles(self, latents: torch.Tensor, plan: TilePlan, indices: list[int]) -> list[DecodedTile]:

@@ -304,3 +304,12 @@ def plan_layout(
     """The denoiser group's layout for this model and request (see `choose_layout`)."""
     heads = spec.components["transformer"].config["num_attention_heads"]
     return choose_layout(heads, r.do_classifier_free_guidance, workers, ulysses, ring, cfg_parallel)
+
+
+def plan_serving_layout(
+    spec: ModelSpec, workers: int, ulysses: int | None = None, ring: int | None = None
+) -> ParallelLayout:
+    """A layout that runs every request, guided or not, for a denoiser group built once and kept
+    (a Serve replica's): without CFG-parallel, which needs two guidance branches."""
+    heads = spec.components["transformer"].config["num_attention_heads"]
+    return choose_layout(heads, False, workers, ulysses, ring, cfg_parallel=False)

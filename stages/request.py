@@ -133,6 +133,24 @@ def frames_for_duration(spec: ModelSpec, seconds: float, fps: int) -> tuple[int,
     return frames_at_least(spec, wanted, f"{seconds:g} s at {fps} fps = {wanted} frames", fps)
 
 
+def frames_nearest(spec: ModelSpec, seconds: float, fps: int) -> tuple[int, str]:
+    """The frame count the model makes nearest to `seconds` x `fps` (a tie goes to the longer),
+    and a line saying how it was reached: the Videos API's `seconds`, e.g. 4 s at 8 fps = 32
+    frames -> 33 for CogVideoX. Beyond the model's range it is the shortest or longest it makes."""
+    if not seconds > 0:
+        raise InvalidRequest(f"seconds must be positive (got {seconds:g})")
+    if fps < 1:
+        raise InvalidRequest(f"fps must be at least 1 (got {fps})")
+    step, (lo, hi) = spec.limits.frame_step, spec.limits.num_frames
+    wanted = seconds * fps
+    frames = min(max(math.floor((wanted - 1) / step + 0.5) * step + 1, lo), hi)
+    what = f"{seconds:g} s at {fps} fps = {wanted:g} frames"
+    if frames == wanted:
+        return frames, what
+    rule = f"{spec.name} makes {step}k+1 frames, {lo} to {hi}" if step > 1 else f"{spec.name} makes {lo} to {hi}"
+    return frames, f"{what} -> {frames}, the nearest it makes ({rule}; {frames / fps:g} s)"
+
+
 def frames_at_least(spec: ModelSpec, wanted: int, what: str, fps: int | None) -> tuple[int, str]:
     """The smallest frame count the model makes that is at least `wanted`, and a line saying so
     (`what` names where `wanted` came from, e.g. "2 s at 12 fps = 24 frames"; `fps`, if known,

@@ -178,7 +178,7 @@ def reference(tiny_spec):
 def test_group_equals_single_process(ray_session, reference, model, frames, layout):
     spec, weights, r, embeddings, expected = reference(model, frames)
     plan = plan_resources(workers=layout.world_size)
-    group = ActorGroup(DenoiserStage, (spec, weights), {"layout": layout}, layout.world_size, plan, "STRICT_PACK")
+    group = ActorGroup(DenoiserStage, (spec, weights), {"layout": layout}, layout.world_size, plan.denoise, plan.bundle)
     try:
         ray_session.get(group.start())
         results = ray_session.get([actor.call.remote("denoise", embeddings, r)[0] for actor in group.actors])

@@ -115,7 +115,7 @@ results = {}
 for gpus, workers in [(1, 1), (2, 2), (3, 2), (4, 2)]:
     ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     plan = plan_resources(workers=workers)
-    group = ActorGroup(Probe, (), {}, workers, plan, "STRICT_PACK")
+    group = ActorGroup(Probe, (), {}, workers, plan.denoise, plan.bundle)
     side = [group.side_actor(r, Probe) for r in (plan.encode, plan.decode[0], plan.measure)]
     ranks = ray.get(group.start(), timeout=120)
     encode, decode, measure = ray.get([a.start.remote() for a in side], timeout=120)
