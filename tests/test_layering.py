@@ -26,3 +26,18 @@ def test_layer_does_not_import(package, forbidden):
     offenders = {f: names & forbidden for f, names in imported_modules(package).items() if names & forbidden}
     assert offenders == {}
     assert imported_modules(package)  # the scan did read files
+
+
+def test_serve_app_is_http_in_and_cluster_calls_out():
+    """serve_app.py speaks HTTP and calls cluster/: no model libraries, no stage but its errors."""
+    names, stages = set(), set()
+    for node in ast.walk(ast.parse((ROOT / "serve_app.py").read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+            if node.module.startswith("stages"):
+                stages.add(node.module)
+    assert names & {"torch", "diffusers", "transformers"} == set()
+    assert stages == {"stages.errors"}
+    assert "cluster" in names

@@ -1,0 +1,346 @@
+"""Serving the pipeline with Ray Serve: what each deployment hosts, what it asks of the cluster,
+and the executor through which the driver reaches them.
+
+    VideosAPI (ingress) --DeploymentHandle--> Encoder -> DenoiserGroup -> Decoder (x M)
+
+`serve_app.py` wraps the hosts below in deployments. A stage's result goes from deployment to
+deployment (a DeploymentResponse given as an argument), never through the ingress, except the
+frames, which the ingress writes. `ServeExecutor` gives the driver (`cluster.driver.run_stream`)
+the same calls as the Ray and local executors, so a served video is made by the same code, in
+the same order, as one made by `framecast generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from ray.util import get_current_placement_group
+
+from cluster.actors import run_stage_method
+from cluster.executor import (
+    ACTOR_PING_TIMEOUT_S,
+    ACTOR_START_TIMEOUT_S,
+    PROGRESS_ANSWER_S,
+    StageCall,
+    StageFailed,
+    call_arguments,
+)
+from cluster.process_group import COLLECTIVE_TIMEOUT_S, ActorGroup
+from cluster.runtime import ActorResources, plan_resources
+from cluster.tracking import DEFAULT_EXPERIMENT
+from stages.clarity import ClarityStage
+from stages.context_parallel import ParallelLayout
+from stages.decoder import DecoderStage
+from stages.denoiser import DenoiserStage, StepCallback, plan_serving_layout
+from stages.errors import InvalidRequest
+from stages.models import load_spec, resolve_weights
+from stages.text_encoder import TextEncoderStage
+
+WAIT_POLL_S = 0.25  # how often the executor relays denoising progress while it waits
+
+
+def _env(name: str, default: str | None = None) -> Any:
+    return Field(default_factory=lambda: os.environ.get(name, default))
+
+
+class ServeArgs(BaseModel):
+    """The application's arguments: `serve run serve_app:app model=tiny ...`, a Serve config
+    file's `args`, or `framecast serve`'s flags. Unset, the model, weights and data directory
+    come from $FRAMECAST_MODEL, $FRAMECAST_WEIGHTS and $FRAMECAST_SERVE_DIR."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = _env("FRAMECAST_MODEL", "tiny")
+    weights: str | None = _env("FRAMECAST_WEIGHTS")  # a local diffusers directory; None: the model's own
+    workers: int = Field(1, ge=1, description="denoiser ranks (GPUs) of the one context-parallel group")
+    ulysses: int | None = Field(None, ge=1)
+    ring: int | None = Field(None, ge=1)
+    decoders: int = Field(1, ge=1, description="decoder replicas; a video's tiles are spread over them")
+    data_dir: str = _env("FRAMECAST_SERVE_DIR", "framecast-serve")  # videos, and the job database
+    database: str | None = None  # the SQLite file of the jobs (default: <data_dir>/jobs.sqlite3)
+    max_queue: int = Field(16, ge=1, description="videos queued or in progress; beyond it, 429")
+    runners: int = Field(2, ge=1, description="videos in the pipeline at once (one per stage overlaps them)")
+    max_attempts: int = Field(3, ge=1, description="tries of a video whose stage died under it")
+    lease_s: float = Field(30.0, gt=0, description="a runner that does not renew its job this long is taken for dead")
+    api_key_env: str | None = None  # the environment variable holding the API key (unset: no key)
+    max_image_mb: float = Field(10.0, gt=0, description="largest input_reference upload")
+    experiment: str = DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else MLflow's own default
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the deployments are built with, resolved once by the application builder."""
+
+    model: str
+    weights: str
+    layout: ParallelLayout
+    decoders: int
+    data_dir: str
+    database: str
+    max_queue: int
+    runners: int
+    max_attempts: int
+    lease_s: float
+    max_image_bytes: int
+    experiment: str
+    tracking_uri: str | None
+    # sha256 of the API key, not the key: the deployments' arguments are visible to whoever can
+    # read the Serve config; the key stays in the environment it was given in.
+    api_key_sha256: str | None = None
+
+
+def resolve_served(args: ServeArgs) -> Served:
+    """Check the arguments and find everything the deployments need, before any is started."""
+    spec = load_spec(args.model)
+    weights = resolve_weights(spec, args.weights)
+    layout = plan_serving_layout(spec, args.workers, args.ulysses, args.ring)
+    digest = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env, "")
+        if not key.strip():
+            raise InvalidRequest(f"the API key variable ${args.api_key_env} is not set or empty")
+        digest = hashlib.sha256(key.strip().encode()).hexdigest()
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    database = Path(args.database).expanduser().resolve() if args.database else data_dir / "jobs.sqlite3"
+    return Served(
+        args.model, str(weights), layout, args.decoders, str(data_dir), str(database), args.max_queue,
+        args.runners, args.max_attempts, args.lease_s, int(args.max_image_mb * 2**20), args.experiment,
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), digest,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DeploymentResources:
+    """What the encoder, denoiser and decoder deployments ask of Ray, per replica."""
+
+    encoder: dict[str, Any]  # ray_actor_options
+    decoder: dict[str, Any]
+    denoiser: dict[str, Any]  # the replica actor itself (in the first bundle)
+    denoiser_bundles: list[dict[str, float]]  # one per rank: placement_group_bundles
+    rank: ActorResources  # each rank actor, in its bundle
+
+
+def plan_deployments(served: Served, cluster: dict[str, float] | None = None) -> DeploymentResources:
+    """The ranks' GPUs (or CPU shares) as the denoiser replica's placement-group bundles,
+    STRICT_PACK on one node; the encoder and decoders as `cluster.runtime.plan_resources` places
+    side actors, except that they cannot share a rank's bundle (it belongs to the denoiser
+    replica): a rank then takes only its share of the GPU, leaving the rest to them."""
+    plan = plan_resources(cluster, workers=served.layout.world_size, decoders=served.decoders)
+    side = [plan.encode, *plan.decode]
+    gpu = plan.bundle.get("GPU", 0)
+    bundle = {"GPU": plan.denoise.num_gpus} if gpu and any(a.beside_rank is not None for a in side) else plan.bundle
+    return DeploymentResources(
+        encoder=_actor_options(plan.encode.num_gpus, plan.encode.num_cpus, plan.encode.env),
+        decoder=_actor_options(plan.decode[0].num_gpus, plan.decode[0].num_cpus, plan.decode[0].env),
+        denoiser=_actor_options(0, 0, {}),  # the replica only coordinates; its ranks hold the devices
+        denoiser_bundles=[dict(bundle)] * served.layout.world_size,
+        rank=ActorResources(bundle.get("GPU", 0), bundle.get("CPU", 0), dict(plan.denoise.env)),
+    )
+
+
+def _actor_options(gpus: float, cpus: float, env: dict[str, str]) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_gpus": gpus, "num_cpus": cpus}
+    if env:
+        options["runtime_env"] = {"env_vars": dict(env)}
+    return options
+
+
+@dataclass
+class Delivered:
+    """A stage's result as a deployment returns it: the value, and each process's report
+    (start, end, output bytes, the stage's figures)."""
+
+    value: Any
+    reports: list[dict[str, Any]]
+
+
+def _unwrap(args: tuple) -> tuple:
+    """A Delivered argument (another deployment's result, handed over by Serve) -> its value."""
+    return tuple(arg.value if isinstance(arg, Delivered) else arg for arg in args)
+
+
+SERVED_STAGES: dict[str, type] = {"encode": TextEncoderStage, "decode": DecoderStage}
+
+
+class StageHost:
+    """One stage in this process: a replica of the encoder or the decoder deployment."""
+
+    def __init__(self, stage: str, model: str, weights: str):
+        self.stage = SERVED_STAGES[stage](load_spec(model), Path(weights))
+        self.broken: str | None = None
+
+    def describe(self) -> str:
+        return self.stage.describe()
+
+    def call(self, method: str, *args: Any) -> Delivered:
+        try:
+            value, report = run_stage_method(self.stage, method, _unwrap(args), {})
+        except Exception as e:
+            if isinstance(e, torch.AcceleratorError):  # the device context is lost: only a new process recovers
+                self.broken = f"the device failed: {e}"
+            raise
+        return Delivered(value, [report])
+
+    def check_health(self) -> None:
+        if self.broken:
+            raise RuntimeError(self.broken)
+
+
+class DenoiserGroupHost:
+    """A denoiser group of `layout.world_size` ranks in this replica's placement group (one
+    bundle per rank, from the deployment's `placement_group_bundles`): the replica hands each
+    call to every rank, as the Ray executor does, and answers for the group."""
+
+    def __init__(self, model: str, weights: str, layout: ParallelLayout, rank: ActorResources):
+        spec = load_spec(model)
+        within = get_current_placement_group()
+        if within is None:
+            raise RuntimeError("the denoiser group must run in a replica with placement_group_bundles")
+        kwargs = {"layout": layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}
+        args = (spec, Path(weights))
+        self.group = ActorGroup(DenoiserStage, args, kwargs, layout.world_size, rank, {}, within=within)
+        self.layout = layout
+        self.broken: str | None = None
+        self.devices = ray.get(self.group.start(), timeout=ACTOR_START_TIMEOUT_S)
+
+    def describe(self) -> str:
+        return self.devices[0]
+
+    async def call(self, method: str, *args: Any, progress_id: str | None = None) -> Delivered:
+        """Every rank runs the method; rank 0's result stands for the group's. A rank that dies,
+        or any failure in a group of several ranks (the others may wait in a collective), breaks
+        the group: `check_health` then fails, and Serve replaces this replica and its ranks."""
+        if self.broken:
+            raise RuntimeError(self.broken)
+        args = tuple(ray.put(arg) for arg in _unwrap(args))  # stored once, read by every rank
+        calls = [
+            actor.call.remote(method, *args, progress_id=progress_id, keep_result=rank == 0)
+            for rank, actor in enumerate(self.group.actors)
+        ]
+        try:
+            value = await calls[0][0]
+            reports = await asyncio.gather(*(report for _, report in calls))
+        except Exception as e:
+            if self.layout.world_size > 1 or isinstance(e, ray.exceptions.RayActorError):
+                self.broken = f"the denoiser group failed and must be rebuilt: {type(e).__name__}"
+            raise
+        return Delivered(value, list(reports))
+
+    async def progress(self, progress_id: str) -> tuple[int, int] | None:
+        return await self.group.actors[0].progress.remote(progress_id)
+
+    async def check_health(self) -> None:
+        if self.broken:
+            raise RuntimeError(self.broken)
+        pings = [actor.progress.remote() for actor in self.group.actors]
+        await asyncio.wait_for(asyncio.gather(*pings), timeout=ACTOR_PING_TIMEOUT_S)
+
+
+class _Finished:
+    """A result made in the ingress's own process, answering as a DeploymentResponse does."""
+
+    def __init__(self, delivered: Delivered):
+        self.delivered = delivered
+
+    def result(self, timeout_s: float | None = None) -> Delivered:
+        return self.delivered
+
+
+@dataclass
+class ServeCall(StageCall):
+    progress: StepCallback | None = None
+    progress_id: str | None = None
+    seen: tuple[int, int] | None = field(default=None, repr=False)
+
+
+class ServeExecutor:
+    """The driver's executor over Serve deployments: the encoder, the denoiser group and the
+    decoders through their handles, and the clarity panel in this process (the ingress's CPU).
+    Used from runner threads (DeploymentResponse.result blocks), never from the event loop."""
+
+    name = "serve"
+    concurrent = True
+    crosses_processes = True
+
+    def __init__(self, encoder: Any, denoiser: Any, decoder: Any, decoders: int):
+        self.handles = {"encode": encoder, "denoise": denoiser, "decode": decoder}
+        self.decoders = decoders
+        self.panel = ClarityStage()
+        self._devices: dict[str, str] | None = None
+
+    def devices(self) -> dict[str, str]:
+        if self._devices is None:
+            found = {stage: handle.describe.remote().result() for stage, handle in self.handles.items()}
+            self._devices = {**found, "measure": self.panel.describe()}
+        return dict(self._devices)
+
+    def call(self, stage: str, method: str, *args: Any, progress: StepCallback | None = None) -> ServeCall:
+        if stage == "measure":
+            try:
+                value, report = run_stage_method(self.panel, method, call_arguments(args, 0), {})
+            except Exception as e:
+                raise StageFailed(stage, e) from e
+            return ServeCall(stage, [_Finished(Delivered(value, [report]))], [])
+        handle = self.handles[stage]
+        if stage == "decode" and method == "decode_tiles":  # one share of the tiles per decoder
+            args = call_arguments(args, self.decoders)
+            shares = [handle.call.remote("decode_share", *args, k, self.decoders) for k in range(self.decoders)]
+            return ServeCall(stage, shares, [])
+        args = call_arguments(args, 1)
+        progress_id = uuid.uuid4().hex if progress is not None else None
+        kwargs = {"progress_id": progress_id} if progress_id else {}
+        return ServeCall(stage, [handle.call.remote(method, *args, **kwargs)], [], 0, progress, progress_id)
+
+    def wait(self, *calls: ServeCall) -> None:
+        """Block until every call has finished, relaying denoising progress meanwhile. A failure
+        raises StageFailed, blamed on the first of `calls` (in the order given) that failed."""
+        for call in calls:
+            for response in call.values:
+                while True:
+                    try:
+                        response.result(timeout_s=WAIT_POLL_S)
+                        break
+                    except TimeoutError:
+                        self._relay(calls)
+                    except Exception as e:
+                        raise StageFailed(call.stage, e) from e
+        self._relay(calls)
+
+    def _relay(self, calls: tuple[ServeCall, ...]) -> None:
+        for call in calls:
+            if call.progress is None:
+                continue
+            try:
+                state = self.handles["denoise"].progress.remote(call.progress_id).result(timeout_s=PROGRESS_ANSWER_S)
+            except Exception:  # no news this time; the call's own result says if it failed
+                continue
+            if state is not None and tuple(state) != call.seen:
+                call.seen = tuple(state)
+                call.progress(*state)
+
+    def get(self, call: ServeCall) -> Any:
+        self.wait(call)
+        call.deliveries += 1
+        return call.values[0].result().value
+
+    def gather(self, call: ServeCall) -> list[Any]:
+        self.wait(call)
+        call.deliveries += 1
+        return [response.result().value for response in call.values]
+
+    def reports(self, call: ServeCall) -> list[dict[str, Any]]:
+        self.wait(call)
+        return [report for response in call.values for report in response.result().reports]
+
+    def close(self) -> None:
+        """Nothing to release: the deployments belong to Serve."""

@@ -1,0 +1,420 @@
+"""The Ray Serve application (serve_app.py) on CPU with the tiny model: the OpenAI-compatible
+Videos API over plain HTTP and through the official `openai` client, its validation, API key,
+bounded queue, durability when replicas die, and a schemathesis run against its schema.
+
+One application serves the whole module (starting Serve takes a while on 2 cores)."""
+
+import concurrent.futures
+import io
+import os
+import socket
+import time
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from PIL import Image
+from schemathesis.checks import not_a_server_error
+
+from cluster.driver import generate, prepare
+from cluster.executor import LocalExecutor
+from cluster.serving import ServeArgs
+from stages.video_io import read_frames
+
+KEY_ENV = "FRAMECAST_TEST_API_KEY"
+KEY = "test-key-7f1c"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_QUEUE = 4
+LEASE_S = 4.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory):
+    """The framecast application on Serve, its base URL and its data directory."""
+    from ray import serve
+
+    import serve_app
+
+    os.environ[KEY_ENV] = KEY
+    port = _free_port()
+    data = tmp_path_factory.mktemp("serve")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ServeArgs(model="tiny", data_dir=str(data), api_key_env=KEY_ENV, max_queue=MAX_QUEUE, lease_s=LEASE_S)
+    serve.run(serve_app.app(args), name="framecast", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", data
+    serve.shutdown()
+
+
+def _get(url: str, **kwargs) -> requests.Response:
+    """GET that rides out the moments when the ingress is being replaced."""
+    for _ in range(200):
+        try:
+            response = requests.get(url, headers=AUTH, timeout=10, **kwargs)
+            if response.status_code < 500:
+                return response
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"{url} never answered")
+
+
+def _wait(base: str, video_id: str, timeout_s: float = 180) -> tuple[dict, list[int]]:
+    """The video once completed or failed, and every progress value seen on the way."""
+    seen, deadline = [], time.time() + timeout_s
+    while time.time() < deadline:
+        video = _get(f"{base}/v1/videos/{video_id}").json()
+        seen.append(video["progress"])
+        if video["status"] in ("completed", "failed"):
+            return video, seen
+        time.sleep(0.05)
+    raise AssertionError(f"{video_id} did not finish in {timeout_s} s: {video}")
+
+
+def _local_digest(**settings) -> str:
+    """The digest of the same video made in this process (the path tested equal to diffusers)."""
+    job = prepare("tiny", "a fox in the snow", local=True, **settings)
+    executor = LocalExecutor(job.spec, job.weights)
+    try:
+        return generate(job, executor, job_output := _scratch() / "local.mp4").frames_sha256
+    finally:
+        executor.close()
+        job_output.unlink(missing_ok=True)
+
+
+def _scratch():
+    from pathlib import Path
+
+    path = Path("scratch")
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def test_a_video_over_plain_http(server):
+    base, data = server
+    created = requests.post(
+        f"{base}/v1/videos", headers=AUTH, json={"prompt": "a fox in the snow", "seconds": "2", "steps": 200}
+    )
+    assert created.status_code == 200, created.text
+    video = created.json()
+    assert video["object"] == "video" and video["status"] == "queued" and video["progress"] == 0
+    assert video["id"].startswith("video_") and len(video["id"]) == 38
+    # 2 s at the tiny model's 8 fps = 16 frames -> 17, the nearest count it makes; the job says so
+    assert video["settings"]["num_frames"] == 17 and video["seconds"] == "2.125" and video["size"] == "96x64"
+    assert video["notes"] == ["2 s at 8 fps = 16 frames -> 17, the nearest it makes (tiny makes 8k+1 frames, "
+                              "9 to 33; 2.125 s)"]  # fmt: skip
+
+    done, progress = _wait(base, video["id"])
+    assert done["status"] == "completed" and done["progress"] == 100 and done["error"] is None
+    assert progress == sorted(progress), "progress only goes forward"
+    assert any(0 < p < 95 for p in progress), f"no progress seen while denoising: {progress}"
+    assert done["completed_at"] >= done["created_at"] and done["attempts"] == 1
+
+    mp4 = requests.get(f"{base}/v1/videos/{video['id']}/content", headers=AUTH)
+    assert mp4.status_code == 200 and mp4.headers["content-type"] == "video/mp4"
+    (_scratch() / "served.mp4").write_bytes(mp4.content)
+    assert read_frames(_scratch() / "served.mp4").shape == (17, 64, 96, 3)
+    for variant, size in (("thumbnail", (96, 64)), ("spritesheet", None)):
+        png = requests.get(f"{base}/v1/videos/{video['id']}/content", params={"variant": variant}, headers=AUTH)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(png.content))
+        assert size is None or image.size == size
+
+    # The served video is the one `framecast generate` makes, frame for frame.
+    assert done["frames_sha256"] == _local_digest(steps=200, num_frames=17)
+    import mlflow
+
+    run = mlflow.get_run(done["mlflow_run_id"])
+    assert run.data.params["video_id"] == video["id"] and run.data.params["seconds"] == "2"
+    assert run.data.tags["framecast.source"] == "serve" and "clarity/sharpness_laplacian_var" in run.data.metrics
+    assert set(done["clarity"]) >= {"sharpness_laplacian_var", "blur_effect", "flicker_mae"}
+
+    listed = _get(f"{base}/v1/videos", params={"limit": 100}).json()
+    assert video["id"] in [v["id"] for v in listed["data"]]
+    gone = requests.delete(f"{base}/v1/videos/{video['id']}", headers=AUTH)
+    assert gone.json() == {"id": video["id"], "object": "video.deleted", "deleted": True}
+    assert requests.get(f"{base}/v1/videos/{video['id']}", headers=AUTH).status_code == 404
+    assert not list((data / "videos").glob(f"{video['id']}.*")), "its files are removed"
+
+
+def test_the_official_openai_client(server):
+    from openai import OpenAI
+
+    base, _ = server
+    client = OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    created = client.videos.create(prompt="a fox in the snow", seconds="1", size="96x64", extra_body={"steps": 3})
+    assert created.status == "queued" and created.size == "96x64"
+    video = client.videos.retrieve(created.id)
+    while video.status in ("queued", "in_progress"):
+        time.sleep(0.2)
+        video = client.videos.retrieve(created.id)
+    assert video.status == "completed" and video.progress == 100
+    content = client.videos.download_content(created.id)
+    (_scratch() / "client.mp4").write_bytes(content.read())
+    assert read_frames(_scratch() / "client.mp4").shape[0] == 9  # 1 s at 8 fps -> 9 frames
+    thumbnail = client.videos.download_content(created.id, variant="thumbnail")
+    assert Image.open(io.BytesIO(thumbnail.read())).size == (96, 64)
+    assert created.id in [v.id for v in client.videos.list(limit=50, order="asc")]
+    deleted = client.videos.delete(created.id)
+    assert deleted.deleted and deleted.id == created.id
+    models = client.models.list()
+    assert [m.id for m in models] == ["tiny"]
+
+
+def test_a_failed_request_says_what_was_wrong(server):
+    """The CLI's rules and messages, as 4xx, before anything is queued."""
+    base, _ = server
+
+    def post(headers=None, **kwargs):
+        return requests.post(f"{base}/v1/videos", headers={**AUTH, **(headers or {})}, **kwargs)
+
+    cases = [
+        ({"prompt": "x", "num_frames": 10}, 400, "frames must be 8k+1 for tiny (got 10; nearest valid: 9 or 17)"),
+        ({"prompt": "x", "size": "100x64"}, 400, "width must be a multiple of 16 for tiny (got 100; nearest valid: "
+                                                 "96 or 112)"),
+        ({"prompt": "x", "size": "big"}, 400, "size must be WIDTHxHEIGHT in pixels"),
+        ({"prompt": "x", "guidance_scale": 0.5}, 400, "guidance scale must be at least 1"),
+        ({"prompt": "x", "model": "sora-2"}, 400, "model 'sora-2' is not served here; this server serves tiny"),
+        ({"prompt": "x", "seconds": "2", "num_frames": 9}, 400, "give seconds or num_frames, not both"),
+        ({"prompt": "x", "steps": "many"}, 400, "steps must be an integer (got 'many')"),
+        ({"prompt": "x", "preset": "quick"}, 400, "preset quick gives ranges"),
+        ({"prompt": "x", "preset": "nope"}, 400, "unknown preset 'nope'"),
+        ({"prompt": "x", "colour": "red"}, 400, "unknown field(s) colour"),
+        ({"prompt": "   "}, 400, "prompt is required"),
+        ({}, 400, "prompt is required"),
+    ]  # fmt: skip
+    for body, status, message in cases:
+        for response in (post(json=body), post(data={k: str(v) for k, v in body.items()})):  # JSON, then a form
+            assert response.status_code == status, (body, response.text)
+            assert message in response.json()["error"]["message"], (body, response.text)
+    assert post(json=[1, 2]).status_code == 400
+    assert post(data=b"{", headers={"Content-Type": "application/json"}).status_code == 400
+    assert post(data=b"prompt", headers={"Content-Type": "text/plain"}).status_code == 415
+
+    image = io.BytesIO()
+    Image.new("RGB", (96, 64)).save(image, format="PNG")
+    with_image = post(data={"prompt": "x"}, files={"input_reference": ("a.png", image.getvalue(), "image/png")})
+    assert with_image.status_code == 400
+    assert "input_reference needs an image-to-video model" in with_image.json()["error"]["message"]
+    huge = post(data={"prompt": "x"}, files={"input_reference": ("a.png", b"\0" * (11 * 2**20), "image/png")})
+    assert huge.status_code == 413
+    assert requests.get(f"{base}/v1/videos/not-an-id", headers=AUTH).status_code == 404
+    assert requests.get(f"{base}/v1/videos", params={"limit": 0}, headers=AUTH).status_code == 400
+    assert requests.get(f"{base}/v1/videos", params={"after": "video_x"}, headers=AUTH).status_code == 400
+
+    # The same request at the command line: the same message, exit 2.
+    import contextlib
+
+    from cluster.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(["generate", "--local", "--prompt", "x", "--frames", "10"]) == 2
+    assert "frames must be 8k+1 for tiny (got 10; nearest valid: 9 or 17)" in stderr.getvalue()
+
+
+def test_every_route_needs_the_api_key(server):
+    base, _ = server
+    routes = ["/v1/models", "/v1/videos", "/v1/videos/video_" + "0" * 32, "/openapi.json", "/docs", "/nowhere"]
+    for route in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            response = requests.get(base + route, headers=headers)
+            assert response.status_code == 401, (route, headers)
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert requests.post(f"{base}/v1/videos", json={"prompt": "x"}).status_code == 401
+    assert requests.delete(f"{base}/v1/videos/video_" + "0" * 32).status_code == 401
+    assert requests.get(f"{base}/v1/models", headers=AUTH).status_code == 200
+
+
+def test_ten_concurrent_submissions_are_run_or_refused_never_lost(server):
+    base, _ = server
+
+    def submit(n: int) -> requests.Response:
+        return requests.post(f"{base}/v1/videos", headers=AUTH, json={"prompt": f"fox {n}", "steps": 20, "seed": n})
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(submit, range(10)))
+    accepted = [r.json()["id"] for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(accepted) + len(refused) == 10, [r.status_code for r in responses]
+    assert 1 <= len(accepted) <= MAX_QUEUE and refused
+    for r in refused:
+        assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "queue_full"
+    for video_id in accepted:
+        assert _wait(base, video_id)[0]["status"] == "completed"
+    listed = {v["id"] for v in _get(f"{base}/v1/videos", params={"limit": 100}).json()["data"]}
+    assert set(accepted) <= listed
+
+
+def test_no_request_makes_a_server_error(server):
+    """schemathesis generates requests from the app's OpenAPI schema, valid and not: none may
+    get a 5xx. (Driven by hand rather than by its pytest plugin, which needs the server at
+    collection time.)"""
+    base, _ = server
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json", headers=AUTH)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {f"{op.method.upper()} {op.path}" for op in operations} == {
+        "POST /v1/videos", "GET /v1/videos", "GET /v1/videos/{video_id}", "GET /v1/videos/{video_id}/content",
+        "DELETE /v1/videos/{video_id}", "GET /v1/models",
+    }  # fmt: skip
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def no_server_error(case):
+            case.call_and_validate(base_url=base, headers=AUTH, checks=[not_a_server_error])
+
+        no_server_error()
+
+
+def _clear(base: str) -> None:
+    """Delete every video (the schemathesis run queues some) and wait for the runners to be idle."""
+    while True:
+        videos = _get(f"{base}/v1/videos", params={"limit": 100}).json()["data"]
+        for v in videos:
+            requests.delete(f"{base}/v1/videos/{v['id']}", headers=AUTH)
+        if not videos:
+            return
+        time.sleep(0.5)
+
+
+def _replica(deployment: str):
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+
+
+def _wait_denoising(base: str, video_id: str) -> None:
+    deadline = time.time() + 120
+    while _get(f"{base}/v1/videos/{video_id}").json()["progress"] == 0:
+        assert time.time() < deadline, "the job never started denoising"
+        time.sleep(0.05)
+
+
+def test_a_denoiser_replica_killed_mid_job_and_the_job_still_completes(server):
+    import ray
+
+    base, _ = server
+    _clear(base)
+    body = {"prompt": "a fox in the snow", "steps": 200, "num_frames": 33, "seed": 3}  # long enough to kill mid-way
+    video = requests.post(f"{base}/v1/videos", headers=AUTH, json=body).json()
+    _wait_denoising(base, video["id"])
+    ray.kill(_replica("DenoiserGroup"), no_restart=True)  # Serve starts another (and its ranks)
+    done, _ = _wait(base, video["id"], timeout_s=300)
+    assert done["status"] == "completed" and done["attempts"] == 2, done
+    assert done["frames_sha256"] == _local_digest(steps=200, num_frames=33, seed=3)
+
+
+def test_an_ingress_restart_loses_no_job(server):
+    """The ingress (and its runners) dies with one job in progress and one queued: the new
+    ingress runs the queued one at once and the other once its lease has run out."""
+    import ray
+
+    base, _ = server
+    _clear(base)
+    long = {"prompt": "fox", "steps": 200, "num_frames": 33}
+    running = requests.post(f"{base}/v1/videos", headers=AUTH, json=long).json()
+    _wait_denoising(base, running["id"])
+    queued = [requests.post(f"{base}/v1/videos", headers=AUTH, json={"prompt": "fox", "steps": 5, "seed": s}).json()
+              for s in (1, 2)]  # fmt: skip
+    ray.kill(_replica("VideosAPI"), no_restart=True)
+    for video in [running, *queued]:
+        done, _ = _wait(base, video["id"], timeout_s=300)
+        assert done["status"] == "completed", done
+    assert _get(f"{base}/v1/videos/{running['id']}").json()["attempts"] == 2
+
+
+def _serve_configs() -> list[tuple[str, dict]]:
+    """(name, Serve config) of configs/serve: the Serve config file, and the one a RayService holds."""
+    import yaml
+
+    from stages.models import CONFIG_DIR
+
+    plain = yaml.safe_load((CONFIG_DIR / "serve" / "framecast.yaml").read_text())
+    service = yaml.safe_load((CONFIG_DIR / "serve" / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    return [("framecast.yaml", plain), ("rayservice.yaml", yaml.safe_load(service["spec"]["serveConfigV2"]))]
+
+
+@pytest.mark.parametrize("name, config", _serve_configs(), ids=["serve-config", "rayservice"])
+def test_the_shipped_serve_configs_are_valid(name, config, ray_session):
+    """Each is what `serve deploy` accepts, names an application builder that accepts its args,
+    and listens beyond this machine only with an API key."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    for application in schema.applications:
+        args = ServeArgs(**application.args)  # every key known, every value in range
+        if schema.http_options.host != "127.0.0.1":
+            assert args.api_key_env, f"{name} listens on {schema.http_options.host} without an API key"
+        if args.model == "tiny":  # builds here: the real models' weights are not on this machine
+            built = call_user_app_builder_with_args_if_necessary(import_attr(application.import_path),
+                                                                 application.args)  # fmt: skip
+            assert type(built).__name__ == "Application"
+
+
+def test_the_rayservice_gives_every_pod_the_api_key():
+    import yaml
+
+    from stages.models import CONFIG_DIR
+
+    service = yaml.safe_load((CONFIG_DIR / "serve" / "rayservice.yaml").read_text())
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for c in pod["spec"]["containers"] for e in c.get("env", [])}
+        assert env["FRAMECAST_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "framecast-api-key"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--workers", "0"], "--workers: Input should be greater than or equal to 1"),
+        (["--api-key-env", "FRAMECAST_NO_SUCH_VAR"], "the API key variable $FRAMECAST_NO_SUCH_VAR is not set"),
+        (["--port", "70000"], "--port must be 1 to 65535 (got 70000)"),
+    ],
+)
+def test_framecast_serve_refuses_bad_flags_before_starting(flags, message, capsys):
+    from cluster.cli import main
+
+    assert main(["serve", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_framecast_serve_starts_answers_and_stops(tmp_path):
+    """The command as a user runs it: its own Ray, the API on the port asked, Ctrl-C stops it."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, KEY_ENV: KEY}
+    command = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path),
+               "--api-key-env", KEY_ENV]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    said = []
+    try:
+        for line in process.stderr:  # until it says it is serving (or exits)
+            said.append(line)
+            if "framecast: serving" in line:
+                break
+        assert f"framecast: serving tiny at http://127.0.0.1:{port}/v1" in said[-1], "".join(said)
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", headers=AUTH, timeout=30).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).status_code == 401
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=120)
+    assert process.returncode == 0, "".join(said) + rest
+    assert "queued videos stay in the job database" in rest
+    assert (tmp_path / "jobs.sqlite3").is_file()
