@@ -28,4 +28,4 @@ test: install lint
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) outputs mlruns mlflow.db
+	rm -rf $(VENV) outputs mlruns mlflow.db framecast-serve
