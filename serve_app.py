@@ -20,7 +20,7 @@ import ray
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
@@ -96,6 +96,12 @@ class Guard:
         except _BodyTooLarge:
             if not started:
                 await _too_large(limit)(scope, receive, send)
+
+
+def _chunks(file, size: int = 2**20):
+    with file:
+        while chunk := file.read(size):
+            yield chunk
 
 
 def _not_found(video_id: str) -> JSONResponse:
@@ -262,7 +268,9 @@ async def read_create_body(request: Request, max_image_bytes: int) -> tuple[dict
 # ---- the deployments ----------------------------------------------------------------------
 
 
-@serve.deployment(health_check_period_s=HEALTH_CHECK_PERIOD_S)
+# One call at a time per stage replica, as a stage actor runs them: two videos never share a
+# device's memory, and a video's tile shares go to different decoder replicas.
+@serve.deployment(health_check_period_s=HEALTH_CHECK_PERIOD_S, max_ongoing_requests=1)
 class Encoder(StageHost):
     """The text encoder, in a replica of its own."""
 
@@ -272,7 +280,7 @@ class DenoiserGroup(DenoiserGroupHost):
     """One replica: N bundles (a GPU each) placed STRICT_PACK, one denoiser rank in each."""
 
 
-@serve.deployment(health_check_period_s=HEALTH_CHECK_PERIOD_S)
+@serve.deployment(health_check_period_s=HEALTH_CHECK_PERIOD_S, max_ongoing_requests=1)
 class Decoder(StageHost):
     """A VAE decoder; with several replicas, each decodes a share of a video's tiles."""
 
@@ -333,12 +341,13 @@ class VideosAPI:
     async def video_content(self, video_id: str, variant: Literal["video", "thumbnail", "spritesheet"] = "video"):
         """The MP4; `variant=thumbnail`: a PNG of the middle frame; `spritesheet`: the contact sheet."""
         try:
-            path, media_type = await run_in_threadpool(self.service.content, video_id, variant)
+            file, media_type, name = await run_in_threadpool(self.service.content, video_id, variant)
         except NotFound:
             return _not_found(video_id)
         except NotReady as e:
             return error(409, str(e), "invalid_request_error", "video_not_ready")
-        return FileResponse(path, media_type=media_type, filename=f"{video_id}.{path.name.split('.', 1)[1]}")
+        headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+        return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)
 
     @api.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=_ERRORS)
     async def delete_video(self, video_id: str):
@@ -371,4 +380,5 @@ def app(args: ServeArgs) -> Application:
     decoder = Decoder.options(num_replicas=served.decoders, ray_actor_options=resources.decoder).bind(
         "decode", served.model, served.weights
     )
-    return VideosAPI.bind(encoder, denoiser, decoder, served)
+    ingress = {"num_cpus": 0, "resources": dict(served.ingress_resources)}
+    return VideosAPI.options(ray_actor_options=ingress).bind(encoder, denoiser, decoder, served)

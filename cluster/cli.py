@@ -565,7 +565,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("framecast: stopping; queued videos stay in the job database and resume on the next start",
               file=sys.stderr)  # fmt: skip
-        serve.shutdown()
+        if args.address or os.environ.get("RAY_ADDRESS"):
+            serve.delete("framecast")  # a shared cluster: its other applications stay up
+        else:
+            serve.shutdown()
     return 0
 
 

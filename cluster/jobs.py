@@ -199,6 +199,8 @@ class JobStore:
         (it died) are queued again, or failed if they have had all their attempts."""
         now = time.time()
         with self._transaction() as db:
+            # deleted while running, and its runner died: nothing is left to finish
+            db.execute("DELETE FROM videos WHERE status = 'in_progress' AND deleted = 1 AND lease_until < ?", (now,))
             expired = db.execute(
                 "SELECT id, attempts FROM videos WHERE status = 'in_progress' AND lease_until < ?", (now,)
             ).fetchall()
@@ -214,7 +216,7 @@ class JobStore:
                 "started_at = ?, progress = 0 WHERE id = ?",
                 (worker, now + lease_s, now, row[0]),
             )
-        return self.get(row[0])
+            return _record(db.execute(f"SELECT {_COLUMNS} FROM videos WHERE id = ?", (row[0],)).fetchone())
 
     def _release(self, db: sqlite3.Connection, video_id: str, attempts: int, why: str) -> None:
         if attempts >= self.max_attempts:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from stages.errors import InvalidRequest
 from stages.models import load_spec, resolve_weights
 from stages.text_encoder import TextEncoderStage
 
+log = logging.getLogger("framecast.serve")
 WAIT_POLL_S = 0.25  # how often the executor relays denoising progress while it waits
 
 
@@ -75,6 +77,9 @@ class ServeArgs(BaseModel):
     max_image_mb: float = Field(10.0, gt=0, description="largest input_reference upload")
     experiment: str = DEFAULT_EXPERIMENT
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else MLflow's own default
+    # Custom Ray resources the ingress asks for, to pin it (its job database and videos) to the
+    # node that holds data_dir, e.g. {"framecast_ingress": 1} given to the head node only.
+    ingress_resources: dict[str, float] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class Served:
     # sha256 of the API key, not the key: the deployments' arguments are visible to whoever can
     # read the Serve config; the key stays in the environment it was given in.
     api_key_sha256: str | None = None
+    ingress_resources: tuple[tuple[str, float], ...] = ()
 
 
 def resolve_served(args: ServeArgs) -> Served:
@@ -115,7 +121,7 @@ def resolve_served(args: ServeArgs) -> Served:
     return Served(
         args.model, str(weights), layout, args.decoders, str(data_dir), str(database), args.max_queue,
         args.runners, args.max_attempts, args.lease_s, int(args.max_image_mb * 2**20), args.experiment,
-        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), digest,
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), digest, tuple(args.ingress_resources.items()),
     )  # fmt: skip
 
 
@@ -189,6 +195,7 @@ class StageHost:
             if isinstance(e, torch.AcceleratorError):  # the device context is lost: only a new process recovers
                 self.broken = f"the device failed: {e}"
             raise
+        report["pid"] = os.getpid()  # which replica did it
         return Delivered(value, [report])
 
     def check_health(self) -> None:
@@ -210,18 +217,19 @@ class DenoiserGroupHost:
         args = (spec, Path(weights))
         self.group = ActorGroup(DenoiserStage, args, kwargs, layout.world_size, rank, {}, within=within)
         self.layout = layout
-        self.broken: str | None = None
         self.devices = ray.get(self.group.start(), timeout=ACTOR_START_TIMEOUT_S)
 
     def describe(self) -> str:
         return self.devices[0]
 
     async def call(self, method: str, *args: Any, progress_id: str | None = None) -> Delivered:
-        """Every rank runs the method; rank 0's result stands for the group's. A rank that dies,
-        or any failure in a group of several ranks (the others may wait in a collective), breaks
-        the group: `check_health` then fails, and Serve replaces this replica and its ranks."""
-        if self.broken:
-            raise RuntimeError(self.broken)
+        """Every rank runs the method; rank 0's result stands for the group's.
+
+        A rank that dies, or any failure in a group of several ranks (the others may wait in a
+        collective), leaves a group this process cannot mend: the replica ends itself, so that
+        Serve replaces it (and its ranks) at once, and every call on it fails as a lost actor,
+        which the ingress gives back to the queue rather than failing the videos.
+        """
         args = tuple(ray.put(arg) for arg in _unwrap(args))  # stored once, read by every rank
         calls = [
             actor.call.remote(method, *args, progress_id=progress_id, keep_result=rank == 0)
@@ -232,7 +240,9 @@ class DenoiserGroupHost:
             reports = await asyncio.gather(*(report for _, report in calls))
         except Exception as e:
             if self.layout.world_size > 1 or isinstance(e, ray.exceptions.RayActorError):
-                self.broken = f"the denoiser group failed and must be rebuilt: {type(e).__name__}"
+                log.error("the denoiser group failed (%s: %s); this replica ends for Serve to replace it",
+                          type(e).__name__, e)  # fmt: skip
+                os._exit(1)
             raise
         return Delivered(value, list(reports))
 
@@ -240,8 +250,7 @@ class DenoiserGroupHost:
         return await self.group.actors[0].progress.remote(progress_id)
 
     async def check_health(self) -> None:
-        if self.broken:
-            raise RuntimeError(self.broken)
+        """Every rank answers (a rank that died while idle fails this, and Serve replaces the replica)."""
         pings = [actor.progress.remote() for actor in self.group.actors]
         await asyncio.wait_for(asyncio.gather(*pings), timeout=ACTOR_PING_TIMEOUT_S)
 

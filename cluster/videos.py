@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from PIL import Image
 
@@ -50,10 +51,12 @@ CREATE_FIELDS: dict[str, type] = {
     "num_frames": int,
     "preset": str,
 }
+# variant -> (file suffix after <id>.a<attempt>., media type)
 VARIANTS = {"video": ("mp4", "video/mp4"), "thumbnail": ("thumbnail.png", "image/png"),
             "spritesheet": ("sheet.png", "image/png")}  # fmt: skip
 DENOISING_SHARE = 95  # progress while denoising runs 0..95; writing and measuring the rest
 CLAIM_POLL_S = 0.2  # how often an idle runner looks for a queued job
+MAX_NUMBER = 1e6  # no setting is near this; beyond it a number is a mistake (or an overflow)
 
 
 class NotFound(Exception):
@@ -83,22 +86,23 @@ def _typed(name: str, value: Any, kind: type) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidRequest(f"{name} must be a number (got {value!r})")
     if kind is int:
-        if isinstance(value, float) or (isinstance(value, str) and not value.strip().lstrip("-").isdigit()):
-            raise InvalidRequest(f"{name} must be an integer (got {value!r})")
-        return int(value)
+        text = str(value).strip()
+        if isinstance(value, float) or not re.fullmatch(r"-?[0-9]{1,12}", text):
+            raise InvalidRequest(f"{name} must be an integer of at most 12 digits (got {value!r})")
+        return int(text)
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidRequest(f"{name} must be a number (got {value!r})") from None
-    if not math.isfinite(number):
-        raise InvalidRequest(f"{name} must be a finite number (got {value!r})")
+    if not math.isfinite(number) or abs(number) > MAX_NUMBER:
+        raise InvalidRequest(f"{name} must be a finite number below {MAX_NUMBER:g} (got {value!r})")
     return number
 
 
 def parse_size(text: str) -> tuple[int, int]:
     """'96x64' (OpenAI's WIDTHxHEIGHT) -> (width, height)."""
     parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 5 for p in parts):
+    if len(parts) != 2 or not all(re.fullmatch(r"[0-9]{1,5}", p) for p in parts):
         raise InvalidRequest(f"size must be WIDTHxHEIGHT in pixels, e.g. 720x480 (got {text!r})")
     return int(parts[0]), int(parts[1])
 
@@ -191,9 +195,11 @@ class VideoService:
     def create(self, raw: dict[str, Any], image: bytes | None = None) -> dict[str, Any]:
         """Validate and queue (InvalidRequest, or QueueFull beyond the bound)."""
         fields = read_fields(raw)
-        if image is not None and self.spec.kind != "i2v":
+        if image is not None:  # taken up with the image-to-video models; until then, refused for every model
             raise InvalidRequest(
                 f"{self.served.model} makes video from text; input_reference needs an image-to-video model"
+                if self.spec.kind != "i2v"
+                else "input_reference is not supported by this server yet"
             )
         job, notes, _ = prepare_video(self.served, self.spec, fields)
         request = {
@@ -226,16 +232,18 @@ class VideoService:
             self._remove_files(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    def content(self, video_id: str, variant: str) -> tuple[Path, str]:
-        """The file of a completed video (its MP4, thumbnail or contact sheet) and its media type."""
+    def content(self, video_id: str, variant: str) -> tuple[BinaryIO, str, str]:
+        """A completed video's file (its MP4, thumbnail or contact sheet), open (a delete meanwhile
+        cannot pull it away), its media type and its name."""
         record = self._record(video_id)
         if record.status != "completed":
             raise NotReady(f"video {video_id} is {record.status}; its content is there once it is completed")
         suffix, media_type = VARIANTS[variant]
-        path = self.videos / f"{video_id}.{suffix}"
-        if not path.is_file():
-            raise NotFound(video_id)
-        return path, media_type
+        name = f"{record.result['files']}.{suffix}"  # the attempt that made it
+        try:
+            return (self.videos / name).open("rb"), media_type, f"{video_id}.{suffix}"
+        except FileNotFoundError:
+            raise NotFound(video_id) from None
 
     def models(self) -> dict[str, Any]:
         model = {"id": self.served.model, "object": "model", "created": self.started_at, "owned_by": "framecast",
@@ -248,8 +256,9 @@ class VideoService:
             raise NotFound(video_id)
         return record
 
-    def _remove_files(self, video_id: str) -> None:
-        for path in self.videos.glob(f"{video_id}.*"):
+    def _remove_files(self, stem: str) -> None:
+        """The files of a video (`stem`: its id, every attempt) or of one attempt (`<id>.a<n>`)."""
+        for path in self.videos.glob(f"{stem}.*"):
             path.unlink(missing_ok=True)
 
     # -- the runners ----------------------------------------------------------------------------
@@ -283,7 +292,10 @@ class VideoService:
             if record is None:
                 self._stop.wait(CLAIM_POLL_S)
                 continue
-            self.run_job(record, worker)
+            try:
+                self.run_job(record, worker)
+            except Exception:  # the store failed while giving the job back: its lease will run out
+                log.exception("job %s", record.id)
 
     def run_job(self, record: VideoRecord, worker: str) -> None:
         """One claimed job, to completed, failed, or back to the queue (a stage's process died)."""
@@ -306,7 +318,10 @@ class VideoService:
         def on_step(_index: int, done: int, total: int) -> None:
             lease.progress = DENOISING_SHARE * done // total
 
-        output = self.videos / f"{record.id}.mp4"
+        # Each attempt writes files of its own: a runner that lost its lease (and so its job) to
+        # another never touches what the other makes.
+        stem = f"{record.id}.a{record.attempts}"
+        output = self.videos / f"{stem}.mp4"
         (result,) = list(run_stream([job], self.executor, [output], on_step))
         if isinstance(result, JobFailed):
             if result.error.actor_lost:
@@ -314,7 +329,7 @@ class VideoService:
             else:
                 self.store.fail(record.id, worker, "generation_failed", str(result.error))
             return
-        thumbnail = self.videos / f"{record.id}.thumbnail.png"
+        thumbnail = self.videos / f"{stem}.thumbnail.png"
         Image.fromarray(read_frame(result.video, job.request.num_frames // 2)).save(thumbnail)
         summary: dict[str, Any] = {
             "clarity": {k.removeprefix("clarity/"): v for k, v in result.metrics.items() if k.startswith("clarity/")}
@@ -322,6 +337,7 @@ class VideoService:
             "clarity_error": result.clarity_error,
             "metrics": {k: v for k, v in result.metrics.items() if k.endswith("_s")},
             "frames_sha256": result.frames_sha256,
+            "files": stem,
         }
         try:
             summary["run_id"] = log_generation(
@@ -331,8 +347,8 @@ class VideoService:
             )  # fmt: skip
         except Exception as e:  # the video stands; the job says why it has no run
             summary["tracking_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-        if not self.store.finish(record.id, worker, summary):  # deleted meanwhile
-            self._remove_files(record.id)
+        if not self.store.finish(record.id, worker, summary):  # deleted, or taken over by another runner
+            self._remove_files(stem)
 
 
 class _Lease:

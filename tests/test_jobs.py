@@ -118,3 +118,12 @@ def test_pages_and_deletes(store):
     assert not store.finish(running.id, "w", {})  # its runner learns it was deleted
     assert store.claim("w", 60).id == ids[1]  # a deleted job never runs
     assert store.counts() == {"queued": 2, "in_progress": 1, "completed": 0, "failed": 0}
+
+
+def test_a_job_deleted_while_its_runner_died_frees_its_place(store):
+    job = store.submit("tiny", {}, max_active=1)
+    store.claim("dead runner", lease_s=0.1)
+    store.delete(job.id)  # marked: its runner would drop the result, but it is gone
+    time.sleep(0.2)
+    assert store.claim("w", 60) is None
+    assert store.submit("tiny", {}, max_active=1).status == "queued"

@@ -26,7 +26,7 @@ KEY_ENV = "FRAMECAST_TEST_API_KEY"
 KEY = "test-key-7f1c"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_QUEUE = 4
-LEASE_S = 4.0
+LEASE_S = 8.0  # short, so that the ingress-restart test waits little for the dead runner's lease
 
 
 def _free_port() -> int:
@@ -182,10 +182,14 @@ def test_a_failed_request_says_what_was_wrong(server):
         ({"prompt": "x", "guidance_scale": 0.5}, 400, "guidance scale must be at least 1"),
         ({"prompt": "x", "model": "sora-2"}, 400, "model 'sora-2' is not served here; this server serves tiny"),
         ({"prompt": "x", "seconds": "2", "num_frames": 9}, 400, "give seconds or num_frames, not both"),
-        ({"prompt": "x", "steps": "many"}, 400, "steps must be an integer (got 'many')"),
+        ({"prompt": "x", "steps": "many"}, 400, "steps must be an integer of at most 12 digits (got 'many')"),
         ({"prompt": "x", "preset": "quick"}, 400, "preset quick gives ranges"),
         ({"prompt": "x", "preset": "nope"}, 400, "unknown preset 'nope'"),
         ({"prompt": "x", "colour": "red"}, 400, "unknown field(s) colour"),
+        ({"prompt": "x", "steps": "--5"}, 400, "steps must be an integer"),
+        ({"prompt": "x", "seconds": 1e308}, 400, "seconds must be a finite number below"),
+        ({"prompt": "x", "size": "²x²"}, 400, "size must be WIDTHxHEIGHT in pixels"),
+        ({"prompt": "x", "seed": 10**40}, 400, "seed must be an integer of at most 12 digits"),
         ({"prompt": "   "}, 400, "prompt is required"),
         ({}, 400, "prompt is required"),
     ]  # fmt: skip
@@ -194,6 +198,7 @@ def test_a_failed_request_says_what_was_wrong(server):
             assert response.status_code == status, (body, response.text)
             assert message in response.json()["error"]["message"], (body, response.text)
     assert post(json=[1, 2]).status_code == 400
+    assert post(json={"prompt": "x", "guidance_scale": 10**400}).status_code == 400  # float() overflows
     assert post(data=b"{", headers={"Content-Type": "application/json"}).status_code == 400
     assert post(data=b"prompt", headers={"Content-Type": "text/plain"}).status_code == 415
 
@@ -204,6 +209,15 @@ def test_a_failed_request_says_what_was_wrong(server):
     assert "input_reference needs an image-to-video model" in with_image.json()["error"]["message"]
     huge = post(data={"prompt": "x"}, files={"input_reference": ("a.png", b"\0" * (11 * 2**20), "image/png")})
     assert huge.status_code == 413
+
+    def chunks():  # no Content-Length: the limit is counted as the body arrives
+        yield (b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--x\r\nContent-Disposition: '
+               b'form-data; name="input_reference"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n')
+        yield from (b"\0" * 2**20 for _ in range(12))
+        yield b"\r\n--x--\r\n"
+
+    chunked = post(data=chunks(), headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert chunked.status_code == 413, chunked.text
     assert requests.get(f"{base}/v1/videos/not-an-id", headers=AUTH).status_code == 404
     assert requests.get(f"{base}/v1/videos", params={"limit": 0}, headers=AUTH).status_code == 400
     assert requests.get(f"{base}/v1/videos", params={"after": "video_x"}, headers=AUTH).status_code == 400
@@ -314,8 +328,9 @@ def test_a_denoiser_replica_killed_mid_job_and_the_job_still_completes(server):
 
 
 def test_an_ingress_restart_loses_no_job(server):
-    """The ingress (and its runners) dies with one job in progress and one queued: the new
-    ingress runs the queued one at once and the other once its lease has run out."""
+    """The ingress (and its runners) dies with a job in progress and others behind it (queued,
+    or taken by the second runner): the new ingress runs the queued ones at once and those that
+    were running once their leases have run out."""
     import ray
 
     base, _ = server
@@ -418,3 +433,20 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
     assert process.returncode == 0, "".join(said) + rest
     assert "queued videos stay in the job database" in rest
     assert (tmp_path / "jobs.sqlite3").is_file()
+
+
+def test_the_rayservice_pins_the_ingress_to_the_node_with_the_data():
+    import json
+
+    import yaml
+
+    from stages.models import CONFIG_DIR
+
+    service = yaml.safe_load((CONFIG_DIR / "serve" / "rayservice.yaml").read_text())
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    cluster = service["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert json.loads(json.loads(head["rayStartParams"]["resources"])) == args["ingress_resources"]
+    mounts = lambda pod: {m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}  # noqa: E731
+    assert args["data_dir"].startswith("/data/") and "/data" in mounts(head["template"])
+    assert all("/data" not in mounts(group["template"]) for group in cluster["workerGroupSpecs"])

@@ -57,7 +57,9 @@ def test_a_served_group_and_its_decoders_equal_one_process(deployments, tiny_spe
     assert torch.isfinite(frames).all()
 
     assert len(served.reports(denoised)) == 2  # both ranks of the group worked on the video
-    assert [report["tiles"] for report in served.reports(decoded)] == [len(s) for s in plan_shares(plan)]
+    shares = served.reports(decoded)
+    assert [report["tiles"] for report in shares] == [len(s) for s in plan_shares(plan)]
+    assert len({report["pid"] for report in shares}) == 2, "each share went to a replica of its own"
     assert steps and steps[-1] == 3  # denoising progress came back from rank 0
     status = serve.status().applications["framecast-cp"].deployments
     assert status["Decoder"].replica_states.get("RUNNING") == 2
