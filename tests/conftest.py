@@ -1,4 +1,5 @@
 import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,3 +75,10 @@ def ray_session():
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

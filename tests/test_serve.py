@@ -7,12 +7,12 @@ One application serves the whole module (starting Serve takes a while on 2 cores
 import concurrent.futures
 import io
 import os
-import socket
 import time
 
 import pytest
 import requests
 import schemathesis
+from conftest import free_port
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from schemathesis.checks import not_a_server_error
@@ -29,12 +29,6 @@ MAX_QUEUE = 4
 LEASE_S = 8.0  # short, so that the ingress-restart test waits little for the dead runner's lease
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory):
     """The framecast application on Serve, its base URL and its data directory."""
@@ -43,7 +37,7 @@ def server(ray_session, tmp_path_factory):
     import serve_app
 
     os.environ[KEY_ENV] = KEY
-    port = _free_port()
+    port = free_port()
     data = tmp_path_factory.mktemp("serve")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = ServeArgs(model="tiny", data_dir=str(data), api_key_env=KEY_ENV, max_queue=MAX_QUEUE, lease_s=LEASE_S)
@@ -80,12 +74,11 @@ def _wait(base: str, video_id: str, timeout_s: float = 180) -> tuple[dict, list[
 def _local_digest(**settings) -> str:
     """The digest of the same video made in this process (the path tested equal to diffusers)."""
     job = prepare("tiny", "a fox in the snow", local=True, **settings)
-    executor = LocalExecutor(job.spec, job.weights)
+    executor, output = LocalExecutor(job.spec, job.weights), _scratch() / "local.mp4"
     try:
-        return generate(job, executor, job_output := _scratch() / "local.mp4").frames_sha256
+        return generate(job, executor, output).frames_sha256
     finally:
         executor.close()
-        job_output.unlink(missing_ok=True)
 
 
 def _scratch():
@@ -413,7 +406,7 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, KEY_ENV: KEY}
     command = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path),
                "--api-key-env", KEY_ENV]  # fmt: skip
@@ -450,3 +443,31 @@ def test_the_rayservice_pins_the_ingress_to_the_node_with_the_data():
     mounts = lambda pod: {m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}  # noqa: E731
     assert args["data_dir"].startswith("/data/") and "/data" in mounts(head["template"])
     assert all("/data" not in mounts(group["template"]) for group in cluster["workerGroupSpecs"])
+
+
+def test_a_stage_replica_whose_device_failed_fails_its_health_check(tiny_weights):
+    """A stage's own error leaves its replica healthy; a device error (the CUDA context is lost)
+    makes its health check fail, so that Serve replaces the process."""
+    import torch
+
+    from cluster.serving import StageHost
+
+    host = StageHost("encode", "tiny", str(tiny_weights))
+    delivered = host.call("encode", "a fox", "", False)
+    assert delivered.value.prompt.shape[0] == 1 and delivered.reports[0]["pid"] == os.getpid()
+
+    def raising(error):
+        def encode(*_args):
+            raise error
+
+        return encode
+
+    host.stage.encode = raising(ValueError("a bad prompt"))
+    with pytest.raises(ValueError):
+        host.call("encode", "a fox", "", False)
+    host.check_health()
+    host.stage.encode = raising(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(torch.AcceleratorError):
+        host.call("encode", "a fox", "", False)
+    with pytest.raises(RuntimeError, match="the device failed"):
+        host.check_health()

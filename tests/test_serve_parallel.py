@@ -2,10 +2,9 @@
 hosting a context-parallel group of 2 ranks in its own placement group, and a video's tiles
 decoded as shares by 2 decoder replicas (CPU, gloo, the tiny model)."""
 
-import socket
-
 import pytest
 import torch
+from conftest import free_port
 
 from cluster.executor import LocalExecutor
 from cluster.serving import ServeArgs, ServeExecutor
@@ -21,10 +20,7 @@ def deployments(ray_session, tmp_path_factory):
 
     import serve_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     args = ServeArgs(model="tiny", workers=2, decoders=2, data_dir=str(tmp_path_factory.mktemp("serve-cp")))
     serve.run(serve_app.app(args), name="framecast-cp", route_prefix="/")
     names = ("Encoder", "DenoiserGroup", "Decoder")
