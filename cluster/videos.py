@@ -311,6 +311,8 @@ class VideoService:
     def _run(self, record: VideoRecord, worker: str, lease: _Lease) -> None:
         try:
             job, _, recorded = prepare_video(self.served, self.spec, record.request["fields"])
+            if job.request.as_dict() != record.request["settings"]:
+                raise InvalidRequest("the server's model settings changed since the video was accepted")
         except InvalidRequest as e:  # accepted earlier under other rules (the server was changed)
             self.store.fail(record.id, worker, "invalid_request", str(e))
             return

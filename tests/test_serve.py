@@ -5,6 +5,7 @@ bounded queue, durability when replicas die, and a schemathesis run against its 
 One application serves the whole module (starting Serve takes a while on 2 cores)."""
 
 import concurrent.futures
+import dataclasses
 import io
 import os
 import time
@@ -471,3 +472,20 @@ def test_a_stage_replica_whose_device_failed_fails_its_health_check(tiny_weights
         host.call("encode", "a fox", "", False)
     with pytest.raises(RuntimeError, match="the device failed"):
         host.check_health()
+
+
+def test_a_video_accepted_under_other_settings_fails_rather_than_runs_differently(tmp_path):
+    """Validated again when claimed: if the server's model settings changed after a video was
+    accepted, it fails saying so, instead of making a video other than the one it reported."""
+    from cluster.serving import resolve_served
+    from cluster.videos import VideoService
+
+    service = VideoService(resolve_served(ServeArgs(model="tiny", data_dir=str(tmp_path))), executor=None)
+    accepted = service.create({"prompt": "a fox", "steps": "7"})
+    assert accepted["settings"]["steps"] == 7 and accepted["status"] == "queued"
+    record = service.store.claim("w", 60)
+    changed = {**record.request, "settings": {**record.request["settings"], "num_frames": 17}}
+    service.run_job(dataclasses.replace(record, request=changed), "w")
+    failed = service.retrieve(accepted["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
+    assert "settings changed" in failed["error"]["message"]
