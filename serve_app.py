@@ -104,10 +104,6 @@ def _chunks(file, size: int = 2**20):
             yield chunk
 
 
-def _not_found(video_id: str) -> JSONResponse:
-    return error(404, f"no video {video_id!r}", "invalid_request_error", "video_not_found")
-
-
 class _BodyTooLarge(Exception):
     pass
 
@@ -142,6 +138,27 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
 async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return error(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
+
+
+# What cluster.videos raises, as the API answers it (one place, not a try in every route).
+@api.exception_handler(InvalidRequest)
+async def _bad_request(_request: Request, exc: InvalidRequest) -> JSONResponse:
+    return error(400, str(exc), "invalid_request_error")
+
+
+@api.exception_handler(NotFound)
+async def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
+    return error(404, f"no video {exc.args[0]!r}", "invalid_request_error", "video_not_found")
+
+
+@api.exception_handler(NotReady)
+async def _not_ready(_request: Request, exc: NotReady) -> JSONResponse:
+    return error(409, str(exc), "invalid_request_error", "video_not_ready")
+
+
+@api.exception_handler(QueueFull)
+async def _queue_full(_request: Request, exc: QueueFull) -> JSONResponse:
+    return error(429, str(exc), "rate_limit_error", "queue_full", {"Retry-After": str(exc.retry_after_s)})
 
 
 # ---- the API's documents (for the OpenAPI schema; the objects are made in cluster.videos) ------
@@ -309,13 +326,8 @@ class VideosAPI:
     @api.post("/v1/videos", response_model=Video, openapi_extra=_CREATE_BODY, responses=_ERRORS)
     async def create_video(self, request: Request):
         """Queue a video (429 with Retry-After when the queue is full)."""
-        try:
-            fields, image = await read_create_body(request, self.max_image_bytes)
-            return await run_in_threadpool(self.service.create, fields, image)
-        except InvalidRequest as e:
-            return error(400, str(e), "invalid_request_error")
-        except QueueFull as e:
-            return error(429, str(e), "rate_limit_error", "queue_full", {"Retry-After": str(e.retry_after_s)})
+        fields, image = await read_create_body(request, self.max_image_bytes)
+        return await run_in_threadpool(self.service.create, fields, image)
 
     @api.get("/v1/videos", response_model=VideoList, responses=_ERRORS)
     async def list_videos(
@@ -324,37 +336,23 @@ class VideosAPI:
         limit: int = Query(20, ge=1, le=100),
         order: Literal["asc", "desc"] = "desc",
     ):
-        try:
-            return await run_in_threadpool(self.service.page, after, limit, order)
-        except InvalidRequest as e:
-            return error(400, str(e), "invalid_request_error")
+        return await run_in_threadpool(self.service.page, after, limit, order)
 
     @api.get("/v1/videos/{video_id}", response_model=Video, responses=_ERRORS)
     async def retrieve_video(self, video_id: str):
-        try:
-            return await run_in_threadpool(self.service.retrieve, video_id)
-        except NotFound:
-            return _not_found(video_id)
+        return await run_in_threadpool(self.service.retrieve, video_id)
 
     @api.get("/v1/videos/{video_id}/content", responses={**_ERRORS, 200: {"content": {
         "video/mp4": {}, "image/png": {}}}})  # fmt: skip
     async def video_content(self, video_id: str, variant: Literal["video", "thumbnail", "spritesheet"] = "video"):
         """The MP4; `variant=thumbnail`: a PNG of the middle frame; `spritesheet`: the contact sheet."""
-        try:
-            file, media_type, name = await run_in_threadpool(self.service.content, video_id, variant)
-        except NotFound:
-            return _not_found(video_id)
-        except NotReady as e:
-            return error(409, str(e), "invalid_request_error", "video_not_ready")
+        file, media_type, name = await run_in_threadpool(self.service.content, video_id, variant)
         headers = {"Content-Disposition": f'attachment; filename="{name}"'}
         return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)
 
     @api.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=_ERRORS)
     async def delete_video(self, video_id: str):
-        try:
-            return await run_in_threadpool(self.service.delete, video_id)
-        except NotFound:
-            return _not_found(video_id)
+        return await run_in_threadpool(self.service.delete, video_id)
 
     @api.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def list_models(self):

@@ -60,11 +60,11 @@ MAX_NUMBER = 1e6  # no setting is near this; beyond it a number is a mistake (or
 
 
 class NotFound(Exception):
-    pass
+    """No such video (args[0]: the id asked for)."""
 
 
 class NotReady(Exception):
-    pass
+    """The video has no content yet: it is not completed."""
 
 
 def read_fields(raw: dict[str, Any]) -> dict[str, Any]:

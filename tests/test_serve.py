@@ -104,6 +104,9 @@ def test_a_video_over_plain_http(server):
     assert video["notes"] == ["2 s at 8 fps = 16 frames -> 17, the nearest it makes (tiny makes 8k+1 frames, "
                               "9 to 33; 2.125 s)"]  # fmt: skip
 
+    early = requests.get(f"{base}/v1/videos/{video['id']}/content", headers=AUTH)  # 200 steps: not done yet
+    assert early.status_code == 409 and early.json()["error"]["code"] == "video_not_ready"
+
     done, progress = _wait(base, video["id"])
     assert done["status"] == "completed" and done["progress"] == 100 and done["error"] is None
     assert progress == sorted(progress), "progress only goes forward"
@@ -133,7 +136,8 @@ def test_a_video_over_plain_http(server):
     assert video["id"] in [v["id"] for v in listed["data"]]
     gone = requests.delete(f"{base}/v1/videos/{video['id']}", headers=AUTH)
     assert gone.json() == {"id": video["id"], "object": "video.deleted", "deleted": True}
-    assert requests.get(f"{base}/v1/videos/{video['id']}", headers=AUTH).status_code == 404
+    missing = requests.get(f"{base}/v1/videos/{video['id']}", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "video_not_found"
     assert not list((data / "videos").glob(f"{video['id']}.*")), "its files are removed"
 
 
