@@ -10,7 +10,6 @@ configs/serve/framecast.yaml. This file is HTTP in and cluster calls out: what a
 say, how jobs run and what each deployment hosts live in cluster/ (videos, jobs, serving).
 """
 
-
 import hashlib
 import hmac
 import os

@@ -22,7 +22,7 @@ EXIT_INCOMPLETE = 3  # the video is written, but measuring or tracking it failed
 
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="text-to-video: each prompt -> one MP4, recorded in MLflow")
+    p = sub.add_parser("generate", help="each prompt (and --image) -> one MP4, recorded in MLflow")
     p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt; repeat it for several videos")
@@ -43,6 +43,10 @@ def _generate_parser(sub) -> None:
 def _settings_options(p: argparse.ArgumentParser) -> None:
     """What a generation is asked to be: explicit settings win over --preset, which wins over the model's defaults."""
     p.add_argument("--negative-prompt", default=None)
+    p.add_argument(
+        "--image", default=None, metavar="PATH",
+        help="image-to-video models: the picture the video starts from (resized to the video's size)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale; 1 turns guidance off")
     p.add_argument("--frames", type=int, default=None, help="frames (8k+1 for CogVideoX)")
@@ -201,6 +205,11 @@ def _recommend_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _models_parser(sub) -> None:
+    p = sub.add_parser("models", help="the models framecast knows: kind, defaults, limits, license, local weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
 def _frames_parser(sub) -> None:
     p = sub.add_parser("frames", help="extract one frame of a video as an image")
     p.add_argument("video", type=Path)
@@ -324,6 +333,7 @@ def _generate(args: argparse.Namespace, out=None) -> int:
             prompts,
             negative_prompt=args.negative_prompt,
             seed=args.seed,
+            image=args.image,
             **settings.request_kwargs(),
             **_placement(args),
         )
@@ -423,7 +433,7 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
             raise InvalidRequest(f"{', '.join(swept)} is also a --grid axis; give it in one place")
         plan = plan_sweep(
             args.model, args.prompt, grid, settings, seed=args.seed, negative_prompt=args.negative_prompt,
-            **_placement(args),
+            image=args.image, **_placement(args),
         )  # fmt: skip
         sheet_frame_index(plan, args.sheet_frame)
         replicas = 1 if args.local else _replicas(args, plan.jobs[0].layout.world_size)
@@ -731,6 +741,39 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from stages.models import KIND_NAMES, known_models, load_spec, weights_status
+
+    models = []
+    for name in known_models():
+        spec = load_spec(name)
+        limits = spec.as_dict()["limits"]
+        models.append({
+            "name": name, "kind": spec.kind, "family": spec.family, "description": spec.description,
+            "license": spec.license, "dtype": spec.dtype, "defaults": spec.as_dict()["defaults"],
+            "limits": limits, "weights": weights_status(spec),
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps({"models": models}, indent=2))
+        return 0
+    rows = [("MODEL", "KIND", "DEFAULTS", "LIMITS", "LICENSE", "WEIGHTS")]
+    for m in models:
+        d, lim, w = m["defaults"], m["limits"], m["weights"]
+        frames = f"{d['num_frames']}f@{d['fps']}fps " if m["kind"] != "t2i" else ""
+        defaults = f"{d['width']}x{d['height']} {frames}{d['steps']} steps g{d['guidance_scale']:g}"
+        span = lambda lo_hi: f"{lo_hi[0]}" if lo_hi[0] == lo_hi[1] else f"{lo_hi[0]}-{lo_hi[1]}"  # noqa: E731
+        step = f" by {lim['frame_step']}" if lim["frame_step"] > 1 else ""
+        frame_limits = f" {span(lim['num_frames'])}f{step}" if m["kind"] != "t2i" else ""
+        limit = f"w{span(lim['width'])} h{span(lim['height'])}{frame_limits}"
+        state = "present" if w["present"] else "built on first use" if w["source"] == "built offline" else "missing"
+        weights = f"{state} ({w['source']}: {w['location']})"
+        rows.append((m["name"], KIND_NAMES.get(m["kind"], m["kind"]), defaults, limit, m["license"], weights))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="framecast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -740,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     _clarity_parser(sub)
     _frames_parser(sub)
     _serve_parser(sub)
+    _models_parser(sub)
     args = parser.parse_args(argv)
     commands = {
         "generate": cmd_generate,
@@ -748,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         "clarity": cmd_clarity,
         "frames": cmd_frames,
         "serve": cmd_serve,
+        "models": cmd_models,
     }
     return commands[args.command](args)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from cluster.executor import LocalExecutor, RayExecutor, StageCall, StageFailed
 from cluster.runtime import ClusterLayout, load_cluster_layout
@@ -29,16 +30,18 @@ from stages.clarity import ClarityReport
 from stages.context_parallel import ParallelLayout
 from stages.decoder import TilePlan, assemble_frames, plan_decode, to_uint8
 from stages.denoiser import plan_layout
+from stages.encoder import check_prompts, count_tokens, load_tokenizer
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec, resolve_weights
-from stages.request import GenerationRequest, build_request, pitfalls
-from stages.text_encoder import check_prompts, count_tokens, load_tokenizer
-from stages.video_io import contact_sheet, write_mp4
+from stages.request import GenerationRequest, build_request, check_image, pitfalls
+from stages.video_io import contact_sheet, load_image, write_mp4
 
 # (job index, steps done, total steps) of the job being denoised
 JobProgress = Callable[[int, int, int], None]
-# Prompt embeddings already asked for, by (prompt, negative prompt): see `encode_once`.
-Encodings = dict[tuple[str, str], StageCall]
+# Encodings already asked for, by (prompt, negative prompt, (image digest, height, width) or
+# None): see `encode_once`.
+EncodingKey = tuple[str, str, tuple[str, int, int] | None]
+Encodings = dict[EncodingKey, StageCall]
 Executor = LocalExecutor | RayExecutor
 
 
@@ -54,6 +57,7 @@ class Job:
     decoders: int = 1
     tiles: TilePlan | None = None  # None: untiled
     warnings: dict[str, str] = field(default_factory=dict)  # settings the articles warn against (pitfalls)
+    image: np.ndarray | None = None  # image-to-video: the image's pixels, (H, W, 3) uint8, read once here
 
     def resolved_config(self) -> str:
         """YAML of what this run used: the model spec as loaded, the weights found, the filled-in request."""
@@ -86,9 +90,11 @@ class GenerationResult:
     warnings: dict[str, str] = field(default_factory=dict)  # the job's pitfalls (see stages.request)
     run_id: str | None = None
     tracking_error: str | None = None
+    input_image: Path | None = None  # image-to-video: the image as the model took it, beside the video
 
     def artifacts(self) -> list[Path]:
-        return [self.video, self.contact_sheet] + ([self.clarity_csv] if self.clarity_csv else [])
+        extra = [path for path in (self.clarity_csv, self.input_image) if path is not None]
+        return [self.video, self.contact_sheet, *extra]
 
     def as_json(self) -> dict:
         return {
@@ -97,6 +103,7 @@ class GenerationResult:
             "video": str(self.video),
             "contact_sheet": str(self.contact_sheet),
             "clarity_csv": str(self.clarity_csv) if self.clarity_csv else None,
+            "input_image": str(self.input_image) if self.input_image else None,
             "clarity_error": self.clarity_error,
             "warnings": self.warnings,
             "run_id": self.run_id,
@@ -155,13 +162,17 @@ def prepare_variants(
     (prompt, `build_request` settings) pairs, one per job, all run by one executor; an error
     names the job's label (e.g. "prompt 3 of 3") when it has one."""
     spec = load_spec(model)
-    requests, layouts, tiles = [], [], []
+    requests, layouts, tiles, image_warnings = [], [], [], []
+    images: dict[str, np.ndarray] = {}  # read once per file
     for (prompt, settings), label in zip(variants, labels, strict=True):
         try:
             r = build_request(spec, prompt, **settings)
             requests.append(r)
             layouts.append(plan_layout(spec, r, workers, ulysses, ring, cfg_parallel))
             tiles.append(plan_decode(spec, r.height, r.width, decoders, tile_size, tile_overlap))
+            if r.image and r.image not in images:
+                images[r.image] = load_image(r.image)
+            image_warnings.append(check_image(spec, r, images[r.image].shape[:2]) if r.image else {})
         except InvalidRequest as e:
             raise _labelled(e, label) from None
     layout = layouts[0]
@@ -176,13 +187,14 @@ def prepare_variants(
     weights_dir = resolve_weights(spec, weights)
     tokenizer = load_tokenizer(spec, weights_dir)
     jobs = []
-    for q, plan, label in zip(requests, tiles, labels, strict=True):
+    for q, plan, image_warning, label in zip(requests, tiles, image_warnings, labels, strict=True):
         try:
             check_prompts(tokenizer, spec, q.prompt, q.negative_prompt, q.do_classifier_free_guidance)
         except InvalidRequest as e:
             raise _labelled(e, label) from None
-        warnings = pitfalls(spec, q, count_tokens(tokenizer, q.prompt))
-        jobs.append(Job(spec, weights_dir, q, layout, cluster_layout, decoders, plan, warnings))
+        warnings = {**pitfalls(spec, q, count_tokens(tokenizer, q.prompt)), **image_warning}
+        image = images.get(q.image)
+        jobs.append(Job(spec, weights_dir, q, layout, cluster_layout, decoders, plan, warnings, image))
     return jobs
 
 
@@ -300,15 +312,26 @@ def encode_once(executor: Executor, jobs: list[Job]) -> Encodings:
     """Ask for each distinct prompt's embeddings once, for jobs that differ only in other settings
     (a sweep's cells). With the negative prompt's if any job guides: a job without guidance uses
     the prompt's alone. The results stay where they are made; any executor's stages can use them."""
-    guided: dict[tuple[str, str], bool] = {}
+    guided: dict[EncodingKey, tuple[Job, bool]] = {}
     for job in jobs:
-        key = _encoding_key(job.request)
-        guided[key] = guided.get(key, False) or job.request.do_classifier_free_guidance
-    return {key: executor.call("encode", "encode", *key, guidance) for key, guidance in guided.items()}
+        key = _encoding_key(job)
+        guided[key] = job, guided.get(key, (job, False))[1] or job.request.do_classifier_free_guidance
+    return {key: _encode(executor, job, guidance) for key, (job, guidance) in guided.items()}
 
 
-def _encoding_key(r: GenerationRequest) -> tuple[str, str]:
-    return r.prompt, r.negative_prompt
+def _encoding_key(job: Job) -> EncodingKey:
+    """What a job's encoding depends on: its prompts, and its image at its size (if any)."""
+    r = job.request
+    if job.image is None:
+        return r.prompt, r.negative_prompt, None
+    return r.prompt, r.negative_prompt, (hashlib.sha256(job.image).hexdigest(), r.height, r.width)
+
+
+def _encode(executor: Executor, job: Job, guidance: bool) -> StageCall:
+    r = job.request
+    if job.image is None:
+        return executor.call("encode", "encode", r.prompt, r.negative_prompt, guidance)
+    return executor.call("encode", "encode", r.prompt, r.negative_prompt, guidance, job.image, (r.height, r.width))
 
 
 def _submit(
@@ -317,9 +340,8 @@ def _submit(
     r = flight.job.request
     progress = None if on_step is None else (lambda done, total: on_step(flight.index, done, total))
     try:
-        known = (encodings or {}).get(_encoding_key(r))
-        guidance = r.do_classifier_free_guidance
-        encoded = known.shared() if known else executor.call("encode", "encode", *_encoding_key(r), guidance)
+        known = (encodings or {}).get(_encoding_key(flight.job))
+        encoded = known.shared() if known else _encode(executor, flight.job, r.do_classifier_free_guidance)
         flight.encoded = encoded
         flight.denoised = executor.call("denoise", "denoise", flight.encoded, r, progress=progress)
     except StageFailed as e:  # in-process, or a denoiser group already shut down
@@ -407,6 +429,10 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
     if clarity is not None:
         series = video.with_suffix(".clarity.csv")
         series.write_text(clarity.csv_text())
+    input_image = None
+    if job.image is not None:  # kept with the video: what it was made from
+        input_image = video.with_suffix(".input.png")
+        Image.fromarray(job.image).save(input_image)
 
     calls = {"encode": flight.encoded, "denoise": flight.denoised, "decode": flight.decoded}
     reports = {stage: executor.reports(call) for stage, call in calls.items()}
@@ -452,10 +478,11 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         "cluster_layout": job.cluster.name,
         **{f"device_{stage}": device for stage, device in executor.devices().items()},
         "weights": str(job.weights),
+        **({"image_sha256": hashlib.sha256(job.image).hexdigest()} if job.image is not None else {}),
     }
     digest = hashlib.sha256(np.ascontiguousarray(frames)).hexdigest()
     flight.frames = None  # the stream holds no finished job's frames
     return GenerationResult(
         video, sheet, params, metrics, spans, digest, flight.index, clarity_csv=series,
-        clarity_error=flight.clarity_error, warnings=dict(job.warnings),
+        clarity_error=flight.clarity_error, warnings=dict(job.warnings), input_image=input_image,
     )  # fmt: skip

@@ -27,11 +27,11 @@ from stages.clarity import ClarityStage
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
 from stages.denoiser import DenoiserStage, StepCallback
+from stages.encoder import EncoderStage
 from stages.models import ModelSpec
-from stages.text_encoder import TextEncoderStage
 
 MODEL_STAGES: dict[str, type] = {  # built from the model's spec and weights
-    "encode": TextEncoderStage,
+    "encode": EncoderStage,
     "denoise": DenoiserStage,
     "decode": DecoderStage,
 }
@@ -231,7 +231,7 @@ class RayExecutor:
 
     def _side_actor(self, stage: str, index: int):
         if stage == "encode":
-            return self.group.side_actor(self.plan.encode, TextEncoderStage, self.spec, self.weights)
+            return self.group.side_actor(self.plan.encode, EncoderStage, self.spec, self.weights)
         if stage == "measure":
             return self.group.side_actor(self.plan.measure, ClarityStage)
         kwargs = {"rank": index, "decoders": len(self.plan.decode)}

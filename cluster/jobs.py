@@ -133,9 +133,10 @@ class JobStore:
 
     # -- submitting and reading ---------------------------------------------------------------
 
-    def submit(self, model: str, request: dict[str, Any], max_active: int) -> VideoRecord:
-        """Queue a new job, or raise QueueFull when `max_active` jobs are queued or in progress."""
-        video_id, now = new_video_id(), time.time()
+    def submit(self, model: str, request: dict[str, Any], max_active: int, video_id: str | None = None) -> VideoRecord:
+        """Queue a new job (under `video_id`, made here if not given: a caller that stores files
+        for the job first names it), or raise QueueFull when `max_active` jobs are queued or in progress."""
+        video_id, now = video_id or new_video_id(), time.time()
         with self._transaction() as db:
             active = db.execute("SELECT COUNT(*) FROM videos WHERE status IN (?, ?)", ACTIVE).fetchone()[0]
             if active >= max_active:

@@ -42,9 +42,9 @@ from stages.clarity import ClarityStage
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
 from stages.denoiser import DenoiserStage, StepCallback, plan_serving_layout
+from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
 from stages.models import load_spec, resolve_weights
-from stages.text_encoder import TextEncoderStage
 
 log = logging.getLogger("framecast.serve")
 WAIT_POLL_S = 0.25  # how often the executor relays denoising progress while it waits
@@ -175,7 +175,7 @@ def _unwrap(args: tuple) -> tuple:
     return tuple(arg.value if isinstance(arg, Delivered) else arg for arg in args)
 
 
-SERVED_STAGES: dict[str, type] = {"encode": TextEncoderStage, "decode": DecoderStage}
+SERVED_STAGES: dict[str, type] = {"encode": EncoderStage, "decode": DecoderStage}
 
 
 class StageHost:

@@ -110,12 +110,15 @@ class SweepPlan:
 
     @functools.cached_property
     def cell_ids(self) -> list[str]:
-        """Per cell, what decides its video: model, weights, request, and the decode tiles (tiling
+        """Per cell, what decides its video: model, weights, request (and image), and the decode tiles (tiling
         changes the frames; how many decoders share the tiles does not)."""
         ids = []
         for job in self.jobs:
             tiling = {k: v for k, v in job.decode_params().items() if k != "decoders"}
-            ids.append(_digest([self.model, str(job.weights), job.request.as_dict(), tiling]))
+            decides = [self.model, str(job.weights), job.request.as_dict(), tiling]
+            if job.image is not None:  # the picture itself, not only its path
+                decides.append(hashlib.sha256(job.image).hexdigest())
+            ids.append(_digest(decides))
         return ids
 
     @functools.cached_property
@@ -151,6 +154,7 @@ def plan_sweep(
     settings: Settings,
     seed: int = 0,
     negative_prompt: str | None = None,
+    image: str | None = None,
     **placement: Any,
 ) -> SweepPlan:
     """Every cell validated (before any model is loaded): `grid` on top of `settings` (the preset's
@@ -170,7 +174,7 @@ def plan_sweep(
         kwargs = settings.request_kwargs(overrides)
         if negative_prompt is not None:
             kwargs["negative_prompt"] = negative_prompt
-        variants.append((settings.prompt(prompt), {**kwargs, "seed": seed}))
+        variants.append((settings.prompt(prompt), {**kwargs, "seed": seed, "image": image}))
     labels = [f"cell {cell.label}" for cell in cells]
     jobs = prepare_variants(model, variants, labels, **placement)
     for job in jobs:

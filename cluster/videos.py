@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Literal
 from PIL import Image
 
 from cluster.driver import Job, JobFailed, prepare_variants, run_stream
-from cluster.jobs import JobStore, VideoRecord, is_video_id
+from cluster.jobs import JobStore, VideoRecord, is_video_id, new_video_id
 from cluster.serving import Served
 from cluster.settings import resolve_settings
 from cluster.tracking import log_generation
@@ -107,9 +107,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def prepare_video(served: Served, spec: ModelSpec, fields: dict[str, Any]) -> tuple[Job, list[str], dict[str, str]]:
-    """The validated job for a create request's fields, the notes on how its settings were
-    reached, and the params that record them: `framecast generate`'s rules and messages."""
+def prepare_video(
+    served: Served, spec: ModelSpec, fields: dict[str, Any], image: str | None = None
+) -> tuple[Job, list[str], dict[str, str]]:
+    """The validated job for a create request's fields (and its stored `input_reference` image),
+    the notes on how its settings were reached, and the params that record them: `framecast
+    generate`'s rules and messages."""
     if fields.get("model", served.model) != served.model:
         raise InvalidRequest(f"model {fields['model']!r} is not served here; this server serves {served.model}")
     if "seconds" in fields and "num_frames" in fields:
@@ -131,7 +134,7 @@ def prepare_video(served: Served, spec: ModelSpec, fields: dict[str, Any]) -> tu
         settings = resolve_settings(spec, explicit, fields.get("preset"))
         notes.append(note)
     settings.require_single()
-    request = {"negative_prompt": fields.get("negative_prompt"), "seed": fields.get("seed", 0)}
+    request = {"negative_prompt": fields.get("negative_prompt"), "seed": fields.get("seed", 0), "image": image}
     layout = served.layout
     (job,) = prepare_variants(
         served.model, [(settings.prompt(fields["prompt"]), {**request, **settings.request_kwargs()})], [None],
@@ -195,20 +198,32 @@ class VideoService:
     def create(self, raw: dict[str, Any], image: bytes | None = None) -> dict[str, Any]:
         """Validate and queue (InvalidRequest, or QueueFull beyond the bound)."""
         fields = read_fields(raw)
-        if image is not None:  # taken up with the image-to-video models; until then, refused for every model
+        if image is not None and not self.spec.takes_image:
             raise InvalidRequest(
                 f"{self.served.model} makes video from text; input_reference needs an image-to-video model"
-                if self.spec.kind != "i2v"
-                else "input_reference is not supported by this server yet"
             )
-        job, notes, _ = prepare_video(self.served, self.spec, fields)
-        request = {
-            "fields": fields,
-            "settings": job.request.as_dict(),
-            "notes": notes,
-            "warnings": job.warnings,
-        }
-        return video_object(self.store.submit(self.served.model, request, self.served.max_queue))
+        if image is None and self.spec.takes_image:
+            raise InvalidRequest(f"{self.served.model} is image-to-video: send the first frame as input_reference")
+        video_id = new_video_id()
+        # The image is kept under the video's id (runners read it, a retry too; delete removes it)
+        # and checked by the same code as `framecast generate --image`.
+        stored = None if image is None else self.videos / f"{video_id}.input"
+        try:
+            if stored is not None:
+                stored.write_bytes(image)
+            job, notes, _ = prepare_video(self.served, self.spec, fields, str(stored) if stored else None)
+            request = {
+                "fields": fields,
+                "image": stored.name if stored else None,
+                "settings": job.request.as_dict(),
+                "notes": notes,
+                "warnings": job.warnings,
+            }
+            return video_object(self.store.submit(self.served.model, request, self.served.max_queue, video_id))
+        except BaseException:
+            if stored is not None:
+                stored.unlink(missing_ok=True)
+            raise
 
     def retrieve(self, video_id: str) -> dict[str, Any]:
         return video_object(self._record(video_id))
@@ -310,7 +325,9 @@ class VideoService:
 
     def _run(self, record: VideoRecord, worker: str, lease: _Lease) -> None:
         try:
-            job, _, recorded = prepare_video(self.served, self.spec, record.request["fields"])
+            image = record.request.get("image")
+            image = str(self.videos / image) if image else None
+            job, _, recorded = prepare_video(self.served, self.spec, record.request["fields"], image)
             if job.request.as_dict() != record.request["settings"]:
                 raise InvalidRequest("the server's model settings changed since the video was accepted")
         except InvalidRequest as e:  # accepted earlier under other rules (the server was changed)

@@ -1,4 +1,5 @@
-"""Denoising: the CogVideoX transformer and its scheduler loop with classifier-free guidance.
+"""Denoising: the CogVideoX transformer and its scheduler loop with classifier-free guidance
+(and, for image-to-video, the image's latents joined to the video's along channels).
 
 The loop follows diffusers' `CogVideoXPipeline.__call__` step for step (same noise, same
 timesteps, same guidance arithmetic and dtype casts), so that for the same weights, seed and
@@ -33,9 +34,9 @@ from stages.context_parallel import (
     choose_layout,
 )
 from stages.device import PeakMemory, default_device, describe
+from stages.encoder import Conditioning
 from stages.models import ModelSpec, load_component
 from stages.request import GenerationRequest
-from stages.text_encoder import PromptEmbeddings
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
@@ -53,7 +54,7 @@ class DenoiserStage:
         self.device = device or default_device()
         self.transformer = load_component(spec, "transformer", weights, self.device)
         if self.transformer.ofs_embedding is not None:  # CogVideoX 1.5-I2V: conditioned on an image offset
-            raise ValueError(f"{spec.name}: transformers with an ofs embedding (image-to-video) are not supported yet")
+            raise ValueError(f"{spec.name}: CogVideoX 1.5 image-to-video (an ofs embedding) is not supported")
         # The weights' scheduler config; a request may name another scheduler class built from it.
         self.scheduler_config = spec.components["scheduler"].load_class().load_config(weights, subfolder="scheduler")
         self.context = None
@@ -80,10 +81,11 @@ class DenoiserStage:
         frames = (r.num_frames - 1) // self.spec.vae_scale_temporal + 1
         p_t = self.transformer.config.patch_size_t
         padding = 0 if p_t is None or frames % p_t == 0 else p_t - frames % p_t
+        channels = self.transformer.config.in_channels
         shape = (
             1,
             frames + padding,
-            self.transformer.config.in_channels,
+            channels // 2 if self.spec.takes_image else channels,  # image-to-video: half are the image's
             r.height // self.spec.vae_scale_spatial,
             r.width // self.spec.vae_scale_spatial,
         )
@@ -211,7 +213,7 @@ class DenoiserStage:
 
     @torch.no_grad()
     def denoise(
-        self, embeddings: PromptEmbeddings, r: GenerationRequest, on_step: StepCallback | None = None
+        self, embeddings: Conditioning, r: GenerationRequest, on_step: StepCallback | None = None
     ) -> torch.Tensor:
         """Returns the denoised latents (1, latent frames, channels, h, w) on the CPU."""
         guidance = r.do_classifier_free_guidance
@@ -226,6 +228,10 @@ class DenoiserStage:
 
         generator = torch.Generator("cpu").manual_seed(r.seed)
         shape, padding = self.latent_shape(r)
+        # Image-to-video: the image's latents are drawn first, as diffusers draws them.
+        image_latents = self._image_latents(embeddings, shape, generator, prompt_embeds.dtype)
+        if image_latents is not None and guidance:
+            image_latents = torch.cat([image_latents] * 2)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=prompt_embeds.dtype)
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generator)
@@ -240,6 +246,8 @@ class DenoiserStage:
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            if image_latents is not None:  # joined along channels
+                model_input = torch.cat([model_input, image_latents], dim=2)
             timestep = t.expand(model_input.shape[0])
             noise_pred = self._predict_noise(model_input, prompt_embeds, timestep, rotary, positions).float()
             if guidance:
@@ -258,6 +266,23 @@ class DenoiserStage:
 
         self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": self._video_tokens(shape)}
         return latents[:, padding:].cpu()
+
+    def _image_latents(
+        self, conditioning: Conditioning, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The first frame's latents drawn from the encoder's distribution, scaled, then zeros for
+        the other latent frames: (1, latent frames, C, h, w), or None for text-to-video."""
+        image = conditioning.image
+        if not self.spec.takes_image:
+            if image is not None:
+                raise ValueError(f"{self.spec.name} makes video from text alone; it takes no image")
+            return None
+        if image is None:
+            raise ValueError(f"{self.spec.name} is image-to-video: it needs the image's latents")
+        mean, std = image.mean.to(self.device), image.std.to(self.device)
+        sample = mean + std * randn_tensor(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
+        first = image.scale * sample.to(dtype).permute(0, 2, 1, 3, 4)  # (1, 1, C, h, w)
+        return torch.cat([first, first.new_zeros((1, shape[1] - 1, *first.shape[2:]))], dim=1)
 
     def _video_tokens(self, shape: tuple[int, ...]) -> float:
         """Video tokens this rank's transformer holds: all of them, or its padded shard."""

@@ -49,6 +49,9 @@ class Defaults:
     height: int
     width: int
     negative_prompt: str = ""
+    # The scheduler a request gets when it names none (a short name of `schedulers`, built from
+    # the weights' config); unset: the weights' own. CogVideoX-5b's card recommends DPM.
+    scheduler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class ModelSpec:
     limits: Limits
     weights: WeightsSpec
     source: Path
+    # The stock diffusers pipeline of these weights (what `model_index.json` names): the
+    # reference framecast's output is tested equal to, and the class the offline builder saves.
+    pipeline: str = "diffusers.CogVideoXPipeline"
+    # Text tokens the prompt is padded to; unset: the transformer's max_text_seq_length.
+    text_tokens: int | None = None
     # Schedulers a request may pick instead of the weights' own: short name -> class path. They
     # are built from the weights' scheduler config (`from_config`), as diffusers' docs swap them.
     schedulers: dict[str, str] = field(default_factory=dict)
@@ -93,7 +101,12 @@ class ModelSpec:
     @property
     def max_sequence_length(self) -> int:
         """How many text tokens the denoiser takes (the prompt is padded to exactly this)."""
-        return int(self.components["transformer"].config["max_text_seq_length"])
+        return self.text_tokens or int(self.components["transformer"].config["max_text_seq_length"])
+
+    @property
+    def takes_image(self) -> bool:
+        """Image-to-video: every request must bring the first frame's image."""
+        return self.kind == "i2v"
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -123,6 +136,7 @@ class ModelSpec:
     def scheduler_name(self, name: str | None) -> str:
         """The class name of the scheduler `name` (a short name or class name; None: the weights' own)."""
         choices = self.scheduler_choices()
+        name = name or self.defaults.scheduler
         if name is None:
             return self.components["scheduler"].class_path.rsplit(".", 1)[-1]
         if name not in choices:
@@ -145,6 +159,7 @@ class ModelSpec:
             "kind": self.kind,
             "license": self.license,
             "dtype": self.dtype,
+            "pipeline": self.pipeline,
             "components": {k: {"class": c.class_path, "config": c.config} for k, c in self.components.items()},
             "defaults": asdict(self.defaults),
             "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.limits).items()},
@@ -153,8 +168,16 @@ class ModelSpec:
         }
 
 
+KIND_NAMES = {"t2v": "text-to-video", "i2v": "image-to-video", "t2i": "text-to-image"}
+
+
 def known_models() -> list[str]:
     return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+
+
+def image_models() -> list[str]:
+    """The configured image-to-video models."""
+    return [name for name in known_models() if load_spec(name).takes_image]
 
 
 def load_spec(name: str) -> ModelSpec:
@@ -191,6 +214,8 @@ def load_spec(name: str) -> ModelSpec:
             build_seed=weights.get("build_seed"),
         ),
         source=path,
+        pipeline=raw.get("pipeline", ModelSpec.pipeline),
+        text_tokens=raw.get("text_tokens"),
         schedulers=dict(raw.get("schedulers") or {}),
     )
 
@@ -231,6 +256,25 @@ def resolve_weights(spec: ModelSpec, override: str | os.PathLike | None = None) 
 
         return check_architecture(spec, ensure_built(spec, cache_dir()))
     raise InvalidRequest(f"{spec.name} names no weights; pass --weights DIR with a local diffusers copy")
+
+
+def weights_status(spec: ModelSpec) -> dict[str, Any]:
+    """Where the model's weights come from and whether they are on this machine, looked up
+    without loading, building or downloading anything: {"source", "location", "present"}."""
+    if spec.weights.path:
+        path = Path(os.path.expandvars(spec.weights.path)).expanduser()
+        return {"source": "path", "location": str(path), "present": (path / "model_index.json").is_file()}
+    if spec.weights.hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec.weights.hub_id, "model_index.json")
+        return {"source": "hub cache", "location": spec.weights.hub_id, "present": isinstance(found, str)}
+    if spec.weights.build_seed is not None:
+        from stages.tiny import built_path
+
+        target = built_path(spec, cache_dir())
+        return {"source": "built offline", "location": str(target), "present": (target / "model_index.json").is_file()}
+    return {"source": "none", "location": None, "present": False}
 
 
 def load_component(spec: ModelSpec, key: str, weights: Path, device: Any = None) -> Any:

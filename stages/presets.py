@@ -16,12 +16,11 @@ from typing import Any
 import yaml
 
 from stages.errors import InvalidRequest
-from stages.models import CONFIG_DIR, ModelSpec
+from stages.models import CONFIG_DIR, KIND_NAMES, ModelSpec
 from stages.request import frames_at_least
 
 PRESETS_DIR = CONFIG_DIR / "presets"
 SETTINGS = ("steps", "guidance", "frames", "fps")  # what a preset may set
-KIND_NAMES = {"t2v": "text-to-video", "i2v": "image-to-video", "t2i": "text-to-image"}
 
 
 @dataclass(frozen=True)

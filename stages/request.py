@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from stages.errors import InvalidRequest
-from stages.models import ModelSpec
+from stages.models import KIND_NAMES, ModelSpec, image_models
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class GenerationRequest:
     # diffusers' CogVideoX `use_dynamic_cfg`: the guidance scale follows a cosine schedule over
     # the steps instead of staying at guidance_scale (see DenoiserStage.guidance_at).
     dynamic_guidance: bool = False
+    # Image-to-video: the image file given (the path as the user wrote it; its pixels travel with
+    # the job, see cluster.driver.Job.image). Empty for text-to-video.
+    image: str = ""
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -49,6 +52,7 @@ def build_request(
     seed: int = 0,
     scheduler: str | None = None,
     dynamic_guidance: bool = False,
+    image: str | None = None,
 ) -> GenerationRequest:
     """Fill unset fields from the model's defaults, then validate (see `validate`)."""
     d = spec.defaults
@@ -64,6 +68,7 @@ def build_request(
         seed=seed,
         scheduler=spec.scheduler_name(scheduler),
         dynamic_guidance=bool(dynamic_guidance),
+        image=str(image or ""),
     )
     validate(spec, request)
     return request
@@ -78,7 +83,7 @@ def nearest_valid_frames(num_frames: int, multiple: int) -> list[int]:
 def validate(spec: ModelSpec, r: GenerationRequest) -> None:
     """Check a request against the model's rules. Cheap: no model is loaded.
 
-    The prompt's token count is checked separately (`TextEncoderStage.check_prompt_length`
+    The prompt's token count is checked separately (`EncoderStage.check_prompt_length`
     needs the tokenizer).
     """
     if not r.prompt or not r.prompt.strip():
@@ -95,6 +100,13 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
         raise InvalidRequest(f"fps must be at least 1 (got {r.fps})")
     if r.seed < 0:
         raise InvalidRequest(f"seed must be a non-negative integer (got {r.seed})")
+    if spec.takes_image and not r.image:
+        raise InvalidRequest(f"{spec.name} is image-to-video: pass --image PATH, the picture the video starts from")
+    if r.image and not spec.takes_image:
+        raise InvalidRequest(
+            f"{spec.name} is {KIND_NAMES.get(spec.kind, spec.kind)} and takes no image; "
+            f"for image-to-video use one of: {', '.join(image_models()) or 'none configured'}"
+        )
 
     step = spec.limits.frame_step
     lo, hi = spec.limits.num_frames
@@ -191,3 +203,38 @@ def pitfalls(spec: ModelSpec, r: GenerationRequest, prompt_tokens: int) -> dict[
             f"expect repeated subjects and less coherent motion"
         )
     return found
+
+
+# How far an image may be from the video's size. diffusers resizes it to the video's height and
+# width as it is (no crop), so a different aspect ratio stretches the picture: a little is warned
+# about, more than MAX_ASPECT_CHANGE is refused.
+MAX_ASPECT_CHANGE = 2.0
+WARN_ASPECT_CHANGE = 1.05
+WARN_UPSCALE = 2.0  # enlarging more than this blurs the first frame
+
+
+def check_image(spec: ModelSpec, r: GenerationRequest, image_size: tuple[int, int]) -> dict[str, str]:
+    """Warnings (name -> line) for an image of `image_size` (height, width) resized to the video's
+    size; InvalidRequest, with the allowed range, when its shape is too far from the video's."""
+    h, w = image_size
+    aspect, target = w / h, r.width / r.height
+    change = max(aspect / target, target / aspect)
+    if change > MAX_ASPECT_CHANGE:
+        lo, hi = target / MAX_ASPECT_CHANGE, target * MAX_ASPECT_CHANGE
+        raise InvalidRequest(
+            f"the image is {w}x{h} (width/height {aspect:.2f}) but the video is {r.width}x{r.height} "
+            f"({target:.2f}); {spec.name} stretches the image to the video's size, so its width/height "
+            f"must be between {lo:.2f} and {hi:.2f} (crop it, or ask for another --size)"
+        )
+    warnings = {}
+    if change > WARN_ASPECT_CHANGE:
+        warnings["image_stretched"] = (
+            f"the image ({w}x{h}) is stretched to {r.width}x{r.height}: its aspect ratio changes by "
+            f"{(change - 1) * 100:.0f}%, so the first frame is distorted"
+        )
+    upscale = max(r.width / w, r.height / h)
+    if upscale > WARN_UPSCALE:
+        warnings["image_upscaled"] = (
+            f"the image ({w}x{h}) is enlarged {upscale:.1f}x to {r.width}x{r.height}: expect a soft first frame"
+        )
+    return warnings

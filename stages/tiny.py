@@ -17,7 +17,7 @@ import string
 import tempfile
 from pathlib import Path
 
-from stages.models import ModelSpec
+from stages.models import ComponentSpec, ModelSpec
 
 # Whole words get one token each; anything else falls back to characters, so every prompt
 # tokenizes, and long prompts cost tokens roughly as they would with a real T5 vocabulary.
@@ -55,7 +55,6 @@ def build_tokenizer():
 def build_pipeline_dir(spec: ModelSpec, out_dir: Path) -> None:
     """Construct every component from its config with seeded weights and save them as one pipeline."""
     import torch
-    from diffusers import CogVideoXPipeline
 
     if spec.family != "cogvideox":
         raise ValueError(f"no offline builder for model family {spec.family!r}")
@@ -74,18 +73,24 @@ def build_pipeline_dir(spec: ModelSpec, out_dir: Path) -> None:
             components[key] = cls.from_config(config)
         else:
             components[key] = cls(**config)
-    CogVideoXPipeline(**components).save_pretrained(out_dir)
+    ComponentSpec(spec.pipeline).load_class()(**components).save_pretrained(out_dir)
 
 
-def ensure_built(spec: ModelSpec, cache: Path) -> Path:
-    """Build the model once into the cache (keyed by everything it is built from) and return the directory."""
+def built_path(spec: ModelSpec, cache: Path) -> Path:
+    """Where the model is (or will be) built in the cache: keyed by everything it is built from."""
     recipe = {
         "seed": spec.weights.build_seed,
+        "pipeline": spec.pipeline,
         "components": {k: [c.class_path, c.config] for k, c in spec.components.items()},
         "words": WORDS,
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    target = cache / "models" / f"{spec.name}-{digest}"
+    return cache / "models" / f"{spec.name}-{digest}"
+
+
+def ensure_built(spec: ModelSpec, cache: Path) -> Path:
+    """Build the model once into the cache and return the directory."""
+    target = built_path(spec, cache)
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

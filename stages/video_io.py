@@ -168,6 +168,30 @@ def _ffmpeg_reason(error: BaseException) -> str:
     return (informative or lines or [type(error).__name__])[0]
 
 
+# An image larger than this many pixels is refused rather than decoded (a 16k x 16k picture, far
+# beyond any video size; PIL's own guard would only warn below twice its limit).
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB (transparency dropped, palettes and grey expanded);
+    InvalidRequest saying why when it is missing or no image PIL can read."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidRequest(f"{path}: no such image file")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InvalidRequest(f"{path}: the image is {width}x{height}, more than {MAX_IMAGE_PIXELS} pixels")
+            return np.asarray(image.convert("RGB"))
+    except InvalidRequest:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InvalidRequest(f"{path}: not an image framecast can read ({reason})") from None
+
+
 MARK_COLOURS = {"sharpest": (0, 220, 0), "blurriest": (230, 0, 0)}
 
 

@@ -46,20 +46,10 @@ def variant(
     return replace(spec, name=name, components=components, dtype=dtype or spec.dtype)
 
 
-def rope_dpm_variant(spec: ModelSpec) -> ModelSpec:
-    """CogVideoX-5b's distinguishing parts: 3D RoPE instead of sin-cos, and the DPM scheduler."""
-    return variant(
-        spec,
-        "tiny-rope-dpm",
-        transformer={"use_rotary_positional_embeddings": True},
-        scheduler="diffusers.CogVideoXDPMScheduler",
-        scheduler_config={"snr_shift_scale": 1.0},
-    )
-
-
 @pytest.fixture(scope="session")
-def rope_spec(tiny_spec) -> ModelSpec:
-    return rope_dpm_variant(tiny_spec)
+def rope_spec() -> ModelSpec:
+    """CogVideoX-5b's distinguishing parts: 3D RoPE instead of sin-cos, and DPM by default."""
+    return load_spec("tiny-rope")
 
 
 @pytest.fixture(scope="session")

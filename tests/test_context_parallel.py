@@ -21,10 +21,10 @@ from stages.context_parallel import (
     valid_layouts,
 )
 from stages.denoiser import DenoiserStage
+from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
 from stages.models import resolve_weights
 from stages.request import build_request
-from stages.text_encoder import TextEncoderStage
 
 TOL = 1e-5
 
@@ -166,7 +166,7 @@ def reference(tiny_spec):
             spec = variant(tiny_spec, f"tiny-{model}", **MODELS[model])
             weights = resolve_weights(spec)
             r = build_request(spec, "a fox in the snow", steps=3, guidance_scale=6.0, seed=11, num_frames=frames)
-            embeddings = TextEncoderStage(spec, weights).encode(r.prompt, r.negative_prompt, True)
+            embeddings = EncoderStage(spec, weights).encode(r.prompt, r.negative_prompt, True)
             latents = DenoiserStage(spec, weights).denoise(embeddings, r)
             cache[model, frames] = spec, weights, r, embeddings, latents
         return cache[model, frames]

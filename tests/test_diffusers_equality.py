@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import variant
-from diffusers import CogVideoXPipeline
+from PIL import Image
 
 from cluster.executor import LocalExecutor, RayExecutor
-from stages.models import resolve_weights
+from stages.context_parallel import ParallelLayout
+from stages.models import ComponentSpec, load_spec, resolve_weights
 from stages.request import build_request
 
 TOL = 1e-5
@@ -20,8 +21,8 @@ CASES = [
 ]  # fmt: skip
 
 
-def stock_diffusers(spec, weights, r):
-    pipe = CogVideoXPipeline.from_pretrained(weights, dtype=spec.torch_dtype())
+def stock_diffusers(spec, weights, r, image=None):
+    pipe = ComponentSpec(spec.pipeline).load_class().from_pretrained(weights, dtype=spec.torch_dtype())
     pipe.scheduler = spec.scheduler_class(r.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(
@@ -33,23 +34,26 @@ def stock_diffusers(spec, weights, r):
         height=r.height,
         width=r.width,
         use_dynamic_cfg=r.dynamic_guidance,
+        **({"image": Image.fromarray(image)} if image is not None else {}),
     )
     latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="latent").frames
     frames = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="np").frames[0]
     return latents, frames
 
 
-def framecast(executor, r):
-    embeds = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+def framecast(executor, r, image=None):
+    guidance = r.do_classifier_free_guidance
+    sized = (image, (r.height, r.width)) if image is not None else ()
+    embeds = executor.call("encode", "encode", r.prompt, r.negative_prompt, guidance, *sized)
     latents = executor.call("denoise", "denoise", embeds, r)
     frames = executor.call("decode", "decode_float", latents)
     return executor.get(latents), executor.get(frames)
 
 
-def assert_equal_to_stock(spec, weights, executor, case, padding=0):
+def assert_equal_to_stock(spec, weights, executor, case, padding=0, image=None):
     r = build_request(spec, **case)
-    ours_latents, ours_frames = framecast(executor, r)
-    ref_latents, ref_frames = stock_diffusers(spec, weights, r)
+    ours_latents, ours_frames = framecast(executor, r, image)
+    ref_latents, ref_frames = stock_diffusers(spec, weights, r, image)
     ref_latents = ref_latents[:, padding:]  # diffusers' latent output keeps CogVideoX 1.5's padding frames
     assert ours_latents.shape == ref_latents.shape
     assert ours_latents.abs().max() > 0.1  # a real signal, not two empty tensors
@@ -84,7 +88,10 @@ def test_chosen_scheduler_equals_diffusers(tiny_spec, tiny_weights):
 
 
 def test_rope_and_dpm_equal_diffusers(rope_spec, rope_weights):
-    """CogVideoX-5b's path: 3D rotary embeddings and the DPM scheduler (which draws noise every step)."""
+    """CogVideoX-5b's path (`tiny-rope`): 3D rotary embeddings, and the DPM scheduler (which draws
+    noise every step) that its requests get by default, built from the DDIM config the weights ship."""
+    assert build_request(rope_spec, "a fox").scheduler == "CogVideoXDPMScheduler"
+    assert rope_spec.components["scheduler"].class_path == "diffusers.CogVideoXDDIMScheduler"
     assert_equal_to_stock(rope_spec, rope_weights, LocalExecutor(rope_spec, rope_weights), CASES[0])
 
 
@@ -108,5 +115,49 @@ def test_ray_actors_equal_diffusers(ray_session, tiny_spec, tiny_weights):
     try:
         for case in CASES:
             assert_equal_to_stock(tiny_spec, tiny_weights, executor, case)
+    finally:
+        executor.close()
+
+
+def picture(height=80, width=112, seed=3):
+    """A smooth test picture (a gradient and a disc), not the video's size: the encoder resizes it."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    disc = ((x - 0.5) ** 2 + (y - 0.4) ** 2 < 0.05)[..., None]
+    rgb = np.stack([x, y, 1 - x], axis=-1) * 200 + disc * 55
+    return (rgb + np.random.default_rng(seed).uniform(0, 1, rgb.shape)).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def i2v():
+    spec = load_spec("tiny-i2v")
+    return spec, resolve_weights(spec)
+
+
+@pytest.mark.parametrize("case", CASES[:1] + [dict(CASES[1], height=64, width=96)], ids=["cfg", "no-cfg"])
+def test_image_to_video_equals_diffusers(i2v, case):
+    """CogVideoX-5b-I2V's path: the image's latents (drawn from the VAE encoder's distribution
+    with the job's generator) joined to the video latents along channels."""
+    spec, weights = i2v
+    case = dict(case, image="picture.png")
+    assert_equal_to_stock(spec, weights, LocalExecutor(spec, weights), case, image=picture())
+
+
+def test_image_changes_the_video(i2v):
+    spec, weights = i2v
+    executor = LocalExecutor(spec, weights)
+    r = build_request(spec, **CASES[0], image="picture.png")
+    one, other = (framecast(executor, r, picture(seed=s))[0] for s in (1, 2))
+    assert (one - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", [ParallelLayout(), ParallelLayout(ring=2)], ids=["1-worker", "2-workers"])
+def test_image_to_video_through_ray_equals_diffusers(ray_session, i2v, layout):
+    """Through the stage actors, and with the video's frames split over a 2-rank group (ring
+    attention, 3 latent frames: one rank's shard padded)."""
+    spec, weights = i2v
+    executor = RayExecutor(spec, weights, layout)
+    try:
+        case = dict(CASES[0], image="picture.png")
+        assert_equal_to_stock(spec, weights, executor, case, image=picture())
     finally:
         executor.close()

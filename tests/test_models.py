@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from stages.errors import InvalidRequest
 from stages.models import check_architecture, known_models, load_spec, resolve_weights
+from stages.request import build_request
 from stages.tiny import build_tokenizer, ensure_built
 
 
@@ -29,6 +30,45 @@ def test_real_architecture_values():
     assert b5.components["vae"].config["scaling_factor"] == pytest.approx(0.7)
     assert (b2.dtype, b5.dtype) == ("float16", "bfloat16")
     assert b2.components["text_encoder"].config["d_model"] == 4096
+
+
+def test_cogvideox_15_and_i2v_architecture_values():
+    v15, i2v = load_spec("cogvideox1.5-5b"), load_spec("cogvideox-5b-i2v")
+    t15, ti = v15.components["transformer"].config, i2v.components["transformer"].config
+    assert (t15["patch_size_t"], t15["num_attention_heads"], t15["use_rotary_positional_embeddings"]) == (2, 48, True)
+    assert (v15.defaults.num_frames, v15.defaults.fps, v15.defaults.width, v15.defaults.height) == (81, 16, 1360, 768)
+    assert (v15.limits.num_frames, v15.limits.frame_step) == ((81, 161), 80)  # 81 or 161 frames
+    assert (ti["in_channels"], ti["out_channels"], ti["use_learned_positional_embeddings"]) == (32, 16, True)
+    assert i2v.takes_image and not v15.takes_image and i2v.pipeline.endswith("CogVideoXImageToVideoPipeline")
+    # CogVideoX-5b and its family: DPM-Solver for requests, built from the DDIM config the weights ship
+    for spec in (load_spec("cogvideox-5b"), v15, i2v, load_spec("tiny-rope")):
+        assert build_request(spec, "a fox", image="x.png" if spec.takes_image else None).scheduler == (
+            "CogVideoXDPMScheduler"
+        )
+    assert build_request(load_spec("cogvideox-2b"), "a fox").scheduler == "CogVideoXDDIMScheduler"
+
+
+def test_models_command_lists_every_model(capsys):
+    from cluster.cli import main
+
+    assert main(["models", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+    assert set(listed) == set(known_models())
+    assert (listed["cogvideox-2b"]["license"], listed["cogvideox-5b"]["license"]) == ("Apache-2.0", "CogVideoX License")
+    assert listed["tiny-i2v"]["kind"] == "i2v" and listed["cogvideox1.5-5b"]["defaults"]["fps"] == 16
+    assert listed["cogvideox-2b"]["weights"] == {
+        "source": "hub cache",
+        "location": "THUDM/CogVideoX-2b",
+        "present": False,
+    }
+    resolve_weights(load_spec("tiny"))  # built: now present
+    capsys.readouterr()  # (building imports DeepSpeed, which prints on stdout)
+    assert main(["models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"][known_models().index("tiny")]["weights"]["present"]
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["MODEL", "KIND", "DEFAULTS", "LIMITS", "LICENSE", "WEIGHTS"]
+    assert any(line.startswith("cogvideox1.5-5b") and "81-161f by 80" in line for line in table)
 
 
 def test_unknown_model_lists_known_ones():
@@ -98,7 +138,7 @@ def test_real_layout_sentencepiece_tokenizer_loads(tmp_path, tiny_spec):
     """Real CogVideoX repos ship tokenizer/spiece.model (no tokenizer.json); it loads through the same code."""
     import sentencepiece as spm
 
-    from stages.text_encoder import load_tokenizer
+    from stages.encoder import load_tokenizer
     from stages.tiny import WORDS
 
     corpus = tmp_path / "corpus.txt"

@@ -209,8 +209,10 @@ def test_a_failed_request_says_what_was_wrong(server):
     assert huge.status_code == 413
 
     def chunks():  # no Content-Length: the limit is counted as the body arrives
-        yield (b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--x\r\nContent-Disposition: '
-               b'form-data; name="input_reference"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n')
+        yield (
+            b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--x\r\nContent-Disposition: '
+            b'form-data; name="input_reference"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+        )
         yield from (b"\0" * 2**20 for _ in range(12))
         yield b"\r\n--x--\r\n"
 

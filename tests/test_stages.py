@@ -9,15 +9,15 @@ import torch
 
 from stages.decoder import DecoderStage
 from stages.denoiser import DenoiserStage
+from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
 from stages.request import build_request
-from stages.text_encoder import TextEncoderStage
 from stages.video_io import contact_sheet, read_frames, write_mp4
 
 
 @pytest.fixture(scope="module")
 def encoder(tiny_spec, tiny_weights):
-    return TextEncoderStage(tiny_spec, tiny_weights)
+    return EncoderStage(tiny_spec, tiny_weights)
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from cluster.settings import resolve_settings
 from cluster.sweep import CellOutcome, parse_grid, plan_sweep, run_sweep
 from cluster.sweep_report import SHEET_TILE_WIDTH, panel_values
 from stages.clarity import CLEARER
+from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
 from stages.models import load_spec
-from stages.text_encoder import TextEncoderStage
 from stages.video_io import read_frame
 
 GRID = ["--grid", "steps=1,2", "--grid", "guidance=1,6"]
@@ -89,8 +89,8 @@ def test_bad_sweeps_are_refused_before_any_work(tmp_path, capsys, extra, message
 
 def test_sweep_parent_children_and_summary(tmp_path, capsys, monkeypatch):
     encoded = []
-    real_encode = TextEncoderStage.encode
-    monkeypatch.setattr(TextEncoderStage, "encode", lambda self, *a: encoded.append(a) or real_encode(self, *a))
+    real_encode = EncoderStage.encode
+    monkeypatch.setattr(EncoderStage, "encode", lambda self, *a: encoded.append(a) or real_encode(self, *a))
     code, result, err = run_cli(capsys, tmp_path, "sweep-summary")
     assert code == 0, err
     assert (result["cells"], result["ran"], result["reused"], result["failed"]) == (4, 4, 0, 0)
