@@ -328,6 +328,10 @@ def _generate(args: argparse.Namespace, out=None) -> int:
         prompts = [settings.prompt(prompt) for prompt in _read_prompts(args)]
         if args.output is not None and len(prompts) > 1:
             raise InvalidRequest(f"--output names one video but there are {len(prompts)} prompts; use --output-dir")
+        suffix = load_spec(args.model).output_suffix
+        if args.output is not None and args.output.suffix.lower() != suffix:
+            made = "a PNG picture" if suffix == ".png" else "an MP4 video"
+            raise InvalidRequest(f"{args.model} makes {made}: --output must end in {suffix} (got {args.output})")
         jobs = prepare_jobs(
             args.model,
             prompts,
@@ -399,7 +403,7 @@ def _print_result(result, args: argparse.Namespace, tracking_uri: str, out) -> N
     if args.json:  # one line per job, as each is done; a failed job's line says why
         print(json.dumps(result.as_json()), file=out, flush=True)
     elif isinstance(result, GenerationResult):  # failures are listed on stderr at the end
-        print(f"video: {result.video}")
+        print(f"{'picture' if result.video.suffix == '.png' else 'video'}: {result.video}")
         print(f"contact sheet: {result.contact_sheet}")
         if result.clarity_csv:
             print(f"clarity per frame: {result.clarity_csv}")

@@ -34,7 +34,7 @@ from stages.encoder import check_prompts, count_tokens, load_tokenizer
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec, resolve_weights
 from stages.request import GenerationRequest, build_request, check_image, pitfalls
-from stages.video_io import contact_sheet, load_image, write_mp4
+from stages.video_io import contact_sheet, load_image, write_mp4, write_png
 
 # (job index, steps done, total steps) of the job being denoised
 JobProgress = Callable[[int, int, int], None]
@@ -217,10 +217,10 @@ def make_executor(job: Job, local: bool, replicas: int = 1, encoder: bool = True
 
 
 def default_output(job: Job, index: int | None = None, directory: Path = Path("outputs")) -> Path:
-    """<directory>/<model>-<time>[-<job index>]-seed<seed>.mp4"""
+    """<directory>/<model>-<time>[-<job index>]-seed<seed>.mp4 (.png for a text-to-image model)"""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     number = "" if index is None else f"-{index}"
-    return directory / f"{job.spec.name}-{stamp}{number}-seed{job.request.seed}.mp4"
+    return directory / f"{job.spec.name}-{stamp}{number}-seed{job.request.seed}{job.spec.output_suffix}"
 
 
 # Jobs in flight when pipelined: one per stage. The encoder works on job k+1 while the denoiser
@@ -384,17 +384,22 @@ def _collect(executor: Executor, flight: _InFlight) -> np.ndarray | None:
 
 
 def _write(executor: Executor, flight: _InFlight) -> None:
-    """Write the video (first: nothing after it may lose it), and send it to the clarity panel."""
-    flight.video = write_mp4(flight.frames, flight.output, fps=flight.job.request.fps)
+    """Write the video, or a text-to-image model's picture (first: nothing after it may lose it),
+    and send it to the clarity panel."""
+    if flight.job.spec.makes_images:
+        flight.video = write_png(flight.frames, flight.output)
+    else:
+        flight.video = write_mp4(flight.frames, flight.output, fps=flight.job.request.fps)
     flight.written_at = time.time()
     _send_to_panel(executor, flight)
 
 
 def _send_to_panel(executor: Executor, flight: _InFlight) -> None:
-    mp4 = flight.video.read_bytes()
-    flight.video_bytes = len(mp4)
+    media = flight.video.read_bytes()
+    flight.video_bytes = len(media)
     try:
-        flight.measured, flight.clarity_error = executor.call("measure", "measure", mp4), None
+        call = executor.call("measure", "measure", media, None, flight.video.suffix)
+        flight.measured, flight.clarity_error = call, None
     except StageFailed as e:  # in-process: the panel has already failed
         flight.clarity_error = str(e)
 

@@ -108,6 +108,11 @@ class Served:
 def resolve_served(args: ServeArgs) -> Served:
     """Check the arguments and find everything the deployments need, before any is started."""
     spec = load_spec(args.model)
+    if spec.makes_images:
+        raise InvalidRequest(
+            f"{args.model} is text-to-image; framecast serve runs the Videos API, for video models "
+            f"(make pictures with framecast generate or sweep)"
+        )
     weights = resolve_weights(spec, args.weights)
     layout = plan_serving_layout(spec, args.workers, args.ulysses, args.ring)
     digest = None

@@ -323,10 +323,11 @@ def _local_video(client: MlflowClient, run, directory: Path) -> Path | None:
     written = run.data.tags.get(VIDEO_TAG)
     if written and Path(written).is_file():
         return Path(written)
-    mp4s = [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(".mp4")]
-    if not mp4s:
+    results = [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith((".mp4", ".png"))]
+    results = [p for p in results if not p.endswith((".sheet.png", ".input.png"))]  # the result, not pictures of it
+    if not results:
         return None
-    return Path(client.download_artifacts(run.info.run_id, mp4s[0], str(directory)))
+    return Path(client.download_artifacts(run.info.run_id, results[0], str(directory)))
 
 
 def _warnings_of(tags: dict[str, str]) -> dict[str, str]:
@@ -380,7 +381,7 @@ class Replicas:
 
             try:
                 jobs = [plan.jobs[i] for i in share]
-                outputs = [directory / f"{plan.cells[i].file_stem}.mp4" for i in share]
+                outputs = [directory / f"{plan.cells[i].file_stem}{plan.jobs[i].spec.output_suffix}" for i in share]
                 for result in run_stream(jobs, executor, outputs, on_step, pipelined, encodings):
                     results.put((share[result.index], result, replica))
                     if stop.is_set():

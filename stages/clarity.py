@@ -325,10 +325,12 @@ class ClarityStage:
     def describe(self) -> str:
         return f"cpu ({self._threads} OpenCV thread{'s' if self._threads != 1 else ''})"
 
-    def measure(self, mp4: bytes, reference: bytes | None = None) -> ClarityReport:
+    def measure(self, media: bytes, reference: bytes | None = None, suffix: str = ".mp4") -> ClarityReport:
+        """The panel for a video's bytes, or a picture's (`suffix` ".png": one frame, so the
+        figures that compare frames are left out)."""
         with tempfile.TemporaryDirectory(prefix="framecast-clarity-") as scratch:
-            video = Path(scratch) / "video.mp4"
-            video.write_bytes(mp4)
+            video = Path(scratch) / f"video{suffix}"
+            video.write_bytes(media)
             ref = None
             if reference is not None:
                 ref = Path(scratch) / "reference.mp4"

@@ -95,14 +95,19 @@ def layout_problem(layout: ParallelLayout, heads: int, guidance: bool) -> str | 
     return None
 
 
-def valid_layouts(workers: int, heads: int, guidance: bool) -> list[ParallelLayout]:
-    """Every layout of `workers` ranks that can run, best first (see `choose_layout`)."""
+def valid_layouts(workers: int, heads: int, guidance: bool, sequence_parallel: bool = True) -> list[ParallelLayout]:
+    """Every layout of `workers` ranks that can run, best first (see `choose_layout`). Without
+    `sequence_parallel` (a UNet, whose sequence cannot be split) only CFG-parallel remains."""
     layouts = [
         ParallelLayout(cfg, ulysses, workers // (cfg * ulysses))
         for cfg, ulysses in itertools.product((2, 1), range(workers, 0, -1))
         if workers % (cfg * ulysses) == 0
     ]
-    return [layout for layout in layouts if layout_problem(layout, heads, guidance) is None]
+    return [
+        layout
+        for layout in layouts
+        if layout_problem(layout, heads, guidance) is None and (sequence_parallel or layout.sequence_degree == 1)
+    ]
 
 
 def choose_layout(
@@ -112,6 +117,7 @@ def choose_layout(
     ulysses: int | None = None,
     ring: int | None = None,
     cfg_parallel: bool = False,
+    sequence_parallel: bool = True,
 ) -> ParallelLayout:
     """The layout for `--workers N`, with any of `--ulysses/--ring/--cfg-parallel` fixed.
 
@@ -126,8 +132,14 @@ def choose_layout(
             raise InvalidRequest(f"{flag} must be at least 1 (got {value})")
     requested = ParallelLayout(2 if cfg_parallel else 1, ulysses or 1, ring or 1)
     workers = requested.world_size if workers is None else workers
-    valid = valid_layouts(workers, heads, guidance)
-    for layout in valid:  # ring alone is always valid, so with nothing fixed this returns
+    valid = valid_layouts(workers, heads, guidance, sequence_parallel)
+    if not sequence_parallel and not valid:
+        raise InvalidRequest(
+            f"a UNet's token sequence cannot be split: {workers} denoiser workers run only as "
+            f"CFG-parallel, 2 workers with guidance on (guidance scale above the model's off value); "
+            f"use --workers 1 or 2"
+        )
+    for layout in valid:  # ring alone is valid for a transformer, so with nothing fixed this returns
         if (
             (ulysses is None or layout.ulysses == ulysses)
             and (ring is None or layout.ring == ring)
@@ -290,6 +302,15 @@ class ContextParallel:
         ]
         return torch.cat(branches, dim=0)
 
+    def gather_branches(self, local: torch.Tensor) -> torch.Tensor:
+        """Every guidance branch's result stacked along dim 0 (unconditional first), for a model
+        run CFG-parallel alone (a UNet: each rank computes its branch whole)."""
+        if self.layout.sequence_degree != 1:
+            raise ValueError(f"gather_branches is for CFG-parallel alone, not {self.layout}")
+        parts = [torch.empty_like(local) for _ in range(self.layout.world_size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts, dim=0)
+
     def branch_of(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's guidance branch of a batch of [unconditional, conditional] inputs."""
         return batch[self.branch : self.branch + 1] if self.layout.cfg == 2 else batch
@@ -311,6 +332,9 @@ class ContextParallel:
         # this rank's heads wait here; the callback puts the text output back in _text_out.
         self._text = tuple(t[:, self.ulysses_index * heads : (self.ulysses_index + 1) * heads] for t in text)
         video_out = self._ulysses(*(x.transpose(1, 2) for x in video), batch_dim_idx=0).transpose(1, 2)
+        if text[0].shape[2] == 0:  # image tokens alone (Z-Image's noise refiner): no text to gather
+            self._text = self._text_out = None
+            return text[0], video_out
         text_parts = [torch.empty_like(self._text_out) for _ in range(self.layout.ulysses)]
         dist.all_gather(text_parts, self._text_out.contiguous(), group=self.ulysses_group)
         self._text = self._text_out = None
@@ -415,3 +439,54 @@ class ContextParallelAttnProcessor:
         out = torch.cat([text_out, video_out], dim=2).transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1])
         out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
         return out[:, text_len:], out[:, :text_len]
+
+
+class ZImageContextParallelAttnProcessor:
+    """Z-Image's attention processor (diffusers' `ZSingleStreamAttnProcessor`: projections, QK
+    norms, complex rotary embedding) with the attention itself done by a ContextParallel group.
+
+    Z-Image attends in three places, and the forward pass says which by setting `image_tokens`
+    before each: the noise refiner (this rank's image shard alone: `image_tokens` is all of it),
+    the context refiner (the caption, replicated on every rank: None, plain attention) and the
+    main layers (this rank's image shard, then the replicated caption tokens).
+    """
+
+    def __init__(self, context: ContextParallel):
+        self.context = context
+        self.image_tokens: int | None = None
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        freqs_cis: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("context-parallel attention runs one unpadded sequence at a time; it takes no mask")
+        q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if freqs_cis is not None:  # as diffusers: in float32 complex numbers, back to the input's dtype
+            q, k = (_rotate(x, freqs_cis) for x in (q, k))
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (batch, heads, tokens, dim)
+        if self.image_tokens is None:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            n = self.image_tokens
+            text_out, image_out = self.context.attention(
+                [x[:, :, n:] for x in (q, k, v)], [x[:, :, :n] for x in (q, k, v)]
+            )
+            out = torch.cat([image_out, text_out], dim=2)
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out) if len(attn.to_out) > 1 else out
+
+
+def _rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Z-Image's rotary embedding: pairs of channels as complex numbers times `freqs_cis`."""
+    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs_cis.unsqueeze(2)
+    return torch.view_as_real(rotated).flatten(3).type_as(x)

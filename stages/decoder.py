@@ -174,6 +174,11 @@ def plan_decode(
     if decoders < 1:
         raise InvalidRequest(f"--decoders must be at least 1 (got {decoders})")
     tiled = decoders > 1 or tile_size is not None or tile_overlap is not None
+    if tiled and spec.family != "cogvideox":  # the tile scheme is that of CogVideoX's 3D VAE
+        raise InvalidRequest(
+            f"{spec.name} decodes with an image VAE, which framecast does not tile or share: "
+            f"use one decoder and no --tile-size/--tile-overlap"
+        )
     plan = plan_tiles(spec, height, width, tile_settings(spec, tile_size, tile_overlap) if tiled else None)
     if decoders > len(plan.tiles):
         settings = tile_settings(spec, tile_size, tile_overlap)
@@ -247,6 +252,24 @@ class DecoderStage:
     @torch.no_grad()
     def decode_float(self, latents: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
         """Every tile of the plan decoded and blended here: (frames, H, W, 3) float32 in [0, 1], on the CPU."""
+        if self.spec.family == "zimage":  # one picture: unscaled and unshifted as diffusers does
+            self._peak_memory.reset()
+            z = latents.to(self.device, self.vae.dtype)
+            z = (z / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+            image = self.vae.decode(z, return_dict=False)[0]  # (1, 3, H, W) in [-1, 1]
+            frames = postprocess(image.unsqueeze(2))
+            self._record(tiles=1)
+            return frames
+        if self.spec.family == "i2vgen-xl":  # an image VAE, frame by frame (the pipeline's decode_chunk_size 1)
+            self._peak_memory.reset()
+            z = 1 / self.vae.config.scaling_factor * latents.to(self.device, self.vae.dtype)
+            batch, channels, count, height, width = z.shape
+            z = z.permute(0, 2, 1, 3, 4).reshape(batch * count, channels, height, width)
+            decoded = torch.cat([self.vae.decode(z[i : i + 1]).sample for i in range(len(z))])
+            video = decoded[None].reshape(batch, count, *decoded.shape[1:]).permute(0, 2, 1, 3, 4)
+            frames = postprocess(video.float())
+            self._record(tiles=1)
+            return frames
         if plan is not None and plan.tiled:
             return assemble_frames(plan, self._decode_tiles(latents, plan, list(range(len(plan.tiles)))))
         self._peak_memory.reset()

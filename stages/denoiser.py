@@ -31,6 +31,7 @@ from stages.context_parallel import (
     ContextParallelAttnProcessor,
     ParallelLayout,
     SequenceShards,
+    ZImageContextParallelAttnProcessor,
     choose_layout,
 )
 from stages.device import PeakMemory, default_device, describe
@@ -39,6 +40,7 @@ from stages.models import ModelSpec, load_component
 from stages.request import GenerationRequest
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+ZIMAGE_SEQUENCE_MULTIPLE = 32  # Z-Image pads its image tokens to a multiple of this (diffusers' SEQ_MULTI_OF)
 
 
 class DenoiserStage:
@@ -52,8 +54,8 @@ class DenoiserStage:
     ):
         self.spec = spec
         self.device = device or default_device()
-        self.transformer = load_component(spec, "transformer", weights, self.device)
-        if self.transformer.ofs_embedding is not None:  # CogVideoX 1.5-I2V: conditioned on an image offset
+        self.transformer = load_component(spec, spec.denoiser_key, weights, self.device)
+        if getattr(self.transformer, "ofs_embedding", None) is not None:  # CogVideoX 1.5-I2V: an image offset
             raise ValueError(f"{spec.name}: CogVideoX 1.5 image-to-video (an ofs embedding) is not supported")
         # The weights' scheduler config; a request may name another scheduler class built from it.
         self.scheduler_config = spec.components["scheduler"].load_class().load_config(weights, subfolder="scheduler")
@@ -61,7 +63,12 @@ class DenoiserStage:
         if layout is not None and layout.world_size > 1:
             timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
             self.context = ContextParallel(layout, timeout)
-            self.transformer.set_attn_processor(ContextParallelAttnProcessor(self.context))
+            processors = {"cogvideox": ContextParallelAttnProcessor, "zimage": ZImageContextParallelAttnProcessor}
+            if spec.family in processors:  # (a UNet runs CFG-parallel only: its attention stays as it is)
+                processor = processors[spec.family](self.context)  # one, shared by every attention layer
+                for module in self.transformer.modules():
+                    if hasattr(module, "set_processor"):
+                        module.set_processor(processor)
         self._peak_memory = PeakMemory(self.device)
         self._last_run: dict[str, float] = {}
 
@@ -215,7 +222,12 @@ class DenoiserStage:
     def denoise(
         self, embeddings: Conditioning, r: GenerationRequest, on_step: StepCallback | None = None
     ) -> torch.Tensor:
-        """Returns the denoised latents (1, latent frames, channels, h, w) on the CPU."""
+        """Returns the denoised latents on the CPU: (1, latent frames, channels, h, w) for
+        CogVideoX, (1, channels, h, w) for Z-Image's picture."""
+        if self.spec.family == "zimage":
+            return self._denoise_zimage(embeddings, r, on_step)
+        if self.spec.family == "i2vgen-xl":
+            return self._denoise_i2vgen(embeddings, r, on_step)
         guidance = r.do_classifier_free_guidance
         prompt_embeds = embeddings.prompt.to(self.device)
         if guidance:
@@ -266,6 +278,199 @@ class DenoiserStage:
 
         self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": self._video_tokens(shape)}
         return latents[:, padding:].cpu()
+
+    # -- Z-Image ------------------------------------------------------------------------------
+
+    def _denoise_zimage(
+        self, conditioning: Conditioning, r: GenerationRequest, on_step: StepCallback | None
+    ) -> torch.Tensor:
+        """Z-Image's flow-matching loop, step for step as diffusers' `ZImagePipeline.__call__`:
+        float32 latents, the scheduler's shift from the image's token count, sigmas from 1 to
+        1/steps, the timestep as (1000 - t) / 1000, guidance as cond + g (cond - uncond) (the
+        positive prompt first in the batch) and the negated prediction stepped."""
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, retrieve_timesteps
+
+        model, guidance = self.transformer, r.do_classifier_free_guidance
+        captions = [conditioning.prompt[0].to(self.device)]  # (tokens, dim): the prompt's own tokens
+        if guidance:
+            captions.append(conditioning.negative[0].to(self.device))
+        scheduler = self.spec.scheduler_class(r.scheduler).from_config(self.scheduler_config)
+        generator = torch.Generator("cpu").manual_seed(r.seed)
+        per_token = self.spec.vae_scale_spatial * 2  # latent pixels come in 2x2 patches
+        shape = (1, model.in_channels, 2 * (r.height // per_token), 2 * (r.width // per_token))
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        config, tokens = scheduler.config, (shape[2] // 2) * (shape[3] // 2)
+        mu = calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        sigmas = torch.linspace(1.0, 1 / r.steps, r.steps).tolist()
+        timesteps, _ = retrieve_timesteps(scheduler, r.steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        if self.context is not None:  # image tokens (padded to Z-Image's multiple of 32), split evenly
+            padded = tokens + (-tokens) % ZIMAGE_SEQUENCE_MULTIPLE
+            self.context.shards = SequenceShards.balanced(padded, self.context.layout.sequence_degree, 1)
+
+        self._peak_memory.reset()
+        for i, t in enumerate(timesteps):
+            timestep = (1000 - t.expand(1)) / 1000
+            batch = latents.to(model.dtype)
+            if guidance:
+                batch, timestep = batch.repeat(2, 1, 1, 1), timestep.repeat(2)
+            outputs = self._zimage_forward(list(batch.unsqueeze(2).unbind(dim=0)), timestep, captions)
+            if guidance:
+                positive, negative = outputs[0].float(), outputs[1].float()
+                prediction = (positive + r.guidance_scale * (positive - negative))[None]
+            else:
+                prediction = torch.stack([out.float() for out in outputs])
+            prediction = -prediction.squeeze(2)
+            latents = scheduler.step(prediction.to(torch.float32), t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
+
+        shards = self.context.shards if self.context is not None else None
+        self._last_run = {
+            "peak_memory_mib": self._peak_memory.peak_mib(),
+            "video_tokens": float(shards.padded if shards else tokens),
+        }
+        return latents.cpu()
+
+    def _zimage_forward(self, images: list, timestep: torch.Tensor, captions: list) -> list[torch.Tensor]:
+        """The transformer's prediction for each (C, 1, H, W) latent: diffusers' forward on one
+        process, else `_zimage_sharded` for each guidance item of this rank."""
+        if self.context is None:
+            return self.transformer(images, timestep, captions, return_dict=False)[0]
+        context = self.context
+        if context.layout.cfg == 2:  # this rank computes its branch; the gather brings both
+            b = context.branch
+            out = self._zimage_sharded(images[b], timestep[b : b + 1], captions[b])
+            gathered = context.gather_slices(out, dim=1)
+        else:
+            gathered = torch.cat(
+                [
+                    context.gather_slices(self._zimage_sharded(image, timestep[i : i + 1], caption), dim=1)
+                    for i, (image, caption) in enumerate(zip(images, captions, strict=True))
+                ]
+            )
+        size = [tuple(images[0].shape[1:])]
+        return [self.transformer.unpatchify([row], size, 2, 1)[0] for row in gathered]
+
+    def _zimage_sharded(self, image: torch.Tensor, timestep: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+        """`ZImageTransformer2DModel.forward` for one latent on this rank's share of its image
+        tokens; returns the final layer's output for those tokens (1, local tokens, patch values).
+
+        As diffusers: patchify, embed, refine the image tokens (noise refiner) and the caption
+        (context refiner) apart, then the main layers over [image, caption]. The image tokens
+        are this rank's shard everywhere (their rotary rows too); the caption is replicated.
+        One item at a time, so no attention mask is needed (diffusers masks a shorter caption
+        in a batch: the same keys either way).
+        """
+        model, context = self.transformer, self.context
+        processor = model.layers[0].attention.processor
+        key = "2-1"  # patch size 2, frame patch size 1: Z-Image's only patching
+        adaln = model.t_embedder(timestep * model.t_scale).type_as(image)
+        (patches,), (caption,), _, (image_ids,), (caption_ids,), (image_pad,), (caption_pad,) = (
+            model.patchify_and_embed([image], [caption], 2, 1)
+        )
+        tokens = torch.where(image_pad.unsqueeze(-1), model.x_pad_token, model.all_x_embedder[key](patches))
+        local = context.local_slices(tokens[None], dim=1)
+        # (diffusers makes a caption's position ids longer than its tokens and cuts the rotary rows to them)
+        local_freqs = context.local_slices(model.rope_embedder(image_ids)[None, : len(tokens)], dim=1)
+        processor.image_tokens = local.shape[1]
+        for layer in model.noise_refiner:
+            local = layer(local, None, local_freqs, adaln)
+
+        text = torch.where(caption_pad.unsqueeze(-1), model.cap_pad_token, model.cap_embedder(caption))[None]
+        text_freqs = model.rope_embedder(caption_ids)[None, : text.shape[1]]
+        processor.image_tokens = None  # the caption alone: every rank has all of it
+        for layer in model.context_refiner:
+            text = layer(text, None, text_freqs)
+
+        unified, freqs = torch.cat([local, text], dim=1), torch.cat([local_freqs, text_freqs], dim=1)
+        processor.image_tokens = local.shape[1]
+        for layer in model.layers:
+            unified = layer(unified, None, freqs, adaln)
+        return model.all_final_layer[key](unified[:, : local.shape[1]], c=adaln)
+
+    # -- I2VGen-XL -----------------------------------------------------------------------------
+
+    def _denoise_i2vgen(
+        self, conditioning: Conditioning, r: GenerationRequest, on_step: StepCallback | None
+    ) -> torch.Tensor:
+        """I2VGen-XL's loop, step for step as diffusers' `I2VGenXLPipeline.__call__`; returns
+        latents (1, channels, frames, h, w). With CFG-parallel each rank runs the UNet on its
+        guidance branch and the predictions are gathered (the UNet's sequence is not split).
+
+        diffusers draws the image's latents from the global random generator; framecast draws
+        them from a generator of their own seeded with the job's seed, which is the same draw as
+        diffusers' after `torch.manual_seed(seed)` (on the CPU), and never depends on what else
+        the process drew before.
+        """
+        unet, guidance = self.transformer, r.do_classifier_free_guidance
+        if conditioning.image is None or conditioning.image_embeds is None:
+            raise ValueError(f"{self.spec.name} is image-to-video: it needs the image's latents and embedding")
+        prompt = conditioning.prompt.to(self.device)
+        image_embeds = conditioning.image_embeds.to(self.device)
+        if guidance:
+            prompt = torch.cat([conditioning.negative.to(self.device), prompt])
+            image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
+
+        image = conditioning.image
+        mean, std = image.mean.to(self.device), image.std.to(self.device)
+        draw = torch.Generator("cpu").manual_seed(r.seed)
+        first = (
+            mean + std * randn_tensor(mean.shape, generator=draw, device=self.device, dtype=mean.dtype)
+        ) * image.scale
+        first = first.unsqueeze(2)  # (1, C, 1, h, w); then each later frame's distance from it, 1/(F-1) ... 1
+        ramp = [torch.ones_like(first[:, :, :1]) * ((k + 1) / (r.num_frames - 1)) for k in range(r.num_frames - 1)]
+        # Contiguous, as diffusers' per-video `repeat` leaves it: the VAE's output is channels-last,
+        # and the UNet's convolutions round differently on the two layouts.
+        image_latents = (torch.cat([first, *ramp], dim=2) if ramp else first).contiguous()
+        if guidance:
+            image_latents = torch.cat([image_latents] * 2)
+        fps = torch.tensor([r.fps] * (2 if guidance else 1)).to(self.device)
+
+        scheduler = self.spec.scheduler_class(r.scheduler).from_config(self.scheduler_config)
+        scheduler.set_timesteps(r.steps, device=self.device)
+        generator = torch.Generator("cpu").manual_seed(r.seed)
+        scale = self.spec.vae_scale_spatial
+        shape = (1, unet.config.in_channels, r.num_frames, r.height // scale, r.width // scale)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=prompt.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generator)
+
+        self._peak_memory.reset()
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if guidance else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            inputs = (model_input, prompt, fps, image_latents, image_embeds)
+            if self.context is not None:  # CFG-parallel: this rank's branch of every input
+                inputs = tuple(self.context.branch_of(x) for x in inputs)
+            noise_pred = unet(
+                inputs[0], t, encoder_hidden_states=inputs[1], fps=inputs[2], image_latents=inputs[3],
+                image_embeddings=inputs[4], return_dict=False,
+            )[0]  # fmt: skip
+            if self.context is not None:
+                noise_pred = self.context.gather_branches(noise_pred)
+            if guidance:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + r.guidance_scale * (cond - uncond)
+            # the scheduler steps frame by frame: (batch x frames, channels, h, w)
+            b, c, f, h, w = latents.shape
+            flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+            noise_pred = noise_pred.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+            flat = scheduler.step(noise_pred, t, flat, **step_kwargs).prev_sample
+            latents = flat[None, :].reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+            if on_step is not None:
+                on_step(i + 1, len(scheduler.timesteps))
+
+        self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": float(r.num_frames * h * w)}
+        return latents.cpu()
+
+    # -- image-to-video ------------------------------------------------------------------------
 
     def _image_latents(
         self, conditioning: Conditioning, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype
@@ -327,8 +532,9 @@ def plan_layout(
     cfg_parallel: bool = False,
 ) -> ParallelLayout:
     """The denoiser group's layout for this model and request (see `choose_layout`)."""
-    heads = spec.components["transformer"].config["num_attention_heads"]
-    return choose_layout(heads, r.do_classifier_free_guidance, workers, ulysses, ring, cfg_parallel)
+    return choose_layout(
+        spec.heads, r.do_classifier_free_guidance, workers, ulysses, ring, cfg_parallel, spec.sequence_parallel
+    )
 
 
 def plan_serving_layout(
@@ -336,5 +542,4 @@ def plan_serving_layout(
 ) -> ParallelLayout:
     """A layout that runs every request, guided or not, for a denoiser group built once and kept
     (a Serve replica's): without CFG-parallel, which needs two guidance branches."""
-    heads = spec.components["transformer"].config["num_attention_heads"]
-    return choose_layout(heads, False, workers, ulysses, ring, cfg_parallel=False)
+    return choose_layout(spec.heads, False, workers, ulysses, ring, cfg_parallel=False)

@@ -94,14 +94,46 @@ class ModelSpec:
     pipeline: str = "diffusers.CogVideoXPipeline"
     # Text tokens the prompt is padded to; unset: the transformer's max_text_seq_length.
     text_tokens: int | None = None
+    # The guidance scale at which the model's pipeline skips the unconditional branch: 1 for
+    # CogVideoX and I2VGen-XL (uncond + g (cond - uncond)), 0 for Z-Image (cond + g (cond - uncond)).
+    guidance_off: float = 1.0
+    # How an image-to-video model's pipeline fits the image to the video's size: "stretch" it
+    # (CogVideoX: resized to the size as it is) or "crop" it (I2VGen-XL: scaled to cover, centre-cropped).
+    image_fit: str = "stretch"
     # Schedulers a request may pick instead of the weights' own: short name -> class path. They
     # are built from the weights' scheduler config (`from_config`), as diffusers' docs swap them.
     schedulers: dict[str, str] = field(default_factory=dict)
 
     @property
+    def denoiser_key(self) -> str:
+        """The denoising network's component: a transformer, or I2VGen-XL's UNet."""
+        return "unet" if "unet" in self.components else "transformer"
+
+    @property
     def max_sequence_length(self) -> int:
-        """How many text tokens the denoiser takes (the prompt is padded to exactly this)."""
+        """How many text tokens the denoiser takes at most (CogVideoX pads the prompt to exactly this)."""
         return self.text_tokens or int(self.components["transformer"].config["max_text_seq_length"])
+
+    @property
+    def makes_images(self) -> bool:
+        """Text-to-image: one frame, written as a PNG."""
+        return self.kind == "t2i"
+
+    @property
+    def output_suffix(self) -> str:
+        """What a generation is written as: a PNG picture, or an MP4 video."""
+        return ".png" if self.makes_images else ".mp4"
+
+    @property
+    def heads(self) -> int:
+        """Attention heads of the denoiser (what a Ulysses degree must divide)."""
+        config = self.components[self.denoiser_key].config
+        return int(config.get("num_attention_heads") or config.get("n_heads") or 1)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether the denoiser's token sequence can be split over ranks (a UNet's cannot)."""
+        return self.denoiser_key == "transformer"
 
     @property
     def takes_image(self) -> bool:
@@ -115,12 +147,17 @@ class ModelSpec:
 
     @property
     def vae_scale_temporal(self) -> int:
-        return int(self.components["vae"].config.get("temporal_compression_ratio", 4))
+        """Frames per latent frame: 4 for CogVideoX's 3D VAE, 1 for an image VAE (frame by frame)."""
+        return int(self.components["vae"].config.get("temporal_compression_ratio", 1))
 
     @property
     def spatial_multiple(self) -> int:
-        """Height and width must divide by this: VAE downsampling times the transformer's patch size."""
-        return self.vae_scale_spatial * int(self.components["transformer"].config.get("patch_size", 2))
+        """Height and width must divide by this: VAE downsampling times the transformer's patch
+        size, or times a UNet's downsampling."""
+        config = self.components[self.denoiser_key].config
+        if self.denoiser_key == "unet":
+            return self.vae_scale_spatial * 2 ** (len(config["block_out_channels"]) - 1)
+        return self.vae_scale_spatial * int(config.get("patch_size", 2))
 
     @property
     def trained_size(self) -> tuple[int, int]:
@@ -216,6 +253,8 @@ def load_spec(name: str) -> ModelSpec:
         source=path,
         pipeline=raw.get("pipeline", ModelSpec.pipeline),
         text_tokens=raw.get("text_tokens"),
+        guidance_off=float(raw.get("guidance_off", 1.0)),
+        image_fit=raw.get("image_fit", "stretch"),
         schedulers=dict(raw.get("schedulers") or {}),
     )
 
@@ -286,19 +325,19 @@ def load_component(spec: ModelSpec, key: str, weights: Path, device: Any = None)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     cls = spec.components[key].load_class()
-    if key in ("tokenizer", "scheduler"):
+    if key in ("tokenizer", "scheduler", "feature_extractor"):  # no weights
         return cls.from_pretrained(weights, subfolder=key)
     model = cls.from_pretrained(weights, subfolder=key, dtype=spec.torch_dtype())
     return model.to(device).eval()
 
 
-# The config file of each checked component, inside the weights directory.
-CHECKED_CONFIGS = {
-    "text_encoder": "text_encoder/config.json",
-    "transformer": "transformer/config.json",
-    "vae": "vae/config.json",
-    "scheduler": "scheduler/scheduler_config.json",
-}
+# Components without an architecture to check: a tokenizer, an image preprocessor.
+UNCHECKED = ("tokenizer", "feature_extractor")
+
+
+def config_file(key: str) -> str:
+    """The config file of a component, inside the weights directory."""
+    return f"{key}/scheduler_config.json" if key == "scheduler" else f"{key}/config.json"
 
 
 def check_architecture(spec: ModelSpec, weights: Path) -> Path:
@@ -308,10 +347,12 @@ def check_architecture(spec: ModelSpec, weights: Path) -> Path:
     Keys the weights' config leaves out take the library default and are not compared.
     """
     problems = []
-    for key, config_file in CHECKED_CONFIGS.items():
-        path = weights / config_file
+    for key in spec.components:
+        if key in UNCHECKED:
+            continue
+        path = weights / config_file(key)
         if not path.is_file():
-            raise InvalidRequest(f"{weights} has no {config_file}: it is not a diffusers copy of {spec.name}")
+            raise InvalidRequest(f"{weights} has no {config_file(key)}: it is not a diffusers copy of {spec.name}")
         actual = json.loads(path.read_text())
         for name, declared in spec.components[key].config.items():
             if name in actual and actual[name] != declared:

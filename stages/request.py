@@ -28,14 +28,19 @@ class GenerationRequest:
     # Image-to-video: the image file given (the path as the user wrote it; its pixels travel with
     # the job, see cluster.driver.Job.image). Empty for text-to-video.
     image: str = ""
+    # The model's guidance scale that means "no guidance" (ModelSpec.guidance_off): 1 for
+    # CogVideoX, 0 for Z-Image. A property of the model, not a setting: not in `as_dict`.
+    guidance_off: float = 1.0
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        # guidance 1 is the conditional prediction alone: the unconditional branch is skipped.
-        return self.guidance_scale > 1.0
+        # at guidance_off the prediction is the conditional one alone: the unconditional branch is skipped.
+        return self.guidance_scale > self.guidance_off
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        settings = asdict(self)
+        del settings["guidance_off"]
+        return settings
 
 
 def build_request(
@@ -69,6 +74,7 @@ def build_request(
         scheduler=spec.scheduler_name(scheduler),
         dynamic_guidance=bool(dynamic_guidance),
         image=str(image or ""),
+        guidance_off=spec.guidance_off,
     )
     validate(spec, request)
     return request
@@ -92,9 +98,11 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
         raise InvalidRequest(f"steps must be at least 1 (got {r.steps})")
     if r.steps > spec.limits.max_steps:
         raise InvalidRequest(f"steps must be at most {spec.limits.max_steps} for {spec.name} (got {r.steps})")
-    if not r.guidance_scale >= 1.0:
+    if not r.guidance_scale >= spec.guidance_off:
+        off = f"{spec.guidance_off:g}"
         raise InvalidRequest(
-            f"guidance scale must be at least 1 (1 turns classifier-free guidance off; got {r.guidance_scale})"
+            f"guidance scale must be at least {off} for {spec.name} ({off} turns classifier-free guidance off; "
+            f"got {r.guidance_scale:g})"
         )
     if r.fps < 1:
         raise InvalidRequest(f"fps must be at least 1 (got {r.fps})")
@@ -205,34 +213,43 @@ def pitfalls(spec: ModelSpec, r: GenerationRequest, prompt_tokens: int) -> dict[
     return found
 
 
-# How far an image may be from the video's size. diffusers resizes it to the video's height and
-# width as it is (no crop), so a different aspect ratio stretches the picture: a little is warned
-# about, more than MAX_ASPECT_CHANGE is refused.
+# How far an image may be from the video's size. A model's pipeline fits the image to the video
+# by stretching it (CogVideoX: resized to the height and width as they are) or by cropping it
+# (I2VGen-XL: scaled to cover, centre-cropped): either way a different aspect ratio costs the
+# picture (distorted, or cut). A little is warned about; more than MAX_ASPECT_CHANGE is refused.
 MAX_ASPECT_CHANGE = 2.0
 WARN_ASPECT_CHANGE = 1.05
 WARN_UPSCALE = 2.0  # enlarging more than this blurs the first frame
 
 
 def check_image(spec: ModelSpec, r: GenerationRequest, image_size: tuple[int, int]) -> dict[str, str]:
-    """Warnings (name -> line) for an image of `image_size` (height, width) resized to the video's
+    """Warnings (name -> line) for an image of `image_size` (height, width) fitted to the video's
     size; InvalidRequest, with the allowed range, when its shape is too far from the video's."""
     h, w = image_size
     aspect, target = w / h, r.width / r.height
     change = max(aspect / target, target / aspect)
+    crop = spec.image_fit == "crop"
     if change > MAX_ASPECT_CHANGE:
         lo, hi = target / MAX_ASPECT_CHANGE, target * MAX_ASPECT_CHANGE
+        how = "crops the image to the video's shape" if crop else "stretches the image to the video's size"
         raise InvalidRequest(
             f"the image is {w}x{h} (width/height {aspect:.2f}) but the video is {r.width}x{r.height} "
-            f"({target:.2f}); {spec.name} stretches the image to the video's size, so its width/height "
-            f"must be between {lo:.2f} and {hi:.2f} (crop it, or ask for another --size)"
+            f"({target:.2f}); {spec.name} {how}, so its width/height must be between {lo:.2f} and {hi:.2f} "
+            f"(crop it, or ask for another --size)"
         )
     warnings = {}
-    if change > WARN_ASPECT_CHANGE:
+    if change > WARN_ASPECT_CHANGE and crop:
+        side = "width" if aspect > target else "height"
+        warnings["image_cropped"] = (
+            f"the image ({w}x{h}) is cropped to the shape of {r.width}x{r.height}: "
+            f"{(1 - 1 / change) * 100:.0f}% of its {side} is cut off"
+        )
+    elif change > WARN_ASPECT_CHANGE:
         warnings["image_stretched"] = (
             f"the image ({w}x{h}) is stretched to {r.width}x{r.height}: its aspect ratio changes by "
             f"{(change - 1) * 100:.0f}%, so the first frame is distorted"
         )
-    upscale = max(r.width / w, r.height / h)
+    upscale = max(r.width / w, r.height / h)  # stretched or scaled to cover: the larger factor
     if upscale > WARN_UPSCALE:
         warnings["image_upscaled"] = (
             f"the image ({w}x{h}) is enlarged {upscale:.1f}x to {r.width}x{r.height}: expect a soft first frame"

@@ -52,13 +52,55 @@ def build_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def build_qwen_tokenizer():
+    """A Qwen2 tokenizer (byte-level BPE without merges: one token per byte, so every prompt
+    tokenizes) with Qwen's chat markers and a chat template in Qwen's format, as Z-Image uses it."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: index for index, char in enumerate(bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def build_clip_tokenizer():
+    """A CLIP tokenizer (lower-case BPE, words ending in </w>) whose merges make each of WORDS
+    one token; anything else falls back to single characters. 77 tokens, as CLIP's."""
+    from transformers import CLIPTokenizer
+
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
+    merges = []
+    for word in dict.fromkeys(WORDS):  # merge left to right: "fox" -> "f o x</w>" -> "fo x</w>" -> "fox</w>"
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=77)
+
+
 def build_pipeline_dir(spec: ModelSpec, out_dir: Path) -> None:
     """Construct every component from its config with seeded weights and save them as one pipeline."""
     import torch
 
-    if spec.family != "cogvideox":
+    tokenizers = {
+        "cogvideox": build_tokenizer,
+        "zimage": build_qwen_tokenizer,
+        "i2vgen-xl": build_clip_tokenizer,
+    }
+    if spec.family not in tokenizers:
         raise ValueError(f"no offline builder for model family {spec.family!r}")
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizers[spec.family]()
     components = {"tokenizer": tokenizer}
     for key, component in spec.components.items():
         if key == "tokenizer":
@@ -68,6 +110,8 @@ def build_pipeline_dir(spec: ModelSpec, out_dir: Path) -> None:
         torch.manual_seed(spec.weights.build_seed)
         if key == "text_encoder":
             config["vocab_size"] = len(tokenizer)
+            components[key] = cls(cls.config_class(**config))
+        elif key == "image_encoder":  # a CLIP vision tower: built from its transformers config
             components[key] = cls(cls.config_class(**config))
         elif key == "scheduler":
             components[key] = cls.from_config(config)

@@ -50,6 +50,22 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> 
     return path
 
 
+def write_png(frames: np.ndarray, path: str | Path) -> Path:
+    """Write a one-frame (1, H, W, 3) uint8 result as a PNG picture (renamed into place whole)."""
+    if frames.ndim != 4 or frames.shape[0] != 1 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected one (1, H, W, 3) uint8 frame, got {frames.shape} {frames.dtype}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial.png")
+    try:
+        Image.fromarray(frames[0]).save(partial, format="PNG")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
+    return path
+
+
 def read_frames(path: str | Path) -> np.ndarray:
     """All frames of a video as (frames, H, W, 3) uint8 RGB."""
     return DecodedVideo.read(path, planes=("rgb",)).rgb

@@ -86,7 +86,7 @@ def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights):
         (["--width", "4096"], "width must be between 32 and 256 for tiny (got 4096)"),
         (["--steps", "0"], "steps must be at least 1 (got 0)"),
         (["--guidance", "0.5"], "guidance scale must be at least 1"),
-        (["--model", "sora"], "unknown model 'sora'; known models: cogvideox-2b, cogvideox-5b, tiny"),
+        (["--model", "sora"], "unknown model 'sora'; known models: cogvideox-2b, cogvideox-5b, cogvideox-5b-i2v"),
         (["--model", "cogvideox-2b", "--weights", "/nonexistent"], "no diffusers weights for cogvideox-2b at"),
         (["--negative-prompt", "cat " * 250], "negative prompt is 251 tokens long; tiny's text encoder takes at most"),
         (["--ulysses", "4"], "invalid parallel layout cfg1xulysses4xring1: the Ulysses degree must divide the "

@@ -13,12 +13,14 @@ from stages.tiny import build_tokenizer, ensure_built
 
 
 def test_shipped_model_configs_load():
-    assert {"tiny", "cogvideox-2b", "cogvideox-5b"} <= set(known_models())
+    assert {"tiny", "cogvideox-2b", "cogvideox-5b", "i2vgen-xl", "z-image-turbo"} <= set(known_models())
     for name in known_models():
         spec = load_spec(name)
         assert spec.name == name
-        assert spec.spatial_multiple == 16
-        assert spec.max_sequence_length == 226
+        assert spec.spatial_multiple == {"i2vgen-xl": 64 if name == "i2vgen-xl" else 16}.get(spec.family, 16)
+        tokens = {"cogvideox": 226, "i2vgen-xl": 77, "zimage": 512 if name == "z-image-turbo" else 128}
+        assert spec.max_sequence_length == tokens[spec.family]
+        assert spec.scheduler_name(None)  # every default scheduler is one the model allows
 
 
 def test_real_architecture_values():
