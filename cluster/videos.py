@@ -220,6 +220,11 @@ class VideoService:
                 "warnings": job.warnings,
             }
             return video_object(self.store.submit(self.served.model, request, self.served.max_queue, video_id))
+        except InvalidRequest as e:  # said of the upload, not of the server's file
+            if stored is None:
+                raise
+            stored.unlink(missing_ok=True)
+            raise InvalidRequest(str(e).replace(str(stored), "input_reference")) from None
         except BaseException:
             if stored is not None:
                 stored.unlink(missing_ok=True)

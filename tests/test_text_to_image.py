@@ -85,8 +85,8 @@ def test_local_equals_diffusers(zimage, case):
 @pytest.mark.parametrize(
     "layout, case",
     [(ParallelLayout(), "turbo"), (ParallelLayout(ring=2), "turbo"), (ParallelLayout(ring=2), "guided"),
-     (ParallelLayout(cfg=2), "guided")],
-    ids=["ray-1-worker", "ring2-turbo", "ring2-guided", "cfg2-guided"],
+     (ParallelLayout(cfg=2), "guided"), (ParallelLayout(ulysses=3), "turbo")],
+    ids=["ray-1-worker", "ring2-turbo", "ring2-guided", "cfg2-guided", "ulysses3-turbo"],
 )  # fmt: skip
 def test_through_ray_and_across_workers_equals_diffusers(ray_session, zimage, layout, case):
     spec, weights = zimage
