@@ -48,7 +48,10 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
         help="image-to-video models: the picture the video starts from (resized to the video's size)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale; 1 turns guidance off")
+    p.add_argument(
+        "--guidance", type=float, default=None,
+        help="guidance scale; the model's off value turns guidance off (1, or 0 for Z-Image: see framecast models)",
+    )  # fmt: skip
     p.add_argument("--frames", type=int, default=None, help="frames (8k+1 for CogVideoX)")
     p.add_argument("--fps", type=int, default=None)
     p.add_argument(

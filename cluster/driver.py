@@ -34,7 +34,7 @@ from stages.encoder import check_prompts, count_tokens, load_tokenizer
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec, resolve_weights
 from stages.request import GenerationRequest, build_request, check_image, pitfalls
-from stages.video_io import contact_sheet, load_image, write_mp4, write_png
+from stages.video_io import contact_sheet, image_digest, load_image, write_mp4, write_png
 
 # (job index, steps done, total steps) of the job being denoised
 JobProgress = Callable[[int, int, int], None]
@@ -90,7 +90,7 @@ class GenerationResult:
     warnings: dict[str, str] = field(default_factory=dict)  # the job's pitfalls (see stages.request)
     run_id: str | None = None
     tracking_error: str | None = None
-    input_image: Path | None = None  # image-to-video: the image as the model took it, beside the video
+    input_image: Path | None = None  # image-to-video: the image it was made from (as read), beside the video
 
     def artifacts(self) -> list[Path]:
         extra = [path for path in (self.clarity_csv, self.input_image) if path is not None]
@@ -156,11 +156,14 @@ def prepare_variants(
     tile_overlap: tuple[int, int] | None = None,
     cluster: str = "single-node",
     local: bool = False,
+    image_files: dict[str, str] | None = None,
 ) -> list[Job]:
     """Everything that can be checked before heavy work, for every job: model, settings, layout,
     tiles, weights, prompt lengths, and the settings the articles warn against. `variants` are
     (prompt, `build_request` settings) pairs, one per job, all run by one executor; an error
-    names the job's label (e.g. "prompt 3 of 3") when it has one."""
+    names the job's label (e.g. "prompt 3 of 3") when it has one. A request's `image` is the
+    file it names, or the file `image_files` gives for that name (the Videos API names its upload
+    "input_reference", so that neither the request nor an error shows the server's paths)."""
     spec = load_spec(model)
     requests, layouts, tiles, image_warnings = [], [], [], []
     images: dict[str, np.ndarray] = {}  # read once per file
@@ -171,7 +174,7 @@ def prepare_variants(
             layouts.append(plan_layout(spec, r, workers, ulysses, ring, cfg_parallel))
             tiles.append(plan_decode(spec, r.height, r.width, decoders, tile_size, tile_overlap))
             if r.image and r.image not in images:
-                images[r.image] = load_image(r.image)
+                images[r.image] = _read_image(r.image, (image_files or {}).get(r.image, r.image))
             image_warnings.append(check_image(spec, r, images[r.image].shape[:2]) if r.image else {})
         except InvalidRequest as e:
             raise _labelled(e, label) from None
@@ -199,6 +202,14 @@ def prepare_variants(
 
 
 _PLACEMENT = tuple(inspect.signature(prepare_variants).parameters)[3:]  # weights, workers, ..., local
+
+
+def _read_image(name: str, path: str) -> np.ndarray:
+    """The image a request names, read from `path`; an error says `name`, not the path."""
+    try:
+        return load_image(path)
+    except InvalidRequest as e:
+        raise InvalidRequest(str(e).replace(str(path), name)) from None
 
 
 def _labelled(error: InvalidRequest, label: str | None) -> InvalidRequest:
@@ -324,7 +335,7 @@ def _encoding_key(job: Job) -> EncodingKey:
     r = job.request
     if job.image is None:
         return r.prompt, r.negative_prompt, None
-    return r.prompt, r.negative_prompt, (hashlib.sha256(job.image).hexdigest(), r.height, r.width)
+    return r.prompt, r.negative_prompt, (image_digest(job.image), r.height, r.width)
 
 
 def _encode(executor: Executor, job: Job, guidance: bool) -> StageCall:
@@ -483,7 +494,7 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         "cluster_layout": job.cluster.name,
         **{f"device_{stage}": device for stage, device in executor.devices().items()},
         "weights": str(job.weights),
-        **({"image_sha256": hashlib.sha256(job.image).hexdigest()} if job.image is not None else {}),
+        **({"image_sha256": image_digest(job.image)} if job.image is not None else {}),
     }
     digest = hashlib.sha256(np.ascontiguousarray(frames)).hexdigest()
     flight.frames = None  # the stream holds no finished job's frames

@@ -134,12 +134,14 @@ def prepare_video(
         settings = resolve_settings(spec, explicit, fields.get("preset"))
         notes.append(note)
     settings.require_single()
-    request = {"negative_prompt": fields.get("negative_prompt"), "seed": fields.get("seed", 0), "image": image}
+    request = {"negative_prompt": fields.get("negative_prompt"), "seed": fields.get("seed", 0)}
+    if image is not None:  # the upload, by the field's name: the request records no server path
+        request["image"] = "input_reference"
     layout = served.layout
     (job,) = prepare_variants(
         served.model, [(settings.prompt(fields["prompt"]), {**request, **settings.request_kwargs()})], [None],
         weights=served.weights, workers=layout.world_size, ulysses=layout.ulysses, ring=layout.ring,
-        decoders=served.decoders,
+        decoders=served.decoders, image_files={"input_reference": image} if image is not None else None,
     )  # fmt: skip
     job.warnings = {**settings.warnings, **job.warnings}
     recorded = settings.recorded_params()
@@ -220,11 +222,6 @@ class VideoService:
                 "warnings": job.warnings,
             }
             return video_object(self.store.submit(self.served.model, request, self.served.max_queue, video_id))
-        except InvalidRequest as e:  # said of the upload, not of the server's file
-            if stored is None:
-                raise
-            stored.unlink(missing_ok=True)
-            raise InvalidRequest(str(e).replace(str(stored), "input_reference")) from None
         except BaseException:
             if stored is not None:
                 stored.unlink(missing_ok=True)
@@ -372,7 +369,8 @@ class VideoService:
         except Exception as e:  # the video stands; the job says why it has no run
             summary["tracking_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
         if not self.store.finish(record.id, worker, summary):  # deleted, or taken over by another runner
-            self._remove_files(stem)
+            deleted = self.store.get(record.id) is None
+            self._remove_files(record.id if deleted else stem)  # deleted: its uploaded image too
 
 
 class _Lease:

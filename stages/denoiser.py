@@ -36,11 +36,11 @@ from stages.context_parallel import (
 )
 from stages.device import PeakMemory, default_device, describe
 from stages.encoder import Conditioning
+from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_component
 from stages.request import GenerationRequest
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
-ZIMAGE_SEQUENCE_MULTIPLE = 32  # Z-Image pads its image tokens to a multiple of this (diffusers' SEQ_MULTI_OF)
 
 
 class DenoiserStage:
@@ -288,6 +288,7 @@ class DenoiserStage:
         float32 latents, the scheduler's shift from the image's token count, sigmas from 1 to
         1/steps, the timestep as (1000 - t) / 1000, guidance as cond + g (cond - uncond) (the
         positive prompt first in the batch) and the negated prediction stepped."""
+        from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, retrieve_timesteps
 
         model, guidance = self.transformer, r.do_classifier_free_guidance
@@ -311,7 +312,7 @@ class DenoiserStage:
         timesteps, _ = retrieve_timesteps(scheduler, r.steps, self.device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
         if self.context is not None:  # image tokens (padded to Z-Image's multiple of 32), split evenly
-            padded = tokens + (-tokens) % ZIMAGE_SEQUENCE_MULTIPLE
+            padded = tokens + (-tokens) % SEQ_MULTI_OF
             self.context.shards = SequenceShards.balanced(padded, self.context.layout.sequence_degree, 1)
 
         self._peak_memory.reset()
@@ -542,4 +543,9 @@ def plan_serving_layout(
 ) -> ParallelLayout:
     """A layout that runs every request, guided or not, for a denoiser group built once and kept
     (a Serve replica's): without CFG-parallel, which needs two guidance branches."""
+    if not spec.sequence_parallel and workers > 1:
+        raise InvalidRequest(
+            f"{spec.name}'s UNet cannot split its sequence over workers, and a served denoiser group runs "
+            f"no CFG-parallel (a request may turn guidance off): serve it with --workers 1"
+        )
     return choose_layout(spec.heads, False, workers, ulysses, ring, cfg_parallel=False)

@@ -106,6 +106,8 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
         )
     if r.fps < 1:
         raise InvalidRequest(f"fps must be at least 1 (got {r.fps})")
+    if r.dynamic_guidance and spec.family != "cogvideox":  # diffusers' use_dynamic_cfg is CogVideoX's
+        raise InvalidRequest(f"--dynamic-guidance is CogVideoX's guidance schedule; {spec.name} has none")
     if r.seed < 0:
         raise InvalidRequest(f"seed must be a non-negative integer (got {r.seed})")
     if spec.takes_image and not r.image:

@@ -6,6 +6,7 @@ figure measured here can be checked with that ffmpeg binary (`imageio_ffmpeg.get
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import imageio.v2 as imageio
 import imageio_ffmpeg
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from stages.errors import InvalidRequest
 
@@ -184,9 +185,9 @@ def _ffmpeg_reason(error: BaseException) -> str:
     return (informative or lines or [type(error).__name__])[0]
 
 
-# An image larger than this many pixels is refused rather than decoded (a 16k x 16k picture, far
-# beyond any video size; PIL's own guard would only warn below twice its limit).
-MAX_IMAGE_PIXELS = 16384 * 16384
+# An image larger than this many pixels is refused before it is decoded: 50 megapixels, above
+# any camera's usual output and far above any video size (and below PIL's own bomb guard).
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -200,12 +201,21 @@ def load_image(path: str | Path) -> np.ndarray:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise InvalidRequest(f"{path}: the image is {width}x{height}, more than {MAX_IMAGE_PIXELS} pixels")
-            return np.asarray(image.convert("RGB"))
+            # upright as the camera meant it (a phone's JPEG stores its rotation in EXIF), as
+            # diffusers' own load_image does
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except InvalidRequest:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise InvalidRequest(f"{path}: not an image framecast can read ({reason})") from None
+
+
+def image_digest(image: np.ndarray) -> str:
+    """sha256 of an image's shape and pixels: equal pictures, equal digest; never its file name."""
+    digest = hashlib.sha256(f"{image.shape}".encode())
+    digest.update(np.ascontiguousarray(image))
+    return digest.hexdigest()
 
 
 MARK_COLOURS = {"sharpest": (0, 220, 0), "blurriest": (230, 0, 0)}

@@ -3,7 +3,6 @@ and the bad input around images; I2VGen-XL (tiny-i2vgen) equal to stock diffuser
 through Ray and CFG-parallel over 2 workers. (CogVideoX-5b-I2V's equality is in
 test_diffusers_equality.)"""
 
-import hashlib
 import io
 import json
 import types
@@ -26,7 +25,7 @@ from stages.denoiser import plan_layout
 from stages.errors import InvalidRequest
 from stages.models import load_spec, resolve_weights
 from stages.request import build_request, check_image
-from stages.video_io import load_image, read_frames
+from stages.video_io import image_digest, load_image, read_frames
 
 FAST = ["--steps", "2", "--seed", "3"]
 
@@ -63,7 +62,7 @@ def test_generate_with_an_image(tmp_path, capsys, image_file, i2v_weights):
     assert not any(k.startswith("image_") for k in result["warnings"])
     params = MlflowClient(uri).get_run(result["run_id"]).data.params
     assert params["image"] == str(image_file)
-    assert params["image_sha256"] == hashlib.sha256(load_image(image_file)).hexdigest()
+    assert params["image_sha256"] == image_digest(load_image(image_file))
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(result["run_id"])}
     assert "i2v.input.png" in artifacts  # what the video was made from, with the run
     assert np.array_equal(load_image(result["input_image"]), load_image(image_file))
@@ -130,6 +129,7 @@ def test_videos_api_takes_input_reference(tmp_path, image_file):
 
     video = service.create({"prompt": "a fox", "steps": 2}, image_file.read_bytes())
     assert video["status"] == "queued"
+    assert video["settings"]["image"] == "input_reference"  # the upload by its name, no server path
     record = service.store.claim("test", 30)
     service.run_job(record, "test")
     done = service.retrieve(video["id"])
@@ -198,7 +198,8 @@ def _stock_i2vgen(spec, weights, r, image):
     return outputs
 
 
-def assert_i2vgen_equal_to_stock(spec, weights, executor, case, threads=None):
+def assert_i2vgen_equal_to_stock(spec, weights, executor, case, threads=None, relative=False):
+    """`relative`: the bound is TOL times the largest latent (for CFG-parallel at high guidance)."""
     image = picture(80, 120)
     r = build_request(spec, **case, image="picture.png")
     guidance = r.do_classifier_free_guidance
@@ -209,7 +210,8 @@ def assert_i2vgen_equal_to_stock(spec, weights, executor, case, threads=None):
     ref_latents, ref_frames = stock_i2vgen(spec, weights, r, image, threads)
     assert ours_latents.shape == ref_latents.shape == (1, 4, r.num_frames, r.height // 8, r.width // 8)
     assert ours_latents.abs().max() > 0.1
-    assert (ours_latents - ref_latents).abs().max().item() <= TOL
+    bound = TOL * (ref_latents.abs().max().item() if relative else 1.0)
+    assert (ours_latents - ref_latents).abs().max().item() <= bound
     assert ours_frames.shape == ref_frames.shape == (r.num_frames, r.height, r.width, 3)
     assert np.abs(ours_frames.numpy() - ref_frames).max() <= TOL
 
@@ -220,28 +222,33 @@ def test_i2vgen_local_equals_diffusers(i2vgen, case):
     assert_i2vgen_equal_to_stock(spec, weights, LocalExecutor(spec, weights), I2VGEN_CASES[case])
 
 
-@pytest.mark.parametrize(
-    "layout, guidance", [(ParallelLayout(), 9.0), (ParallelLayout(cfg=2), 2.0)], ids=["1-worker", "cfg-parallel-2"]
-)
-def test_i2vgen_through_ray_equals_diffusers(ray_session, i2vgen, layout, guidance):
+@pytest.mark.parametrize("layout", [ParallelLayout(), ParallelLayout(cfg=2)], ids=["1-worker", "cfg-parallel-2"])
+def test_i2vgen_through_ray_equals_diffusers(ray_session, i2vgen, layout):
     """Its UNet's sequence is not split: across 2 workers each runs one guidance branch.
 
     A branch alone is a batch of one where diffusers runs a batch of two, and the convolutions
     round differently by batch size; the guidance scale multiplies that difference every step.
-    Measured: at guidance 9 the latents differ by 2.6e-5 (of values up to 13: 2e-6 relative),
-    at 4 by 1.2e-5, at 2 by 5e-6: the case held to the 1e-5 bound here (docs/models.md).
+    Measured: at the default guidance 9 the latents differ by 2.6e-5 (of values up to 13: 2e-6
+    relative), at 4 by 1.2e-5, at 2 by 5e-6. So CFG-parallel is held to 1e-5 at guidance 2, and
+    to 1e-5 of the latents' scale at the default 9 (docs/models.md).
     """
     spec, weights = i2vgen
     executor = RayExecutor(spec, weights, layout)
     try:
-        case = dict(I2VGEN_CASES["cfg"], guidance_scale=guidance)
-        assert_i2vgen_equal_to_stock(spec, weights, executor, case, threads=1)
+        assert_i2vgen_equal_to_stock(spec, weights, executor, I2VGEN_CASES["cfg"], threads=1, relative=layout.cfg == 2)
+        if layout.cfg == 2:
+            low = dict(I2VGEN_CASES["cfg"], guidance_scale=2.0)
+            assert_i2vgen_equal_to_stock(spec, weights, executor, low, threads=1)
     finally:
         executor.close()
 
 
 def test_i2vgen_layouts_are_cfg_parallel_only(i2vgen):
     spec, _ = i2vgen
+    with pytest.raises(InvalidRequest, match="a served denoiser group runs no CFG-parallel .* --workers 1"):
+        resolve_served(ServeArgs(model="tiny-i2vgen", workers=2))
+    with pytest.raises(InvalidRequest, match="--dynamic-guidance is CogVideoX's guidance schedule"):
+        build_request(spec, "a fox", image="x.png", dynamic_guidance=True)
     guided, plain = (build_request(spec, "a fox", image="x.png", guidance_scale=g) for g in (9.0, 1.0))
     assert plan_layout(spec, guided, workers=2) == ParallelLayout(cfg=2)
     with pytest.raises(InvalidRequest, match="a UNet's token sequence cannot be split: 2 denoiser workers run only"):

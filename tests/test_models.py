@@ -50,9 +50,10 @@ def test_cogvideox_15_and_i2v_architecture_values():
     assert build_request(load_spec("cogvideox-2b"), "a fox").scheduler == "CogVideoXDDIMScheduler"
 
 
-def test_models_command_lists_every_model(capsys):
+def test_models_command_lists_every_model(capsys, monkeypatch, tmp_path):
     from cluster.cli import main
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     assert main(["models", "--json"]) == 0
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)["models"]}
     assert set(listed) == set(known_models())
