@@ -326,12 +326,13 @@ def _generate(args: argparse.Namespace, out=None) -> int:
     from stages.models import load_spec
 
     try:
-        settings = resolve_settings(load_spec(args.model), _explicit(args), args.preset, args.duration)
+        spec = load_spec(args.model)
+        settings = resolve_settings(spec, _explicit(args), args.preset, args.duration)
         settings.require_single()
         prompts = [settings.prompt(prompt) for prompt in _read_prompts(args)]
         if args.output is not None and len(prompts) > 1:
             raise InvalidRequest(f"--output names one video but there are {len(prompts)} prompts; use --output-dir")
-        suffix = load_spec(args.model).output_suffix
+        suffix = spec.output_suffix
         if args.output is not None and args.output.suffix.lower() != suffix:
             made = "a PNG picture" if suffix == ".png" else "an MP4 video"
             raise InvalidRequest(f"{args.model} makes {made}: --output must end in {suffix} (got {args.output})")
@@ -754,21 +755,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     models = []
     for name in known_models():
         spec = load_spec(name)
-        limits = spec.as_dict()["limits"]
+        described = spec.as_dict()
         models.append({
             "name": name, "kind": spec.kind, "family": spec.family, "description": spec.description,
-            "license": spec.license, "dtype": spec.dtype, "defaults": spec.as_dict()["defaults"],
-            "limits": limits, "weights": weights_status(spec),
+            "license": spec.license, "dtype": spec.dtype, "defaults": described["defaults"],
+            "limits": described["limits"], "weights": weights_status(spec),
         })  # fmt: skip
     if args.json:
         print(json.dumps({"models": models}, indent=2))
         return 0
+
+    def span(lo_hi: list[int]) -> str:
+        return f"{lo_hi[0]}" if lo_hi[0] == lo_hi[1] else f"{lo_hi[0]}-{lo_hi[1]}"
+
     rows = [("MODEL", "KIND", "DEFAULTS", "LIMITS", "LICENSE", "WEIGHTS")]
     for m in models:
         d, lim, w = m["defaults"], m["limits"], m["weights"]
         frames = f"{d['num_frames']}f@{d['fps']}fps " if m["kind"] != "t2i" else ""
         defaults = f"{d['width']}x{d['height']} {frames}{d['steps']} steps g{d['guidance_scale']:g}"
-        span = lambda lo_hi: f"{lo_hi[0]}" if lo_hi[0] == lo_hi[1] else f"{lo_hi[0]}-{lo_hi[1]}"  # noqa: E731
         step = f" by {lim['frame_step']}" if lim["frame_step"] > 1 else ""
         frame_limits = f" {span(lim['num_frames'])}f{step}" if m["kind"] != "t2i" else ""
         limit = f"w{span(lim['width'])} h{span(lim['height'])}{frame_limits}"

@@ -58,6 +58,7 @@ class Job:
     tiles: TilePlan | None = None  # None: untiled
     warnings: dict[str, str] = field(default_factory=dict)  # settings the articles warn against (pitfalls)
     image: np.ndarray | None = None  # image-to-video: the image's pixels, (H, W, 3) uint8, read once here
+    image_sha256: str = ""  # ... and their digest (`image_digest`), taken once
 
     def resolved_config(self) -> str:
         """YAML of what this run used: the model spec as loaded, the weights found, the filled-in request."""
@@ -166,7 +167,7 @@ def prepare_variants(
     "input_reference", so that neither the request nor an error shows the server's paths)."""
     spec = load_spec(model)
     requests, layouts, tiles, image_warnings = [], [], [], []
-    images: dict[str, np.ndarray] = {}  # read once per file
+    images: dict[str, tuple[np.ndarray, str]] = {}  # pixels and digest, once per file
     for (prompt, settings), label in zip(variants, labels, strict=True):
         try:
             r = build_request(spec, prompt, **settings)
@@ -174,8 +175,9 @@ def prepare_variants(
             layouts.append(plan_layout(spec, r, workers, ulysses, ring, cfg_parallel))
             tiles.append(plan_decode(spec, r.height, r.width, decoders, tile_size, tile_overlap))
             if r.image and r.image not in images:
-                images[r.image] = _read_image(r.image, (image_files or {}).get(r.image, r.image))
-            image_warnings.append(check_image(spec, r, images[r.image].shape[:2]) if r.image else {})
+                pixels = load_image((image_files or {}).get(r.image, r.image), name=r.image)
+                images[r.image] = pixels, image_digest(pixels)
+            image_warnings.append(check_image(spec, r, images[r.image][0].shape[:2]) if r.image else {})
         except InvalidRequest as e:
             raise _labelled(e, label) from None
     layout = layouts[0]
@@ -196,20 +198,12 @@ def prepare_variants(
         except InvalidRequest as e:
             raise _labelled(e, label) from None
         warnings = {**pitfalls(spec, q, count_tokens(tokenizer, q.prompt)), **image_warning}
-        image = images.get(q.image)
-        jobs.append(Job(spec, weights_dir, q, layout, cluster_layout, decoders, plan, warnings, image))
+        image, digest = images.get(q.image, (None, ""))
+        jobs.append(Job(spec, weights_dir, q, layout, cluster_layout, decoders, plan, warnings, image, digest))
     return jobs
 
 
 _PLACEMENT = tuple(inspect.signature(prepare_variants).parameters)[3:]  # weights, workers, ..., local
-
-
-def _read_image(name: str, path: str) -> np.ndarray:
-    """The image a request names, read from `path`; an error says `name`, not the path."""
-    try:
-        return load_image(path)
-    except InvalidRequest as e:
-        raise InvalidRequest(str(e).replace(str(path), name)) from None
 
 
 def _labelled(error: InvalidRequest, label: str | None) -> InvalidRequest:
@@ -323,11 +317,13 @@ def encode_once(executor: Executor, jobs: list[Job]) -> Encodings:
     """Ask for each distinct prompt's embeddings once, for jobs that differ only in other settings
     (a sweep's cells). With the negative prompt's if any job guides: a job without guidance uses
     the prompt's alone. The results stay where they are made; any executor's stages can use them."""
-    guided: dict[EncodingKey, tuple[Job, bool]] = {}
+    first: dict[EncodingKey, Job] = {}
+    guided: dict[EncodingKey, bool] = {}
     for job in jobs:
         key = _encoding_key(job)
-        guided[key] = job, guided.get(key, (job, False))[1] or job.request.do_classifier_free_guidance
-    return {key: _encode(executor, job, guidance) for key, (job, guidance) in guided.items()}
+        first.setdefault(key, job)
+        guided[key] = guided.get(key, False) or job.request.do_classifier_free_guidance
+    return {key: _encode(executor, job, guided[key]) for key, job in first.items()}
 
 
 def _encoding_key(job: Job) -> EncodingKey:
@@ -335,7 +331,7 @@ def _encoding_key(job: Job) -> EncodingKey:
     r = job.request
     if job.image is None:
         return r.prompt, r.negative_prompt, None
-    return r.prompt, r.negative_prompt, (image_digest(job.image), r.height, r.width)
+    return r.prompt, r.negative_prompt, (job.image_sha256, r.height, r.width)
 
 
 def _encode(executor: Executor, job: Job, guidance: bool) -> StageCall:
@@ -351,7 +347,7 @@ def _submit(
     r = flight.job.request
     progress = None if on_step is None else (lambda done, total: on_step(flight.index, done, total))
     try:
-        known = (encodings or {}).get(_encoding_key(flight.job))
+        known = encodings.get(_encoding_key(flight.job)) if encodings else None
         encoded = known.shared() if known else _encode(executor, flight.job, r.do_classifier_free_guidance)
         flight.encoded = encoded
         flight.denoised = executor.call("denoise", "denoise", flight.encoded, r, progress=progress)
@@ -494,7 +490,7 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         "cluster_layout": job.cluster.name,
         **{f"device_{stage}": device for stage, device in executor.devices().items()},
         "weights": str(job.weights),
-        **({"image_sha256": image_digest(job.image)} if job.image is not None else {}),
+        **({"image_sha256": job.image_sha256} if job.image is not None else {}),
     }
     digest = hashlib.sha256(np.ascontiguousarray(frames)).hexdigest()
     flight.frames = None  # the stream holds no finished job's frames

@@ -36,7 +36,6 @@ from cluster.settings import REQUEST_FIELDS, SETTINGS, Settings
 from cluster.tracking import WARNING_TAG, child_runs, log_generation, open_parent_run
 from stages.errors import InvalidRequest
 from stages.models import load_spec
-from stages.video_io import image_digest
 
 # Grid axes: every setting (cluster.settings.SETTINGS), read as its type. A sweep holds the seed fixed.
 AXES: dict[str, type] = {name: kind for name, (_, kind) in SETTINGS.items()}
@@ -118,7 +117,7 @@ class SweepPlan:
             tiling = {k: v for k, v in job.decode_params().items() if k != "decoders"}
             request = job.request.as_dict()
             if job.image is not None:  # the picture itself, however its path was written
-                request["image"] = image_digest(job.image)
+                request["image"] = job.image_sha256
             ids.append(_digest([self.model, str(job.weights), request, tiling]))
         return ids
 

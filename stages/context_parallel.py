@@ -288,8 +288,9 @@ class ContextParallel:
     def gather_slices(self, local: torch.Tensor, dim: int, slice_size: int = 1) -> torch.Tensor:
         """The inverse of `local_slices` over the whole group: every shard, padding dropped.
 
-        With CFG-parallel the two branches' results are stacked along dim 0 (unconditional
-        first), as the single-process forward pass of a batch of two would return them.
+        With CFG-parallel the two branches' results are stacked along dim 0 (branch 0 first: the
+        batch's first item, unconditional for CogVideoX, the positive prompt for Z-Image), as
+        the single-process forward pass of a batch of two would return them.
         """
         parts = [torch.empty_like(local) for _ in range(self.layout.world_size)]
         dist.all_gather(parts, local.contiguous())
@@ -303,8 +304,8 @@ class ContextParallel:
         return torch.cat(branches, dim=0)
 
     def gather_branches(self, local: torch.Tensor) -> torch.Tensor:
-        """Every guidance branch's result stacked along dim 0 (unconditional first), for a model
-        run CFG-parallel alone (a UNet: each rank computes its branch whole)."""
+        """Every guidance branch's result stacked along dim 0 (branch 0 first), for a model run
+        CFG-parallel alone (a UNet: each rank computes its branch whole, nothing is sharded)."""
         if self.layout.sequence_degree != 1:
             raise ValueError(f"gather_branches is for CFG-parallel alone, not {self.layout}")
         parts = [torch.empty_like(local) for _ in range(self.layout.world_size)]

@@ -174,7 +174,7 @@ def plan_decode(
     if decoders < 1:
         raise InvalidRequest(f"--decoders must be at least 1 (got {decoders})")
     tiled = decoders > 1 or tile_size is not None or tile_overlap is not None
-    if tiled and spec.family != "cogvideox":  # the tile scheme is that of CogVideoX's 3D VAE
+    if tiled and spec.image_vae:  # the tile scheme is that of CogVideoX's video VAE
         raise InvalidRequest(
             f"{spec.name} decodes with an image VAE, which framecast does not tile or share: "
             f"use one decoder and no --tile-size/--tile-overlap"

@@ -1,16 +1,18 @@
-"""Denoising: the CogVideoX transformer and its scheduler loop with classifier-free guidance
-(and, for image-to-video, the image's latents joined to the video's along channels).
+"""Denoising: each family's scheduler loop around its denoising network, with classifier-free
+guidance: CogVideoX's transformer (for image-to-video, the image's latents joined to the video's
+along channels), Z-Image's single-stream transformer, I2VGen-XL's UNet.
 
-The loop follows diffusers' `CogVideoXPipeline.__call__` step for step (same noise, same
-timesteps, same guidance arithmetic and dtype casts), so that for the same weights, seed and
-settings the latents are equal; `tests/test_diffusers_equality.py` holds it to that. It is written
-out here rather than calling the pipeline because framecast needs the loop itself: a progress
-callback per step, and the forward pass sharded over a context-parallel group.
+Each loop follows its diffusers pipeline's `__call__` step for step (same noise, same timesteps,
+same guidance arithmetic and dtype casts), so that for the same weights, seed and settings the
+latents are equal; the equality tests hold it to that (docs/models.md). It is written out here
+rather than calling the pipeline because framecast needs the loop itself: a progress callback
+per step, and the forward pass split over a denoiser group.
 
 With a `ParallelLayout` of more than one rank, this stage is one rank of a denoiser group: every
 rank runs this same loop on the whole (small) latent tensor, so the scheduler steps and their
-random draws are identical everywhere, while the transformer forward pass, where the memory and
-the time go, is split by `_sharded_forward` and gathered back after the last block.
+random draws are identical everywhere, while the forward pass, where the memory and the time go,
+is split (CogVideoX: `_sharded_forward`; Z-Image: `_zimage_sharded`; I2VGen-XL's UNet: one
+guidance branch per rank) and gathered back.
 """
 
 from __future__ import annotations
@@ -59,16 +61,16 @@ class DenoiserStage:
             raise ValueError(f"{spec.name}: CogVideoX 1.5 image-to-video (an ofs embedding) is not supported")
         # The weights' scheduler config; a request may name another scheduler class built from it.
         self.scheduler_config = spec.components["scheduler"].load_class().load_config(weights, subfolder="scheduler")
-        self.context = None
+        self.context = self._processor = None
         if layout is not None and layout.world_size > 1:
             timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
             self.context = ContextParallel(layout, timeout)
             processors = {"cogvideox": ContextParallelAttnProcessor, "zimage": ZImageContextParallelAttnProcessor}
             if spec.family in processors:  # (a UNet runs CFG-parallel only: its attention stays as it is)
-                processor = processors[spec.family](self.context)  # one, shared by every attention layer
+                self._processor = processors[spec.family](self.context)  # one, shared by every attention layer
                 for module in self.transformer.modules():
                     if hasattr(module, "set_processor"):
-                        module.set_processor(processor)
+                        module.set_processor(self._processor)
         self._peak_memory = PeakMemory(self.device)
         self._last_run: dict[str, float] = {}
 
@@ -92,7 +94,7 @@ class DenoiserStage:
         shape = (
             1,
             frames + padding,
-            channels // 2 if self.spec.takes_image else channels,  # image-to-video: half are the image's
+            channels // 2 if self.spec.takes_image else channels,  # CogVideoX-I2V: half are the image's
             r.height // self.spec.vae_scale_spatial,
             r.width // self.spec.vae_scale_spatial,
         )
@@ -220,18 +222,18 @@ class DenoiserStage:
 
     @torch.no_grad()
     def denoise(
-        self, embeddings: Conditioning, r: GenerationRequest, on_step: StepCallback | None = None
+        self, conditioning: Conditioning, r: GenerationRequest, on_step: StepCallback | None = None
     ) -> torch.Tensor:
         """Returns the denoised latents on the CPU: (1, latent frames, channels, h, w) for
-        CogVideoX, (1, channels, h, w) for Z-Image's picture."""
+        CogVideoX, (1, channels, frames, h, w) for I2VGen-XL, (1, channels, h, w) for Z-Image's picture."""
         if self.spec.family == "zimage":
-            return self._denoise_zimage(embeddings, r, on_step)
+            return self._denoise_zimage(conditioning, r, on_step)
         if self.spec.family == "i2vgen-xl":
-            return self._denoise_i2vgen(embeddings, r, on_step)
+            return self._denoise_i2vgen(conditioning, r, on_step)
         guidance = r.do_classifier_free_guidance
-        prompt_embeds = embeddings.prompt.to(self.device)
+        prompt_embeds = conditioning.prompt.to(self.device)
         if guidance:
-            prompt_embeds = torch.cat([embeddings.negative.to(self.device), prompt_embeds])
+            prompt_embeds = torch.cat([conditioning.negative.to(self.device), prompt_embeds])
 
         scheduler_class = self.spec.scheduler_class(r.scheduler or self.spec.scheduler_name(None))
         scheduler = scheduler_class.from_config(self.scheduler_config)  # fresh state per job
@@ -241,7 +243,7 @@ class DenoiserStage:
         generator = torch.Generator("cpu").manual_seed(r.seed)
         shape, padding = self.latent_shape(r)
         # Image-to-video: the image's latents are drawn first, as diffusers draws them.
-        image_latents = self._image_latents(embeddings, shape, generator, prompt_embeds.dtype)
+        image_latents = self._image_latents(conditioning, shape, generator, prompt_embeds.dtype)
         if image_latents is not None and guidance:
             image_latents = torch.cat([image_latents] * 2)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=prompt_embeds.dtype)
@@ -344,18 +346,13 @@ class DenoiserStage:
         process, else `_zimage_sharded` for each guidance item of this rank."""
         if self.context is None:
             return self.transformer(images, timestep, captions, return_dict=False)[0]
-        context = self.context
-        if context.layout.cfg == 2:  # this rank computes its branch; the gather brings both
-            b = context.branch
-            out = self._zimage_sharded(images[b], timestep[b : b + 1], captions[b])
-            gathered = context.gather_slices(out, dim=1)
-        else:
-            gathered = torch.cat(
-                [
-                    context.gather_slices(self._zimage_sharded(image, timestep[i : i + 1], caption), dim=1)
-                    for i, (image, caption) in enumerate(zip(images, captions, strict=True))
-                ]
-            )
+        # CFG-parallel: this rank computes its branch and the gather brings both; otherwise each
+        # guidance item in turn, each gathered on its own
+        items = [self.context.branch] if self.context.layout.cfg == 2 else range(len(images))
+        gathered = torch.cat([
+            self.context.gather_slices(self._zimage_sharded(images[i], timestep[i : i + 1], captions[i]), dim=1)
+            for i in items
+        ])  # fmt: skip
         size = [tuple(images[0].shape[1:])]
         return [self.transformer.unpatchify([row], size, 2, 1)[0] for row in gathered]
 
@@ -369,8 +366,7 @@ class DenoiserStage:
         One item at a time, so no attention mask is needed (diffusers masks a shorter caption
         in a batch: the same keys either way).
         """
-        model, context = self.transformer, self.context
-        processor = model.layers[0].attention.processor
+        model, context, processor = self.transformer, self.context, self._processor
         key = "2-1"  # patch size 2, frame patch size 1: Z-Image's only patching
         adaln = model.t_embedder(timestep * model.t_scale).type_as(image)
         (patches,), (caption,), _, (image_ids,), (caption_ids,), (image_pad,), (caption_pad,) = (
@@ -411,7 +407,7 @@ class DenoiserStage:
         the process drew before.
         """
         unet, guidance = self.transformer, r.do_classifier_free_guidance
-        if conditioning.image is None or conditioning.image_embeds is None:
+        if conditioning.image_latents is None or conditioning.image_embeds is None:
             raise ValueError(f"{self.spec.name} is image-to-video: it needs the image's latents and embedding")
         prompt = conditioning.prompt.to(self.device)
         image_embeds = conditioning.image_embeds.to(self.device)
@@ -419,16 +415,11 @@ class DenoiserStage:
             prompt = torch.cat([conditioning.negative.to(self.device), prompt])
             image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
 
-        image = conditioning.image
-        mean, std = image.mean.to(self.device), image.std.to(self.device)
-        draw = torch.Generator("cpu").manual_seed(r.seed)
-        first = (
-            mean + std * randn_tensor(mean.shape, generator=draw, device=self.device, dtype=mean.dtype)
-        ) * image.scale
+        # diffusers draws this sample from the global generator; here one of its own (see above)
+        image = conditioning.image_latents
+        first = image.sample(torch.Generator("cpu").manual_seed(r.seed), self.device) * image.scale
         first = first.unsqueeze(2)  # (1, C, 1, h, w); then each later frame's distance from it, 1/(F-1) ... 1
         ramp = [torch.ones_like(first[:, :, :1]) * ((k + 1) / (r.num_frames - 1)) for k in range(r.num_frames - 1)]
-        # Contiguous, as diffusers' per-video `repeat` leaves it: the VAE's output is channels-last,
-        # and the UNet's convolutions round differently on the two layouts.
         image_latents = (torch.cat([first, *ramp], dim=2) if ramp else first).contiguous()
         if guidance:
             image_latents = torch.cat([image_latents] * 2)
@@ -443,17 +434,15 @@ class DenoiserStage:
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generator)
 
+        branch = self.context.branch_of if self.context is not None else (lambda x: x)  # CFG-parallel: this rank's
+        conditions = dict(encoder_hidden_states=branch(prompt), fps=branch(fps), image_latents=branch(image_latents),
+                          image_embeddings=branch(image_embeds))  # fmt: skip
+
         self._peak_memory.reset()
         for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            inputs = (model_input, prompt, fps, image_latents, image_embeds)
-            if self.context is not None:  # CFG-parallel: this rank's branch of every input
-                inputs = tuple(self.context.branch_of(x) for x in inputs)
-            noise_pred = unet(
-                inputs[0], t, encoder_hidden_states=inputs[1], fps=inputs[2], image_latents=inputs[3],
-                image_embeddings=inputs[4], return_dict=False,
-            )[0]  # fmt: skip
+            noise_pred = unet(branch(model_input), t, **conditions, return_dict=False)[0]
             if self.context is not None:
                 noise_pred = self.context.gather_branches(noise_pred)
             if guidance:
@@ -478,16 +467,11 @@ class DenoiserStage:
     ) -> torch.Tensor | None:
         """The first frame's latents drawn from the encoder's distribution, scaled, then zeros for
         the other latent frames: (1, latent frames, C, h, w), or None for text-to-video."""
-        image = conditioning.image
-        if not self.spec.takes_image:
-            if image is not None:
-                raise ValueError(f"{self.spec.name} makes video from text alone; it takes no image")
+        if conditioning.image_latents is None:
             return None
-        if image is None:
-            raise ValueError(f"{self.spec.name} is image-to-video: it needs the image's latents")
-        mean, std = image.mean.to(self.device), image.std.to(self.device)
-        sample = mean + std * randn_tensor(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
-        first = image.scale * sample.to(dtype).permute(0, 2, 1, 3, 4)  # (1, 1, C, h, w)
+        image = conditioning.image_latents
+        sample = image.sample(generator, self.device)  # (1, C, 1, h, w): the image is one frame
+        first = image.scale * sample.to(dtype).permute(0, 2, 1, 3, 4)  # (1, 1, C, h, w), as diffusers
         return torch.cat([first, first.new_zeros((1, shape[1] - 1, *first.shape[2:]))], dim=1)
 
     def _video_tokens(self, shape: tuple[int, ...]) -> float:

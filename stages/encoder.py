@@ -25,25 +25,30 @@ from stages.models import ModelSpec, load_component
 
 @dataclass(frozen=True)
 class ImageLatents:
-    """The VAE encoder's Gaussian over the image's latents, (1, C, 1, h, w), on the CPU.
+    """The VAE encoder's Gaussian over the image's latents, on the CPU: its `parameters` (mean
+    and log-variance stacked along channels, as diffusers' `DiagonalGaussianDistribution` takes
+    them) and `scale`, the VAE's scaling factor that diffusers multiplies the sample by."""
 
-    `scale` is what diffusers multiplies the sample by: the VAE's scaling factor, or its inverse
-    for weights whose config says `invert_scale_latents` (CogVideoX 1.5-I2V).
-    """
-
-    mean: torch.Tensor
-    std: torch.Tensor
+    parameters: torch.Tensor
     scale: float
+
+    def sample(self, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """One draw (unscaled) from diffusers' own distribution: its draw and its arithmetic."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(self.parameters.to(device)).sample(generator)
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Encoder hidden states, (1, max_sequence_length, dim), on the CPU so they can cross processes,
-    and for image-to-video the image's latent distribution."""
+    """What the encoder stage hands the denoiser, on the CPU so that it can cross processes:
+    prompt embeddings (1, tokens, dim): CogVideoX's padded to the maximum, Z-Image's the prompt's
+    own tokens, I2VGen-XL's CLIP's 77; and for image-to-video the image's latent distribution
+    (and for I2VGen-XL its CLIP embedding)."""
 
     prompt: torch.Tensor
     negative: torch.Tensor | None  # None when classifier-free guidance is off
-    image: ImageLatents | None = None
+    image_latents: ImageLatents | None = None
     image_embeds: torch.Tensor | None = None  # I2VGen-XL: the image's CLIP embedding, (1, 1, dim)
 
 
@@ -79,7 +84,7 @@ def check_prompts(tokenizer, spec: ModelSpec, prompt: str, negative_prompt: str,
 
 
 class EncoderStage:
-    """Encodes prompts (and images) exactly as diffusers' CogVideoX pipelines do."""
+    """Encodes prompts (and images) exactly as each family's diffusers pipeline does."""
 
     def __init__(self, spec: ModelSpec, weights: Path, device: torch.device | None = None):
         self.spec = spec
@@ -91,8 +96,8 @@ class EncoderStage:
             from diffusers.video_processor import VideoProcessor
 
             self.vae = load_component(spec, "vae", weights, self.device)
-            # I2VGen-XL's processor takes the image at the size it is cropped to (no resize)
-            resize = spec.family != "i2vgen-xl"
+            # an image that is cropped to the video's size is not resized again (I2VGen-XL's processor)
+            resize = spec.image_fit != "crop"
             self.video_processor = VideoProcessor(vae_scale_factor=spec.vae_scale_spatial, do_resize=resize)
         if "image_encoder" in spec.components:  # I2VGen-XL: CLIP's view of the image too
             self.image_encoder = load_component(spec, "image_encoder", weights, self.device)
@@ -132,10 +137,8 @@ class EncoderStage:
         width): stretched to it (CogVideoX), or scaled to cover it and centre-cropped (I2VGen-XL)."""
         from PIL import Image
 
-        if self.vae is None:
-            raise InvalidRequest(f"{self.spec.name} makes video from text alone; it takes no image")
         height, width = size
-        if self.spec.family == "i2vgen-xl":
+        if self.spec.image_fit == "crop":  # I2VGen-XL
             from diffusers.pipelines.deprecated.i2vgen_xl.pipeline_i2vgen_xl import _center_crop_wide
 
             pixels = self.video_processor.preprocess(_center_crop_wide(Image.fromarray(image), (width, height)))
@@ -143,10 +146,8 @@ class EncoderStage:
         else:
             pixels = self.video_processor.preprocess(Image.fromarray(image), height=height, width=width)
             pixels = pixels.to(self.device, dtype=self.text_encoder.dtype).unsqueeze(2)  # (1, 3, 1, H, W)
-        latent = self.vae.encode(pixels).latent_dist
-        factor = self.vae.config.scaling_factor
-        scale = 1 / factor if getattr(self.vae.config, "invert_scale_latents", False) else factor
-        return ImageLatents(mean=latent.mean.cpu(), std=latent.std.cpu(), scale=scale)
+        parameters = self.vae.encode(pixels).latent_dist.parameters
+        return ImageLatents(parameters=parameters.cpu(), scale=self.vae.config.scaling_factor)
 
     def encode(
         self,
@@ -159,12 +160,12 @@ class EncoderStage:
         """The prompt's embeddings (and the negative prompt's with `guidance`); with an `image`,
         also its latents at the video's `size` (height, width)."""
         check_prompts(self.tokenizer, self.spec, prompt, negative_prompt, guidance)
-        if self.spec.takes_image and image is None:
-            raise InvalidRequest(f"{self.spec.name} is image-to-video: it needs an image")
+        if self.spec.takes_image != (image is not None):  # the stage's own guard; requests are checked earlier
+            raise InvalidRequest(f"{self.spec.name} takes {'an image' if self.spec.takes_image else 'no image'}")
         return Conditioning(
             prompt=self._embed(prompt),
             negative=self._embed(negative_prompt) if guidance else None,
-            image=None if image is None else self._encode_image(image, size),
+            image_latents=None if image is None else self._encode_image(image, size),
             image_embeds=None if image is None or self.image_encoder is None else self._clip_image(image, size[1]),
         )
 

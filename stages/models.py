@@ -120,6 +120,11 @@ class ModelSpec:
         return self.kind == "t2i"
 
     @property
+    def image_vae(self) -> bool:
+        """An image VAE (one frame at a time), not CogVideoX's video VAE that compresses time."""
+        return self.vae_scale_temporal == 1
+
+    @property
     def output_suffix(self) -> str:
         """What a generation is written as: a PNG picture, or an MP4 video."""
         return ".png" if self.makes_images else ".mp4"

@@ -106,6 +106,8 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
         )
     if r.fps < 1:
         raise InvalidRequest(f"fps must be at least 1 (got {r.fps})")
+    if spec.components[spec.denoiser_key].config.get("ofs_embed_dim"):  # refused before any weights load
+        raise InvalidRequest(f"{spec.name}: CogVideoX 1.5 image-to-video (an ofs embedding) is not supported")
     if r.dynamic_guidance and spec.family != "cogvideox":  # diffusers' use_dynamic_cfg is CogVideoX's
         raise InvalidRequest(f"--dynamic-guidance is CogVideoX's guidance schedule; {spec.name} has none")
     if r.seed < 0:

@@ -108,10 +108,9 @@ def build_pipeline_dir(spec: ModelSpec, out_dir: Path) -> None:
         cls = component.load_class()
         config = dict(component.config)
         torch.manual_seed(spec.weights.build_seed)
-        if key == "text_encoder":
-            config["vocab_size"] = len(tokenizer)
-            components[key] = cls(cls.config_class(**config))
-        elif key == "image_encoder":  # a CLIP vision tower: built from its transformers config
+        if key in ("text_encoder", "image_encoder"):  # transformers models: built from their config class
+            if key == "text_encoder":
+                config["vocab_size"] = len(tokenizer)
             components[key] = cls(cls.config_class(**config))
         elif key == "scheduler":
             components[key] = cls.from_config(config)

@@ -190,17 +190,19 @@ def _ffmpeg_reason(error: BaseException) -> str:
 MAX_IMAGE_PIXELS = 50_000_000
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, name: str | None = None) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB (transparency dropped, palettes and grey expanded);
-    InvalidRequest saying why when it is missing or no image PIL can read."""
+    InvalidRequest saying why when it is missing or no image PIL can read. Errors call it `name`
+    (default: its path; the Videos API says "input_reference", not where it keeps the upload)."""
     path = Path(path)
+    name = name or str(path)
     if not path.is_file():
-        raise InvalidRequest(f"{path}: no such image file")
+        raise InvalidRequest(f"{name}: no such image file")
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise InvalidRequest(f"{path}: the image is {width}x{height}, more than {MAX_IMAGE_PIXELS} pixels")
+                raise InvalidRequest(f"{name}: the image is {width}x{height}, more than {MAX_IMAGE_PIXELS} pixels")
             # upright as the camera meant it (a phone's JPEG stores its rotation in EXIF), as
             # diffusers' own load_image does
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
@@ -208,7 +210,7 @@ def load_image(path: str | Path) -> np.ndarray:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
         reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise InvalidRequest(f"{path}: not an image framecast can read ({reason})") from None
+        raise InvalidRequest(f"{name}: not an image framecast can read ({reason})") from None
 
 
 def image_digest(image: np.ndarray) -> str:

@@ -85,6 +85,41 @@ def test_unreadable_and_missing_images(tmp_path, capsys):
         assert code == EXIT_INVALID and f"{path}: {message}" in err, err
 
 
+def test_images_are_read_upright_and_bounded(tmp_path):
+    """A photo's EXIF rotation is applied (as diffusers' load_image does); a picture over 50
+    megapixels is refused before its pixels are decoded."""
+    rotated = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: shown turned 90 degrees clockwise
+    Image.fromarray(picture(20, 40)).save(rotated, exif=exif)
+    assert load_image(rotated).shape == (40, 20, 3)  # stored 40 wide and 20 high, shown 20 wide
+    huge = tmp_path / "huge.png"
+    Image.new("1", (8000, 7000)).save(huge)  # 56 megapixels, a small file
+    with pytest.raises(InvalidRequest, match=r"huge.png: the image is 8000x7000, more than 50000000 pixels"):
+        load_image(huge)
+
+
+def test_cogvideox15_image_to_video_is_refused_before_loading():
+    from conftest import variant
+
+    spec = variant(load_spec("tiny-i2v"), "tiny-1.5-i2v", transformer={"ofs_embed_dim": 8, "patch_size_t": 2})
+    with pytest.raises(InvalidRequest, match="CogVideoX 1.5 image-to-video .* is not supported"):
+        build_request(spec, "a fox", image="x.png")
+
+
+def test_a_sweep_resumes_whatever_the_image_path_is_called(tmp_path, capsys, monkeypatch, image_file):
+    """Cells are keyed by the image's pixels, not by how its path was written."""
+    monkeypatch.chdir(image_file.parent)
+    args = ["sweep", "--model", "tiny-i2v", "--prompt", "a fox", "--grid", "steps=1", "--local", "--json",
+            "--output-dir", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]  # fmt: skip
+    assert main([*args, "--image", image_file.name]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main([*args, "--image", str(image_file.resolve())]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (first["sweep_id"], first["ran"], first["reused"]) == (again["sweep_id"], 1, 0)
+    assert (again["ran"], again["reused"]) == (0, 1)
+
+
 def test_image_far_from_the_size_is_refused_and_near_is_warned():
     spec = load_spec("tiny-i2v")
     r = build_request(spec, "a fox", image="x.png")  # 96x64: width/height 1.5
@@ -140,6 +175,14 @@ def test_videos_api_takes_input_reference(tmp_path, image_file):
     assert read_frames(tmp_path / "got.mp4").shape == (9, 64, 96, 3)
     service.delete(video["id"])
     assert list(service.videos.iterdir()) == []  # the input went with the video
+
+    # deleted while it runs: the runner's files and the upload go when the runner finishes
+    running = service.create({"prompt": "a fox", "steps": 2}, image_file.read_bytes())
+    record = service.store.claim("test", 30)
+    service.delete(running["id"])
+    assert any(service.videos.iterdir())  # kept while it runs
+    service.run_job(record, "test")
+    assert list(service.videos.iterdir()) == []
 
 
 def test_videos_api_refuses_an_image_for_a_text_model(tmp_path, image_file):

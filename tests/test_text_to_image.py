@@ -126,6 +126,13 @@ def test_generate_writes_a_png_measured_as_one_picture(tmp_path, capsys, zimage)
     assert "fox.png" in {a.path for a in MlflowClient(uri).list_artifacts(result["run_id"])}
 
 
+def test_serve_refuses_a_picture_model(tmp_path):
+    from cluster.serving import ServeArgs, resolve_served
+
+    with pytest.raises(InvalidRequest, match="tiny-zimage is text-to-image; framecast serve runs the Videos API"):
+        resolve_served(ServeArgs(model="tiny-zimage", data_dir=str(tmp_path)))
+
+
 def test_bad_input_for_a_picture_model(tmp_path, capsys):
     for args, message in (
         (["--output", str(tmp_path / "fox.mp4")], "tiny-zimage makes a PNG picture: --output must end in .png"),
