@@ -54,7 +54,7 @@ def _get(url: str, **kwargs) -> requests.Response:
             response = requests.get(url, headers=AUTH, timeout=10, **kwargs)
             if response.status_code < 500:
                 return response
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # refused, or held by the dying replica
             pass
         time.sleep(0.25)
     raise AssertionError(f"{url} never answered")
