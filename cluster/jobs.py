@@ -145,7 +145,9 @@ class JobStore:
                 "INSERT INTO videos (id, model, status, created_at, request) VALUES (?, ?, 'queued', ?, ?)",
                 (video_id, model, now, json.dumps(request)),
             )
-        return self.get(video_id)
+            # read in the same transaction: the job as queued, even if a runner claims it at once
+            row = db.execute(f"SELECT {_COLUMNS} FROM videos WHERE id = ?", (video_id,)).fetchone()
+        return _record(row)
 
     def _retry_after(self, db: sqlite3.Connection) -> int:
         """Seconds until a place is likely to free up: a running job ends within one job's

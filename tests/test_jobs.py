@@ -127,3 +127,23 @@ def test_a_job_deleted_while_its_runner_died_frees_its_place(store):
     time.sleep(0.2)
     assert store.claim("w", 60) is None
     assert store.submit("tiny", {}, max_active=1).status == "queued"
+
+
+def test_submit_answers_the_job_as_queued_even_when_claimed_at_once(store):
+    """A runner may claim a job the moment it is queued; the create answer still says queued (it
+    is read in the transaction that queued it)."""
+    stop = threading.Event()
+
+    def claim_all():
+        while not stop.is_set():
+            store.claim("runner", 30)
+
+    runner = threading.Thread(target=claim_all)
+    runner.start()
+    try:
+        statuses = {store.submit("tiny", {"n": i}, max_active=1000).status for i in range(100)}
+    finally:
+        stop.set()
+        runner.join()
+    assert statuses == {"queued"}
+    assert store.counts().get("in_progress", 0) > 0  # the runner did claim them meanwhile
