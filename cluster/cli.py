@@ -595,13 +595,14 @@ def _interrupt(*_: object) -> None:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from cluster.recommend import heuristics, image_size, measured, metric_direction
+    from cluster.recommend import heuristics, measured, metric_direction
     from stages.models import load_spec
+    from stages.video_io import image_size
 
     try:
         spec = load_spec(args.model)
         way = "higher" if metric_direction(args.metric) > 0 else "lower"
-        size = image_size(args.image) if args.image else None
+        size = image_size(args.image, name=f"--image {args.image}") if args.image else None
         if args.top < 1:
             raise InvalidRequest(f"--top must be at least 1 (got {args.top})")
     except InvalidRequest as e:

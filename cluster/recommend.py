@@ -13,7 +13,6 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 from mlflow import MlflowClient
 
@@ -147,16 +146,3 @@ def measured(
     ]
     ranked.sort(key=lambda m: (-sign * m.mean, -m.runs))
     return ranked, len(runs)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image, or a clear error."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except FileNotFoundError:
-        raise InvalidRequest(f"--image {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise InvalidRequest(f"--image {path}: not an image PIL can read ({e})") from None

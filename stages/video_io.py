@@ -6,6 +6,7 @@ figure measured here can be checked with that ffmpeg binary (`imageio_ffmpeg.get
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -190,27 +191,48 @@ def _ffmpeg_reason(error: BaseException) -> str:
 MAX_IMAGE_PIXELS = 50_000_000
 
 
-def load_image(path: str | Path, name: str | None = None) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB (transparency dropped, palettes and grey expanded);
-    InvalidRequest saying why when it is missing or no image PIL can read. Errors call it `name`
-    (default: its path; the Videos API says "input_reference", not where it keeps the upload)."""
+# EXIF orientations that turn the picture a quarter turn: width and height trade places
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
+@contextlib.contextmanager
+def _open_image(path: str | Path, name: str | None) -> Iterator[Image.Image]:
+    """The image file opened (not decoded); InvalidRequest, calling it `name` (default: its
+    path), when it is missing, over MAX_IMAGE_PIXELS, or no image PIL can read, now or when
+    the caller decodes it."""
     path = Path(path)
     name = name or str(path)
     if not path.is_file():
-        raise InvalidRequest(f"{name}: no such image file")
+        raise InvalidRequest(f"{name}: no such file")
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise InvalidRequest(f"{name}: the image is {width}x{height}, more than {MAX_IMAGE_PIXELS} pixels")
-            # upright as the camera meant it (a phone's JPEG stores its rotation in EXIF), as
-            # diffusers' own load_image does
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            yield image
     except InvalidRequest:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise InvalidRequest(f"{name}: not an image framecast can read ({reason})") from None
+
+
+def image_size(path: str | Path, name: str | None = None) -> tuple[int, int]:
+    """(width, height) of an image as it is shown (its EXIF rotation applied), without decoding it."""
+    with _open_image(path, name) as image:
+        width, height = image.size
+        turned = image.getexif().get(0x0112) in QUARTER_TURNS
+        return (height, width) if turned else (width, height)
+
+
+def load_image(path: str | Path, name: str | None = None) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB (transparency dropped, palettes and grey expanded);
+    InvalidRequest saying why when it is missing or no image PIL can read. Errors call it `name`
+    (default: its path; the Videos API says "input_reference", not where it keeps the upload)."""
+    with _open_image(path, name) as image:
+        # upright as the camera meant it (a phone's JPEG stores its rotation in EXIF), as
+        # diffusers' own load_image does
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 def image_digest(image: np.ndarray) -> str:

@@ -150,10 +150,13 @@ def test_image_changes_the_video(i2v):
     assert (one - other).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("layout", [ParallelLayout(), ParallelLayout(ring=2)], ids=["1-worker", "2-workers"])
+@pytest.mark.parametrize(
+    "layout", [ParallelLayout(), ParallelLayout(ring=2), ParallelLayout(cfg=2)], ids=["1-worker", "ring-2", "cfg-2"]
+)
 def test_image_to_video_through_ray_equals_diffusers(ray_session, i2v, layout):
-    """Through the stage actors, and with the video's frames split over a 2-rank group (ring
-    attention, 3 latent frames: one rank's shard padded)."""
+    """Through the stage actors, and over a 2-rank group: the video's frames split (ring
+    attention, 3 latent frames: one rank's shard padded), or one guidance branch per rank (the
+    image's latents joined to each branch's input)."""
     spec, weights = i2v
     executor = RayExecutor(spec, weights, layout)
     try:

@@ -25,7 +25,7 @@ from stages.denoiser import plan_layout
 from stages.errors import InvalidRequest
 from stages.models import load_spec, resolve_weights
 from stages.request import build_request, check_image
-from stages.video_io import image_digest, load_image, read_frames
+from stages.video_io import image_digest, image_size, load_image, read_frames
 
 FAST = ["--steps", "2", "--seed", "3"]
 
@@ -80,7 +80,7 @@ def test_image_and_model_must_agree(tmp_path, capsys, image_file):
 def test_unreadable_and_missing_images(tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    for path, message in ((broken, "not an image framecast can read"), (tmp_path / "none.png", "no such image file")):
+    for path, message in ((broken, "not an image framecast can read"), (tmp_path / "none.png", "no such file")):
         code, _, err = generate(capsys, "--model", "tiny-i2v", "--prompt", "a fox", "--image", str(path), "--local")
         assert code == EXIT_INVALID and f"{path}: {message}" in err, err
 
@@ -93,6 +93,7 @@ def test_images_are_read_upright_and_bounded(tmp_path):
     exif[0x0112] = 6  # orientation: shown turned 90 degrees clockwise
     Image.fromarray(picture(20, 40)).save(rotated, exif=exif)
     assert load_image(rotated).shape == (40, 20, 3)  # stored 40 wide and 20 high, shown 20 wide
+    assert image_size(rotated) == (20, 40)  # (width, height) as shown, read without decoding
     huge = tmp_path / "huge.png"
     Image.new("1", (8000, 7000)).save(huge)  # 56 megapixels, a small file
     with pytest.raises(InvalidRequest, match=r"huge.png: the image is 8000x7000, more than 50000000 pixels"):
