@@ -1,13 +1,16 @@
-# framecast: `make demo` (install + one tiny generation) and `make test`.
+# framecast: `make demo` (install + one video from the trained demo model) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # GPU machines: point TORCH_INDEX at the PyTorch wheel index of your CUDA version
 # (README, "GPU machines"); empty means the default index (a CPU wheel here).
 TORCH_INDEX ?=
-PROMPT ?= a red fox running through fresh snow, cinematic lighting
+# framecast-shapes, the default model, knows one grammar (stages/shapes.py):
+#   a {red,green,blue,yellow,white} {circle,square,triangle} moving {left,right,up,down} on a {black,gray} background
+PROMPT ?= a red circle moving right on a gray background
+DEMO_OUTPUT ?= outputs/demo.mp4
 
-.PHONY: install demo test lint clean
+.PHONY: install demo train-demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +21,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
+# The committed weights in models/framecast-shapes: nothing is trained or downloaded.
 demo: install
-	$(VENV)/bin/framecast generate --model tiny --prompt "$(PROMPT)" --output outputs/demo.mp4
+	$(VENV)/bin/framecast generate --model framecast-shapes --prompt "$(PROMPT)" --output $(DEMO_OUTPUT)
+
+# Retrain framecast-shapes from its seed into models/framecast-shapes (about 70 minutes on 2 cores).
+train-demo: install
+	$(PY) -m tools.train_shapes
 
 lint: install
 	$(PY) -m ruff check .

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from cluster.tracking import DEFAULT_EXPERIMENT, log_generation, log_run
 from stages.errors import InvalidRequest
+from stages.models import DEFAULT_MODEL
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -23,7 +24,7 @@ EXIT_INCOMPLETE = 3  # the video is written, but measuring or tracking it failed
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="each prompt (and --image) -> one MP4, recorded in MLflow")
-    p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model from configs/models (default: {DEFAULT_MODEL})")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt; repeat it for several videos")
     prompts.add_argument("--prompts", type=Path, help="a text file with one prompt per line (blank lines skipped)")
@@ -165,7 +166,7 @@ def _sweep_parser(sub) -> None:
     p = sub.add_parser(
         "sweep", help="one prompt and seed over a grid of settings: which give the clearest video (MLflow parent run)"
     )
-    p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model from configs/models (default: {DEFAULT_MODEL})")
     p.add_argument("--prompt", required=True)
     p.add_argument(
         "--grid", action="append", default=[], metavar="AXIS=V1,V2,...",
@@ -195,7 +196,7 @@ def _recommend_parser(sub) -> None:
     p = sub.add_parser(
         "recommend", help="settings for a prompt: the articles' heuristics, and what past MLflow runs measured"
     )
-    p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model from configs/models (default: {DEFAULT_MODEL})")
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", type=Path, default=None, help="the input image (image-to-video): resolution advice")
     p.add_argument(
@@ -230,7 +231,7 @@ def _serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible Videos API on Ray Serve (POST /v1/videos ...); Ctrl-C stops it"
     )
-    p.add_argument("--model", default="tiny", help="a model from configs/models (default: tiny)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model from configs/models (default: {DEFAULT_MODEL})")
     p.add_argument("--weights", default=None, help="local diffusers directory of the model's weights")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
@@ -411,6 +412,11 @@ def _print_result(result, args: argparse.Namespace, tracking_uri: str, out) -> N
         print(f"contact sheet: {result.contact_sheet}")
         if result.clarity_csv:
             print(f"clarity per frame: {result.clarity_csv}")
+        adherence = {k.removeprefix("adherence/"): v for k, v in result.metrics.items() if k.startswith("adherence/")}
+        if adherence:  # a model whose videos are checked against their prompts (framecast-shapes)
+            score = adherence.pop("score")
+            terms = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in adherence.items())
+            print(f"prompt adherence: {terms} (score {score:.2f})")
         if result.run_id:
             print(f"mlflow run: {result.run_id} (experiment {args.experiment!r} in {tracking_uri})")
 

@@ -405,7 +405,9 @@ def _send_to_panel(executor: Executor, flight: _InFlight) -> None:
     media = flight.video.read_bytes()
     flight.video_bytes = len(media)
     try:
-        call = executor.call("measure", "measure", media, None, flight.video.suffix)
+        job = flight.job
+        call = executor.call("measure", "measure", media, None, flight.video.suffix, job.request.prompt,
+                             job.spec.adherence)  # fmt: skip
         flight.measured, flight.clarity_error = call, None
     except StageFailed as e:  # in-process: the panel has already failed
         flight.clarity_error = str(e)

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from cluster.settings import REQUEST_FIELDS
 from cluster.tracking import TIMING_METRICS, search_all_runs
-from stages.clarity import CLEARER
+from stages.clarity import ADHERENCE, CLEARER, metric_sign
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec
 
@@ -101,12 +101,12 @@ class MeasuredSetting:
 
 def metric_direction(metric: str) -> int:
     """+1 if higher is better, -1 if lower; refuses metrics that do not rank settings."""
-    key = metric.removeprefix("clarity/")
-    if metric.startswith("clarity/") and key in CLEARER:
-        return CLEARER[key]
+    sign = metric_sign(metric)
+    if sign is not None:
+        return sign
     if metric in TIMING_METRICS:
         return -1
-    allowed = [f"clarity/{k}" for k in CLEARER] + list(TIMING_METRICS)
+    allowed = [f"clarity/{k}" for k in CLEARER] + [f"adherence/{k}" for k in ADHERENCE] + list(TIMING_METRICS)
     raise InvalidRequest(f"--metric {metric} does not rank settings; choose one of {', '.join(allowed)}")
 
 

@@ -44,7 +44,7 @@ from stages.decoder import DecoderStage
 from stages.denoiser import DenoiserStage, StepCallback, plan_serving_layout
 from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
-from stages.models import load_spec, resolve_weights
+from stages.models import DEFAULT_MODEL, load_spec, resolve_weights
 
 log = logging.getLogger("framecast.serve")
 WAIT_POLL_S = 0.25  # how often the executor relays denoising progress while it waits
@@ -55,13 +55,13 @@ def _env(name: str, default: str | None = None) -> Any:
 
 
 class ServeArgs(BaseModel):
-    """The application's arguments: `serve run serve_app:app model=tiny ...`, a Serve config
+    """The application's arguments: `serve run serve_app:app model=framecast-shapes ...`, a Serve config
     file's `args`, or `framecast serve`'s flags. Unset, the model, weights and data directory
     come from $FRAMECAST_MODEL, $FRAMECAST_WEIGHTS and $FRAMECAST_SERVE_DIR."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = _env("FRAMECAST_MODEL", "tiny")
+    model: str = _env("FRAMECAST_MODEL", DEFAULT_MODEL)
     weights: str | None = _env("FRAMECAST_WEIGHTS")  # a local diffusers directory; None: the model's own
     workers: int = Field(1, ge=1, description="denoiser ranks (GPUs) of the one context-parallel group")
     ulysses: int | None = Field(None, ge=1)

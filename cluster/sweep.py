@@ -459,16 +459,17 @@ def _track_cell(
 
 
 def _summarize(plan: SweepPlan, outcomes: list[CellOutcome], directory: Path, frame: int | None) -> dict[str, Path]:
-    """The summary files, in `directory`/summary: table.csv, table.md, a heatmap per clarity
-    metric, and the side-by-side sheet of one frame of every cell."""
+    """The summary files, in `directory`/summary: table.csv, table.md, a heatmap per panel metric
+    (clarity, and adherence where the model has it), and the side-by-side sheet of one frame of
+    every cell."""
     out = directory / "summary"
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     header, rows = sweep_report.table(plan.axes, outcomes)
     files = {"table.csv": out / "table.csv", "table.md": out / "table.md"}
     files["table.csv"].write_text(sweep_report.table_csv(header, rows))
     files["table.md"].write_text(sweep_report.table_markdown(header, rows))
-    for key in sweep_report.clarity_keys(outcomes):
-        name = key.removeprefix("clarity/")
+    for key in sweep_report.panel_keys(outcomes):
+        name = sweep_report.file_name(key)
         files[f"heatmaps/{name}.png"] = sweep_report.heatmap(plan.axes, outcomes, key, out / "heatmaps" / f"{name}.png")
     index = sheet_frame_index(plan, frame)
     files["frames.png"] = sweep_report.frame_sheet(plan.axes, outcomes, index, out / "frames.png")
@@ -494,7 +495,7 @@ def _record_summary(client: MlflowClient, parent: str, outcomes, summary: dict[s
     counts = {status: sum(o.status == status for o in outcomes) for status in statuses}
     metrics = [Metric(f"cells_{status}", float(n), now, 0) for status, n in counts.items()]
     metrics += [Metric(f"best/{key}", float(value), now, 0) for key, (_, value) in best.items()]
-    tags = [RunTag(f"framecast.best.{key.removeprefix('clarity/')}", o.cell.label) for key, (o, _) in best.items()]
+    tags = [RunTag(f"framecast.best.{sweep_report.file_name(key)}", o.cell.label) for key, (o, _) in best.items()]
     warned = sorted({k for o in outcomes for k in o.warnings})
     tags += [RunTag(WARNING_TAG + k, _warning_line(k, outcomes)) for k in warned]
     client.log_batch(parent, metrics=metrics, tags=tags)

@@ -1,6 +1,6 @@
-"""A sweep's summary, for people comparing settings: a table of clarity and timings per cell
-(CSV and Markdown), a heatmap per clarity metric over the grid's first two axes, the same frame
-of every cell side by side, and the best cell per metric."""
+"""A sweep's summary, for people comparing settings: a table of clarity (and prompt adherence,
+where the model has it) and timings per cell (CSV and Markdown), a heatmap per panel metric over
+the grid's first two axes, the same frame of every cell side by side, and the best cell per metric."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from cluster.tracking import TIMING_METRICS
-from stages.clarity import CLEARER, METRICS
+from stages.clarity import ADHERENCE, METRICS, metric_sign
 from stages.video_io import read_frame
 
 if TYPE_CHECKING:
@@ -28,15 +28,23 @@ SHEET_TILE_WIDTH = 192
 LINE_HEIGHT = 12  # a label line: one per axis
 
 
-def clarity_keys(outcomes: list[CellOutcome]) -> list[str]:
-    """The clarity metrics any cell has, in the panel's order (`clarity/<key>`)."""
+def panel_keys(outcomes: list[CellOutcome]) -> list[str]:
+    """The panel's metrics any cell has, in the panel's order: `clarity/<key>`, then
+    `adherence/<key>` (models whose videos are checked against their prompts)."""
     present = {key for o in outcomes for key in o.metrics}
-    return [f"clarity/{key}" for key in METRICS if f"clarity/{key}" in present]
+    ordered = [f"clarity/{key}" for key in METRICS] + [f"adherence/{key}" for key in ADHERENCE]
+    return [key for key in ordered if key in present]
+
+
+def file_name(key: str) -> str:
+    """A panel metric's name in files and tags: clarity's bare (`tenengrad`), adherence's
+    prefixed (`adherence_score`)."""
+    return key.removeprefix("clarity/").replace("/", "_")
 
 
 def table(axes: dict[str, list], outcomes: list[CellOutcome]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: the cell's axis values, its status, its clarity figures and timings."""
-    keys = clarity_keys(outcomes) + [t for t in TIMING_METRICS if any(t in o.metrics for o in outcomes)]
+    keys = panel_keys(outcomes) + [t for t in TIMING_METRICS if any(t in o.metrics for o in outcomes)]
     header = [*axes, "status", *keys]
     rows = []
     for o in outcomes:
@@ -66,11 +74,11 @@ def table_markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def best_cells(outcomes: list[CellOutcome]) -> dict[str, tuple[CellOutcome, float]]:
-    """Per clarity metric with a direction (stages.clarity.CLEARER), the clearest cell and its
+    """Per panel metric with a direction (stages.clarity.metric_sign), the best cell and its
     figure; the first in grid order on a tie."""
     best = {}
-    for key in clarity_keys(outcomes):
-        sign = CLEARER.get(key.removeprefix("clarity/"))
+    for key in panel_keys(outcomes):
+        sign = metric_sign(key)
         scored = [(o, o.metrics[key]) for o in outcomes if not math.isnan(o.metrics.get(key, math.nan))]
         if sign is None or not scored:
             continue
@@ -110,7 +118,7 @@ def heatmap(axes: dict[str, list], outcomes: list[CellOutcome], key: str, path: 
     scale, clearer cells brighter whichever way the metric runs, the clearest outlined."""
     names = list(axes)
     rows, columns, _ = _panels(axes)
-    sign = CLEARER.get(key.removeprefix("clarity/"))
+    sign = metric_sign(key)
     best = best_cells(outcomes).get(key)
     best_at = None if best is None else best[0].cell.values
     panels = panel_values(axes, outcomes, key)

@@ -176,6 +176,7 @@ def video_object(record: VideoRecord) -> dict[str, Any]:
         "frames_sha256": result.get("frames_sha256"),  # of the frames as written: equal frames, equal digest
         "timings": result.get("metrics"),
         "clarity": result.get("clarity"),
+        "adherence": result.get("adherence"),  # prompt adherence, for models with a detector; else null
         "clarity_error": result.get("clarity_error"),
         "tracking_error": result.get("tracking_error"),
     }
@@ -356,6 +357,11 @@ class VideoService:
             "clarity": {k.removeprefix("clarity/"): v for k, v in result.metrics.items() if k.startswith("clarity/")}
             or None,
             "clarity_error": result.clarity_error,
+            # Only models whose videos are checked against their prompts (framecast-shapes) have it.
+            "adherence": {
+                k.removeprefix("adherence/"): v for k, v in result.metrics.items() if k.startswith("adherence/")
+            }
+            or None,
             "metrics": {k: v for k, v in result.metrics.items() if k.endswith("_s")},
             "frames_sha256": result.frames_sha256,
             "files": stem,

@@ -15,6 +15,9 @@ that ffmpeg. Per frame t (pairwise metrics: the pair t-1, t, as ffmpeg's signals
                              units over the pixels the forward-backward check keeps
     psnr_y, ssim_y           against a reference video, when one is given
 
+For a model trained on a world with a detector (framecast-shapes), the panel also checks the
+video against its prompt: `adherence/color`, `/shape`, `/direction` (0 or 1) and `/score`.
+
 The video's figure is the mean over frames (over pairs), except psnr_y, the PSNR of the mean
 squared error (as ffmpeg's psnr filter), and sharpness_laplacian_var_min, the blurriest frame's.
 Y values are 8-bit code values (0-255): sharpness, tenengrad and noise_sigma are in those units.
@@ -35,11 +38,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
 import pywt
 
+from stages import shapes
 from stages.errors import InvalidRequest
 from stages.video_io import DecodedVideo
 
@@ -71,6 +76,18 @@ CLEARER: dict[str, int] = {
     "psnr_y": 1,
     "ssim_y": 1,
 }
+# Prompt adherence, for models trained on a world with a detector (a spec's `adherence`, e.g.
+# framecast-shapes): 0 or 1 per video for each term of the prompt, and their mean. Recorded as
+# `adherence/<key>`, higher is better; absent for every other model.
+ADHERENCE: dict[str, str] = {
+    "color": "the object's colour is the prompt's (0 or 1)",
+    "shape": "the object's shape is the prompt's (0 or 1)",
+    "direction": "the object moves as the prompt says (0 or 1)",
+    "score": "mean of colour, shape and direction",
+}
+# The worlds whose detector checks a video against its prompt: a spec's `adherence` -> the world's
+# module (its `GRAMMAR`, `parse_prompt(prompt)` and `adherence(prompt, rgb)`).
+WORLDS: dict[str, ModuleType] = {"shapes": shapes}
 PAIRWISE = ("flicker_mae", "flicker_score", "motion_magnitude", "warp_error")
 REFERENCED = ("psnr_y", "ssim_y")
 
@@ -98,6 +115,7 @@ class ClarityReport:
     summary: dict[str, float]  # key -> the video's figure (pairwise keys absent for one frame)
     per_frame: dict[str, list[float]] = field(default_factory=dict)  # key -> one value per frame (NaN: none)
     seconds: float = 0.0  # how long the panel took
+    adherence: dict[str, float] = field(default_factory=dict)  # ADHERENCE key -> figure; empty: not checked
 
     @property
     def sharpest(self) -> int:
@@ -114,8 +132,10 @@ class ClarityReport:
         return {self.sharpest: "sharpest", self.blurriest: "blurriest"}
 
     def metrics(self) -> dict[str, float]:
-        """The summary as MLflow metrics: `clarity/<key>`; undefined figures (NaN) are left out."""
-        return {f"clarity/{k}": v for k, v in self.summary.items() if not math.isnan(v)}
+        """The summary as MLflow metrics: `clarity/<key>`, and `adherence/<key>` where the prompt
+        was checked; undefined figures (NaN) are left out."""
+        clarity = {f"clarity/{k}": v for k, v in self.summary.items() if not math.isnan(v)}
+        return {**clarity, **{f"adherence/{k}": v for k, v in self.adherence.items()}}
 
     def csv_text(self) -> str:
         """The per-frame series as CSV: one row per frame, empty where a figure is undefined."""
@@ -145,6 +165,7 @@ class ClarityReport:
             "clarity": {k: clean(v) for k, v in self.summary.items()},
             "sharpest_frame": self.sharpest,
             "blurriest_frame": self.blurriest,
+            **({"adherence": dict(self.adherence)} if self.adherence else {}),
             "per_frame": {k: [clean(v) for v in series] for k, series in self.per_frame.items()},
         }
 
@@ -325,17 +346,45 @@ class ClarityStage:
     def describe(self) -> str:
         return f"cpu ({self._threads} OpenCV thread{'s' if self._threads != 1 else ''})"
 
-    def measure(self, media: bytes, reference: bytes | None = None, suffix: str = ".mp4") -> ClarityReport:
+    def measure(
+        self,
+        media: bytes,
+        reference: bytes | None = None,
+        suffix: str = ".mp4",
+        prompt: str | None = None,
+        adherence: str | None = None,
+    ) -> ClarityReport:
         """The panel for a video's bytes, or a picture's (`suffix` ".png": one frame, so the
-        figures that compare frames are left out)."""
+        figures that compare frames are left out). With `adherence` (a world's name, see
+        WORLDS) the saved video is also checked against its `prompt`."""
         with tempfile.TemporaryDirectory(prefix="framecast-clarity-") as scratch:
-            video = Path(scratch) / f"video{suffix}"
-            video.write_bytes(media)
+            path = Path(scratch) / f"video{suffix}"
+            path.write_bytes(media)
             ref = None
             if reference is not None:
                 ref = Path(scratch) / "reference.mp4"
                 ref.write_bytes(reference)
-            return measure_file(video, ref)
+            video, report = read_and_measure(path, ref)
+        if adherence is not None and prompt is not None:
+            report.adherence = check_adherence(adherence, prompt, video.rgb) or {}
+        return report
+
+
+def check_adherence(world: str, prompt: str, rgb: np.ndarray) -> dict[str, float] | None:
+    """`world`'s detector on decoded RGB frames: ADHERENCE's keys, or None when the prompt is not
+    one the world's detector can check."""
+    return WORLDS[world].adherence(prompt, rgb)
+
+
+def metric_sign(metric: str) -> int | None:
+    """+1 if a higher figure of an MLflow metric (`clarity/...`, `adherence/...`) is better, -1 if
+    lower, None if it has no direction (e.g. how much moves)."""
+    group, _, key = metric.partition("/")
+    if group == "clarity":
+        return CLEARER.get(key)
+    if group == "adherence" and key in ADHERENCE:
+        return 1
+    return None
 
 
 def _threads_from_env() -> int | None:

@@ -26,6 +26,9 @@ from stages.errors import InvalidRequest
 
 CONFIG_DIR = Path(os.environ.get("FRAMECAST_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
 MODELS_DIR = CONFIG_DIR / "models"
+# The model `generate`, `sweep`, `recommend` and `serve` use when none is named: framecast's own
+# demo model, trained on the shapes world, whose weights ship in the repository.
+DEFAULT_MODEL = "framecast-shapes"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class ModelSpec:
     # Schedulers a request may pick instead of the weights' own: short name -> class path. They
     # are built from the weights' scheduler config (`from_config`), as diffusers' docs swap them.
     schedulers: dict[str, str] = field(default_factory=dict)
+    # The world whose detector checks this model's videos against their prompts (a key of
+    # stages.clarity.WORLDS, e.g. "shapes"): the panel then records adherence/*.
+    adherence: str | None = None
 
     @property
     def denoiser_key(self) -> str:
@@ -207,6 +213,7 @@ class ModelSpec:
             "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.limits).items()},
             "source": str(self.source),
             "schedulers": dict(self.schedulers),
+            "adherence": self.adherence,
         }
 
 
@@ -251,7 +258,7 @@ def load_spec(name: str) -> ModelSpec:
             trained_size=tuple(limits["trained_size"]) if "trained_size" in limits else None,
         ),
         weights=WeightsSpec(
-            path=weights.get("path"),
+            path=_weights_path(weights.get("path"), path.parent),
             hub_id=weights.get("hub_id"),
             build_seed=weights.get("build_seed"),
         ),
@@ -261,7 +268,16 @@ def load_spec(name: str) -> ModelSpec:
         guidance_off=float(raw.get("guidance_off", 1.0)),
         image_fit=raw.get("image_fit", "stretch"),
         schedulers=dict(raw.get("schedulers") or {}),
+        adherence=raw.get("adherence"),
     )
+
+
+def _weights_path(raw: str | None, config_dir: Path) -> str | None:
+    """A YAML's `weights.path`, with ~ and $VARS expanded; a relative path is relative to the YAML
+    (as a model shipped in the repository names its committed weights)."""
+    if not raw:
+        return None
+    return os.path.normpath(config_dir / Path(os.path.expandvars(raw)).expanduser())
 
 
 def cache_dir() -> Path:
@@ -274,7 +290,7 @@ def resolve_weights(spec: ModelSpec, override: str | os.PathLike | None = None) 
 
     Raises InvalidRequest (before anything heavy is loaded) when no weights are to be found.
     """
-    explicit = override or (os.path.expandvars(spec.weights.path) if spec.weights.path else None)
+    explicit = override or spec.weights.path
     if explicit:
         path = Path(explicit).expanduser()
         if not (path / "model_index.json").is_file():
@@ -306,7 +322,7 @@ def weights_status(spec: ModelSpec) -> dict[str, Any]:
     """Where the model's weights come from and whether they are on this machine, looked up
     without loading, building or downloading anything: {"source", "location", "present"}."""
     if spec.weights.path:
-        path = Path(os.path.expandvars(spec.weights.path)).expanduser()
+        path = Path(spec.weights.path)
         return {"source": "path", "location": str(path), "present": (path / "model_index.json").is_file()}
     if spec.weights.hub_id:
         from huggingface_hub import try_to_load_from_cache

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from stages.clarity import WORLDS
 from stages.errors import InvalidRequest
 from stages.models import KIND_NAMES, ModelSpec, image_models
 
@@ -207,6 +208,12 @@ def pitfalls(spec: ModelSpec, r: GenerationRequest, prompt_tokens: int) -> dict[
         found["long_prompt"] = (
             f"the prompt is {prompt_tokens} tokens, more than about {PROMPT_TOKENS_WARN_ABOVE}: "
             f"its later details tend to be ignored"
+        )
+    world = WORLDS.get(spec.adherence) if spec.adherence else None
+    if world is not None and world.parse_prompt(r.prompt) is None:
+        found["outside_grammar"] = (
+            f"{spec.name} knows only prompts of the form '{world.GRAMMAR}': expect a video that follows "
+            f"none of this prompt, and no adherence figures"
         )
     trained_h, trained_w = spec.trained_size
     if r.height > trained_h or r.width > trained_w:

@@ -41,13 +41,13 @@ blurry low distorted ugly noisy watermark
 """.split()
 
 
-def build_tokenizer():
-    """A T5 tokenizer (Unigram model, T5's special tokens) over WORDS plus single characters."""
+def build_tokenizer(words: list[str] = WORDS):
+    """A T5 tokenizer (Unigram model, T5's special tokens) over `words` plus single characters."""
     from transformers import T5Tokenizer
 
     chars = string.ascii_letters + string.digits + string.punctuation
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-    vocab += [("▁" + w, -2.0) for w in dict.fromkeys(WORDS)]
+    vocab += [("▁" + w, -2.0) for w in dict.fromkeys(words)]
     vocab += [(c, -5.0) for c in chars] + [("▁" + c, -5.5) for c in chars]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 

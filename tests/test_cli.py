@@ -16,7 +16,8 @@ from stages.video_io import read_frames
 
 
 def run_cli(capsys, *args):
-    code = main(["generate", *args])
+    """`framecast generate` on tiny unless the args name another --model (the last one wins)."""
+    code = main(["generate", "--model", "tiny", *args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -163,8 +164,8 @@ def test_generate_through_embedded_ray(tmp_path, tiny_weights):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "generate", "--prompt", "a fox", "--steps", "4", "--seed", "3",
-         "--output", str(tmp_path / "ray.mp4"), "--tracking-uri", uri, "--json"],
+        [sys.executable, "-m", "cluster.cli", "generate", "--model", "tiny", "--prompt", "a fox", "--steps", "4",
+         "--seed", "3", "--output", str(tmp_path / "ray.mp4"), "--tracking-uri", uri, "--json"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -179,8 +180,8 @@ def test_generate_joins_a_running_cluster(tmp_path, ray_session, tiny_weights):
     """--address joins an existing Ray instead of starting one: the actors live in that cluster."""
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "generate", "--prompt", "a fox", "--steps", "2", "--address", address,
-         "--output", str(tmp_path / "joined.mp4"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+        [sys.executable, "-m", "cluster.cli", "generate", "--model", "tiny", "--prompt", "a fox", "--steps", "2",
+         "--address", address, "--output", str(tmp_path / "joined.mp4"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -228,8 +229,8 @@ def test_json_stdout_is_only_json_even_when_libraries_print(tmp_path):
     still prints nothing but the JSON object there."""
     env = {**os.environ, "FRAMECAST_CACHE": str(tmp_path / "fresh-cache")}
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "generate", "--prompt", "a fox", "--steps", "1", "--local", "--json",
-         "--output", str(tmp_path / "v.mp4"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+        [sys.executable, "-m", "cluster.cli", "generate", "--model", "tiny", "--prompt", "a fox", "--steps", "1",
+         "--local", "--json", "--output", str(tmp_path / "v.mp4"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

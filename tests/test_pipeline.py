@@ -137,8 +137,8 @@ def test_prompts_file_streams_json_lines(tmp_path, capsys, ray_session, tiny_wei
     """`--prompts FILE`: one JSON line per job with its stage times; one decoder sends frames once."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\n\n  a cat playing piano  \n")
-    code = main(["generate", "--prompts", str(prompts), "--steps", "2", "--output-dir", str(tmp_path / "out"),
-                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--json"])  # fmt: skip
+    code = main(["generate", "--model", "tiny", "--prompts", str(prompts), "--steps", "2", "--json",
+                 "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err
     records = [json.loads(line) for line in out.strip().splitlines()]
@@ -191,7 +191,7 @@ def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(tmp_path, capsy
 
     real = DecoderStage.decode
     monkeypatch.setattr(DecoderStage, "decode", fails_once)
-    code = main(["generate", "--prompt", "a", "--prompt", "b", "--steps", "1", "--local", "--json",
+    code = main(["generate", "--model", "tiny", "--prompt", "a", "--prompt", "b", "--steps", "1", "--local", "--json",
                  "--output-dir", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == EXIT_FAILED

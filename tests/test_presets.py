@@ -112,8 +112,8 @@ def test_pitfalls(spec):
 def test_generate_with_a_preset_warns_and_records(tmp_path, capsys):
     long_prompt = " ".join(["a very detailed golden retriever puppy"] * 10)
     code = main(
-        ["generate", "--local", "--prompt", long_prompt, "--preset", "high-motion", "--steps", "2", "--frames", "9",
-         "--output", str(tmp_path / "v.mp4"), "--json", "--experiment", "presets"]
+        ["generate", "--model", "tiny", "--local", "--prompt", long_prompt, "--preset", "high-motion", "--steps", "2",
+         "--frames", "9", "--output", str(tmp_path / "v.mp4"), "--json", "--experiment", "presets"]
     )  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -130,8 +130,8 @@ def test_generate_with_a_preset_warns_and_records(tmp_path, capsys):
 
 def test_generate_with_a_duration(tmp_path, capsys):
     code = main(
-        ["generate", "--local", "--prompt", "a fox", "--steps", "1", "--duration", "1.5", "--fps", "12",
-         "--scheduler", "dpm", "--dynamic-guidance", "--output", str(tmp_path / "v.mp4"), "--json",
+        ["generate", "--model", "tiny", "--local", "--prompt", "a fox", "--steps", "1", "--duration", "1.5",
+         "--fps", "12", "--scheduler", "dpm", "--dynamic-guidance", "--output", str(tmp_path / "v.mp4"), "--json",
          "--experiment", "presets"]
     )  # fmt: skip
     out, err = capsys.readouterr()
@@ -153,5 +153,5 @@ def test_generate_with_a_duration(tmp_path, capsys):
     ],
 )
 def test_generate_refuses_bad_settings(argv, message, capsys):
-    assert main(["generate", "--local", "--prompt", "a fox", *argv]) == 2
+    assert main(["generate", "--model", "tiny", "--local", "--prompt", "a fox", *argv]) == 2
     assert message in capsys.readouterr().err

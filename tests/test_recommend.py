@@ -38,7 +38,8 @@ def store(tmp_path):
 
 
 def recommend(capsys, store, *extra):
-    code = main(["recommend", "--prompt", "a fox", "--tracking-uri", store, "--json", *extra])
+    """`framecast recommend --json` for tiny, unless extra names another --model (the last one wins)."""
+    code = main(["recommend", "--model", "tiny", "--prompt", "a fox", "--tracking-uri", store, "--json", *extra])
     out, err = capsys.readouterr()
     return code, json.loads(out) if out.strip() else None, err
 
@@ -63,7 +64,7 @@ def test_best_settings_come_from_past_runs(store, capsys):
     assert by_blur["better"] == "lower"
     assert [s["settings"]["steps"] for s in by_blur["data"]["settings"]] == ["30"]
     # the table a person reads says how many runs back each line
-    assert main(["recommend", "--prompt", "a fox", "--tracking-uri", store]) == 0
+    assert main(["recommend", "--model", "tiny", "--prompt", "a fox", "--tracking-uri", store]) == 0
     text = capsys.readouterr().out
     assert "heuristics (rules of thumb from the tuning articles, not measured here)" in text
     assert "1. steps=50, guidance_scale=9.0, num_frames=9" in text and "mean 310 over 2 run(s), 300..320" in text
@@ -73,7 +74,7 @@ def test_best_settings_come_from_past_runs(store, capsys):
 def test_no_runs_no_data(store, capsys):
     code, result, _ = recommend(capsys, store)
     assert code == 0 and result["data"]["runs"] == 0 and result["data"]["settings"] == []
-    assert main(["recommend", "--prompt", "a fox", "--tracking-uri", store]) == 0
+    assert main(["recommend", "--model", "tiny", "--prompt", "a fox", "--tracking-uri", store]) == 0
     assert "no data: no finished runs of tiny with clarity/sharpness_laplacian_var" in capsys.readouterr().out
     seed_run(store, "cogvideox-2b", 40, 7.0, sharpness=1000.0, blur=0.1)  # runs, but of another model
     _, result, _ = recommend(capsys, store)

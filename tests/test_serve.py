@@ -229,7 +229,7 @@ def test_a_failed_request_says_what_was_wrong(server):
 
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        assert main(["generate", "--local", "--prompt", "x", "--frames", "10"]) == 2
+        assert main(["generate", "--model", "tiny", "--local", "--prompt", "x", "--frames", "10"]) == 2
     assert "frames must be 8k+1 for tiny (got 10; nearest valid: 9 or 17)" in stderr.getvalue()
 
 
@@ -367,12 +367,16 @@ def test_the_shipped_serve_configs_are_valid(name, config, ray_session):
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
+    from stages.models import known_models
+
     schema = ServeDeploySchema.model_validate(config)
     for application in schema.applications:
         args = ServeArgs(**application.args)  # every key known, every value in range
+        assert args.model in known_models(), f"{name} serves {args.model!r}, not a model of configs/models"
         if schema.http_options.host != "127.0.0.1":
             assert args.api_key_env, f"{name} listens on {schema.http_options.host} without an API key"
-        if args.model == "tiny":  # builds here: the real models' weights are not on this machine
+        if args.weights is None:  # builds here: the model's own weights (framecast-shapes' are committed);
+            # a weights directory a config names for a real model is not on this machine
             built = call_user_app_builder_with_args_if_necessary(import_attr(application.import_path),
                                                                  application.args)  # fmt: skip
             assert type(built).__name__ == "Application"
@@ -403,7 +407,7 @@ def test_the_rayservice_gives_every_pod_the_api_key():
 def test_framecast_serve_refuses_bad_flags_before_starting(flags, message, capsys):
     from cluster.cli import main
 
-    assert main(["serve", *flags]) == 2
+    assert main(["serve", "--model", "tiny", *flags]) == 2  # tiny, unless the flags name another model
     assert message in capsys.readouterr().err
 
 
@@ -415,8 +419,8 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
 
     port = free_port()
     env = {**os.environ, KEY_ENV: KEY}
-    command = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path),
-               "--api-key-env", KEY_ENV]  # fmt: skip
+    command = [sys.executable, "-m", "cluster.cli", "serve", "--model", "tiny", "--port", str(port),
+               "--data-dir", str(tmp_path), "--api-key-env", KEY_ENV]  # fmt: skip
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     said = []
     try:

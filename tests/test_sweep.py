@@ -29,8 +29,9 @@ GRID = ["--grid", "steps=1,2", "--grid", "guidance=1,6"]
 
 
 def run_cli(capsys, tmp_path, experiment, *extra):
-    argv = ["sweep", "--local", "--prompt", "a red fox in snow", *GRID, "--frames", "9", "--seed", "42", "--json",
-            "--experiment", experiment, "--output-dir", str(tmp_path / "out"), *extra]  # fmt: skip
+    argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a red fox in snow", *GRID, "--frames", "9",
+            "--seed", "42", "--json", "--experiment", experiment, "--output-dir", str(tmp_path / "out"),
+            *extra]  # fmt: skip
     code = main(argv)
     out, err = capsys.readouterr()
     return code, (json.loads(out) if out.strip() else None), err
@@ -80,8 +81,8 @@ def test_bad_grids(texts, message):
     ],
 )
 def test_bad_sweeps_are_refused_before_any_work(tmp_path, capsys, extra, message):
-    argv = ["sweep", "--local", "--prompt", "a fox", "--frames", "9", "--output-dir", str(tmp_path), *extra,
-            "--grid", "guidance=1"]  # fmt: skip
+    argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a fox", "--frames", "9", "--output-dir", str(tmp_path),
+            *extra, "--grid", "guidance=1"]  # fmt: skip
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written, no run started
@@ -208,8 +209,8 @@ def test_interrupted_sweep_resumes(tmp_path, capsys, monkeypatch):
     assert (again["ran"], again["reused"], again["prompt_encodings"]) == (0, 4, 0)
     assert again["best"] == result["best"]
     # What a person reads: the table, the best cell per metric, the counts.
-    argv = ["sweep", "--local", "--prompt", "a red fox in snow", *GRID, "--frames", "9", "--seed", "42",
-            "--experiment", "sweep-resume", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a red fox in snow", *GRID, "--frames", "9",
+            "--seed", "42", "--experiment", "sweep-resume", "--output-dir", str(tmp_path / "out")]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert text.startswith("| steps | guidance | status | clarity/sharpness_laplacian_var |")
@@ -221,8 +222,8 @@ def test_interrupted_sweep_resumes(tmp_path, capsys, monkeypatch):
 
 
 def test_duration_sweep_derives_frames_per_cell(tmp_path, capsys):
-    argv = ["sweep", "--local", "--prompt", "a fox", "--grid", "fps=8,12,16", "--duration", "2", "--steps", "1",
-            "--json", "--experiment", "sweep-duration", "--output-dir", str(tmp_path)]  # fmt: skip
+    argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a fox", "--grid", "fps=8,12,16", "--duration", "2",
+            "--steps", "1", "--json", "--experiment", "sweep-duration", "--output-dir", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)
@@ -237,8 +238,8 @@ def test_duration_sweep_derives_frames_per_cell(tmp_path, capsys):
 
 
 def test_warnings_are_tagged_on_cells_and_parent(tmp_path, capsys):
-    argv = ["sweep", "--local", "--prompt", "a fox", "--grid", "guidance=6,11", "--steps", "1", "--frames", "9",
-            "--json", "--experiment", "sweep-warnings", "--output-dir", str(tmp_path)]  # fmt: skip
+    argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a fox", "--grid", "guidance=6,11", "--steps", "1",
+            "--frames", "9", "--json", "--experiment", "sweep-warnings", "--output-dir", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert err.count("framecast: warning: guidance 11 is above 9.5: expect over-saturated colours") == 1
@@ -307,7 +308,7 @@ def test_a_failing_replica_keeps_the_others_cells(tmp_path, tiny_spec, monkeypat
 
 
 def test_more_replicas_than_fit_are_refused(ray_session, tmp_path, capsys):
-    argv = ["sweep", "--prompt", "a fox", "--grid", "steps=1,2", "--frames", "9", "--replicas", "3",
+    argv = ["sweep", "--model", "tiny", "--prompt", "a fox", "--grid", "steps=1,2", "--frames", "9", "--replicas", "3",
             "--output-dir", str(tmp_path)]  # fmt: skip
     assert main(argv) == 2
     assert "--replicas 3 needs 3 GPUs (or CPU cores without GPUs) for 1 denoiser rank(s) each; the Ray cluster " \
