@@ -18,7 +18,8 @@ def test_shipped_model_configs_load():
         spec = load_spec(name)
         assert spec.name == name
         assert spec.spatial_multiple == {"i2vgen-xl": 64 if name == "i2vgen-xl" else 16}.get(spec.family, 16)
-        tokens = {"cogvideox": 226, "i2vgen-xl": 77, "zimage": 512 if name == "z-image-turbo" else 128}
+        tokens = {"cogvideox": 16 if name == "framecast-shapes" else 226, "i2vgen-xl": 77,
+                  "zimage": 512 if name == "z-image-turbo" else 128}  # fmt: skip
         assert spec.max_sequence_length == tokens[spec.family]
         assert spec.scheduler_name(None)  # every default scheduler is one the model allows
 

@@ -153,3 +153,26 @@ def test_make_demo_makes_a_moving_shape(tmp_path):
         distance = np.linalg.norm(frame.astype(float) - np.median(frame.reshape(-1, 3), axis=0), axis=-1)
         centroids.append(np.argwhere(distance > 60).mean(axis=0))
     assert np.linalg.norm(centroids[1] - centroids[0]) >= 8, centroids
+
+
+def test_sweep_shows_adherence_and_recommend_ranks_by_it(tmp_path, capsys):
+    """A sweep of framecast-shapes has adherence in its table, a heatmap per adherence figure and
+    a best cell for it; `recommend --metric adherence/score` ranks the cells' runs by it."""
+    store = f"sqlite:///{tmp_path}/runs.db"
+    argv = ["sweep", "--local", "--prompt", HELD_OUT_PROMPTS[0], "--grid", "steps=2,8", "--seed", "0", "--json",
+            "--output-dir", str(tmp_path / "out"), "--tracking-uri", store]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = {name: Path(path) for name, path in result["summary"].items()}
+    header = summary["table.md"].read_text().splitlines()[0]
+    assert all(f"adherence/{k}" in header for k in ("color", "shape", "direction", "score"))
+    for key in ("color", "shape", "direction", "score"):
+        assert summary[f"heatmaps/adherence_{key}.png"].is_file()
+    assert "adherence/score" in result["best"]
+    scores = {o["label"]: o["metrics"]["adherence/score"] for o in result["outcomes"]}
+    assert main(["recommend", "--prompt", HELD_OUT_PROMPTS[0], "--tracking-uri", store, "--json",
+                 "--metric", "adherence/score"]) == 0  # fmt: skip
+    ranked = json.loads(capsys.readouterr().out)
+    assert ranked["better"] == "higher" and ranked["data"]["runs"] == 2
+    means = [s["mean"] for s in ranked["data"]["settings"]]
+    assert means == sorted(scores.values(), reverse=True)

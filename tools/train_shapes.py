@@ -67,6 +67,7 @@ def to_video_tensor(clips: np.ndarray) -> torch.Tensor:
 def train_vae(vae, clips, masks, steps: int, batch: int, lr: float, log) -> float:
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.55 + 0.45 * np.cos(np.pi * min(s / steps, 1.0)))
     rng = np.random.default_rng(1)
     bar = tqdm(range(steps), desc="VAE", unit="step")
     loss_avg = None
@@ -83,6 +84,7 @@ def train_vae(vae, clips, masks, steps: int, batch: int, lr: float, log) -> floa
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         loss_avg = l1.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * l1.item()
         bar.set_postfix(l1=f"{loss_avg:.4f}")
         if step % 10 == 0 or step == steps - 1:
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "models" / "framecast-shapes"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clips", type=int, default=2400, help="rendered training clips")
-    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-batch", type=int, default=2)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--transformer-steps", type=int, default=5000)
