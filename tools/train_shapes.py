@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         pipe.save_pretrained(out, safe_serialization=True)
         record = {
-            "command": "python -m tools.train_shapes " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": " ".join(["python -m tools.train_shapes", *(sys.argv[1:] if argv is None else argv)]),
             "seed": args.seed,
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "tracking_uri")},
             "vae": {"steps": args.vae_steps, "final_weighted_l1": round(vae_loss, 5), "minutes": round(vae_minutes, 1)},
