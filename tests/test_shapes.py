@@ -5,7 +5,7 @@ import pytest
 
 from stages import shapes
 from stages.clarity import WORLDS, ClarityStage, metric_sign
-from stages.models import load_spec
+from stages.models import known_models, load_spec
 from stages.request import build_request, pitfalls
 from stages.video_io import DecodedVideo, write_mp4
 
@@ -124,6 +124,7 @@ def test_a_prompt_outside_the_grammar_is_warned_about():
     assert "knows only prompts of the form 'a {red,green,blue,yellow,white} {circle" in off["outside_grammar"]
     grammatical = build_request(spec, "a red circle moving up on a black background")
     assert "outside_grammar" not in pitfalls(spec, grammatical, 8)
+    assert all(load_spec(name).adherence in (None, *WORLDS) for name in known_models())
     tiny = load_spec("tiny")
     assert tiny.adherence is None and pitfalls(tiny, build_request(tiny, "a red fox"), 3) == {}
 
