@@ -119,13 +119,13 @@ def test_the_driver_takes_the_next_frames_while_a_video_is_measured(ray_session,
     """With a panel that takes a second per video, the driver does not wait for it: it takes
     job k+1's frames (and sends job k+2's decode) while job k is still being measured."""
 
-    def slow_measure(media, reference=None, suffix=".mp4"):  # defined here, so Ray ships it to the actor by value
+    def slow_measure(media, reference=None, suffix=".mp4", prompt=None, adherence=None):  # shipped by value
         import time
 
         from stages.clarity import ClarityStage
 
         time.sleep(1.0)
-        return ClarityStage(threads=1).measure(media, reference, suffix)
+        return ClarityStage(threads=1).measure(media, reference, suffix, prompt, adherence)
 
     results, _ = stream_with_a_method_replaced(stream_jobs[:3], tmp_path, "measure", 0, "measure", slow_measure)
     assert all(r.clarity_error is None and r.metrics["measure_s"] >= 1.0 for r in results)
