@@ -6,8 +6,8 @@ settings give the clearest video.
          -> the other cells run on the pipeline replicas the cluster has room for
          -> each cell's video, clarity figures and child run -> the summary on the parent run
 
-A sweep is known by what decides its videos: model, weights, prompt, seed and every cell's
-settings. How it runs (replicas, denoiser layout, decoders) changes no video (the parallel paths
+A sweep is known by what decides its videos: model, weights (their files, not only their
+directory), prompt, seed and every cell's settings. How it runs (replicas, denoiser layout, decoders) changes no video (the parallel paths
 equal the single-process one), so a sweep interrupted on one layout resumes on another.
 """
 
@@ -112,13 +112,15 @@ class SweepPlan:
     def cell_ids(self) -> list[str]:
         """Per cell, what decides its video: model, weights, request (and image), and the decode tiles (tiling
         changes the frames; how many decoders share the tiles does not)."""
-        ids = []
+        ids, fingerprints = [], {}
         for job in self.jobs:
             tiling = {k: v for k, v in job.decode_params().items() if k != "decoders"}
             request = job.request.as_dict()
             if job.image is not None:  # the picture itself, however its path was written
                 request["image"] = job.image_sha256
-            ids.append(_digest([self.model, str(job.weights), request, tiling]))
+            if job.weights not in fingerprints:
+                fingerprints[job.weights] = weights_fingerprint(job.weights)
+            ids.append(_digest([self.model, fingerprints[job.weights], request, tiling]))
         return ids
 
     @functools.cached_property
@@ -141,6 +143,31 @@ class SweepPlan:
             "model": self.model, **fixed, **axes, "cells": str(len(self.cells)),
             **self.settings.recorded_params(), "weights": str(self.jobs[0].weights),
         }  # fmt: skip
+
+
+SAMPLED_BYTES = 1 << 20  # read from each end of every weights file
+
+
+def weights_fingerprint(weights: Path) -> str:
+    """What identifies a weights directory's contents: its path, and per file its name, size and a
+    digest of its first and last MiB. The path alone is not enough: retraining a model
+    (`make train-demo`) rewrites the same directory, and a sweep must not reuse videos of the old
+    weights. Whole-file hashes would read tens of GB for a real model; the sampled ends differ
+    whenever the tensors do (a safetensors file's first MiB holds its header and first tensors)."""
+    weights = Path(weights)
+    if not weights.is_dir():
+        return str(weights)
+    files = []
+    for path in sorted(p for p in weights.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            digest.update(handle.read(SAMPLED_BYTES))
+            if size > 2 * SAMPLED_BYTES:
+                handle.seek(-SAMPLED_BYTES, 2)
+                digest.update(handle.read())
+        files.append([path.relative_to(weights).as_posix(), size, digest.hexdigest()])
+    return _digest([str(weights), files])
 
 
 def _digest(value: Any) -> str:

@@ -221,6 +221,34 @@ def test_interrupted_sweep_resumes(tmp_path, capsys, monkeypatch):
     assert f"mlflow parent run: {parent_id}" in text
 
 
+def test_retrained_weights_in_the_same_directory_are_a_new_sweep(tmp_path, capsys):
+    """Retraining (make train-demo) rewrites the same weights directory: the same command must run
+    every cell again on the new weights, not reuse the old weights' videos."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stages.models import resolve_weights
+
+    weights = tmp_path / "weights"
+    shutil.copytree(resolve_weights(load_spec("tiny")), weights)
+    extra = ("--weights", str(weights))
+    code, first, err = run_cli(capsys, tmp_path, "sweep-retrained", *extra)
+    assert code == 0, err
+    code, again, _ = run_cli(capsys, tmp_path, "sweep-retrained", *extra)
+    assert (again["ran"], again["reused"], again["parent_run_id"]) == (0, 4, first["parent_run_id"])
+
+    tensors_file = weights / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(tensors_file)
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name] + 0.01  # "retrained": same names, shapes and file size
+    save_file(tensors, tensors_file, metadata={"format": "pt"})
+    code, retrained, err = run_cli(capsys, tmp_path, "sweep-retrained", *extra)
+    assert code == 0, err
+    assert (retrained["ran"], retrained["reused"], retrained["resumed"]) == (4, 0, False)
+    assert retrained["sweep_id"] != first["sweep_id"]
+
+
 def test_duration_sweep_derives_frames_per_cell(tmp_path, capsys):
     argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a fox", "--grid", "fps=8,12,16", "--duration", "2",
             "--steps", "1", "--json", "--experiment", "sweep-duration", "--output-dir", str(tmp_path)]  # fmt: skip
