@@ -7,8 +7,9 @@ settings give the clearest video.
          -> each cell's video, clarity figures and child run -> the summary on the parent run
 
 A sweep is known by what decides its videos: model, weights (their files, not only their
-directory), prompt, seed and every cell's settings. How it runs (replicas, denoiser layout, decoders) changes no video (the parallel paths
-equal the single-process one), so a sweep interrupted on one layout resumes on another.
+directory), prompt, seed and every cell's settings. How it runs (replicas, denoiser layout,
+decoders) changes no video (the parallel paths equal the single-process one), so a sweep
+interrupted on one layout resumes on another.
 """
 
 from __future__ import annotations
