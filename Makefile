@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/framecast generate --model framecast-shapes --prompt "$(PROMPT)" --output $(DEMO_OUTPUT)
 
-# Retrain framecast-shapes from its seed into models/framecast-shapes (about 70 minutes on 2 cores).
+# Retrain framecast-shapes from its seed into models/framecast-shapes (about 75 minutes on 2 cores).
 train-demo: install
 	$(PY) -m tools.train_shapes
 
