@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_INDEX ?=
 # framecast-shapes, the default model, knows one grammar (stages/shapes.py):
 #   a {red,green,blue,yellow,white} {circle,square,triangle} moving {left,right,up,down} on a {black,gray} background
-PROMPT ?= a yellow circle moving right on a black background
+PROMPT ?= a green triangle moving down on a black background
 DEMO_OUTPUT ?= outputs/demo.mp4
 
 .PHONY: install demo train-demo test lint clean
