@@ -113,15 +113,14 @@ class SweepPlan:
     def cell_ids(self) -> list[str]:
         """Per cell, what decides its video: model, weights, request (and image), and the decode tiles (tiling
         changes the frames; how many decoders share the tiles does not)."""
-        ids, fingerprints = [], {}
+        weights = weights_fingerprint(self.jobs[0].weights)  # one model, so one weights directory, per sweep
+        ids = []
         for job in self.jobs:
             tiling = {k: v for k, v in job.decode_params().items() if k != "decoders"}
             request = job.request.as_dict()
             if job.image is not None:  # the picture itself, however its path was written
                 request["image"] = job.image_sha256
-            if job.weights not in fingerprints:
-                fingerprints[job.weights] = weights_fingerprint(job.weights)
-            ids.append(_digest([self.model, fingerprints[job.weights], request, tiling]))
+            ids.append(_digest([self.model, weights, request, tiling]))
         return ids
 
     @functools.cached_property
