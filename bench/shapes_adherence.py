@@ -1,6 +1,7 @@
 """How well framecast-shapes follows its prompts: held-out prompts against prompts seen in training.
 
-    python bench/shapes_adherence.py [--seeds 4] [--steps N] [--guidance G] [--out DIR]
+    python bench/shapes_adherence.py [--seeds 4] [--steps N] [--guidance G] [--scheduler ddim|dpm]
+                                     [--weights DIR] [--out DIR]
 
 Every prompt of `stages.shapes.HELD_OUT` (12, never shown in training) and 12 prompts seen in
 training (every ninth of the others), at `--seeds` seeds each, at the model's default settings
@@ -61,14 +62,20 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--scheduler", default=None, help="one of the model's schedulers (default: its first)")
+    parser.add_argument("--weights", default=None, help="a framecast-shapes directory (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=Path("adherence"))
     args = parser.parse_args()
-    settings = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance)) if v is not None}
+    settings = {
+        k: v
+        for k, v in (("steps", args.steps), ("guidance_scale", args.guidance), ("scheduler", args.scheduler))
+        if v is not None
+    }
     args.out.mkdir(parents=True, exist_ok=True)
 
     groups = prompts()
     variants = [(p, {**settings, "seed": s}) for group in groups.values() for p in group for s in range(args.seeds)]
-    jobs = prepare_variants("framecast-shapes", variants, [None] * len(variants))
+    jobs = prepare_variants("framecast-shapes", variants, [None] * len(variants), weights=args.weights)
     executor = make_executor(jobs[0], local=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
