@@ -563,13 +563,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     from ray import serve
 
-    import serve_app
+    from cluster.serving import serve_application
 
     signal.signal(signal.SIGTERM, _interrupt)  # a stop from a process manager stops it as Ctrl-C does
     try:
         connect(args.address, quiet=True)
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(serve_app.app(serve_args), name="framecast", route_prefix="/", blocking=False)
+        serve.run(serve_application(serve_args), name="framecast", route_prefix="/", blocking=False)
     except KeyboardInterrupt:
         print("framecast: interrupted while starting", file=sys.stderr)
         serve.shutdown()

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import logging
 import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from ray.util import get_current_placement_group
 
@@ -44,9 +46,13 @@ from stages.decoder import DecoderStage
 from stages.denoiser import DenoiserStage, StepCallback, plan_serving_layout
 from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
-from stages.models import DEFAULT_MODEL, load_spec, resolve_weights
+from stages.models import CONFIG_DIR, DEFAULT_MODEL, load_spec, resolve_weights
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 log = logging.getLogger("framecast.serve")
+SERVE_CONFIG = CONFIG_DIR / "serve" / "framecast.yaml"  # the Videos API as `serve run` starts it
 WAIT_POLL_S = 0.25  # how often the executor relays denoising progress while it waits
 
 
@@ -358,3 +364,13 @@ class ServeExecutor:
 
     def close(self) -> None:
         """Nothing to release: the deployments belong to Serve."""
+
+
+def serve_application(args: ServeArgs) -> Application:
+    """The Videos API application built from `args`, by the builder that the Serve config names
+    (`import_path`, e.g. `serve_app:app`), as `serve run configs/serve/framecast.yaml` builds it.
+    The HTTP app sits above cluster/, so `framecast serve` reaches it as Serve does, by its import
+    path in configs, and cluster/ imports no top-level module."""
+    application = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+    module, _, builder = application["import_path"].partition(":")
+    return getattr(importlib.import_module(module), builder)(args)

@@ -41,3 +41,12 @@ def test_serve_app_is_http_in_and_cluster_calls_out():
     assert names & {"torch", "diffusers", "transformers"} == set()
     assert stages == {"stages.errors"}
     assert "cluster" in names
+
+
+def test_cluster_imports_no_top_level_module():
+    """cluster/ is below serve_app.py (and tools/, bench/): it reaches the HTTP app only by the
+    import path in configs/serve, as Serve does."""
+    above = {p.stem for p in ROOT.glob("*.py")} | {"tools", "bench", "tests"}
+    assert "serve_app" in above  # the scan knows what lies above
+    offenders = {f: names & above for f, names in imported_modules("cluster").items() if names & above}
+    assert offenders == {}
