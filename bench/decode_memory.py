@@ -33,7 +33,9 @@ import torch  # noqa: E402
 
 from stages.decoder import DecoderStage, assemble_frames, plan_decode  # noqa: E402
 from stages.device import PeakMemory  # noqa: E402
-from stages.models import load_spec, resolve_weights  # noqa: E402
+from stages.families import family_for  # noqa: E402
+from stages.models import load_spec  # noqa: E402
+from stages.weights import resolve_weights  # noqa: E402
 
 
 def weights_for(model: str, dtype: str) -> tuple:
@@ -55,9 +57,9 @@ def measure(config: dict) -> dict:
     spec, weights = weights_for(config["model"], config["dtype"])
     device = torch.device(config["device"])
     height, width = config["size"]
-    latent_frames = (config["frames"] - 1) // spec.vae_scale_temporal + 1
+    latent_frames = (config["frames"] - 1) // family_for(spec).vae_scale_temporal + 1
     channels = spec.components["vae"].config["latent_channels"]
-    scale = spec.vae_scale_spatial
+    scale = family_for(spec).vae_scale_spatial
     latents = torch.randn(
         1, latent_frames, channels, height // scale, width // scale, generator=torch.Generator().manual_seed(0)
     )

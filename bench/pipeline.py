@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from cluster.driver import GenerationResult, prepare_jobs, run_stream  # noqa: E402
 from cluster.executor import RayExecutor  # noqa: E402
 from cluster.runtime import connect  # noqa: E402
+from stages.families import family_for  # noqa: E402
 
 PROMPTS = [
     "a red fox running through fresh snow",
@@ -85,10 +86,10 @@ def least_bytes(job, result: GenerationResult) -> dict[str, float]:
     r, spec = job.request, job.spec
     dim = spec.components["text_encoder"].config["d_model"]
     branches = 2 if r.do_classifier_free_guidance else 1
-    embeddings = branches * spec.max_sequence_length * dim * 4 * job.layout.world_size  # to every denoiser rank
-    latent_frames = (r.num_frames - 1) // spec.vae_scale_temporal + 1
+    embeddings = branches * family_for(spec).max_text_tokens * dim * 4 * job.layout.world_size  # to every denoiser rank
+    latent_frames = (r.num_frames - 1) // family_for(spec).vae_scale_temporal + 1
     channels = spec.components["transformer"].config["in_channels"]
-    scale = spec.vae_scale_spatial
+    scale = family_for(spec).vae_scale_spatial
     latents = latent_frames * channels * (r.height // scale) * (r.width // scale) * 4 * job.decoders  # to each
     least = {"moved_bytes/prompt_embeddings": embeddings, "moved_bytes/latents": latents}
     if job.decoders == 1:

@@ -92,7 +92,8 @@ def stock_run(total: int, steps: int, out: Path) -> tuple[list[float], float]:
     from diffusers import CogVideoXPipeline
     from diffusers.utils import export_to_video
 
-    from stages.models import load_spec, resolve_weights
+    from stages.models import load_spec
+    from stages.weights import resolve_weights
 
     spec = load_spec("tiny")
     pipe = CogVideoXPipeline.from_pretrained(resolve_weights(spec), dtype=spec.torch_dtype())

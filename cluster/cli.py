@@ -16,6 +16,7 @@ from tqdm import tqdm
 from cluster.tracking import DEFAULT_EXPERIMENT, log_generation, log_run
 from stages.errors import InvalidRequest
 from stages.models import DEFAULT_MODEL
+from stages.settings import AXES, SETTINGS
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -42,46 +43,28 @@ def _generate_parser(sub) -> None:
 
 
 def _settings_options(p: argparse.ArgumentParser) -> None:
-    """What a generation is asked to be: explicit settings win over --preset, which wins over the model's defaults."""
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument(
-        "--image", default=None, metavar="PATH",
-        help="image-to-video models: the picture the video starts from (resized to the video's size)",
-    )  # fmt: skip
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
-    p.add_argument(
-        "--guidance", type=float, default=None,
-        help="guidance scale; the model's off value turns guidance off (1, or 0 for Z-Image: see framecast models)",
-    )  # fmt: skip
-    p.add_argument("--frames", type=int, default=None, help="frames (8k+1 for CogVideoX)")
-    p.add_argument("--fps", type=int, default=None)
+    """What a generation is asked to be, a flag per setting (stages.settings): explicit settings win
+    over --preset, which wins over the model's defaults."""
+    for setting in SETTINGS:
+        flag = "--" + setting.name.replace("_", "-")
+        if setting.kind is bool:
+            p.add_argument(flag, action="store_true", help=setting.help)
+        elif setting.name == "seed":
+            p.add_argument(flag, type=int, default=0, help=setting.help)
+        else:
+            metavar = "PATH" if setting.name == "image" else None
+            p.add_argument(flag, type=setting.kind, default=None, metavar=metavar, help=setting.help)
     p.add_argument(
         "--duration", type=float, default=None, metavar="SECONDS",
         help="frames for this many seconds at the fps, taken up to a count the model makes (2 s at 12 fps -> 25)",
-    )  # fmt: skip
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", default=None, help="a scheduler the model allows (e.g. ddim, dpm; default: its own)")
-    p.add_argument(
-        "--dynamic-guidance", action="store_true",
-        help="diffusers' cosine guidance schedule over the steps (CogVideoX use_dynamic_cfg)",
     )  # fmt: skip
     p.add_argument("--preset", default=None, help="named settings from configs/presets (explicit flags win)")
 
 
 def _explicit(args: argparse.Namespace) -> dict:
-    """The settings given on the command line (None: not given)."""
-    return {
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "frames": args.frames,
-        "fps": args.fps,
-        "height": args.height,
-        "width": args.width,
-        "scheduler": args.scheduler,
-        "dynamic_guidance": True if args.dynamic_guidance else None,
-    }
+    """The settings given on the command line (None: not given), by name."""
+    given = {name: getattr(args, name) for name in AXES}
+    return {name: (True if value else None) if AXES[name].kind is bool else value for name, value in given.items()}
 
 
 def _placement_options(p: argparse.ArgumentParser) -> None:
@@ -170,8 +153,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument(
         "--grid", action="append", default=[], metavar="AXIS=V1,V2,...",
-        help="an axis of the grid (repeatable): steps, guidance, frames, fps, height, width, scheduler, "
-        "dynamic_guidance; e.g. --grid steps=30,40,50 --grid guidance=6,7.5,9",
+        help=f"an axis of the grid (repeatable): {', '.join(AXES)}; e.g. --grid steps=30,40,50 --grid guidance=6,7.5,9",
     )  # fmt: skip
     _settings_options(p)
     p.add_argument(
@@ -757,7 +739,8 @@ def cmd_frames(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from stages.models import KIND_NAMES, known_models, load_spec, weights_status
+    from stages.models import KIND_NAMES, known_models, load_spec
+    from stages.weights import weights_status
 
     models = []
     for name in known_models():

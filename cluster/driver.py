@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from cluster.executor import LocalExecutor, RayExecutor, StageCall, StageFailed
+from cluster.executor import Executor, LocalExecutor, Method, RayExecutor, Stage, StageCall, StageFailed
 from cluster.runtime import ClusterLayout, load_cluster_layout
 from stages.clarity import ClarityReport
 from stages.context_parallel import ParallelLayout
@@ -32,9 +32,10 @@ from stages.decoder import TilePlan, assemble_frames, plan_decode, to_uint8
 from stages.denoiser import plan_layout
 from stages.encoder import check_prompts, count_tokens, load_tokenizer
 from stages.errors import InvalidRequest
-from stages.models import ModelSpec, load_spec, resolve_weights
+from stages.models import ModelSpec, load_spec
 from stages.request import GenerationRequest, build_request, check_image, pitfalls
 from stages.video_io import contact_sheet, image_digest, load_image, write_mp4, write_png
+from stages.weights import resolve_weights
 
 # (job index, steps done, total steps) of the job being denoised
 JobProgress = Callable[[int, int, int], None]
@@ -42,7 +43,6 @@ JobProgress = Callable[[int, int, int], None]
 # None): see `encode_once`.
 EncodingKey = tuple[str, str, tuple[str, int, int] | None]
 Encodings = dict[EncodingKey, StageCall]
-Executor = LocalExecutor | RayExecutor
 
 
 @dataclass
@@ -337,8 +337,9 @@ def _encoding_key(job: Job) -> EncodingKey:
 def _encode(executor: Executor, job: Job, guidance: bool) -> StageCall:
     r = job.request
     if job.image is None:
-        return executor.call("encode", "encode", r.prompt, r.negative_prompt, guidance)
-    return executor.call("encode", "encode", r.prompt, r.negative_prompt, guidance, job.image, (r.height, r.width))
+        return executor.call(Stage.ENCODE, Method.ENCODE, r.prompt, r.negative_prompt, guidance)
+    size = (r.height, r.width)
+    return executor.call(Stage.ENCODE, Method.ENCODE, r.prompt, r.negative_prompt, guidance, job.image, size)
 
 
 def _submit(
@@ -350,7 +351,7 @@ def _submit(
         known = encodings.get(_encoding_key(flight.job)) if encodings else None
         encoded = known.shared() if known else _encode(executor, flight.job, r.do_classifier_free_guidance)
         flight.encoded = encoded
-        flight.denoised = executor.call("denoise", "denoise", flight.encoded, r, progress=progress)
+        flight.denoised = executor.call(Stage.DENOISE, Method.DENOISE, flight.encoded, r, progress=progress)
     except StageFailed as e:  # in-process, or a denoiser group already shut down
         flight.failed = e
     return flight
@@ -361,9 +362,9 @@ def _submit_decode(executor: Executor, flight: _InFlight) -> None:
     decode a share of the tiles, which are blended in the driver, where the video is written."""
     if flight.failed is not None:
         return
-    method = "decode" if flight.job.decoders == 1 else "decode_tiles"
+    method = Method.DECODE if flight.job.decoders == 1 else Method.DECODE_TILES
     try:
-        flight.decoded = executor.call("decode", method, flight.denoised, flight.job.tiles)
+        flight.decoded = executor.call(Stage.DECODE, method, flight.denoised, flight.job.tiles)
     except StageFailed as e:
         flight.failed = e
 
@@ -406,7 +407,7 @@ def _send_to_panel(executor: Executor, flight: _InFlight) -> None:
     flight.video_bytes = len(media)
     try:
         job = flight.job
-        call = executor.call("measure", "measure", media, None, flight.video.suffix, job.request.prompt,
+        call = executor.call(Stage.MEASURE, Method.MEASURE, media, None, flight.video.suffix, job.request.prompt,
                              job.spec.adherence)  # fmt: skip
         flight.measured, flight.clarity_error = call, None
     except StageFailed as e:  # in-process: the panel has already failed

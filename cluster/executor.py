@@ -1,4 +1,6 @@
-"""Executors run stage methods: in this process (`--local`), or in Ray actors.
+"""Executors run stage methods: in this process (`--local`), in Ray actors, or (for the Videos
+API) in Serve deployments (`cluster.serving.ServeExecutor`). `Executor` is the one interface
+they implement; the driver knows no other.
 
 The driver calls `executor.call(stage, method, *args)` and gets a StageCall back. With Ray the
 call returns at once and the work runs in the stage's actors, so the driver can hand the next
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ import ray
 
 from cluster.actors import run_stage_method
 from cluster.process_group import COLLECTIVE_TIMEOUT_S, ActorGroup
-from cluster.runtime import ClusterLayout, load_cluster_layout, plan_resources
+from cluster.runtime import ActorResources, ClusterLayout, load_cluster_layout, plan_resources
 from stages.clarity import ClarityStage
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
@@ -30,10 +34,33 @@ from stages.denoiser import DenoiserStage, StepCallback
 from stages.encoder import EncoderStage
 from stages.models import ModelSpec
 
-MODEL_STAGES: dict[str, type] = {  # built from the model's spec and weights
-    "encode": EncoderStage,
-    "denoise": DenoiserStage,
-    "decode": DecoderStage,
+
+class Stage(StrEnum):
+    """The stages an executor hosts (a StrEnum: the plain names work too)."""
+
+    ENCODE = "encode"
+    DENOISE = "denoise"
+    DECODE = "decode"
+    MEASURE = "measure"
+
+
+class Method(StrEnum):
+    """The stage methods the driver calls: `EncoderStage.encode`, `DenoiserStage.denoise`,
+    `DecoderStage.decode` (one decoder, every tile, uint8 frames), `.decode_float` (the same in
+    floats) and `.decode_tiles` (each decoder its share), `ClarityStage.measure`."""
+
+    ENCODE = "encode"
+    DENOISE = "denoise"
+    DECODE = "decode"
+    DECODE_FLOAT = "decode_float"
+    DECODE_TILES = "decode_tiles"
+    MEASURE = "measure"
+
+
+MODEL_STAGES: dict[Stage, type] = {  # built from the model's spec and weights
+    Stage.ENCODE: EncoderStage,
+    Stage.DENOISE: DenoiserStage,
+    Stage.DECODE: DecoderStage,
 }
 ACTOR_START_TIMEOUT_S = float(os.environ.get("FRAMECAST_ACTOR_START_TIMEOUT", 900))
 ACTOR_PING_TIMEOUT_S = 30.0  # an actor that does not answer its progress thread this long is taken for dead
@@ -83,7 +110,54 @@ def call_arguments(args: tuple, receivers: int) -> tuple:
     return tuple(out)
 
 
-class LocalExecutor:
+class Executor(ABC):
+    """Where the stages of one pipeline run, and how the driver reaches them.
+
+    What the driver may rely on:
+    - `call(stage, method, *args, progress=None)` starts `method` on every process of `stage`
+      (one encoder; every rank of the denoiser group; every decoder) and returns a StageCall
+      without waiting unless the executor is not `concurrent`. A StageCall among `args` is that
+      call's result, handed from stage to stage without passing through the driver where the
+      executor `crosses_processes`. `progress(done, total)` is called with the stage's steps,
+      from the driver's thread, while it waits.
+    - `wait(*calls)` returns when every call has finished; a failure raises StageFailed at once,
+      blamed on the first of `calls` (in the order given) that failed, and the stage is made
+      ready for the next job where the executor can mend it.
+    - `get(call)` is the stage's result (the first process's: a denoiser group's ranks agree),
+      `gather(call)` every process's (each decoder's tiles), `reports(call)` every process's
+      figures (start, end, output bytes, the stage's own); each waits for the call first.
+    - `devices()` names the device of each stage; `close()` releases what the executor made.
+    - `decoders` is how many decoders share a video's tiles.
+    """
+
+    name: str
+    concurrent: bool  # a call returns at once: stages can work on different jobs at the same time
+    crosses_processes: bool  # results are copied between processes (and counted as moved)
+    decoders: int
+
+    @abstractmethod
+    def call(self, stage: Stage, method: Method, *args: Any, progress: StepCallback | None = None) -> StageCall: ...
+
+    @abstractmethod
+    def wait(self, *calls: StageCall) -> None: ...
+
+    @abstractmethod
+    def get(self, call: StageCall) -> Any: ...
+
+    @abstractmethod
+    def gather(self, call: StageCall) -> list[Any]: ...
+
+    @abstractmethod
+    def reports(self, call: StageCall) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def devices(self) -> dict[str, str]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class LocalExecutor(Executor):
     """Every stage in this process, one call after another: for debugging and tests."""
 
     name = "local"
@@ -93,12 +167,13 @@ class LocalExecutor:
 
     def __init__(self, spec: ModelSpec, weights: Path):
         self.stages = {stage: cls(spec, weights) for stage, cls in MODEL_STAGES.items()}
-        self.stages["measure"] = ClarityStage()
+        self.stages[Stage.MEASURE] = ClarityStage()
 
     def devices(self) -> dict[str, str]:
         return {stage: s.describe() for stage, s in self.stages.items()}
 
-    def call(self, stage: str, method: str, *args: Any, progress: StepCallback | None = None) -> StageCall:
+    def call(self, stage: Stage, method: Method, *args: Any, progress: StepCallback | None = None) -> StageCall:
+        stage, method = Stage(stage), Method(method)
         kwargs = {"on_step": progress} if progress else {}
         try:
             value, report = run_stage_method(self.stages[stage], method, call_arguments(args, 0), kwargs)
@@ -167,7 +242,65 @@ def wait_relaying_progress(refs: list[ray.ObjectRef], relay: ProgressRelay, poll
             return
 
 
-class RayExecutor:
+class DenoiserGroup:
+    """One denoiser group: `layout.world_size` ranks of `DenoiserStage`, one per bundle of a
+    placement group, joined as one process group, called as one. The one host of a group, for
+    the Ray executor (which places it in a placement group of its own) and for a Serve replica
+    (`within` the replica's placement group).
+
+    As vLLM's executor does with its workers, a call goes to every rank: they work on the same
+    video together, and rank 0's result stands for the group's (the others keep none).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Path,
+        layout: ParallelLayout,
+        rank: ActorResources,
+        bundle: dict[str, float],
+        strategy: str = "STRICT_PACK",
+        within: Any = None,
+    ):
+        self.layout = layout
+        kwargs = {"layout": layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}
+        size = layout.world_size
+        self.ranks = ActorGroup(DenoiserStage, (spec, weights), kwargs, size, rank, bundle, strategy, within)
+
+    @property
+    def actors(self) -> list[Any]:
+        return self.ranks.actors
+
+    def start(self) -> list[ray.ObjectRef]:
+        """Build every rank's stage; each ref answers with the rank's device."""
+        return self.ranks.start()
+
+    def call(self, method: str, *args: Any, progress_id: str | None = None) -> list[tuple[Any, Any]]:
+        """`method` on every rank: (result ref, report ref) per rank; only rank 0 keeps its result.
+        An argument that is not already in the object store is put there once, for every rank."""
+        args = tuple(a if isinstance(a, ray.ObjectRef) else ray.put(a) for a in args)
+        return [
+            actor.call.remote(method, *args, progress_id=progress_id, keep_result=rank == 0)
+            for rank, actor in enumerate(self.actors)
+        ]
+
+    def progress(self, progress_id: str | None = None) -> ray.ObjectRef:
+        """Rank 0's steps done in call `progress_id` (with None: whether it answers at all)."""
+        return self.actors[0].progress.remote(progress_id)
+
+    def pings(self) -> list[ray.ObjectRef]:
+        """One answer per rank: a rank that died fails its ref."""
+        return [actor.progress.remote() for actor in self.actors]
+
+    def side_actor(self, resources: ActorResources, stage_class: type, *args: Any, **kwargs: Any):
+        """An actor for another stage, beside a rank if `resources` say so (see ActorGroup)."""
+        return self.ranks.side_actor(resources, stage_class, *args, **kwargs)
+
+    def close(self) -> None:
+        self.ranks.close()
+
+
+class RayExecutor(Executor):
     """The encoder in an actor, the decoders in one actor each, the denoiser as a group of
     `layout.world_size` ranks, and the clarity panel in an actor of its own (on CPU cores, so
     that measuring a finished video never holds up a GPU stage).
@@ -196,21 +329,15 @@ class RayExecutor:
         self.cluster_layout = cluster_layout or load_cluster_layout("single-node")
         # One of `replicas` executors sharing the cluster (a sweep's); its actors take its share.
         self.plan = plan_resources(workers=self.layout.world_size, decoders=decoders, replicas=replicas)
-        self.group: ActorGroup | None = None
+        self.group: DenoiserGroup | None = None
         self.side: dict[str, list[Any]] = {"encode": [], "decode": [], "measure": []}
         self.decoders = decoders
         self.denoiser_down: StageFailed | None = None  # set when a failure tore the denoiser group down
         self.progress = ProgressRelay()
         try:
             # The group's placement group first, so that the side actors never take a GPU that a rank needs.
-            self.group = ActorGroup(
-                DenoiserStage,
-                (spec, weights),
-                {"layout": self.layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S},
-                self.layout.world_size,
-                self.plan.denoise,
-                self.plan.bundle,
-                self.cluster_layout.denoiser_placement,
+            self.group = DenoiserGroup(
+                spec, weights, self.layout, self.plan.denoise, self.plan.bundle, self.cluster_layout.denoiser_placement
             )
             self.side["encode"] = [self._side_actor("encode", 0)] if encoder else []
             self.side["decode"] = [self._side_actor("decode", d) for d in range(decoders)]
@@ -247,14 +374,15 @@ class RayExecutor:
             raise ValueError("this executor was built without a text encoder; encode the prompts elsewhere")
         return self.group.actors if stage == "denoise" else self.side[stage]
 
-    def call(self, stage: str, method: str, *args: Any, progress: StepCallback | None = None) -> StageCall:
+    def call(self, stage: Stage, method: Method, *args: Any, progress: StepCallback | None = None) -> StageCall:
+        stage, method = Stage(stage), Method(method)
         actors = self.actors(stage)
         args = call_arguments(args, len(actors))
         progress_id = uuid.uuid4().hex if progress is not None else None
-        calls = [
-            actor.call.remote(method, *args, progress_id=progress_id, keep_result=stage != "denoise" or rank == 0)
-            for rank, actor in enumerate(actors)
-        ]
+        if stage == Stage.DENOISE:
+            calls = self.group.call(method, *args, progress_id=progress_id)
+        else:
+            calls = [actor.call.remote(method, *args, progress_id=progress_id) for actor in actors]
         call = StageCall(stage, [value for value, _ in calls], [report for _, report in calls])
         if progress is not None:
             self.progress.follow(actors[0], progress_id, progress, call.values + call.reports)

@@ -33,20 +33,24 @@ from cluster.executor import (
     ACTOR_PING_TIMEOUT_S,
     ACTOR_START_TIMEOUT_S,
     PROGRESS_ANSWER_S,
+    DenoiserGroup,
+    Executor,
+    Method,
+    Stage,
     StageCall,
     StageFailed,
     call_arguments,
 )
-from cluster.process_group import COLLECTIVE_TIMEOUT_S, ActorGroup
 from cluster.runtime import ActorResources, plan_resources
 from cluster.tracking import DEFAULT_EXPERIMENT
 from stages.clarity import ClarityStage
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
-from stages.denoiser import DenoiserStage, StepCallback, plan_serving_layout
+from stages.denoiser import StepCallback, plan_serving_layout
 from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
-from stages.models import CONFIG_DIR, DEFAULT_MODEL, load_spec, resolve_weights
+from stages.models import CONFIG_DIR, DEFAULT_MODEL, load_spec
+from stages.weights import resolve_weights
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -186,14 +190,14 @@ def _unwrap(args: tuple) -> tuple:
     return tuple(arg.value if isinstance(arg, Delivered) else arg for arg in args)
 
 
-SERVED_STAGES: dict[str, type] = {"encode": EncoderStage, "decode": DecoderStage}
+SERVED_STAGES: dict[Stage, type] = {Stage.ENCODE: EncoderStage, Stage.DECODE: DecoderStage}
 
 
 class StageHost:
     """One stage in this process: a replica of the encoder or the decoder deployment."""
 
     def __init__(self, stage: str, model: str, weights: str):
-        self.stage = SERVED_STAGES[stage](load_spec(model), Path(weights))
+        self.stage = SERVED_STAGES[Stage(stage)](load_spec(model), Path(weights))
         self.broken: str | None = None
 
     def describe(self) -> str:
@@ -220,13 +224,10 @@ class DenoiserGroupHost:
     call to every rank, as the Ray executor does, and answers for the group."""
 
     def __init__(self, model: str, weights: str, layout: ParallelLayout, rank: ActorResources):
-        spec = load_spec(model)
         within = get_current_placement_group()
         if within is None:
             raise RuntimeError("the denoiser group must run in a replica with placement_group_bundles")
-        kwargs = {"layout": layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}
-        args = (spec, Path(weights))
-        self.group = ActorGroup(DenoiserStage, args, kwargs, layout.world_size, rank, {}, within=within)
+        self.group = DenoiserGroup(load_spec(model), Path(weights), layout, rank, {}, within=within)
         self.layout = layout
         self.devices = ray.get(self.group.start(), timeout=ACTOR_START_TIMEOUT_S)
 
@@ -241,11 +242,7 @@ class DenoiserGroupHost:
         Serve replaces it (and its ranks) at once, and every call on it fails as a lost actor,
         which the ingress gives back to the queue rather than failing the videos.
         """
-        args = tuple(ray.put(arg) for arg in _unwrap(args))  # stored once, read by every rank
-        calls = [
-            actor.call.remote(method, *args, progress_id=progress_id, keep_result=rank == 0)
-            for rank, actor in enumerate(self.group.actors)
-        ]
+        calls = self.group.call(method, *_unwrap(args), progress_id=progress_id)
         try:
             value = await calls[0][0]
             reports = await asyncio.gather(*(report for _, report in calls))
@@ -258,12 +255,11 @@ class DenoiserGroupHost:
         return Delivered(value, list(reports))
 
     async def progress(self, progress_id: str) -> tuple[int, int] | None:
-        return await self.group.actors[0].progress.remote(progress_id)
+        return await self.group.progress(progress_id)
 
     async def check_health(self) -> None:
         """Every rank answers (a rank that died while idle fails this, and Serve replaces the replica)."""
-        pings = [actor.progress.remote() for actor in self.group.actors]
-        await asyncio.wait_for(asyncio.gather(*pings), timeout=ACTOR_PING_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.gather(*self.group.pings()), timeout=ACTOR_PING_TIMEOUT_S)
 
 
 class _Finished:
@@ -283,7 +279,7 @@ class ServeCall(StageCall):
     seen: tuple[int, int] | None = field(default=None, repr=False)
 
 
-class ServeExecutor:
+class ServeExecutor(Executor):
     """The driver's executor over Serve deployments: the encoder, the denoiser group and the
     decoders through their handles, and the clarity panel in this process (the ingress's CPU).
     Used from runner threads (DeploymentResponse.result blocks), never from the event loop."""
@@ -293,7 +289,7 @@ class ServeExecutor:
     crosses_processes = True
 
     def __init__(self, encoder: Any, denoiser: Any, decoder: Any, decoders: int):
-        self.handles = {"encode": encoder, "denoise": denoiser, "decode": decoder}
+        self.handles = {Stage.ENCODE: encoder, Stage.DENOISE: denoiser, Stage.DECODE: decoder}
         self.decoders = decoders
         self.panel = ClarityStage()
         self._devices: dict[str, str] | None = None
@@ -304,15 +300,16 @@ class ServeExecutor:
             self._devices = {**found, "measure": self.panel.describe()}
         return dict(self._devices)
 
-    def call(self, stage: str, method: str, *args: Any, progress: StepCallback | None = None) -> ServeCall:
-        if stage == "measure":
+    def call(self, stage: Stage, method: Method, *args: Any, progress: StepCallback | None = None) -> ServeCall:
+        stage, method = Stage(stage), Method(method)
+        if stage == Stage.MEASURE:
             try:
                 value, report = run_stage_method(self.panel, method, call_arguments(args, 0), {})
             except Exception as e:
                 raise StageFailed(stage, e) from e
             return ServeCall(stage, [_Finished(Delivered(value, [report]))], [])
         handle = self.handles[stage]
-        if stage == "decode" and method == "decode_tiles":  # one share of the tiles per decoder
+        if stage == Stage.DECODE and method == Method.DECODE_TILES:  # one share of the tiles per decoder
             args = call_arguments(args, self.decoders)
             shares = [handle.call.remote("decode_share", *args, k, self.decoders) for k in range(self.decoders)]
             return ServeCall(stage, shares, [])
@@ -341,7 +338,8 @@ class ServeExecutor:
             if call.progress is None:
                 continue
             try:
-                state = self.handles["denoise"].progress.remote(call.progress_id).result(timeout_s=PROGRESS_ANSWER_S)
+                asked = self.handles[Stage.DENOISE].progress.remote(call.progress_id)
+                state = asked.result(timeout_s=PROGRESS_ANSWER_S)
             except Exception:  # no news this time; the call's own result says if it failed
                 continue
             if state is not None and tuple(state) != call.seen:

@@ -14,20 +14,11 @@ from stages.errors import InvalidRequest
 from stages.models import ModelSpec
 from stages.presets import Preset, load_preset, resolve_preset
 from stages.request import frames_for_duration
+from stages.settings import AXES
 
-# Setting names users type (flags, grid axes, presets) -> (GenerationRequest field, value type).
-# The seed is not among them: it names the sample, not a setting to compare.
-SETTINGS: dict[str, tuple[str, type]] = {
-    "steps": ("steps", int),
-    "guidance": ("guidance_scale", float),
-    "frames": ("num_frames", int),
-    "fps": ("fps", int),
-    "height": ("height", int),
-    "width": ("width", int),
-    "scheduler": ("scheduler", str),
-    "dynamic_guidance": ("dynamic_guidance", bool),
-}
-REQUEST_FIELDS = {name: field_name for name, (field_name, _) in SETTINGS.items()}
+# The settings a command may give, vary or take from a preset, by name -> the GenerationRequest
+# field each fills (stages.settings.AXES: the seed names a sample, not a setting to compare).
+REQUEST_FIELDS = {name: setting.field for name, setting in AXES.items()}
 
 
 @dataclass

@@ -23,7 +23,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,15 @@ from mlflow.utils.time import get_current_time_millis
 
 from cluster import sweep_report
 from cluster.driver import Job, JobFailed, encode_once, make_executor, prepare_variants, run_stream
-from cluster.settings import REQUEST_FIELDS, SETTINGS, Settings
+from cluster.settings import REQUEST_FIELDS, Settings
+from cluster.sweep_report import Cell, CellOutcome
 from cluster.tracking import WARNING_TAG, child_runs, log_generation, open_parent_run
 from stages.errors import InvalidRequest
 from stages.models import load_spec
+from stages.settings import AXES as SETTING_AXES
 
-# Grid axes: every setting (cluster.settings.SETTINGS), read as its type. A sweep holds the seed fixed.
-AXES: dict[str, type] = {name: kind for name, (_, kind) in SETTINGS.items()}
+# Grid axes: every setting a sweep may vary (stages.settings.AXES), read as its type. A sweep holds the seed fixed.
+AXES: dict[str, type] = {name: setting.kind for name, setting in SETTING_AXES.items()}
 TRUE, FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 SWEEP_TAG, CELL_TAG, CELL_ID_TAG = "framecast.sweep_id", "framecast.sweep_cell", "framecast.cell_id"
 VIDEO_TAG = "framecast.video"  # where the cell's video was written
@@ -74,24 +76,6 @@ def _read_value(axis: str, text: str, whole: str) -> Any:
         return kind(text)
     except ValueError:
         raise InvalidRequest(f"--grid {whole!r}: {axis} values are {kind.__name__}s (got {text!r})") from None
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One point of the grid: ((axis, value), ...) in the grid's axis order."""
-
-    values: tuple[tuple[str, Any], ...]
-
-    @property
-    def label(self) -> str:
-        return ",".join(f"{axis}={value}" for axis, value in self.values)
-
-    @property
-    def file_stem(self) -> str:
-        return "_".join(f"{axis}{value}" for axis, value in self.values)
-
-    def value(self, axis: str) -> Any:
-        return dict(self.values)[axis]
 
 
 @dataclass
@@ -213,31 +197,6 @@ def plan_sweep(
         if same is not cell:
             raise InvalidRequest(f"cells {same.label} and {cell.label} are the same generation; list each value once")
     return plan
-
-
-@dataclass
-class CellOutcome:
-    cell: Cell
-    # "ran", "reused", "failed" (no video), "unmeasured" (a video without clarity figures) or
-    # "untracked" (a video and figures, but its run could not be recorded)
-    status: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    video: Path | None = None
-    run_id: str | None = None
-    error: str | None = None
-    warnings: dict[str, str] = field(default_factory=dict)
-
-    def as_json(self) -> dict:
-        return {
-            "cell": dict(self.cell.values),
-            "label": self.cell.label,
-            "status": self.status,
-            "video": str(self.video) if self.video else None,
-            "run_id": self.run_id,
-            "error": self.error,
-            "metrics": self.metrics,
-            "warnings": self.warnings,
-        }
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """A sweep's summary, for people comparing settings: a table of clarity (and prompt adherence,
 where the model has it) and timings per cell (CSV and Markdown), a heatmap per panel metric over
-the grid's first two axes, the same frame of every cell side by side, and the best cell per metric."""
+the grid's first two axes, the same frame of every cell side by side, and the best cell per metric.
+Also what the report reads: a cell of the grid and its outcome (`cluster.sweep` makes them)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import csv
 import io
 import itertools
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -19,13 +21,53 @@ from cluster.tracking import TIMING_METRICS
 from stages.clarity import ADHERENCE, METRICS, metric_sign
 from stages.video_io import read_frame
 
-if TYPE_CHECKING:
-    from cluster.sweep import CellOutcome
-
 # Frames on the side-by-side sheet are scaled to this width (pixels): small ones up, so that their
 # labels fit, large ones down, so that a big grid stays a readable picture.
 SHEET_TILE_WIDTH = 192
 LINE_HEIGHT = 12  # a label line: one per axis
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: ((axis, value), ...) in the grid's axis order."""
+
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{axis}={value}" for axis, value in self.values)
+
+    @property
+    def file_stem(self) -> str:
+        return "_".join(f"{axis}{value}" for axis, value in self.values)
+
+    def value(self, axis: str) -> Any:
+        return dict(self.values)[axis]
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    # "ran", "reused", "failed" (no video), "unmeasured" (a video without clarity figures) or
+    # "untracked" (a video and figures, but its run could not be recorded)
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    video: Path | None = None
+    run_id: str | None = None
+    error: str | None = None
+    warnings: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        return {
+            "cell": dict(self.cell.values),
+            "label": self.cell.label,
+            "status": self.status,
+            "video": str(self.video) if self.video else None,
+            "run_id": self.run_id,
+            "error": self.error,
+            "metrics": self.metrics,
+            "warnings": self.warnings,
+        }
 
 
 def panel_keys(outcomes: list[CellOutcome]) -> list[str]:

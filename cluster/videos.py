@@ -33,22 +33,20 @@ from cluster.tracking import log_generation
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec
 from stages.request import frames_nearest
+from stages.settings import SETTINGS
 from stages.video_io import read_frame
 
 log = logging.getLogger("framecast.serve")
 
-# What POST /v1/videos may carry besides input_reference: OpenAI's fields, then framecast's own.
+# What POST /v1/videos may carry besides input_reference: OpenAI's fields, then each setting the
+# API offers (stages.settings, by its `api` name), then a preset.
+API_SETTINGS = {s.api: s for s in SETTINGS if s.api}
 CREATE_FIELDS: dict[str, type] = {
     "prompt": str,
     "model": str,
     "seconds": float,
     "size": str,
-    "steps": int,
-    "guidance_scale": float,
-    "seed": int,
-    "negative_prompt": str,
-    "fps": int,
-    "num_frames": int,
+    **{field: setting.kind for field, setting in API_SETTINGS.items()},
     "preset": str,
 }
 # variant -> (file suffix after <id>.a<attempt>., media type)
@@ -118,14 +116,8 @@ def prepare_video(
     if "seconds" in fields and "num_frames" in fields:
         raise InvalidRequest("give seconds or num_frames, not both")
     width, height = parse_size(fields["size"]) if "size" in fields else (None, None)
-    explicit = {
-        "steps": fields.get("steps"),
-        "guidance": fields.get("guidance_scale"),
-        "frames": fields.get("num_frames"),
-        "fps": fields.get("fps"),
-        "height": height,
-        "width": width,
-    }
+    explicit = {s.name: fields.get(field) for field, s in API_SETTINGS.items() if s.axis}
+    explicit |= {"height": height, "width": width}  # OpenAI's `size`
     settings = resolve_settings(spec, explicit, fields.get("preset"))
     notes = []
     if "seconds" in fields:  # at the fps the settings arrived at; the frames count as given
@@ -134,7 +126,8 @@ def prepare_video(
         settings = resolve_settings(spec, explicit, fields.get("preset"))
         notes.append(note)
     settings.require_single()
-    request = {"negative_prompt": fields.get("negative_prompt"), "seed": fields.get("seed", 0)}
+    request = {s.field: fields.get(field) for field, s in API_SETTINGS.items() if not s.axis}
+    request["seed"] = request["seed"] or 0
     if image is not None:  # the upload, by the field's name: the request records no server path
         request["image"] = "input_reference"
     layout = served.layout

@@ -24,8 +24,9 @@ Shards are padded to equal length when the frames do not divide by the shard cou
 tokens are never used as keys (they are dropped before attention) and their outputs are
 discarded when the shards are gathered, so the result is exact.
 
-This file knows the attention pattern of CogVideoX's joint text+video attention, nothing about
-Ray; the process group it runs over is set up by `cluster/`.
+This file knows joint text + video attention, and no model: a family's attention processor
+(`stages.families`) hands it the projected queries, keys and values. It knows nothing about Ray;
+the process group it runs over is set up by `cluster/`.
 """
 
 from __future__ import annotations
@@ -127,9 +128,9 @@ def choose_layout(
     key and value block past every rank). docs/context-parallel.md has the numbers behind this
     order. Without --workers, the group is as large as the degrees given.
     """
-    for flag, value in (("--workers", workers), ("--ulysses", ulysses), ("--ring", ring)):
+    for name, value in (("workers", workers), ("ulysses", ulysses), ("ring", ring)):
         if value is not None and value < 1:
-            raise InvalidRequest(f"{flag} must be at least 1 (got {value})")
+            raise InvalidRequest(f"{name} must be at least 1 (got {value})")
     requested = ParallelLayout(2 if cfg_parallel else 1, ulysses or 1, ring or 1)
     workers = requested.world_size if workers is None else workers
     valid = valid_layouts(workers, heads, guidance, sequence_parallel)
@@ -137,7 +138,7 @@ def choose_layout(
         raise InvalidRequest(
             f"a UNet's token sequence cannot be split: {workers} denoiser workers run only as "
             f"CFG-parallel, 2 workers with guidance on (guidance scale above the model's off value); "
-            f"use --workers 1 or 2"
+            f"use workers 1 or 2"
         )
     for layout in valid:  # ring alone is valid for a transformer, so with nothing fixed this returns
         if (
@@ -268,8 +269,6 @@ class ContextParallel:
             deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
             # (batch, seq, heads, dim) tensors: scatter heads (dim 2), gather the sequence (dim 1).
             self._ulysses = DistributedAttention(self._attend_gathered, self.ulysses_group, scatter_idx=2, gather_idx=1)
-        self._text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._text_out: torch.Tensor | None = None
 
     # -- sharding the sequence ---------------------------------------------------------------
 
@@ -328,25 +327,32 @@ class ContextParallel:
         """
         if self._ulysses is None:
             return self._joint_attention(text, video, shards=[self.shard])
+        # DeepSpeed's all-to-alls move only the video tensors; it hands any further keyword
+        # arguments to the local attention as they are. So the text tokens of this rank's heads
+        # go in as `text`, and the local attention puts its text output in `text_out`, a list
+        # it is handed for that: the one way out of DeepSpeed besides the video output.
         heads = text[0].shape[1] // self.layout.ulysses
-        # DeepSpeed hands the attention callback only the video tensors, so the text tokens of
-        # this rank's heads wait here; the callback puts the text output back in _text_out.
-        self._text = tuple(t[:, self.ulysses_index * heads : (self.ulysses_index + 1) * heads] for t in text)
-        video_out = self._ulysses(*(x.transpose(1, 2) for x in video), batch_dim_idx=0).transpose(1, 2)
-        if text[0].shape[2] == 0:  # image tokens alone (Z-Image's noise refiner): no text to gather
-            self._text = self._text_out = None
+        text_heads = tuple(t[:, self.ulysses_index * heads : (self.ulysses_index + 1) * heads] for t in text)
+        text_out: list[torch.Tensor] = []
+        video_in = (x.transpose(1, 2) for x in video)
+        video_out = self._ulysses(*video_in, batch_dim_idx=0, text=text_heads, text_out=text_out).transpose(1, 2)
+        if text[0].shape[2] == 0:  # image tokens alone (a refiner over the image): no text to gather
             return text[0], video_out
-        text_parts = [torch.empty_like(self._text_out) for _ in range(self.layout.ulysses)]
-        dist.all_gather(text_parts, self._text_out.contiguous(), group=self.ulysses_group)
-        self._text = self._text_out = None
+        text_parts = [torch.empty_like(text_out[0]) for _ in range(self.layout.ulysses)]
+        dist.all_gather(text_parts, text_out[0].contiguous(), group=self.ulysses_group)
         return torch.cat(text_parts, dim=1), video_out
 
-    def _attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """DeepSpeed's local attention: the whole Ulysses group's sequence, this rank's heads."""
+    def _attend_gathered(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: Sequence[torch.Tensor], text_out: list
+    ) -> torch.Tensor:
+        """DeepSpeed's local attention: the whole Ulysses group's video sequence, this rank's
+        heads, with `text` (this rank's heads of the text tokens); appends the text output to
+        `text_out` and returns the video output."""
         first = self.ring_index * self.layout.ulysses
         shards = range(first, first + self.layout.ulysses)
         video = [x.transpose(1, 2) for x in (q, k, v)]
-        self._text_out, video_out = self._joint_attention(self._text, video, shards=list(shards))
+        text_result, video_out = self._joint_attention(text, video, shards=list(shards))
+        text_out.append(text_result)
         return video_out.transpose(1, 2)
 
     def _joint_attention(
@@ -394,100 +400,3 @@ class ContextParallel:
                     request.wait()
                 kv = incoming
         return out.to(q.dtype)
-
-
-class ContextParallelAttnProcessor:
-    """CogVideoX's attention processor with the attention itself done by a ContextParallel group.
-
-    The projections, QK norms and rotary embedding are those of diffusers'
-    `CogVideoXAttnProcessor2_0`, applied to this rank's tokens; `image_rotary_emb` holds the
-    rotary rows of this rank's shard.
-    """
-
-    def __init__(self, context: ContextParallel):
-        self.context = context
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        if attention_mask is not None:
-            raise ValueError("context-parallel attention takes no attention mask (CogVideoX passes none)")
-        text_len = encoder_hidden_states.shape[1]
-        tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch = tokens.shape[0]
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(tokens)), heads(attn.to_k(tokens)), heads(attn.to_v(tokens))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if image_rotary_emb is not None:
-            q[:, :, text_len:] = apply_rotary_emb(q[:, :, text_len:], image_rotary_emb)
-            k[:, :, text_len:] = apply_rotary_emb(k[:, :, text_len:], image_rotary_emb)
-
-        split = [(x[:, :, :text_len], x[:, :, text_len:]) for x in (q, k, v)]
-        text_out, video_out = self.context.attention([s[0] for s in split], [s[1] for s in split])
-        out = torch.cat([text_out, video_out], dim=2).transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1])
-        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
-        return out[:, text_len:], out[:, :text_len]
-
-
-class ZImageContextParallelAttnProcessor:
-    """Z-Image's attention processor (diffusers' `ZSingleStreamAttnProcessor`: projections, QK
-    norms, complex rotary embedding) with the attention itself done by a ContextParallel group.
-
-    Z-Image attends in three places, and the forward pass says which by setting `image_tokens`
-    before each: the noise refiner (this rank's image shard alone: `image_tokens` is all of it),
-    the context refiner (the caption, replicated on every rank: None, plain attention) and the
-    main layers (this rank's image shard, then the replicated caption tokens).
-    """
-
-    def __init__(self, context: ContextParallel):
-        self.context = context
-        self.image_tokens: int | None = None
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        freqs_cis: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if attention_mask is not None:
-            raise ValueError("context-parallel attention runs one unpadded sequence at a time; it takes no mask")
-        q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if freqs_cis is not None:  # as diffusers: in float32 complex numbers, back to the input's dtype
-            q, k = (_rotate(x, freqs_cis) for x in (q, k))
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (batch, heads, tokens, dim)
-        if self.image_tokens is None:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        else:
-            n = self.image_tokens
-            text_out, image_out = self.context.attention(
-                [x[:, :, n:] for x in (q, k, v)], [x[:, :, :n] for x in (q, k, v)]
-            )
-            out = torch.cat([image_out, text_out], dim=2)
-        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out) if len(attn.to_out) > 1 else out
-
-
-def _rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Z-Image's rotary embedding: pairs of channels as complex numbers times `freqs_cis`."""
-    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs_cis.unsqueeze(2)
-    return torch.view_as_real(rotated).flatten(3).type_as(x)

@@ -1,6 +1,7 @@
-"""VAE decoding: latents -> frames, as diffusers' CogVideoX pipeline decodes and post-processes them.
+"""VAE decoding: latents -> frames, as the family's diffusers pipeline decodes and post-processes
+them (the family's adapter says how latents enter its VAE, `stages.families`).
 
-Two ways, one result:
+For a video VAE that the family decodes in tiles, two ways, one result:
 
 - untiled: the whole latent video through the VAE at once (diffusers' default);
 - tiled: the latent video cut into overlapping spatial tiles, each decoded on its own, and the
@@ -26,6 +27,7 @@ import torch
 
 from stages.device import PeakMemory, default_device, describe
 from stages.errors import InvalidRequest
+from stages.families import family_for
 from stages.models import ModelSpec, load_component
 
 
@@ -48,7 +50,7 @@ class TileSettings:
 def default_overlap(spec: ModelSpec, height: int, width: int) -> tuple[int, int]:
     """diffusers' default overlap for tiles of this size: 1/6 of the height and 1/5 of the width,
     rounded to whole latent pixels (at least one)."""
-    scale = spec.vae_scale_spatial
+    scale = family_for(spec).vae_scale_spatial
 
     def overlap(size: int, factor: float) -> int:
         return max(scale, round(size * factor / scale) * scale)
@@ -126,7 +128,7 @@ def plan_tiles(spec: ModelSpec, height: int, width: int, settings: TileSettings 
     or an overlap as large as the tile. (diffusers would take such settings and return frames of
     the wrong size; refusing them is why the grid is computed in whole latent pixels here.)
     """
-    scale = spec.vae_scale_spatial
+    scale = family_for(spec).vae_scale_spatial
     latent_h, latent_w = height // scale, width // scale
     if settings is None:
         return TilePlan(tiles=(Tile(0, 0, 0, 0, latent_h, latent_w),))
@@ -172,21 +174,21 @@ def plan_decode(
     """The tile plan for `decoders` decoders. Tiling is on when several decoders share a video or
     a tile size or overlap is given; otherwise one decoder decodes the video untiled."""
     if decoders < 1:
-        raise InvalidRequest(f"--decoders must be at least 1 (got {decoders})")
+        raise InvalidRequest(f"decoders must be at least 1 (got {decoders})")
     tiled = decoders > 1 or tile_size is not None or tile_overlap is not None
-    if tiled and spec.image_vae:  # the tile scheme is that of CogVideoX's video VAE
+    if tiled and not family_for(spec).tiled_decode:  # the tile scheme is that of a video VAE
         raise InvalidRequest(
             f"{spec.name} decodes with an image VAE, which framecast does not tile or share: "
-            f"use one decoder and no --tile-size/--tile-overlap"
+            f"use one decoder and no tile_size or tile_overlap"
         )
     plan = plan_tiles(spec, height, width, tile_settings(spec, tile_size, tile_overlap) if tiled else None)
     if decoders > len(plan.tiles):
         settings = tile_settings(spec, tile_size, tile_overlap)
         raise InvalidRequest(
-            f"--decoders {decoders} is more than the {len(plan.tiles)} tile(s) of a {height}x{width} video "
+            f"decoders {decoders} is more than the {len(plan.tiles)} tile(s) of a {height}x{width} video "
             f"in {settings.height}x{settings.width} px tiles overlapping by "
             f"{settings.overlap_height}x{settings.overlap_width} px; use at most {len(plan.tiles)} decoder(s) "
-            f"or smaller tiles (--tile-size)"
+            f"or smaller tiles (tile_size)"
         )
     return plan
 
@@ -211,6 +213,7 @@ class DecoderStage:
         self.spec = spec
         self.device = device or default_device()
         self.rank, self.decoders = rank, decoders
+        self.family = family_for(spec)
         self.vae = load_component(spec, "vae", weights, self.device)
         self._peak_memory = PeakMemory(self.device)
         self._last_run: dict[str, float] = {}
@@ -221,11 +224,6 @@ class DecoderStage:
     def last_run_stats(self) -> dict[str, float]:
         """Figures of the last decode: peak memory (MiB), what decoding added to it, tiles decoded."""
         return dict(self._last_run)
-
-    def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
-        """(1, latent frames, C, h, w) -> (1, C, latent frames, h, w) on the device, unscaled for the VAE."""
-        z = latents.to(self.device, self.vae.dtype).permute(0, 2, 1, 3, 4)
-        return 1 / self.vae.config.scaling_factor * z  # written as diffusers writes it, for bit-equality
 
     def decode_tiles(self, latents: torch.Tensor, plan: TilePlan) -> list[DecodedTile]:
         """This decoder's share of the plan's tiles (`plan.share(rank, decoders)`), decoded."""
@@ -240,40 +238,22 @@ class DecoderStage:
     def _decode_tiles(self, latents: torch.Tensor, plan: TilePlan, indices: list[int]) -> list[DecodedTile]:
         """Decode the tiles `indices` of the plan; each leaves the device as soon as it is decoded."""
         self._peak_memory.reset()
-        z = self._scaled(latents)
+        z = self.family.vae_input(self.vae, latents)
         decoded = []
         for index in indices:
             t = plan.tiles[index]
-            region = z[:, :, :, t.top : t.top + t.height, t.left : t.left + t.width]
-            decoded.append(DecodedTile(index, self.vae.decode(region).sample.cpu()))
+            region = z[..., t.top : t.top + t.height, t.left : t.left + t.width]
+            decoded.append(DecodedTile(index, self.family.decode(self.vae, region).cpu()))
         self._record(tiles=len(decoded))
         return decoded
 
     @torch.no_grad()
     def decode_float(self, latents: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
         """Every tile of the plan decoded and blended here: (frames, H, W, 3) float32 in [0, 1], on the CPU."""
-        if self.spec.family == "zimage":  # one picture: unscaled and unshifted as diffusers does
-            self._peak_memory.reset()
-            z = latents.to(self.device, self.vae.dtype)
-            z = (z / self.vae.config.scaling_factor) + self.vae.config.shift_factor
-            image = self.vae.decode(z, return_dict=False)[0]  # (1, 3, H, W) in [-1, 1]
-            frames = postprocess(image.unsqueeze(2))
-            self._record(tiles=1)
-            return frames
-        if self.spec.family == "i2vgen-xl":  # an image VAE, frame by frame (the pipeline's decode_chunk_size 1)
-            self._peak_memory.reset()
-            z = 1 / self.vae.config.scaling_factor * latents.to(self.device, self.vae.dtype)
-            batch, channels, count, height, width = z.shape
-            z = z.permute(0, 2, 1, 3, 4).reshape(batch * count, channels, height, width)
-            decoded = torch.cat([self.vae.decode(z[i : i + 1]).sample for i in range(len(z))])
-            video = decoded[None].reshape(batch, count, *decoded.shape[1:]).permute(0, 2, 1, 3, 4)
-            frames = postprocess(video.float())
-            self._record(tiles=1)
-            return frames
         if plan is not None and plan.tiled:
             return assemble_frames(plan, self._decode_tiles(latents, plan, list(range(len(plan.tiles)))))
         self._peak_memory.reset()
-        video = self.vae.decode(self._scaled(latents)).sample  # (1, 3, F, H, W) in [-1, 1]
+        video = self.family.decode(self.vae, self.family.vae_input(self.vae, latents))  # (1, 3, F, H, W) in [-1, 1]
         frames = postprocess(video)
         self._record(tiles=1)
         return frames

@@ -8,13 +8,13 @@ the dtype, the generation defaults and limits, and where the weights live:
 3. for test models, `weights.build`: built offline from the architecture config with seeded
    random weights and saved with `save_pretrained` (see `stages.tiny`).
 
-Whichever way they are found, weights are loaded by the same `from_pretrained` code.
+Whichever way they are found (`stages.weights`), weights are loaded by the same
+`from_pretrained` code (`load_component`).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,15 +94,9 @@ class ModelSpec:
     source: Path
     # The stock diffusers pipeline of these weights (what `model_index.json` names): the
     # reference framecast's output is tested equal to, and the class the offline builder saves.
-    pipeline: str = "diffusers.CogVideoXPipeline"
-    # Text tokens the prompt is padded to; unset: the transformer's max_text_seq_length.
+    pipeline: str
+    # Text tokens the denoiser takes at most; unset: the family's default (`max_text_tokens`).
     text_tokens: int | None = None
-    # The guidance scale at which the model's pipeline skips the unconditional branch: 1 for
-    # CogVideoX and I2VGen-XL (uncond + g (cond - uncond)), 0 for Z-Image (cond + g (cond - uncond)).
-    guidance_off: float = 1.0
-    # How an image-to-video model's pipeline fits the image to the video's size: "stretch" it
-    # (CogVideoX: resized to the size as it is) or "crop" it (I2VGen-XL: scaled to cover, centre-cropped).
-    image_fit: str = "stretch"
     # Schedulers a request may pick instead of the weights' own: short name -> class path. They
     # are built from the weights' scheduler config (`from_config`), as diffusers' docs swap them.
     schedulers: dict[str, str] = field(default_factory=dict)
@@ -111,24 +105,9 @@ class ModelSpec:
     adherence: str | None = None
 
     @property
-    def denoiser_key(self) -> str:
-        """The denoising network's component: a transformer, or I2VGen-XL's UNet."""
-        return "unet" if "unet" in self.components else "transformer"
-
-    @property
-    def max_sequence_length(self) -> int:
-        """How many text tokens the denoiser takes at most (CogVideoX pads the prompt to exactly this)."""
-        return self.text_tokens or int(self.components["transformer"].config["max_text_seq_length"])
-
-    @property
     def makes_images(self) -> bool:
         """Text-to-image: one frame, written as a PNG."""
         return self.kind == "t2i"
-
-    @property
-    def image_vae(self) -> bool:
-        """An image VAE (one frame at a time), not CogVideoX's video VAE that compresses time."""
-        return self.vae_scale_temporal == 1
 
     @property
     def output_suffix(self) -> str:
@@ -136,39 +115,9 @@ class ModelSpec:
         return ".png" if self.makes_images else ".mp4"
 
     @property
-    def heads(self) -> int:
-        """Attention heads of the denoiser (what a Ulysses degree must divide)."""
-        config = self.components[self.denoiser_key].config
-        return int(config.get("num_attention_heads") or config.get("n_heads") or 1)
-
-    @property
-    def sequence_parallel(self) -> bool:
-        """Whether the denoiser's token sequence can be split over ranks (a UNet's cannot)."""
-        return self.denoiser_key == "transformer"
-
-    @property
     def takes_image(self) -> bool:
         """Image-to-video: every request must bring the first frame's image."""
         return self.kind == "i2v"
-
-    @property
-    def vae_scale_spatial(self) -> int:
-        """Pixels per latent pixel: the VAE halves height and width once per block after the first."""
-        return 2 ** (len(self.components["vae"].config["block_out_channels"]) - 1)
-
-    @property
-    def vae_scale_temporal(self) -> int:
-        """Frames per latent frame: 4 for CogVideoX's 3D VAE, 1 for an image VAE (frame by frame)."""
-        return int(self.components["vae"].config.get("temporal_compression_ratio", 1))
-
-    @property
-    def spatial_multiple(self) -> int:
-        """Height and width must divide by this: VAE downsampling times the transformer's patch
-        size, or times a UNet's downsampling."""
-        config = self.components[self.denoiser_key].config
-        if self.denoiser_key == "unet":
-            return self.vae_scale_spatial * 2 ** (len(config["block_out_channels"]) - 1)
-        return self.vae_scale_spatial * int(config.get("patch_size", 2))
 
     @property
     def trained_size(self) -> tuple[int, int]:
@@ -263,10 +212,8 @@ def load_spec(name: str) -> ModelSpec:
             build_seed=weights.get("build_seed"),
         ),
         source=path,
-        pipeline=raw.get("pipeline", ModelSpec.pipeline),
+        pipeline=raw["pipeline"],
         text_tokens=raw.get("text_tokens"),
-        guidance_off=float(raw.get("guidance_off", 1.0)),
-        image_fit=raw.get("image_fit", "stretch"),
         schedulers=dict(raw.get("schedulers") or {}),
         adherence=raw.get("adherence"),
     )
@@ -278,63 +225,6 @@ def _weights_path(raw: str | None, config_dir: Path) -> str | None:
     if not raw:
         return None
     return os.path.normpath(config_dir / Path(os.path.expandvars(raw)).expanduser())
-
-
-def cache_dir() -> Path:
-    """Where framecast keeps models it builds itself (`FRAMECAST_CACHE`, default ~/.cache/framecast)."""
-    return Path(os.environ.get("FRAMECAST_CACHE", Path.home() / ".cache" / "framecast")).expanduser()
-
-
-def resolve_weights(spec: ModelSpec, override: str | os.PathLike | None = None) -> Path:
-    """Find the local diffusers directory of a model's weights, building test models if needed.
-
-    Raises InvalidRequest (before anything heavy is loaded) when no weights are to be found.
-    """
-    explicit = override or spec.weights.path
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not (path / "model_index.json").is_file():
-            raise InvalidRequest(
-                f"no diffusers weights for {spec.name} at {path} (expected model_index.json there); "
-                f"pass --weights with a local copy of the model directory"
-            )
-        return check_architecture(spec, path)
-    if spec.weights.hub_id:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            path = Path(snapshot_download(spec.weights.hub_id, local_files_only=True))
-        except LocalEntryNotFoundError:
-            raise InvalidRequest(
-                f"weights for {spec.name} ({spec.weights.hub_id}) are not in the local Hugging Face cache; "
-                f"pass --weights DIR with a local diffusers copy, or set weights.path in {spec.source.name}"
-            ) from None
-        return check_architecture(spec, path)
-    if spec.weights.build_seed is not None:
-        from stages.tiny import ensure_built
-
-        return check_architecture(spec, ensure_built(spec, cache_dir()))
-    raise InvalidRequest(f"{spec.name} names no weights; pass --weights DIR with a local diffusers copy")
-
-
-def weights_status(spec: ModelSpec) -> dict[str, Any]:
-    """Where the model's weights come from and whether they are on this machine, looked up
-    without loading, building or downloading anything: {"source", "location", "present"}."""
-    if spec.weights.path:
-        path = Path(spec.weights.path)
-        return {"source": "path", "location": str(path), "present": (path / "model_index.json").is_file()}
-    if spec.weights.hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(spec.weights.hub_id, "model_index.json")
-        return {"source": "hub cache", "location": spec.weights.hub_id, "present": isinstance(found, str)}
-    if spec.weights.build_seed is not None:
-        from stages.tiny import built_path
-
-        target = built_path(spec, cache_dir())
-        return {"source": "built offline", "location": str(target), "present": (target / "model_index.json").is_file()}
-    return {"source": "none", "location": None, "present": False}
 
 
 def load_component(spec: ModelSpec, key: str, weights: Path, device: Any = None) -> Any:
@@ -350,34 +240,3 @@ def load_component(spec: ModelSpec, key: str, weights: Path, device: Any = None)
         return cls.from_pretrained(weights, subfolder=key)
     model = cls.from_pretrained(weights, subfolder=key, dtype=spec.torch_dtype())
     return model.to(device).eval()
-
-
-# Components without an architecture to check: a tokenizer, an image preprocessor.
-UNCHECKED = ("tokenizer", "feature_extractor")
-
-
-def config_file(key: str) -> str:
-    """The config file of a component, inside the weights directory."""
-    return f"{key}/scheduler_config.json" if key == "scheduler" else f"{key}/config.json"
-
-
-def check_architecture(spec: ModelSpec, weights: Path) -> Path:
-    """Refuse weights whose configs contradict the spec (say, 5b weights under the 2b name).
-
-    Reads only the small config.json files, so a mismatch is reported before anything is loaded.
-    Keys the weights' config leaves out take the library default and are not compared.
-    """
-    problems = []
-    for key in spec.components:
-        if key in UNCHECKED:
-            continue
-        path = weights / config_file(key)
-        if not path.is_file():
-            raise InvalidRequest(f"{weights} has no {config_file(key)}: it is not a diffusers copy of {spec.name}")
-        actual = json.loads(path.read_text())
-        for name, declared in spec.components[key].config.items():
-            if name in actual and actual[name] != declared:
-                problems.append(f"{key}.{name} is {actual[name]!r} there but {declared!r} in {spec.source.name}")
-    if problems:
-        raise InvalidRequest(f"the weights at {weights} are not {spec.name}: " + "; ".join(problems))
-    return weights

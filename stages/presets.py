@@ -18,9 +18,10 @@ import yaml
 from stages.errors import InvalidRequest
 from stages.models import CONFIG_DIR, KIND_NAMES, ModelSpec
 from stages.request import frames_at_least
+from stages.settings import PRESET_KEYS
 
 PRESETS_DIR = CONFIG_DIR / "presets"
-SETTINGS = ("steps", "guidance", "frames", "fps")  # what a preset may set
+SETTINGS = PRESET_KEYS  # what a preset may set (stages.settings)
 
 
 @dataclass(frozen=True)

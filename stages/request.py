@@ -4,44 +4,12 @@ what it may cost in quality (`pitfalls`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 from stages.clarity import WORLDS
 from stages.errors import InvalidRequest
+from stages.families import family_for
 from stages.models import KIND_NAMES, ModelSpec, image_models
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str
-    steps: int
-    guidance_scale: float
-    num_frames: int
-    fps: int
-    height: int
-    width: int
-    seed: int
-    scheduler: str = ""  # the scheduler's class name (build_request fills in the weights' own)
-    # diffusers' CogVideoX `use_dynamic_cfg`: the guidance scale follows a cosine schedule over
-    # the steps instead of staying at guidance_scale (see DenoiserStage.guidance_at).
-    dynamic_guidance: bool = False
-    # Image-to-video: the image file given (the path as the user wrote it; its pixels travel with
-    # the job, see cluster.driver.Job.image). Empty for text-to-video.
-    image: str = ""
-    # The model's guidance scale that means "no guidance" (ModelSpec.guidance_off): 1 for
-    # CogVideoX, 0 for Z-Image. A property of the model, not a setting: not in `as_dict`.
-    guidance_off: float = 1.0
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        # at guidance_off the prediction is the conditional one alone: the unconditional branch is skipped.
-        return self.guidance_scale > self.guidance_off
-
-    def as_dict(self) -> dict:
-        settings = asdict(self)
-        del settings["guidance_off"]
-        return settings
+from stages.settings import GenerationRequest
 
 
 def build_request(
@@ -75,7 +43,7 @@ def build_request(
         scheduler=spec.scheduler_name(scheduler),
         dynamic_guidance=bool(dynamic_guidance),
         image=str(image or ""),
-        guidance_off=spec.guidance_off,
+        guidance_off=family_for(spec).guidance_off,
     )
     validate(spec, request)
     return request
@@ -94,27 +62,31 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
     needs the tokenizer).
     """
     if not r.prompt or not r.prompt.strip():
-        raise InvalidRequest("prompt is empty; pass --prompt TEXT")
+        raise InvalidRequest("prompt is empty: give the text to make a video of")
     if r.steps < 1:
         raise InvalidRequest(f"steps must be at least 1 (got {r.steps})")
     if r.steps > spec.limits.max_steps:
         raise InvalidRequest(f"steps must be at most {spec.limits.max_steps} for {spec.name} (got {r.steps})")
-    if not r.guidance_scale >= spec.guidance_off:
-        off = f"{spec.guidance_off:g}"
+    family = family_for(spec)
+    if not r.guidance_scale >= family.guidance_off:
+        off = f"{family.guidance_off:g}"
         raise InvalidRequest(
             f"guidance scale must be at least {off} for {spec.name} ({off} turns classifier-free guidance off; "
             f"got {r.guidance_scale:g})"
         )
     if r.fps < 1:
         raise InvalidRequest(f"fps must be at least 1 (got {r.fps})")
-    if spec.components[spec.denoiser_key].config.get("ofs_embed_dim"):  # refused before any weights load
-        raise InvalidRequest(f"{spec.name}: CogVideoX 1.5 image-to-video (an ofs embedding) is not supported")
-    if r.dynamic_guidance and spec.family != "cogvideox":  # diffusers' use_dynamic_cfg is CogVideoX's
-        raise InvalidRequest(f"--dynamic-guidance is CogVideoX's guidance schedule; {spec.name} has none")
+    problem = family.check_request(r)  # refused before any weights load
+    if problem:
+        raise InvalidRequest(problem)
+    if r.dynamic_guidance and not family.dynamic_guidance:
+        raise InvalidRequest(
+            f"dynamic_guidance (diffusers' use_dynamic_cfg schedule) is not in {spec.name}'s pipeline; it has none"
+        )
     if r.seed < 0:
         raise InvalidRequest(f"seed must be a non-negative integer (got {r.seed})")
     if spec.takes_image and not r.image:
-        raise InvalidRequest(f"{spec.name} is image-to-video: pass --image PATH, the picture the video starts from")
+        raise InvalidRequest(f"{spec.name} is image-to-video: give image, the picture the video starts from")
     if r.image and not spec.takes_image:
         raise InvalidRequest(
             f"{spec.name} is {KIND_NAMES.get(spec.kind, spec.kind)} and takes no image; "
@@ -130,7 +102,7 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
     if not lo <= r.num_frames <= hi:
         raise InvalidRequest(f"frames must be between {lo} and {hi} for {spec.name} (got {r.num_frames})")
 
-    m = spec.spatial_multiple
+    m = family.spatial_multiple
     for name, value, (lo, hi) in (
         ("height", r.height, spec.limits.height),
         ("width", r.width, spec.limits.width),
@@ -239,14 +211,14 @@ def check_image(spec: ModelSpec, r: GenerationRequest, image_size: tuple[int, in
     h, w = image_size
     aspect, target = w / h, r.width / r.height
     change = max(aspect / target, target / aspect)
-    crop = spec.image_fit == "crop"
+    crop = family_for(spec).image_fit == "crop"
     if change > MAX_ASPECT_CHANGE:
         lo, hi = target / MAX_ASPECT_CHANGE, target * MAX_ASPECT_CHANGE
         how = "crops the image to the video's shape" if crop else "stretches the image to the video's size"
         raise InvalidRequest(
             f"the image is {w}x{h} (width/height {aspect:.2f}) but the video is {r.width}x{r.height} "
             f"({target:.2f}); {spec.name} {how}, so its width/height must be between {lo:.2f} and {hi:.2f} "
-            f"(crop it, or ask for another --size)"
+            f"(crop it, or ask for another height and width)"
         )
     warnings = {}
     if change > WARN_ASPECT_CHANGE and crop:

@@ -15,7 +15,9 @@ import os
 import shutil
 import string
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from stages.models import ComponentSpec, ModelSpec
 
@@ -89,18 +91,11 @@ def build_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=77)
 
 
-def build_pipeline_dir(spec: ModelSpec, out_dir: Path) -> None:
-    """Construct every component from its config with seeded weights and save them as one pipeline."""
+def build_pipeline_dir(spec: ModelSpec, out_dir: Path, tokenizer: Any) -> None:
+    """Construct every component from its config with seeded weights and save them as one
+    pipeline, with `tokenizer` (the family's kind, from `build_tokenizer` and its siblings)."""
     import torch
 
-    tokenizers = {
-        "cogvideox": build_tokenizer,
-        "zimage": build_qwen_tokenizer,
-        "i2vgen-xl": build_clip_tokenizer,
-    }
-    if spec.family not in tokenizers:
-        raise ValueError(f"no offline builder for model family {spec.family!r}")
-    tokenizer = tokenizers[spec.family]()
     components = {"tokenizer": tokenizer}
     for key, component in spec.components.items():
         if key == "tokenizer":
@@ -131,8 +126,8 @@ def built_path(spec: ModelSpec, cache: Path) -> Path:
     return cache / "models" / f"{spec.name}-{digest}"
 
 
-def ensure_built(spec: ModelSpec, cache: Path) -> Path:
-    """Build the model once into the cache and return the directory."""
+def ensure_built(spec: ModelSpec, cache: Path, make_tokenizer: Callable[[], Any]) -> Path:
+    """Build the model once into the cache (its tokenizer from `make_tokenizer`) and return the directory."""
     target = built_path(spec, cache)
     if (target / "model_index.json").is_file():
         return target
@@ -140,7 +135,7 @@ def ensure_built(spec: ModelSpec, cache: Path) -> Path:
     # Build aside and rename, so that concurrent builders never see half a model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
     try:
-        build_pipeline_dir(spec, tmp)
+        build_pipeline_dir(spec, tmp, make_tokenizer())
         try:
             os.rename(tmp, target)
         except OSError:

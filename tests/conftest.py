@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.models import ComponentSpec, ModelSpec, load_spec, resolve_weights
+from stages.models import ComponentSpec, ModelSpec, load_spec
+from stages.weights import resolve_weights
 
 
 @pytest.fixture(scope="session", autouse=True)

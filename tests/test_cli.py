@@ -96,9 +96,9 @@ def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights):
         (["--cfg-parallel", "--guidance", "1"], "CFG-parallel needs classifier-free guidance (guidance scale > 1)"),
         (["--workers", "2"], "--local runs in one process; the layout cfg2xulysses1xring1 needs 2 Ray actors"),
         (["--cluster", "moon"], "unknown cluster layout 'moon'; known: multi-node, single-node"),
-        (["--decoders", "0"], "--decoders must be at least 1 (got 0)"),
-        (["--decoders", "10"], "--decoders 10 is more than the 9 tile(s) of a 64x96 video in 32x48 px tiles "
-         "overlapping by 8x8 px; use at most 9 decoder(s) or smaller tiles (--tile-size)"),
+        (["--decoders", "0"], "decoders must be at least 1 (got 0)"),
+        (["--decoders", "10"], "decoders 10 is more than the 9 tile(s) of a 64x96 video in 32x48 px tiles "
+         "overlapping by 8x8 px; use at most 9 decoder(s) or smaller tiles (tile_size)"),
         (["--decoders", "2"], "--local runs in one process; --decoders 2 needs 2 Ray actors"),
         (["--tile-size", "32x48", "--tile-overlap", "32x8"], "tile height (32 px) must be larger than the tile "
          "overlap (32 px)"),

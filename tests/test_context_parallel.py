@@ -23,8 +23,8 @@ from stages.context_parallel import (
 from stages.denoiser import DenoiserStage
 from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
-from stages.models import resolve_weights
 from stages.request import build_request
+from stages.weights import resolve_weights
 
 TOL = 1e-5
 
@@ -57,9 +57,9 @@ def test_explicit_layouts_and_filled_in_degrees():
          r"cfg2xulysses1xring4, cfg1xulysses2xring4, cfg1xulysses1xring8$"),
         (dict(workers=6, ring=4), r"^invalid parallel layout cfg1xulysses1xring4: no layout of 6 ranks has ring 4; "
          r"valid layouts for 6 workers: cfg2xulysses3xring1, "),
-        (dict(workers=0), r"^--workers must be at least 1 \(got 0\)$"),
-        (dict(ulysses=0), r"^--ulysses must be at least 1 \(got 0\)$"),
-        (dict(workers=4, ring=-2), r"^--ring must be at least 1 \(got -2\)$"),
+        (dict(workers=0), r"^workers must be at least 1 \(got 0\)$"),
+        (dict(ulysses=0), r"^ulysses must be at least 1 \(got 0\)$"),
+        (dict(workers=4, ring=-2), r"^ring must be at least 1 \(got -2\)$"),
     ],
 )  # fmt: skip
 def test_invalid_layouts_are_clear_errors_that_list_valid_ones(kwargs, message):

@@ -98,7 +98,7 @@ def test_untiled_unless_asked():
     assert not plan_decode(spec, 480, 720).tiled
     assert plan_decode(spec, 480, 720, tile_size=(240, 360)).settings == TileSettings(240, 360, 40, 72)
     assert not plan_decode(spec, 240, 352, tile_size=(240, 360)).tiled  # fits one tile: decoded untiled
-    with pytest.raises(InvalidRequest, match=r"^--decoders 2 is more than the 1 tile\(s\) of a 240x352 video"):
+    with pytest.raises(InvalidRequest, match=r"^decoders 2 is more than the 1 tile\(s\) of a 240x352 video"):
         plan_decode(spec, 240, 352, decoders=2)
 
 

@@ -10,8 +10,9 @@ from PIL import Image
 
 from cluster.executor import LocalExecutor, RayExecutor
 from stages.context_parallel import ParallelLayout
-from stages.models import ComponentSpec, load_spec, resolve_weights
+from stages.models import ComponentSpec, load_spec
 from stages.request import build_request
+from stages.weights import resolve_weights
 
 TOL = 1e-5
 CASES = [

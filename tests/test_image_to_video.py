@@ -23,9 +23,10 @@ from cluster.videos import VideoService
 from stages.context_parallel import ParallelLayout
 from stages.denoiser import plan_layout
 from stages.errors import InvalidRequest
-from stages.models import load_spec, resolve_weights
+from stages.models import load_spec
 from stages.request import build_request, check_image
 from stages.video_io import image_digest, image_size, load_image, read_frames
+from stages.weights import resolve_weights
 
 FAST = ["--steps", "2", "--seed", "3"]
 
@@ -70,7 +71,7 @@ def test_generate_with_an_image(tmp_path, capsys, image_file, i2v_weights):
 
 def test_image_and_model_must_agree(tmp_path, capsys, image_file):
     code, _, err = generate(capsys, "--model", "tiny-i2v", "--prompt", "a fox", *FAST, "--local")
-    assert code == EXIT_INVALID and "tiny-i2v is image-to-video: pass --image PATH" in err
+    assert code == EXIT_INVALID and "tiny-i2v is image-to-video: give image, the picture" in err
     code, _, err = generate(capsys, "--model", "tiny", "--prompt", "a fox", "--image", str(image_file), "--local")
     assert code == EXIT_INVALID
     assert "tiny is text-to-video and takes no image; for image-to-video use one of:" in err and "tiny-i2v" in err
@@ -289,9 +290,9 @@ def test_i2vgen_through_ray_equals_diffusers(ray_session, i2vgen, layout):
 
 def test_i2vgen_layouts_are_cfg_parallel_only(i2vgen):
     spec, _ = i2vgen
-    with pytest.raises(InvalidRequest, match="a served denoiser group runs no CFG-parallel .* --workers 1"):
+    with pytest.raises(InvalidRequest, match="a served denoiser group runs no CFG-parallel .* workers 1"):
         resolve_served(ServeArgs(model="tiny-i2vgen", workers=2))
-    with pytest.raises(InvalidRequest, match="--dynamic-guidance is CogVideoX's guidance schedule"):
+    with pytest.raises(InvalidRequest, match="dynamic_guidance .* is not in tiny-i2vgen's pipeline"):
         build_request(spec, "a fox", image="x.png", dynamic_guidance=True)
     guided, plain = (build_request(spec, "a fox", image="x.png", guidance_scale=g) for g in (9.0, 1.0))
     assert plan_layout(spec, guided, workers=2) == ParallelLayout(cfg=2)

@@ -7,9 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from stages.errors import InvalidRequest
-from stages.models import check_architecture, known_models, load_spec, resolve_weights
+from stages.families import family_for
+from stages.models import known_models, load_spec
 from stages.request import build_request
 from stages.tiny import build_tokenizer, ensure_built
+from stages.weights import check_architecture, resolve_weights
 
 
 def test_shipped_model_configs_load():
@@ -17,10 +19,11 @@ def test_shipped_model_configs_load():
     for name in known_models():
         spec = load_spec(name)
         assert spec.name == name
-        assert spec.spatial_multiple == {"i2vgen-xl": 64 if name == "i2vgen-xl" else 16}.get(spec.family, 16)
+        family = family_for(spec)
+        assert family.spatial_multiple == {"i2vgen-xl": 64 if name == "i2vgen-xl" else 16}.get(spec.family, 16)
         tokens = {"cogvideox": 16 if name == "framecast-shapes" else 226, "i2vgen-xl": 77,
                   "zimage": 512 if name == "z-image-turbo" else 128}  # fmt: skip
-        assert spec.max_sequence_length == tokens[spec.family]
+        assert family.max_text_tokens == tokens[spec.family]
         assert spec.scheduler_name(None)  # every default scheduler is one the model allows
 
 
@@ -82,12 +85,12 @@ def test_unknown_model_lists_known_ones():
 
 def test_missing_hub_weights_say_how_to_point_at_them(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
-    with pytest.raises(InvalidRequest, match=r"THUDM/CogVideoX-2b.*not in the local Hugging Face cache.*--weights DIR"):
+    with pytest.raises(InvalidRequest, match=r"THUDM/CogVideoX-2b.*not in the local Hugging Face cache.*give weights"):
         resolve_weights(load_spec("cogvideox-2b"))
 
 
 def test_weights_dir_without_model_index(tmp_path):
-    with pytest.raises(InvalidRequest, match=r"no diffusers weights for tiny at .*model_index.json.*--weights"):
+    with pytest.raises(InvalidRequest, match=r"no diffusers weights for tiny at .*model_index.json.*give weights"):
         resolve_weights(load_spec("tiny"), tmp_path)
 
 
@@ -121,7 +124,7 @@ def test_tiny_build_is_a_diffusers_directory_and_deterministic(tmp_path, tiny_sp
     index = json.loads((tiny_weights / "model_index.json").read_text())
     assert index["_class_name"] == "CogVideoXPipeline"
     assert index["transformer"] == ["diffusers", "CogVideoXTransformer3DModel"]
-    again = ensure_built(tiny_spec, tmp_path)
+    again = ensure_built(tiny_spec, tmp_path, family_for(tiny_spec).build_tokenizer)
     assert again != tiny_weights
     for sub in ("transformer", "vae"):
         a = load_file(next((tiny_weights / sub).glob("*.safetensors")))

@@ -208,13 +208,14 @@ def test_jobs_after_a_denoiser_group_failure_fail_saying_why(ray_session, stream
     fail with a message that says so (not with a bare 'actor died')."""
     from stages.context_parallel import ParallelLayout
 
-    def broken_forward(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
-        raise RuntimeError("rank 1 lost its GPU")
+    class BrokenFamily:  # defined here, so Ray ships it to the actor by value
+        def start(self, *args, **kwargs):
+            raise RuntimeError("rank 1 lost its GPU")
 
     jobs = prepare_jobs("tiny", PROMPTS[:3], steps=2, seed=3, ring=2)
     executor = RayExecutor(jobs[0].spec, jobs[0].weights, ParallelLayout(ring=2))
     try:
-        ray.get(executor.group.actors[1].call.remote("__setattr__", "_sharded_forward", broken_forward)[0])
+        ray.get(executor.group.actors[1].call.remote("__setattr__", "family", BrokenFamily())[0])
         results = list(run_stream(jobs, executor, [tmp_path / f"{i}.mp4" for i in range(3)]))
     finally:
         executor.close()

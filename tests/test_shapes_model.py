@@ -21,9 +21,11 @@ from stages import shapes
 from stages.context_parallel import ParallelLayout
 from stages.denoiser import DenoiserStage
 from stages.encoder import EncoderStage
-from stages.models import DEFAULT_MODEL, ComponentSpec, load_spec, resolve_weights, weights_status
+from stages.families import family_for
+from stages.models import DEFAULT_MODEL, ComponentSpec, load_spec
 from stages.request import build_request
 from stages.video_io import DecodedVideo
+from stages.weights import resolve_weights, weights_status
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two held-out prompts (never shown in training) and a seed at which the model, at its default
@@ -67,7 +69,7 @@ def stock_pipeline_latents_and_frames(spec, weights, r):
     kwargs = dict(
         prompt=r.prompt, negative_prompt=r.negative_prompt, num_inference_steps=r.steps,
         guidance_scale=r.guidance_scale, num_frames=r.num_frames, height=r.height, width=r.width,
-        max_sequence_length=spec.max_sequence_length,  # 16: the model's text length, not the pipeline's 226
+        max_sequence_length=family_for(spec).max_text_tokens,  # 16: the model's text length, not the pipeline's 226
     )  # fmt: skip
     latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="latent").frames
     frames = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="np").frames[0]

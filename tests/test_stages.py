@@ -59,9 +59,9 @@ def test_guidance_one_skips_unconditional_branch(tiny_spec, encoder, denoiser, m
     r = build_request(tiny_spec, "a cat", steps=2, guidance_scale=1.0)
     emb = encoder.encode(r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
     batches = []
-    forward = denoiser.transformer.forward
+    forward = denoiser.network.forward
     monkeypatch.setattr(
-        denoiser.transformer, "forward", lambda **kw: batches.append(kw["hidden_states"].shape[0]) or forward(**kw)
+        denoiser.network, "forward", lambda **kw: batches.append(kw["hidden_states"].shape[0]) or forward(**kw)
     )
     denoiser.denoise(emb, r)
     assert batches == [1, 1]

@@ -228,7 +228,7 @@ def test_retrained_weights_in_the_same_directory_are_a_new_sweep(tmp_path, capsy
 
     from safetensors.torch import load_file, save_file
 
-    from stages.models import resolve_weights
+    from stages.weights import resolve_weights
 
     weights = tmp_path / "weights"
     shutil.copytree(resolve_weights(load_spec("tiny")), weights)

@@ -17,8 +17,10 @@ from stages.clarity import METRICS, PAIRWISE
 from stages.context_parallel import ParallelLayout
 from stages.denoiser import plan_layout
 from stages.errors import InvalidRequest
-from stages.models import load_spec, resolve_weights
+from stages.families import family_for
+from stages.models import load_spec
 from stages.request import build_request
+from stages.weights import resolve_weights
 
 TOL = 1e-5
 CASES = {
@@ -39,7 +41,7 @@ def stock(spec, weights, r):
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
                   num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
-                  max_sequence_length=spec.max_sequence_length)  # fmt: skip
+                  max_sequence_length=family_for(spec).max_text_tokens)  # fmt: skip
     latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="latent").images
     picture = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="np").images
     return latents, picture

@@ -1,0 +1,110 @@
+"""The settings of one generation, defined once: their names, types and meaning (`SETTINGS`),
+and the request they fill (`GenerationRequest`, filled in and checked by `stages.request`,
+read by every stage).
+
+Every front end derives its spelling from `SETTINGS`: the CLI's flags (`--name`, `_` as `-`),
+a sweep's grid axes and a preset's keys (the names), the Videos API's fields (`api`). Errors
+name a setting by its name, so no front end answers with another's spelling. A front end may
+add how its user says something more (the CLI's --duration, the API's `seconds` and `size`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a generation."""
+
+    name: str  # what errors, grid axes and presets call it; the CLI flag is --name (with - for _)
+    field: str  # the GenerationRequest field it fills
+    kind: type
+    help: str
+    api: str | None = None  # the Videos API's field for it; None: not offered over the API
+    axis: bool = True  # a sweep may vary it (and runs are compared by it); the seed names a sample instead
+    preset: bool = False  # a preset may set it
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("steps", "steps", int, "denoising steps (model default if unset)", api="steps", preset=True),
+    Setting(
+        "guidance",
+        "guidance_scale",
+        float,
+        "guidance scale; the model's off value (1, or 0 for some: see framecast models) turns guidance off",
+        api="guidance_scale",
+        preset=True,
+    ),
+    Setting("seed", "seed", int, "the random seed of the noise (default 0)", api="seed", axis=False),
+    Setting(
+        "negative_prompt",
+        "negative_prompt",
+        str,
+        "what guidance steers away from (model default if unset)",
+        api="negative_prompt",
+        axis=False,
+    ),
+    Setting("fps", "fps", int, "frames per second of the video (model default if unset)", api="fps", preset=True),
+    Setting(
+        "frames",
+        "num_frames",
+        int,
+        "frames, a count the model makes (see framecast models)",
+        api="num_frames",
+        preset=True,
+    ),
+    Setting("height", "height", int, "height in pixels (model default if unset)"),
+    Setting("width", "width", int, "width in pixels (model default if unset)"),
+    Setting("scheduler", "scheduler", str, "a scheduler the model allows (e.g. ddim, dpm; default: its own)"),
+    Setting(
+        "dynamic_guidance",
+        "dynamic_guidance",
+        bool,
+        "diffusers' cosine guidance schedule over the steps (use_dynamic_cfg), for models whose pipeline has it",
+    ),
+    Setting(
+        "image",
+        "image",
+        str,
+        "image-to-video models: the picture the video starts from (fitted to the video's size)",
+        axis=False,
+    ),
+)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+AXES: dict[str, Setting] = {s.name: s for s in SETTINGS if s.axis}  # what a sweep varies and runs are compared by
+PRESET_KEYS: tuple[str, ...] = tuple(s.name for s in SETTINGS if s.preset)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    num_frames: int
+    fps: int
+    height: int
+    width: int
+    seed: int
+    scheduler: str = ""  # the scheduler's class name (build_request fills in the weights' own)
+    # diffusers' `use_dynamic_cfg`: the guidance scale follows a cosine schedule over the steps
+    # instead of staying at guidance_scale (for the families that have it).
+    dynamic_guidance: bool = False
+    # Image-to-video: the image file given (the path as the user wrote it; its pixels travel with
+    # the job, see cluster.driver.Job.image). Empty for text-to-video.
+    image: str = ""
+    # The model's guidance scale that means "no guidance" (its family's `guidance_off`: 1 for
+    # uncond + g (cond - uncond), 0 for cond + g (cond - uncond)). A property of the model, not
+    # a setting: not in `as_dict`.
+    guidance_off: float = 1.0
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # at guidance_off the prediction is the conditional one alone: the unconditional branch is skipped.
+        return self.guidance_scale > self.guidance_off
+
+    def as_dict(self) -> dict:
+        settings = asdict(self)
+        del settings["guidance_off"]
+        return settings
