@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
 import time
 from collections import OrderedDict
 from datetime import timedelta
@@ -11,8 +12,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
-import torch.distributed as dist
 
 PROGRESS_KEPT = 16  # calls whose progress an actor remembers (a poller may ask after the call ended)
 
@@ -53,6 +52,9 @@ class StageActor:
 
     def join_process_group(self, address: str, port: int, rank: int, world_size: int, timeout_s: float) -> str:
         """Initialise torch.distributed: NCCL between GPUs, gloo between CPU processes."""
+        import torch  # here, not at the top: an actor whose stage needs no torch (the panel) never imports it
+        import torch.distributed as dist
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(0)  # Ray makes this rank's GPU the only visible one
@@ -111,7 +113,8 @@ def run_stage_method(stage: Any, method: str, args: tuple, kwargs: dict[str, Any
 
 def payload_bytes(value: Any) -> int:
     """Bytes of the tensors and arrays in `value` (through dataclasses, lists, tuples and dicts)."""
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported: then `value` holds no tensor
+    if torch is not None and isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, np.ndarray):
         return value.nbytes

@@ -242,7 +242,7 @@ def wait_relaying_progress(refs: list[ray.ObjectRef], relay: ProgressRelay, poll
             return
 
 
-class DenoiserGroup:
+class DenoiserGroup(ActorGroup):
     """One denoiser group: `layout.world_size` ranks of `DenoiserStage`, one per bundle of a
     placement group, joined as one process group, called as one. The one host of a group, for
     the Ray executor (which places it in a placement group of its own) and for a Serve replica
@@ -264,16 +264,7 @@ class DenoiserGroup:
     ):
         self.layout = layout
         kwargs = {"layout": layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}
-        size = layout.world_size
-        self.ranks = ActorGroup(DenoiserStage, (spec, weights), kwargs, size, rank, bundle, strategy, within)
-
-    @property
-    def actors(self) -> list[Any]:
-        return self.ranks.actors
-
-    def start(self) -> list[ray.ObjectRef]:
-        """Build every rank's stage; each ref answers with the rank's device."""
-        return self.ranks.start()
+        super().__init__(DenoiserStage, (spec, weights), kwargs, layout.world_size, rank, bundle, strategy, within)
 
     def call(self, method: str, *args: Any, progress_id: str | None = None) -> list[tuple[Any, Any]]:
         """`method` on every rank: (result ref, report ref) per rank; only rank 0 keeps its result.
@@ -291,13 +282,6 @@ class DenoiserGroup:
     def pings(self) -> list[ray.ObjectRef]:
         """One answer per rank: a rank that died fails its ref."""
         return [actor.progress.remote() for actor in self.actors]
-
-    def side_actor(self, resources: ActorResources, stage_class: type, *args: Any, **kwargs: Any):
-        """An actor for another stage, beside a rank if `resources` say so (see ActorGroup)."""
-        return self.ranks.side_actor(resources, stage_class, *args, **kwargs)
-
-    def close(self) -> None:
-        self.ranks.close()
 
 
 class RayExecutor(Executor):

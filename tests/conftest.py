@@ -73,3 +73,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def broken_family(message: str):
+    """A family adapter for one rank of a denoiser group (set as its stage's `family`) whose first
+    denoising step raises RuntimeError(message): that rank fails while the others wait for it in
+    a collective. Its classes are local, so Ray ships them to the actor by value."""
+
+    class BrokenDenoising:
+        timesteps = [0, 1]
+
+        def step(self, index, timestep):
+            raise RuntimeError(message)
+
+    class BrokenFamily:
+        def start(self, *args, **kwargs):
+            return BrokenDenoising()
+
+    return BrokenFamily()

@@ -174,17 +174,57 @@ def reference(tiny_spec):
     return get
 
 
-@pytest.mark.parametrize("model, frames, layout", CASES, ids=[f"{m}-{f}f-{lay}" for m, f, lay in CASES])
-def test_group_equals_single_process(ray_session, reference, model, frames, layout):
+class ReusedGroups:
+    """A denoiser group per world size, reused by the cases of that size: each case builds its own
+    DenoiserStage (its model, its layout, its process subgroups) on the group's ranks, in the same
+    processes and process group. Starting a rank's process (importing torch, diffusers and
+    DeepSpeed) is most of a case's time, and no case depends on a fresh process. One group at a
+    time: a group takes every core of the test cluster (the cases come ordered by size). A case
+    that fails discards its group, whose ranks may be stuck in a collective."""
+
+    def __init__(self, ray_session):
+        self.ray, self.group = ray_session, None
+
+    def get(self, spec, weights, layout: ParallelLayout) -> ActorGroup:
+        size = layout.world_size
+        if self.group is not None and self.group.size == size:  # every rank rebuilds its stage, collectively
+            rebuilt = [actor.call.remote("__init__", spec, weights, layout=layout)[0] for actor in self.group.actors]
+            self.ray.get(rebuilt)
+            return self.group
+        self.discard()
+        plan = plan_resources(workers=size)
+        self.group = ActorGroup(DenoiserStage, (spec, weights), {"layout": layout}, size, plan.denoise, plan.bundle)
+        self.ray.get(self.group.start())
+        return self.group
+
+    def discard(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+
+@pytest.fixture(scope="class")
+def groups(ray_session):
+    reused = ReusedGroups(ray_session)
+    yield reused
+    reused.discard()
+
+
+class TestGroups:
+    @pytest.mark.parametrize("model, frames, layout", CASES, ids=[f"{m}-{f}f-{lay}" for m, f, lay in CASES])
+    def test_group_equals_single_process(self, ray_session, reference, groups, model, frames, layout):
+        try:
+            check_group(ray_session, reference, groups, model, frames, layout)
+        except BaseException:
+            groups.discard()
+            raise
+
+
+def check_group(ray_session, reference, groups, model, frames, layout):
     spec, weights, r, embeddings, expected = reference(model, frames)
-    plan = plan_resources(workers=layout.world_size)
-    group = ActorGroup(DenoiserStage, (spec, weights), {"layout": layout}, layout.world_size, plan.denoise, plan.bundle)
-    try:
-        ray_session.get(group.start())
-        results = ray_session.get([actor.call.remote("denoise", embeddings, r)[0] for actor in group.actors])
-        stats = ray_session.get([actor.call.remote("last_run_stats")[0] for actor in group.actors])
-    finally:
-        group.close()
+    group = groups.get(spec, weights, layout)
+    results = ray_session.get([actor.call.remote("denoise", embeddings, r)[0] for actor in group.actors])
+    stats = ray_session.get([actor.call.remote("last_run_stats")[0] for actor in group.actors])
 
     for rank, latents in enumerate(results):  # every rank ends with the same, exact latents
         assert latents.shape == expected.shape

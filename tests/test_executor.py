@@ -4,6 +4,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from conftest import broken_family
 
 from cluster.driver import Job, generate
 from cluster.executor import LocalExecutor, ProgressRelay, RayExecutor, StageFailed, wait_relaying_progress
@@ -88,13 +89,11 @@ def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, tiny_spec, ti
     """Rank 1 raises mid-forward while rank 0 waits in a collective: the driver notices rank 1's
     error itself (not a timeout on rank 0) and releases the group."""
 
-    def broken_forward(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
-        raise RuntimeError("rank 1 lost its GPU")
 
     executor = RayExecutor(tiny_spec, tiny_weights, ParallelLayout(ring=2))
     try:
         rank1 = executor.group.actors[1]
-        ray_session.get(rank1.call.remote("__setattr__", "_sharded_forward", broken_forward)[0])
+        ray_session.get(rank1.call.remote("__setattr__", "family", broken_family("rank 1 lost its GPU"))[0])
         r = bad_job(tiny_spec, tiny_weights).request
         encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
         start = time.monotonic()

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import ray
+from conftest import broken_family
 
 from cluster.cli import EXIT_FAILED, main
 from cluster.driver import GenerationResult, JobFailed, prepare_jobs, run_stream
@@ -208,14 +209,12 @@ def test_jobs_after_a_denoiser_group_failure_fail_saying_why(ray_session, stream
     fail with a message that says so (not with a bare 'actor died')."""
     from stages.context_parallel import ParallelLayout
 
-    class BrokenFamily:  # defined here, so Ray ships it to the actor by value
-        def start(self, *args, **kwargs):
-            raise RuntimeError("rank 1 lost its GPU")
 
     jobs = prepare_jobs("tiny", PROMPTS[:3], steps=2, seed=3, ring=2)
     executor = RayExecutor(jobs[0].spec, jobs[0].weights, ParallelLayout(ring=2))
     try:
-        ray.get(executor.group.actors[1].call.remote("__setattr__", "family", BrokenFamily())[0])
+        rank1 = executor.group.actors[1]
+        ray.get(rank1.call.remote("__setattr__", "family", broken_family("rank 1 lost its GPU"))[0])
         results = list(run_stream(jobs, executor, [tmp_path / f"{i}.mp4" for i in range(3)]))
     finally:
         executor.close()

@@ -43,10 +43,15 @@ class CogVideoX(ModelFamily):
         """The prompt is padded to exactly this (the transformer's max_text_seq_length)."""
         return self.spec.text_tokens or int(self.spec.components["transformer"].config["max_text_seq_length"])
 
-    def check_request(self, r: GenerationRequest) -> str | None:
+    @property
+    def unsupported(self) -> str | None:
+        """Why framecast cannot run this model at all, or None."""
         if self.spec.components["transformer"].config.get("ofs_embed_dim"):
             return f"{self.spec.name}: CogVideoX 1.5 image-to-video (an ofs embedding) is not supported"
         return None
+
+    def check_request(self, r: GenerationRequest) -> str | None:
+        return self.unsupported
 
     def build_tokenizer(self) -> Any:
         return build_tokenizer()
@@ -100,8 +105,8 @@ class CogVideoX(ModelFamily):
     # -- denoising -------------------------------------------------------------------------------
 
     def load_denoiser(self, weights: Path, device: torch.device) -> torch.nn.Module:
-        if self.check_request(None):  # the stage's own guard; requests are refused earlier
-            raise ValueError(self.check_request(None))
+        if self.unsupported:  # the stage's own guard; requests are refused earlier
+            raise ValueError(self.unsupported)
         return self.load("transformer", weights, device)
 
     def split_over(self, network: torch.nn.Module, context: ContextParallel) -> None:
