@@ -28,7 +28,7 @@ import torch
 from stages.device import PeakMemory, default_device, describe
 from stages.errors import InvalidRequest
 from stages.families import family_for
-from stages.models import ModelSpec, load_component
+from stages.models import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ class DecoderStage:
         self.device = device or default_device()
         self.rank, self.decoders = rank, decoders
         self.family = family_for(spec)
-        self.vae = load_component(spec, "vae", weights, self.device)
+        self.vae = self.family.load_decoder(weights, self.device)
         self._peak_memory = PeakMemory(self.device)
         self._last_run: dict[str, float] = {}
 

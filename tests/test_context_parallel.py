@@ -188,7 +188,8 @@ class ReusedGroups:
     def get(self, spec, weights, layout: ParallelLayout) -> ActorGroup:
         size = layout.world_size
         if self.group is not None and self.group.size == size:  # every rank rebuilds its stage, collectively
-            rebuilt = [actor.call.remote("__init__", spec, weights, layout=layout)[0] for actor in self.group.actors]
+            init = ("__init__", spec, weights, None, layout)  # DenoiserStage(spec, weights, device, layout)
+            rebuilt = [actor.call.remote(*init)[0] for actor in self.group.actors]
             self.ray.get(rebuilt)
             return self.group
         self.discard()

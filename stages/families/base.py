@@ -188,6 +188,10 @@ class ModelFamily(ABC):
 
     # -- decoding --------------------------------------------------------------------------------
 
+    def load_decoder(self, weights: Path, device: torch.device) -> Any:
+        """The VAE that turns the family's latents into frames."""
+        return self.load("vae", weights, device)
+
     @abstractmethod
     def vae_input(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
         """Denoised latents -> what `vae.decode` takes, on the VAE's device and dtype."""
