@@ -26,6 +26,7 @@ class Setting:
     preset: bool = False  # a preset may set it
 
 
+# In the order the CLI lists them and run tables show them: the settings a sweep varies first.
 SETTINGS: tuple[Setting, ...] = (
     Setting("steps", "steps", int, "denoising steps (model default if unset)", api="steps", preset=True),
     Setting(
@@ -36,16 +37,6 @@ SETTINGS: tuple[Setting, ...] = (
         api="guidance_scale",
         preset=True,
     ),
-    Setting("seed", "seed", int, "the random seed of the noise (default 0)", api="seed", axis=False),
-    Setting(
-        "negative_prompt",
-        "negative_prompt",
-        str,
-        "what guidance steers away from (model default if unset)",
-        api="negative_prompt",
-        axis=False,
-    ),
-    Setting("fps", "fps", int, "frames per second of the video (model default if unset)", api="fps", preset=True),
     Setting(
         "frames",
         "num_frames",
@@ -54,6 +45,7 @@ SETTINGS: tuple[Setting, ...] = (
         api="num_frames",
         preset=True,
     ),
+    Setting("fps", "fps", int, "frames per second of the video (model default if unset)", api="fps", preset=True),
     Setting("height", "height", int, "height in pixels (model default if unset)"),
     Setting("width", "width", int, "width in pixels (model default if unset)"),
     Setting("scheduler", "scheduler", str, "a scheduler the model allows (e.g. ddim, dpm; default: its own)"),
@@ -62,6 +54,15 @@ SETTINGS: tuple[Setting, ...] = (
         "dynamic_guidance",
         bool,
         "diffusers' cosine guidance schedule over the steps (use_dynamic_cfg), for models whose pipeline has it",
+    ),
+    Setting("seed", "seed", int, "the random seed of the noise (default 0)", api="seed", axis=False),
+    Setting(
+        "negative_prompt",
+        "negative_prompt",
+        str,
+        "what guidance steers away from (model default if unset)",
+        api="negative_prompt",
+        axis=False,
     ),
     Setting(
         "image",
