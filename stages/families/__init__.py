@@ -8,6 +8,7 @@ test model and its tests (docs/models.md, "Adding a model family").
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from pathlib import Path
@@ -19,11 +20,13 @@ from stages.models import ModelSpec
 SHARED = ("base",)  # modules here that are not families
 
 
-def known_families() -> list[str]:
+@functools.cache  # the folder's modules do not change while framecast runs
+def known_families() -> tuple[str, ...]:
     """Every family with a module here (by module name)."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name not in SHARED)
+    return tuple(sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name not in SHARED))
 
 
+@functools.cache  # asked on every validation and encode: found once per name
 def family_class(name: str) -> type[ModelFamily]:
     """The adapter class of the family `name`."""
     module_name = name.replace("-", "_")

@@ -134,9 +134,9 @@ class ModelFamily(ABC):
         """Why this family cannot run request `r` (one line naming the setting), or None."""
         return None
 
+    @abstractmethod
     def build_tokenizer(self) -> Any:
         """A small offline tokenizer of the family's kind, for test models built here (`stages.tiny`)."""
-        raise NotImplementedError(f"no offline tokenizer for the {self.name} family")
 
     def load(self, key: str, weights: Path, device: torch.device | None = None) -> Any:
         """One component of the weights, as the spec names it."""
