@@ -40,6 +40,16 @@ class StageActor:
         self.stage = stage_class(*args, **kwargs)
         return self.stage.describe()
 
+    def rebuild(self, *args: Any, **kwargs: Any) -> str:
+        """Build the stage anew from these arguments, in this same process; returns its device.
+
+        Loading another model into a live process is much cheaper than a new process, whose
+        start (importing torch and diffusers) costs seconds of CPU (see RayExecutor.reload).
+        """
+        self.stage = None  # the old model goes before the new one loads
+        self._build = (self._build[0], args, kwargs)
+        return self.start()
+
     def describe(self) -> str:
         return self.stage.describe()
 

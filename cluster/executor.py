@@ -266,6 +266,15 @@ class DenoiserGroup(ActorGroup):
         kwargs = {"layout": layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}
         super().__init__(DenoiserStage, (spec, weights), kwargs, layout.world_size, rank, bundle, strategy, within)
 
+    def rebuild(self, spec: ModelSpec, weights: Path, layout: ParallelLayout) -> list[ray.ObjectRef]:
+        """Every rank builds its stage anew for this model and layout, of the group's world size,
+        in its same process and process group (collectively: the stage makes its subgroups)."""
+        if layout.world_size != self.size:
+            raise ValueError(f"a group of {self.size} ranks cannot take layout {layout} ({layout.world_size} ranks)")
+        self.layout = layout
+        kwargs = {"layout": layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}
+        return [actor.rebuild.remote(spec, weights, **kwargs) for actor in self.actors]
+
     def call(self, method: str, *args: Any, progress_id: str | None = None) -> list[tuple[Any, Any]]:
         """`method` on every rank: (result ref, report ref) per rank; only rank 0 keeps its result.
         An argument that is not already in the object store is put there once, for every rank."""
@@ -341,12 +350,40 @@ class RayExecutor(Executor):
         self._devices = {stage: ray.get(refs[0]) for stage, refs in starting.items() if refs}  # first actor of each
 
     def _side_actor(self, stage: str, index: int):
-        if stage == "encode":
-            return self.group.side_actor(self.plan.encode, EncoderStage, self.spec, self.weights)
+        resources = self.plan.decode[index] if stage == "decode" else getattr(self.plan, stage)
+        stage_class = {"encode": EncoderStage, "decode": DecoderStage, "measure": ClarityStage}[stage]
+        args, kwargs = self._side_arguments(stage, index)
+        return self.group.side_actor(resources, stage_class, *args, **kwargs)
+
+    def _side_arguments(self, stage: str, index: int) -> tuple[tuple, dict[str, Any]]:
+        """What the stage of side actor `index` is built from."""
         if stage == "measure":
-            return self.group.side_actor(self.plan.measure, ClarityStage)
-        kwargs = {"rank": index, "decoders": len(self.plan.decode)}
-        return self.group.side_actor(self.plan.decode[index], DecoderStage, self.spec, self.weights, **kwargs)
+            return (), {}  # the clarity panel has no model
+        if stage == "encode":
+            return (self.spec, self.weights), {}
+        return (self.spec, self.weights), {"rank": index, "decoders": len(self.plan.decode)}
+
+    def reload(self, spec: ModelSpec, weights: Path, layout: ParallelLayout | None = None) -> None:
+        """Another model, or another layout of the same world size, in this executor's actors:
+        every stage is built anew in the process that hosted the old one, and the denoiser
+        ranks keep their process group. A driver that goes from model to model (a test suite, a
+        notebook) saves a process start per actor, which costs more than loading a small model.
+        If a stage fails to build, the executor is closed.
+        """
+        layout = layout or ParallelLayout()
+        if self.denoiser_down is not None:
+            raise self.denoiser_down
+        building = self.group.rebuild(spec, weights, layout)
+        self.spec, self.weights, self.layout = spec, weights, layout
+        for stage in ("encode", "decode", "measure"):
+            for index, actor in enumerate(self.side[stage]):
+                args, kwargs = self._side_arguments(stage, index)
+                building.append(actor.rebuild.remote(*args, **kwargs))
+        try:
+            ray.get(building, timeout=ACTOR_START_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
 
     def devices(self) -> dict[str, str]:
         return dict(self._devices)

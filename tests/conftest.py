@@ -68,6 +68,69 @@ def ray_session():
     ray.shutdown()
 
 
+class Executors:
+    """The RayExecutors of one test module, one alive at a time (an executor takes every core of
+    the test cluster). A test asks for one of a shape (denoiser ranks, decoders, encoder or not)
+    and gets the previous test's executor with every stage built anew for its model and layout
+    (`RayExecutor.reload`), or a new one if the shape differs: a process start (importing torch,
+    diffusers and DeepSpeed) costs more than most tests' work, and no test depends on a fresh
+    process. A test that breaks its executor (kills an actor, fails a rank) discards it; so does
+    a test that fails."""
+
+    def __init__(self):
+        self.current = None
+        self.shape: tuple | None = None
+
+    def get(self, spec: ModelSpec, weights: Path, layout=None, decoders: int = 1, encoder: bool = True):
+        from cluster.executor import RayExecutor
+        from stages.context_parallel import ParallelLayout
+
+        layout = layout or ParallelLayout()
+        shape = (layout.world_size, decoders, encoder)
+        if self.current is not None and self.current.denoiser_down is not None:  # a job failed in its group
+            self.discard()
+        if self.current is not None and self.shape == shape:
+            self.current.reload(spec, weights, layout)
+        else:
+            self.discard()
+            self.current, self.shape = RayExecutor(spec, weights, layout, decoders=decoders, encoder=encoder), shape
+        return self.current
+
+    def discard(self) -> None:
+        """Close the executor (before a test makes its own, or after one broke it)."""
+        if self.current is not None:
+            self.current.close()
+            self.current, self.shape = None, None
+
+
+@pytest.fixture(scope="module")
+def executors(ray_session):
+    reused = Executors()
+    yield reused
+    reused.discard()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's executor may be stuck in a collective or half built: the next test gets a new one."""
+    outcome = yield
+    if outcome.get_result().failed and "executors" in getattr(item, "funcargs", {}):
+        item.funcargs["executors"].discard()
+
+
+@pytest.fixture(scope="session")
+def serve_base_url(ray_session) -> str:
+    """Ray Serve on the test Ray, started once for the session (starting its controller and proxy
+    takes a while on 2 cores): each Serve test module runs its application on it at "/" and
+    deletes it when done. Its base URL."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (for a server a test starts)."""
     with socket.socket() as s:

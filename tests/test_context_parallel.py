@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import variant
 
-from cluster.process_group import ActorGroup
+from cluster.executor import DenoiserGroup
 from cluster.runtime import plan_resources
 from stages.context_parallel import (
     ParallelLayout,
@@ -185,16 +185,13 @@ class ReusedGroups:
     def __init__(self, ray_session):
         self.ray, self.group = ray_session, None
 
-    def get(self, spec, weights, layout: ParallelLayout) -> ActorGroup:
-        size = layout.world_size
-        if self.group is not None and self.group.size == size:  # every rank rebuilds its stage, collectively
-            init = ("__init__", spec, weights, None, layout)  # DenoiserStage(spec, weights, device, layout)
-            rebuilt = [actor.call.remote(*init)[0] for actor in self.group.actors]
-            self.ray.get(rebuilt)
+    def get(self, spec, weights, layout: ParallelLayout) -> DenoiserGroup:
+        if self.group is not None and self.group.size == layout.world_size:
+            self.ray.get(self.group.rebuild(spec, weights, layout))
             return self.group
         self.discard()
-        plan = plan_resources(workers=size)
-        self.group = ActorGroup(DenoiserStage, (spec, weights), {"layout": layout}, size, plan.denoise, plan.bundle)
+        plan = plan_resources(workers=layout.world_size)
+        self.group = DenoiserGroup(spec, weights, layout, plan.denoise, plan.bundle)
         self.ray.get(self.group.start())
         return self.group
 

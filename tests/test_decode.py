@@ -113,23 +113,27 @@ def test_per_actor_memory_is_bounded_by_the_tile_not_the_video(ray_session, tiny
     from cluster.actors import StageActor
     from stages.decoder import DecoderStage
 
-    def work_mib(height: int, width: int, tiled: bool) -> float:
-        plan = plan_decode(tiny_spec, height, width, decoders=2 if tiled else 1,
-                           tile_size=(64, 64) if tiled else None)  # fmt: skip
-        env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-        actor = StageActor.options(runtime_env={"env_vars": env}).remote(
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    cases = [(128, False), (256, False), (128, True), (256, True)]  # (height = width, tiled)
+    plans, actors = [], []
+    for size, tiled in cases:  # the four actors start together: starting one is most of its time
+        plans.append(plan_decode(tiny_spec, size, size, decoders=2 if tiled else 1,
+                                 tile_size=(64, 64) if tiled else None))  # fmt: skip
+        actors.append(StageActor.options(runtime_env={"env_vars": env}).remote(
             DecoderStage, tiny_spec, tiny_weights, rank=0, decoders=2 if tiled else 1
-        )
-        try:
-            ray_session.get(actor.start.remote())
-            latents = torch.randn(1, 5, 4, height // 8, width // 8)
+        ))  # fmt: skip
+    try:
+        ray_session.get([actor.start.remote() for actor in actors])
+        figures = []
+        for actor, plan, (size, tiled) in zip(actors, plans, cases, strict=True):  # one decode at a time
+            latents = torch.randn(1, 5, 4, size // 8, size // 8)
             method = "decode_tiles" if tiled else "decode"
-            return ray_session.get(actor.call.remote(method, latents, plan)[1])["work_memory_mib"]
-        finally:
+            figures.append(ray_session.get(actor.call.remote(method, latents, plan)[1])["work_memory_mib"])
+    finally:
+        for actor in actors:
             ray_session.kill(actor)
 
-    untiled_small, untiled_big = work_mib(128, 128, False), work_mib(256, 256, False)
-    tiled_small, tiled_big = work_mib(128, 128, True), work_mib(256, 256, True)
+    untiled_small, untiled_big, tiled_small, tiled_big = figures
     assert untiled_big > 2 * untiled_small  # 4x the pixels: the untiled decode needs far more
     assert tiled_big < 0.25 * untiled_big
     assert tiled_big < tiled_small + 32  # 4x the pixels, about the same memory (seen: 79 and 70 MiB)

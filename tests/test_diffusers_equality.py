@@ -8,7 +8,7 @@ import torch
 from conftest import variant
 from PIL import Image
 
-from cluster.executor import LocalExecutor, RayExecutor
+from cluster.executor import LocalExecutor
 from stages.context_parallel import ParallelLayout
 from stages.models import ComponentSpec, load_spec
 from stages.request import build_request
@@ -111,13 +111,10 @@ def test_bfloat16_equals_diffusers(tiny_spec):
     assert_equal_to_stock(spec, weights, LocalExecutor(spec, weights), CASES[0])
 
 
-def test_ray_actors_equal_diffusers(ray_session, tiny_spec, tiny_weights):
-    executor = RayExecutor(tiny_spec, tiny_weights)
-    try:
-        for case in CASES:
-            assert_equal_to_stock(tiny_spec, tiny_weights, executor, case)
-    finally:
-        executor.close()
+def test_ray_actors_equal_diffusers(executors, tiny_spec, tiny_weights):
+    executor = executors.get(tiny_spec, tiny_weights)
+    for case in CASES:
+        assert_equal_to_stock(tiny_spec, tiny_weights, executor, case)
 
 
 def picture(height=80, width=112, seed=3):
@@ -154,14 +151,10 @@ def test_image_changes_the_video(i2v):
 @pytest.mark.parametrize(
     "layout", [ParallelLayout(), ParallelLayout(ring=2), ParallelLayout(cfg=2)], ids=["1-worker", "ring-2", "cfg-2"]
 )
-def test_image_to_video_through_ray_equals_diffusers(ray_session, i2v, layout):
+def test_image_to_video_through_ray_equals_diffusers(executors, i2v, layout):
     """Through the stage actors, and over a 2-rank group: the video's frames split (ring
     attention, 3 latent frames: one rank's shard padded), or one guidance branch per rank (the
     image's latents joined to each branch's input)."""
     spec, weights = i2v
-    executor = RayExecutor(spec, weights, layout)
-    try:
-        case = dict(CASES[0], image="picture.png")
-        assert_equal_to_stock(spec, weights, executor, case, image=picture())
-    finally:
-        executor.close()
+    case = dict(CASES[0], image="picture.png")
+    assert_equal_to_stock(spec, weights, executors.get(spec, weights, layout), case, image=picture())

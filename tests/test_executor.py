@@ -7,7 +7,7 @@ import pytest
 from conftest import broken_family
 
 from cluster.driver import Job, generate
-from cluster.executor import LocalExecutor, ProgressRelay, RayExecutor, StageFailed, wait_relaying_progress
+from cluster.executor import LocalExecutor, ProgressRelay, StageFailed, wait_relaying_progress
 from stages.context_parallel import ParallelLayout
 from stages.request import GenerationRequest
 
@@ -61,36 +61,49 @@ def bad_job(spec, weights):
     return Job(spec, weights, r)
 
 
-def test_stage_failure_in_an_actor_names_the_stage(ray_session, tiny_spec, tiny_weights, tmp_path):
-    executor = RayExecutor(tiny_spec, tiny_weights)
-    try:
-        with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
-            generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
-    finally:
-        executor.close()
+def test_each_stage_runs_in_its_own_actor_process(ray_session, executors, tiny_spec, tiny_weights):
+    import os
+
+    executor = executors.get(tiny_spec, tiny_weights)
+    stages = ("encode", "decode", "measure")
+    actors = [*(executor.side[stage][0] for stage in stages), *executor.group.actors]
+    pids = ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors])
+    assert len(set(pids)) == 4 and os.getpid() not in pids  # the clarity panel in a process of its own too
+    # 2 cores shared by 4 stage processes: one thread each
+    assert executor.devices() == {
+        "encode": "cpu",
+        "denoise": "cpu",
+        "decode": "cpu",
+        "measure": "cpu (1 OpenCV thread)",
+    }
+
+
+def test_stage_failure_in_an_actor_names_the_stage(executors, tiny_spec, tiny_weights, tmp_path):
+    executor = executors.get(tiny_spec, tiny_weights)
+    with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
+        generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
     assert not (tmp_path / "never.mp4").exists()
 
 
-def test_a_failing_denoiser_group_is_torn_down_at_once(ray_session, tiny_spec, tiny_weights, tmp_path):
+def test_a_failing_denoiser_group_is_torn_down_at_once(executors, tiny_spec, tiny_weights, tmp_path):
     from ray.util import placement_group_table
 
-    executor = RayExecutor(tiny_spec, tiny_weights, ParallelLayout(ring=2))
+    executor = executors.get(tiny_spec, tiny_weights, ParallelLayout(ring=2))
     group_id = executor.group.placement_group.id.hex()
     try:
         with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
             generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
         assert executor.group.actors == [] and executor.group.placement_group is None
     finally:
-        executor.close()
+        executors.discard()  # its group is gone
     assert placement_group_table()[group_id]["state"] == "REMOVED"
 
 
-def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, tiny_spec, tiny_weights):
+def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, executors, tiny_spec, tiny_weights):
     """Rank 1 raises mid-forward while rank 0 waits in a collective: the driver notices rank 1's
     error itself (not a timeout on rank 0) and releases the group."""
 
-
-    executor = RayExecutor(tiny_spec, tiny_weights, ParallelLayout(ring=2))
+    executor = executors.get(tiny_spec, tiny_weights, ParallelLayout(ring=2))
     try:
         rank1 = executor.group.actors[1]
         ray_session.get(rank1.call.remote("__setattr__", "family", broken_family("rank 1 lost its GPU"))[0])
@@ -103,29 +116,9 @@ def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, tiny_spec, ti
         assert time.monotonic() - start < 30
         assert executor.group.actors == [] and executor.group.placement_group is None
     finally:
-        executor.close()
+        executors.discard()  # its group is gone
 
 
 def test_stage_failure_in_process_names_the_stage(tiny_spec, tiny_weights, tmp_path):
     with pytest.raises(StageFailed, match=r"^denoise stage failed: "):
         generate(bad_job(tiny_spec, tiny_weights), LocalExecutor(tiny_spec, tiny_weights), tmp_path / "x.mp4")
-
-
-def test_each_stage_runs_in_its_own_actor_process(ray_session, tiny_spec, tiny_weights):
-    import os
-
-    executor = RayExecutor(tiny_spec, tiny_weights)
-    try:
-        stages = ("encode", "decode", "measure")
-        actors = [*(executor.side[stage][0] for stage in stages), *executor.group.actors]
-        pids = ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors])
-    finally:
-        executor.close()
-    assert len(set(pids)) == 4 and os.getpid() not in pids  # the clarity panel in a process of its own too
-    # 2 cores shared by 4 stage processes: one thread each
-    assert executor.devices() == {
-        "encode": "cpu",
-        "denoise": "cpu",
-        "decode": "cpu",
-        "measure": "cpu (1 OpenCV thread)",
-    }

@@ -16,7 +16,7 @@ from PIL import Image
 from test_diffusers_equality import picture
 
 from cluster.cli import EXIT_INVALID, main
-from cluster.executor import LocalExecutor, RayExecutor
+from cluster.executor import LocalExecutor
 from cluster.jobs import JobStore
 from cluster.serving import ServeArgs, resolve_served
 from cluster.videos import VideoService
@@ -268,7 +268,7 @@ def test_i2vgen_local_equals_diffusers(i2vgen, case):
 
 
 @pytest.mark.parametrize("layout", [ParallelLayout(), ParallelLayout(cfg=2)], ids=["1-worker", "cfg-parallel-2"])
-def test_i2vgen_through_ray_equals_diffusers(ray_session, i2vgen, layout):
+def test_i2vgen_through_ray_equals_diffusers(executors, i2vgen, layout):
     """Its UNet's sequence is not split: across 2 workers each runs one guidance branch.
 
     A branch alone is a batch of one where diffusers runs a batch of two, and the convolutions
@@ -278,14 +278,11 @@ def test_i2vgen_through_ray_equals_diffusers(ray_session, i2vgen, layout):
     to 1e-5 of the latents' scale at the default 9 (docs/models.md).
     """
     spec, weights = i2vgen
-    executor = RayExecutor(spec, weights, layout)
-    try:
-        assert_i2vgen_equal_to_stock(spec, weights, executor, I2VGEN_CASES["cfg"], threads=1, relative=layout.cfg == 2)
-        if layout.cfg == 2:
-            low = dict(I2VGEN_CASES["cfg"], guidance_scale=2.0)
-            assert_i2vgen_equal_to_stock(spec, weights, executor, low, threads=1)
-    finally:
-        executor.close()
+    executor = executors.get(spec, weights, layout)
+    assert_i2vgen_equal_to_stock(spec, weights, executor, I2VGEN_CASES["cfg"], threads=1, relative=layout.cfg == 2)
+    if layout.cfg == 2:
+        low = dict(I2VGEN_CASES["cfg"], guidance_scale=2.0)
+        assert_i2vgen_equal_to_stock(spec, weights, executor, low, threads=1)
 
 
 def test_i2vgen_layouts_are_cfg_parallel_only(i2vgen):

@@ -11,7 +11,6 @@ from conftest import broken_family
 
 from cluster.cli import EXIT_FAILED, main
 from cluster.driver import GenerationResult, JobFailed, prepare_jobs, run_stream
-from cluster.executor import RayExecutor
 from stages.clarity import measure_file
 from stages.video_io import read_frames
 
@@ -29,17 +28,14 @@ def stream_jobs(tiny_weights):
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, stream_jobs, tmp_path_factory):
+def runs(executors, stream_jobs, tmp_path_factory):
     """The same four jobs through one Ray executor (2 decoders), pipelined and one after another."""
     out = tmp_path_factory.mktemp("stream")
-    executor = RayExecutor(stream_jobs[0].spec, stream_jobs[0].weights, decoders=2)
-    try:
-        results = {}
-        for mode in ("sequential", "pipelined"):
-            outputs = [out / f"{mode}-{i}.mp4" for i in range(len(stream_jobs))]
-            results[mode] = list(run_stream(stream_jobs, executor, outputs, pipelined=mode == "pipelined"))
-    finally:
-        executor.close()
+    executor = executors.get(stream_jobs[0].spec, stream_jobs[0].weights, decoders=2)
+    results = {}
+    for mode in ("sequential", "pipelined"):
+        outputs = [out / f"{mode}-{i}.mp4" for i in range(len(stream_jobs))]
+        results[mode] = list(run_stream(stream_jobs, executor, outputs, pipelined=mode == "pipelined"))
     assert all(isinstance(r, GenerationResult) for rs in results.values() for r in rs)
     return results
 
@@ -90,17 +86,15 @@ def test_bytes_moved_and_decoder_figures_are_recorded(runs, stream_jobs):
         assert result.params["decoders"] == "2" and result.params["tiling"] == "3x3"
 
 
-def stream_with_a_method_replaced(jobs, tmp_path, stage: str, index: int, method: str, replacement):
-    """Run `jobs` through a fresh Ray executor (2 decoders) whose `stage` actor number `index`
-    has its stage's `method` replaced; the results, and whether that actor was replaced since."""
-    executor = RayExecutor(jobs[0].spec, jobs[0].weights, decoders=2)
-    try:
-        patched = executor.side[stage][index]
-        ray.get(patched.call.remote("__setattr__", method, replacement)[0])
-        results = list(run_stream(jobs, executor, [tmp_path / f"{i}.mp4" for i in range(len(jobs))]))
-        return results, executor.side[stage][index] != patched
-    finally:
-        executor.close()
+def stream_with_a_method_replaced(executors, jobs, tmp_path, stage: str, index: int, method: str, replacement):
+    """Run `jobs` through a Ray executor (2 decoders, its stages built anew) whose `stage` actor
+    number `index` has its stage's `method` replaced; the results, and whether that actor was
+    replaced since."""
+    executor = executors.get(jobs[0].spec, jobs[0].weights, decoders=2)
+    patched = executor.side[stage][index]
+    ray.get(patched.call.remote("__setattr__", method, replacement)[0])
+    results = list(run_stream(jobs, executor, [tmp_path / f"{i}.mp4" for i in range(len(jobs))]))
+    return results, executor.side[stage][index] != patched
 
 
 def test_each_video_is_measured_in_the_panels_own_actor(runs):
@@ -116,7 +110,7 @@ def test_each_video_is_measured_in_the_panels_own_actor(runs):
         assert result.stages["write"][1] <= result.stages["measure"][0]
 
 
-def test_the_driver_takes_the_next_frames_while_a_video_is_measured(ray_session, stream_jobs, tmp_path):
+def test_the_driver_takes_the_next_frames_while_a_video_is_measured(executors, stream_jobs, tmp_path):
     """With a panel that takes a second per video, the driver does not wait for it: it takes
     job k+1's frames (and sends job k+2's decode) while job k is still being measured."""
 
@@ -128,34 +122,21 @@ def test_the_driver_takes_the_next_frames_while_a_video_is_measured(ray_session,
         time.sleep(1.0)
         return ClarityStage(threads=1).measure(media, reference, suffix, prompt, adherence)
 
-    results, _ = stream_with_a_method_replaced(stream_jobs[:3], tmp_path, "measure", 0, "measure", slow_measure)
+    results, _ = stream_with_a_method_replaced(
+        executors, stream_jobs[:3], tmp_path, "measure", 0, "measure", slow_measure
+    )
     assert all(r.clarity_error is None and r.metrics["measure_s"] >= 1.0 for r in results)
     for earlier, later in zip(results, results[1:], strict=False):
         assert later.stages["write"][0] < earlier.stages["measure"][1]  # frames taken mid-measure
 
 
-def test_prompts_file_streams_json_lines(tmp_path, capsys, ray_session, tiny_weights):
-    """`--prompts FILE`: one JSON line per job with its stage times; one decoder sends frames once."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox\n\n  a cat playing piano  \n")
-    code = main(["generate", "--model", "tiny", "--prompts", str(prompts), "--steps", "2", "--json",
-                 "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])  # fmt: skip
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    records = [json.loads(line) for line in out.strip().splitlines()]
-    assert [(r["job"], r["prompt"]) for r in records] == [(0, "a red fox"), (1, "a cat playing piano")]
-    for record in records:
-        assert list(record["stages"]) == ["encode", "denoise", "decode", "write", "measure"]
-        assert record["run_id"] and os.path.isfile(record["video"])
-        assert record["metrics"]["moved_bytes/frames"] == 9 * 64 * 96 * 3  # frames go to the writer once
-    assert "4/4" in err  # one progress bar over both jobs' steps
-
-
-def test_a_decoder_that_dies_fails_its_job_and_the_next_job_runs(ray_session, stream_jobs, tmp_path):
+def test_a_decoder_that_dies_fails_its_job_and_the_next_job_runs(executors, stream_jobs, tmp_path):
     def die(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
         os._exit(1)
 
-    results, replaced = stream_with_a_method_replaced(stream_jobs[:3], tmp_path, "decode", 1, "decode_tiles", die)
+    results, replaced = stream_with_a_method_replaced(
+        executors, stream_jobs[:3], tmp_path, "decode", 1, "decode_tiles", die
+    )
     assert replaced
     failed, *rest = results
     assert isinstance(failed, JobFailed) and failed.index == 0
@@ -165,14 +146,16 @@ def test_a_decoder_that_dies_fails_its_job_and_the_next_job_runs(ray_session, st
     assert all(read_frames(r.video).shape == (9, 64, 96, 3) for r in rest)
 
 
-def test_a_dying_panel_is_replaced_and_every_video_measured(ray_session, stream_jobs, tmp_path):
+def test_a_dying_panel_is_replaced_and_every_video_measured(executors, stream_jobs, tmp_path):
     """The panel's actor dies measuring job 0 (job 1's video is already queued on it): the
     actor is replaced and both videos are sent to the replacement once more."""
 
     def die(*args, **kwargs):  # defined here, so Ray ships it to the actor by value
         os._exit(1)
 
-    results, replaced = stream_with_a_method_replaced(stream_jobs[:2], tmp_path, "measure", 0, "measure", die)
+    results, replaced = stream_with_a_method_replaced(
+        executors, stream_jobs[:2], tmp_path, "measure", 0, "measure", die
+    )
     assert replaced
     for result in results:
         assert result.clarity_error is None and result.clarity_csv.is_file()
@@ -204,20 +187,19 @@ def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(tmp_path, capsy
         "cannot be decoded"  # fmt: skip
 
 
-def test_jobs_after_a_denoiser_group_failure_fail_saying_why(ray_session, stream_jobs, tmp_path):
+def test_jobs_after_a_denoiser_group_failure_fail_saying_why(executors, stream_jobs, tmp_path):
     """A rank fails during job 0: the group is torn down at once, and the jobs queued behind it
     fail with a message that says so (not with a bare 'actor died')."""
     from stages.context_parallel import ParallelLayout
 
-
     jobs = prepare_jobs("tiny", PROMPTS[:3], steps=2, seed=3, ring=2)
-    executor = RayExecutor(jobs[0].spec, jobs[0].weights, ParallelLayout(ring=2))
+    executor = executors.get(jobs[0].spec, jobs[0].weights, ParallelLayout(ring=2))
     try:
         rank1 = executor.group.actors[1]
         ray.get(rank1.call.remote("__setattr__", "family", broken_family("rank 1 lost its GPU"))[0])
         results = list(run_stream(jobs, executor, [tmp_path / f"{i}.mp4" for i in range(3)]))
     finally:
-        executor.close()
+        executors.discard()  # its group is gone
     assert all(isinstance(r, JobFailed) for r in results)
     assert str(results[0].error) == "denoise stage failed: RuntimeError: rank 1 lost its GPU"
     for later in results[1:]:
@@ -225,3 +207,21 @@ def test_jobs_after_a_denoiser_group_failure_fail_saying_why(ray_session, stream
             "denoise stage failed: RuntimeError: the denoiser group was shut down after a job failed in it "
             "(denoise stage failed: RuntimeError: rank 1 lost its GPU)"
         )
+
+
+def test_prompts_file_streams_json_lines(tmp_path, capsys, executors, tiny_weights):
+    """`--prompts FILE`: one JSON line per job with its stage times; one decoder sends frames once."""
+    executors.discard()  # the command makes its own executor on the test cluster
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\n  a cat playing piano  \n")
+    code = main(["generate", "--model", "tiny", "--prompts", str(prompts), "--steps", "2", "--json",
+                 "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    assert [(r["job"], r["prompt"]) for r in records] == [(0, "a red fox"), (1, "a cat playing piano")]
+    for record in records:
+        assert list(record["stages"]) == ["encode", "denoise", "decode", "write", "measure"]
+        assert record["run_id"] and os.path.isfile(record["video"])
+        assert record["metrics"]["moved_bytes/frames"] == 9 * 64 * 96 * 3  # frames go to the writer once
+    assert "4/4" in err  # one progress bar over both jobs' steps

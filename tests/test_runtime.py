@@ -111,33 +111,43 @@ class Probe:  # a stage that reports which GPU Ray gave its actor
     def describe(self):
         return os.environ.get("CUDA_VISIBLE_DEVICES", "")
 
-results = {}
-for gpus, workers in [(1, 1), (2, 2), (3, 2), (4, 2)]:
-    ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
-    plan = plan_resources(workers=workers)
-    group = ActorGroup(Probe, (), {}, workers, plan.denoise, plan.bundle)
-    side = [group.side_actor(r, Probe) for r in (plan.encode, plan.decode[0], plan.measure)]
-    ranks = ray.get(group.start(), timeout=120)
-    encode, decode, measure = ray.get([a.start.remote() for a in side], timeout=120)
-    results[f"{gpus}/{workers}"] = {"ranks": ranks, "encode": encode, "decode": decode, "measure": measure}
-    group.close()
-    ray.shutdown()
-print(json.dumps(results))
+gpus, workers = int(sys.argv[1]), int(sys.argv[2])
+ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+plan = plan_resources(workers=workers)
+group = ActorGroup(Probe, (), {}, workers, plan.denoise, plan.bundle)
+side = [group.side_actor(r, Probe) for r in (plan.encode, plan.decode[0], plan.measure)]
+ranks = ray.get(group.start(), timeout=120)
+encode, decode, measure = ray.get([a.start.remote() for a in side], timeout=120)
+print(json.dumps({"ranks": ranks, "encode": encode, "decode": decode, "measure": measure}))
 """
 
 
 def test_plans_are_schedulable_on_a_cluster_with_gpus(tmp_path):
     """Ray with simulated GPUs places every plan: each rank on a GPU of its own, the encoder and
-    decoder on spare GPUs or beside the first ranks."""
+    decoder on spare GPUs or beside the first ranks. One Ray per cluster size, the four at once
+    (each mostly waits for its Ray to start and stop)."""
     import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", PLACE_ON_FAKE_GPUS], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    placed = json.loads(proc.stdout.strip().splitlines()[-1])
+    sizes = [(1, 1), (2, 2), (3, 2), (4, 2)]  # (GPUs, denoiser ranks)
+    processes = {
+        f"{gpus}/{workers}": subprocess.Popen(
+            [sys.executable, "-c", PLACE_ON_FAKE_GPUS, str(gpus), str(workers)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        for gpus, workers in sizes
+    }
+    placed = {}
+    for size, process in processes.items():
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{size}: {err[-3000:]}"
+        placed[size] = json.loads(out.strip().splitlines()[-1])
     assert all(p.pop("measure") == "" for p in placed.values())  # the clarity panel sees no GPU
     assert placed["1/1"] == {"ranks": ["0"], "encode": "0", "decode": "0"}  # all three share the one GPU
     two = placed["2/2"]

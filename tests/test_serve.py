@@ -31,20 +31,18 @@ LEASE_S = 8.0  # short, so that the ingress-restart test waits little for the de
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
+def server(serve_base_url, tmp_path_factory):
     """The framecast application on Serve, its base URL and its data directory."""
     from ray import serve
 
     import serve_app
 
     os.environ[KEY_ENV] = KEY
-    port = free_port()
     data = tmp_path_factory.mktemp("serve")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = ServeArgs(model="tiny", data_dir=str(data), api_key_env=KEY_ENV, max_queue=MAX_QUEUE, lease_s=LEASE_S)
     serve.run(serve_app.app(args), name="framecast", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", data
-    serve.shutdown()
+    yield serve_base_url, data
+    serve.delete("framecast")
 
 
 def _get(url: str, **kwargs) -> requests.Response:

@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import requests
-from conftest import free_port
 from PIL import Image
 from test_diffusers_equality import picture
 
@@ -18,17 +17,15 @@ from cluster.serving import ServeArgs
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
+def server(serve_base_url, tmp_path_factory):
     from ray import serve
 
     import serve_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = ServeArgs(model="tiny-i2v", data_dir=str(tmp_path_factory.mktemp("serve-i2v")))
     serve.run(serve_app.app(args), name="framecast-i2v", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    yield serve_base_url
+    serve.delete("framecast-i2v")
 
 
 def png(array: np.ndarray) -> bytes:

@@ -4,7 +4,6 @@ decoded as shares by 2 decoder replicas (CPU, gloo, the tiny model)."""
 
 import pytest
 import torch
-from conftest import free_port
 
 from cluster.executor import LocalExecutor
 from cluster.serving import ServeArgs, ServeExecutor
@@ -15,17 +14,16 @@ TOL = 1e-5  # as tests/test_context_parallel.py: fp32 attention merged across ra
 
 
 @pytest.fixture(scope="module")
-def deployments(ray_session, tmp_path_factory):
+def deployments(serve_base_url, tmp_path_factory):
     from ray import serve
 
     import serve_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     args = ServeArgs(model="tiny", workers=2, decoders=2, data_dir=str(tmp_path_factory.mktemp("serve-cp")))
     serve.run(serve_app.app(args), name="framecast-cp", route_prefix="/")
     names = ("Encoder", "DenoiserGroup", "Decoder")
     yield {name: serve.get_deployment_handle(name, app_name="framecast-cp") for name in names}
-    serve.shutdown()
+    serve.delete("framecast-cp")
 
 
 def test_a_served_group_and_its_decoders_equal_one_process(deployments, tiny_spec, tiny_weights):

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cluster.cli import EXIT_INVALID, main
-from cluster.executor import LocalExecutor, RayExecutor
+from cluster.executor import LocalExecutor
 from stages.clarity import METRICS, PAIRWISE
 from stages.context_parallel import ParallelLayout
 from stages.denoiser import plan_layout
@@ -90,13 +90,9 @@ def test_local_equals_diffusers(zimage, case):
      (ParallelLayout(cfg=2), "guided"), (ParallelLayout(ulysses=3), "turbo")],
     ids=["ray-1-worker", "ring2-turbo", "ring2-guided", "cfg2-guided", "ulysses3-turbo"],
 )  # fmt: skip
-def test_through_ray_and_across_workers_equals_diffusers(ray_session, zimage, layout, case):
+def test_through_ray_and_across_workers_equals_diffusers(executors, zimage, layout, case):
     spec, weights = zimage
-    executor = RayExecutor(spec, weights, layout)
-    try:
-        assert_equal_to_stock(spec, weights, executor, CASES[case])
-    finally:
-        executor.close()
+    assert_equal_to_stock(spec, weights, executors.get(spec, weights, layout), CASES[case])
 
 
 def test_heads_that_the_degree_does_not_divide_go_by_ring(zimage):
