@@ -263,8 +263,12 @@ class DenoiserGroup(ActorGroup):
         within: Any = None,
     ):
         self.layout = layout
-        kwargs = {"layout": layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}
+        kwargs = self._stage_kwargs(layout)
         super().__init__(DenoiserStage, (spec, weights), kwargs, layout.world_size, rank, bundle, strategy, within)
+
+    @staticmethod
+    def _stage_kwargs(layout: ParallelLayout) -> dict[str, Any]:
+        return {"layout": layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}
 
     def rebuild(self, spec: ModelSpec, weights: Path, layout: ParallelLayout) -> list[ray.ObjectRef]:
         """Every rank builds its stage anew for this model and layout, of the group's world size,
@@ -272,8 +276,7 @@ class DenoiserGroup(ActorGroup):
         if layout.world_size != self.size:
             raise ValueError(f"a group of {self.size} ranks cannot take layout {layout} ({layout.world_size} ranks)")
         self.layout = layout
-        kwargs = {"layout": layout, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}
-        return [actor.rebuild.remote(spec, weights, **kwargs) for actor in self.actors]
+        return [actor.rebuild.remote(spec, weights, **self._stage_kwargs(layout)) for actor in self.actors]
 
     def call(self, method: str, *args: Any, progress_id: str | None = None) -> list[tuple[Any, Any]]:
         """`method` on every rank: (result ref, report ref) per rank; only rank 0 keeps its result.
@@ -351,7 +354,7 @@ class RayExecutor(Executor):
 
     def _side_actor(self, stage: str, index: int):
         resources = self.plan.decode[index] if stage == "decode" else getattr(self.plan, stage)
-        stage_class = {"encode": EncoderStage, "decode": DecoderStage, "measure": ClarityStage}[stage]
+        stage_class = ClarityStage if stage == Stage.MEASURE else MODEL_STAGES[Stage(stage)]
         args, kwargs = self._side_arguments(stage, index)
         return self.group.side_actor(resources, stage_class, *args, **kwargs)
 

@@ -9,7 +9,7 @@ from conftest import broken_family
 from cluster.driver import Job, generate
 from cluster.executor import LocalExecutor, ProgressRelay, StageFailed, wait_relaying_progress
 from stages.context_parallel import ParallelLayout
-from stages.request import GenerationRequest
+from stages.request import GenerationRequest, build_request
 
 
 def test_progress_is_relayed_live_and_per_call(ray_session):
@@ -76,6 +76,29 @@ def test_each_stage_runs_in_its_own_actor_process(ray_session, executors, tiny_s
         "decode": "cpu",
         "measure": "cpu (1 OpenCV thread)",
     }
+
+
+def test_reload_keeps_the_processes_and_equals_a_fresh_build(
+    ray_session, executors, tiny_spec, tiny_weights, rope_spec, rope_weights
+):
+    """Another model loaded into the same actors gives what that model gives in one process."""
+    import os
+
+    def pids(executor):
+        actors = [*(a for side in executor.side.values() for a in side), *executor.group.actors]
+        return ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors])
+
+    executor = executors.get(tiny_spec, tiny_weights)
+    before = pids(executor)
+    assert executors.get(rope_spec, rope_weights) is executor and pids(executor) == before
+    r = build_request(rope_spec, "a fox in the snow", steps=2, guidance_scale=6.0, seed=11, num_frames=9)
+
+    def latents(ex):
+        encoded = ex.call("encode", "encode", r.prompt, r.negative_prompt, True)
+        return ex.get(ex.call("denoise", "denoise", encoded, r))
+
+    local = LocalExecutor(rope_spec, rope_weights)
+    assert (latents(executor) - latents(local)).abs().max().item() <= 1e-5  # fp32, other thread counts
 
 
 def test_stage_failure_in_an_actor_names_the_stage(executors, tiny_spec, tiny_weights, tmp_path):
