@@ -26,7 +26,7 @@ import ray
 
 from cluster.actors import run_stage_method
 from cluster.process_group import COLLECTIVE_TIMEOUT_S, ActorGroup
-from cluster.runtime import ActorResources, ClusterLayout, load_cluster_layout, plan_resources
+from cluster.runtime import ActorResources, ClusterLayout, ResourcePlan, load_cluster_layout, plan_resources
 from stages.clarity import ClarityStage
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
@@ -242,6 +242,11 @@ def wait_relaying_progress(refs: list[ray.ObjectRef], relay: ProgressRelay, poll
             return
 
 
+def side_resources(plan: ResourcePlan, stage: str, index: int) -> ActorResources:
+    """What side actor `index` of `stage` (encode, decode or measure) asks of Ray under `plan`."""
+    return plan.decode[index] if stage == "decode" else getattr(plan, stage)
+
+
 class DenoiserGroup(ActorGroup):
     """One denoiser group: `layout.world_size` ranks of `DenoiserStage`, one per bundle of a
     placement group, joined as one process group, called as one. The one host of a group, for
@@ -324,6 +329,7 @@ class RayExecutor(Executor):
         self.layout = layout or ParallelLayout()
         self.cluster_layout = cluster_layout or load_cluster_layout("single-node")
         # One of `replicas` executors sharing the cluster (a sweep's); its actors take its share.
+        self.replicas = replicas
         self.plan = plan_resources(workers=self.layout.world_size, decoders=decoders, replicas=replicas)
         self.group: DenoiserGroup | None = None
         self.side: dict[str, list[Any]] = {"encode": [], "decode": [], "measure": []}
@@ -353,10 +359,9 @@ class RayExecutor(Executor):
         self._devices = {stage: ray.get(refs[0]) for stage, refs in starting.items() if refs}  # first actor of each
 
     def _side_actor(self, stage: str, index: int):
-        resources = self.plan.decode[index] if stage == "decode" else getattr(self.plan, stage)
         stage_class = ClarityStage if stage == Stage.MEASURE else MODEL_STAGES[Stage(stage)]
         args, kwargs = self._side_arguments(stage, index)
-        return self.group.side_actor(resources, stage_class, *args, **kwargs)
+        return self.group.side_actor(side_resources(self.plan, stage, index), stage_class, *args, **kwargs)
 
     def _side_arguments(self, stage: str, index: int) -> tuple[tuple, dict[str, Any]]:
         """What the stage of side actor `index` is built from."""
@@ -366,27 +371,57 @@ class RayExecutor(Executor):
             return (self.spec, self.weights), {}
         return (self.spec, self.weights), {"rank": index, "decoders": len(self.plan.decode)}
 
-    def reload(self, spec: ModelSpec, weights: Path, layout: ParallelLayout | None = None) -> None:
-        """Another model, or another layout of the same world size, in this executor's actors:
-        every stage is built anew in the process that hosted the old one, and the denoiser
-        ranks keep their process group. A driver that goes from model to model (a test suite, a
-        notebook) saves a process start per actor, which costs more than loading a small model.
-        If a stage fails to build, the executor is closed.
+    def reload(
+        self,
+        spec: ModelSpec,
+        weights: Path,
+        layout: ParallelLayout | None = None,
+        decoders: int | None = None,
+        encoder: bool | None = None,
+    ) -> None:
+        """Another model, another layout of the same world size, another number of decoders, or
+        the encoder added or dropped (None keeps what the executor has), in this executor's
+        actors: every stage is built anew in the process that hosted the old one, the denoiser
+        ranks keep their process group, and a process starts only for a side actor that was not
+        there (or that the new plan gives other resources). A driver that goes from model to
+        model (a test suite, a notebook) saves a process start per actor, which costs more than
+        loading a small model. If a stage fails to build, the executor is closed.
         """
         layout = layout or ParallelLayout()
+        decoders = self.decoders if decoders is None else decoders
+        encoder = bool(self.side["encode"]) if encoder is None else encoder
         if self.denoiser_down is not None:
             raise self.denoiser_down
-        building = self.group.rebuild(spec, weights, layout)
-        self.spec, self.weights, self.layout = spec, weights, layout
-        for stage in ("encode", "decode", "measure"):
-            for index, actor in enumerate(self.side[stage]):
-                args, kwargs = self._side_arguments(stage, index)
-                building.append(actor.rebuild.remote(*args, **kwargs))
+        if layout.world_size != self.layout.world_size:
+            raise ValueError(f"an executor of {self.layout.world_size} denoiser ranks cannot take layout {layout}")
+        plan = plan_resources(workers=layout.world_size, decoders=decoders, replicas=self.replicas)
+        if (plan.denoise, plan.bundle) != (self.plan.denoise, self.plan.bundle):  # the ranks would move
+            raise ValueError(f"{decoders} decoder(s) change the denoiser ranks' resources; make a new executor")
+        building = {"denoise": self.group.rebuild(spec, weights, layout)}
+        old_plan, self.plan = self.plan, plan
+        self.spec, self.weights, self.layout, self.decoders = spec, weights, layout, decoders
+        for stage, count in (("encode", int(encoder)), ("decode", decoders), ("measure", 1)):
+            actors, building[stage] = self.side[stage], []
+            for extra in actors[count:]:
+                ray.kill(extra)
+            del actors[count:]
+            for index in range(count):
+                if index < len(actors) and side_resources(old_plan, stage, index) == side_resources(plan, stage, index):
+                    args, kwargs = self._side_arguments(stage, index)
+                    building[stage].append(actors[index].rebuild.remote(*args, **kwargs))
+                    continue
+                if index < len(actors):  # the plan gives it other resources: a process of its own
+                    ray.kill(actors[index])
+                    actors[index] = self._side_actor(stage, index)
+                else:
+                    actors.append(self._side_actor(stage, index))
+                building[stage].append(actors[index].start.remote())
         try:
-            ray.get(building, timeout=ACTOR_START_TIMEOUT_S)
+            ray.get([ref for refs in building.values() for ref in refs], timeout=ACTOR_START_TIMEOUT_S)
         except BaseException:
             self.close()
             raise
+        self._devices = {stage: ray.get(refs[0]) for stage, refs in building.items() if refs}
 
     def devices(self) -> dict[str, str]:
         return dict(self._devices)

@@ -65,49 +65,59 @@ def ray_session():
 
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
+    EXECUTORS.discard()
     ray.shutdown()
 
 
 class Executors:
-    """The RayExecutors of one test module, one alive at a time (an executor takes every core of
-    the test cluster). A test asks for one of a shape (denoiser ranks, decoders, encoder or not)
-    and gets the previous test's executor with every stage built anew for its model and layout
-    (`RayExecutor.reload`), or a new one if the shape differs: a process start (importing torch,
-    diffusers and DeepSpeed) costs more than most tests' work, and no test depends on a fresh
-    process. A test that breaks its executor (kills an actor, fails a rank) discards it; so does
-    a test that fails."""
+    """The session's RayExecutor, one alive at a time (an executor takes every core of the test
+    cluster). A test asks for one with so many denoiser ranks, decoders and an encoder or not, and
+    gets the previous test's executor if its denoiser group has that many ranks, every stage
+    built anew for the test's model, layout and decoders (`RayExecutor.reload`, which starts a
+    process only for a decoder or an encoder it did not have), or a new one: a process start
+    (importing torch, diffusers and DeepSpeed) costs more than most tests' work, and no test
+    depends on a fresh process. A test that breaks its executor (kills an actor, fails a rank)
+    discards it; so does a test that fails, and a test that uses the test Ray without it (it
+    needs the cores)."""
 
     def __init__(self):
         self.current = None
-        self.shape: tuple | None = None
 
     def get(self, spec: ModelSpec, weights: Path, layout=None, decoders: int = 1, encoder: bool = True):
         from cluster.executor import RayExecutor
         from stages.context_parallel import ParallelLayout
 
         layout = layout or ParallelLayout()
-        shape = (layout.world_size, decoders, encoder)
         if self.current is not None and self.current.denoiser_down is not None:  # a job failed in its group
             self.discard()
-        if self.current is not None and self.shape == shape:
-            self.current.reload(spec, weights, layout)
+        if self.current is not None and self.current.layout.world_size == layout.world_size:
+            self.current.reload(spec, weights, layout, decoders=decoders, encoder=encoder)
         else:
             self.discard()
-            self.current, self.shape = RayExecutor(spec, weights, layout, decoders=decoders, encoder=encoder), shape
+            self.current = RayExecutor(spec, weights, layout, decoders=decoders, encoder=encoder)
         return self.current
 
     def discard(self) -> None:
         """Close the executor (before a test makes its own, or after one broke it)."""
         if self.current is not None:
             self.current.close()
-            self.current, self.shape = None, None
+            self.current = None
 
 
-@pytest.fixture(scope="module")
-def executors(ray_session):
-    reused = Executors()
-    yield reused
-    reused.discard()
+EXECUTORS = Executors()
+
+
+@pytest.fixture(scope="session")
+def executors(ray_session) -> Executors:
+    return EXECUTORS
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A test that uses the test Ray on its own (its actors, a Serve app, a CLI run) needs its
+    cores: the session's executor goes before the test's fixtures (a module's Serve app) start."""
+    if "ray_session" in item.fixturenames and "executors" not in item.fixturenames:
+        EXECUTORS.discard()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -115,7 +125,7 @@ def pytest_runtest_makereport(item, call):
     """A failed test's executor may be stuck in a collective or half built: the next test gets a new one."""
     outcome = yield
     if outcome.get_result().failed and "executors" in getattr(item, "funcargs", {}):
-        item.funcargs["executors"].discard()
+        EXECUTORS.discard()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
-from cluster.executor import RayExecutor
 from stages.decoder import TileSettings, assemble_frames, plan_decode, plan_tiles, postprocess
 from stages.errors import InvalidRequest
 from stages.models import load_spec
@@ -36,70 +35,6 @@ def diffusers_decode(weights, latents, s: TileSettings) -> tuple[torch.Tensor, t
             tile_overlap_factor_width=s.overlap_width / s.width,
         )
         return postprocess(vae.decode(z).sample), untiled
-
-
-def test_tiles_decoded_on_m_actors_equal_diffusers_tiling(ray_session, tiny_spec, tiny_weights):
-    cases = []
-    for height, width, frames, settings, grid in CASES:
-        latents = torch.randn(1, frames, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(height))
-        expected, untiled = diffusers_decode(tiny_weights, latents, settings)
-        assert (expected - untiled).abs().max() > 1e-3  # tiling changes the frames: the comparison means something
-        plan = plan_tiles(tiny_spec, height, width, settings)
-        assert plan.grid == grid
-        cases.append((latents, plan, expected))
-
-    for m in (1, 2, 3):
-        executor = RayExecutor(tiny_spec, tiny_weights, decoders=m, encoder=False)  # nothing here to encode
-        try:
-            for case, (latents, plan, expected) in enumerate(cases):
-                if m == 1:  # one actor decodes and blends every tile itself
-                    call = executor.call("decode", "decode_float", latents, plan)
-                    ours = executor.get(call)
-                else:  # each actor decodes its share; the driver blends them
-                    call = executor.call("decode", "decode_tiles", latents, plan)
-                    ours = assemble_frames(plan, [tile for share in executor.gather(call) for tile in share])
-                reports = executor.reports(call)
-                assert [r["tiles"] for r in reports] == [len(plan.share(rank, m)) for rank in range(m)]
-                assert all(r["tiles"] > 0 for r in reports)  # every actor took part
-                assert ours.shape == expected.shape
-                assert (ours - expected).abs().max().item() <= TOL, f"case {case}, {m} decoder(s)"
-        finally:
-            executor.close()
-
-
-def test_a_decoder_of_several_decodes_its_share_or_everything(tiny_spec, tiny_weights):
-    """decode_tiles is this decoder's share; decode (one decoder's whole job) is every tile."""
-    from stages.decoder import DecoderStage
-
-    plan = plan_tiles(tiny_spec, 64, 96, TileSettings(32, 48, 8, 8))
-    second = DecoderStage(tiny_spec, tiny_weights, rank=1, decoders=2)
-    latents = torch.randn(1, 3, 4, 8, 12, generator=torch.Generator().manual_seed(1))
-    assert [t.index for t in second.decode_tiles(latents, plan)] == plan.share(1, 2) != list(range(9))
-    whole = DecoderStage(tiny_spec, tiny_weights).decode(latents, plan)
-    assert (second.decode(latents, plan) == whole).all() and second.last_run_stats()["tiles"] == 9
-
-
-def test_shares_cover_every_tile_once_and_balance_the_area():
-    spec = load_spec("cogvideox-2b")
-    plan = plan_decode(spec, 480, 720, decoders=3)
-    # diffusers' defaults for 480x720: 240x360 tiles overlapping by 40x72, a 3x3 grid.
-    assert plan.settings == TileSettings(240, 360, 40, 72) and plan.grid == (3, 3)
-    assert (plan.blend_height, plan.blend_width, plan.keep_height, plan.keep_width) == (40, 72, 200, 288)
-    for m in (1, 2, 3, 9):
-        shares = [plan.share(rank, m) for rank in range(m)]
-        assert sorted(i for share in shares for i in share) == list(range(9))
-        areas = [sum(plan.tiles[i].height * plan.tiles[i].width for i in share) for share in shares]
-        biggest_tile = max(t.height * t.width for t in plan.tiles)
-        assert max(areas) - min(areas) <= biggest_tile
-
-
-def test_untiled_unless_asked():
-    spec = load_spec("cogvideox-2b")
-    assert not plan_decode(spec, 480, 720).tiled
-    assert plan_decode(spec, 480, 720, tile_size=(240, 360)).settings == TileSettings(240, 360, 40, 72)
-    assert not plan_decode(spec, 240, 352, tile_size=(240, 360)).tiled  # fits one tile: decoded untiled
-    with pytest.raises(InvalidRequest, match=r"^decoders 2 is more than the 1 tile\(s\) of a 240x352 video"):
-        plan_decode(spec, 240, 352, decoders=2)
 
 
 def test_per_actor_memory_is_bounded_by_the_tile_not_the_video(ray_session, tiny_spec, tiny_weights):
@@ -137,3 +72,65 @@ def test_per_actor_memory_is_bounded_by_the_tile_not_the_video(ray_session, tiny
     assert untiled_big > 2 * untiled_small  # 4x the pixels: the untiled decode needs far more
     assert tiled_big < 0.25 * untiled_big
     assert tiled_big < tiled_small + 32  # 4x the pixels, about the same memory (seen: 79 and 70 MiB)
+
+
+def test_tiles_decoded_on_m_actors_equal_diffusers_tiling(executors, tiny_spec, tiny_weights):
+    cases = []
+    for height, width, frames, settings, grid in CASES:
+        latents = torch.randn(1, frames, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(height))
+        expected, untiled = diffusers_decode(tiny_weights, latents, settings)
+        assert (expected - untiled).abs().max() > 1e-3  # tiling changes the frames: the comparison means something
+        plan = plan_tiles(tiny_spec, height, width, settings)
+        assert plan.grid == grid
+        cases.append((latents, plan, expected))
+
+    for m in (3, 2, 1):  # one executor, a decoder fewer each time (RayExecutor.reload); all start at once
+        executor = executors.get(tiny_spec, tiny_weights, decoders=m, encoder=False)  # nothing here to encode
+        assert len(executor.side["decode"]) == m and not executor.side["encode"]
+        for case, (latents, plan, expected) in enumerate(cases):
+            if m == 1:  # one actor decodes and blends every tile itself
+                call = executor.call("decode", "decode_float", latents, plan)
+                ours = executor.get(call)
+            else:  # each actor decodes its share; the driver blends them
+                call = executor.call("decode", "decode_tiles", latents, plan)
+                ours = assemble_frames(plan, [tile for share in executor.gather(call) for tile in share])
+            reports = executor.reports(call)
+            assert [r["tiles"] for r in reports] == [len(plan.share(rank, m)) for rank in range(m)]
+            assert all(r["tiles"] > 0 for r in reports)  # every actor took part
+            assert ours.shape == expected.shape
+            assert (ours - expected).abs().max().item() <= TOL, f"case {case}, {m} decoder(s)"
+
+
+def test_a_decoder_of_several_decodes_its_share_or_everything(tiny_spec, tiny_weights):
+    """decode_tiles is this decoder's share; decode (one decoder's whole job) is every tile."""
+    from stages.decoder import DecoderStage
+
+    plan = plan_tiles(tiny_spec, 64, 96, TileSettings(32, 48, 8, 8))
+    second = DecoderStage(tiny_spec, tiny_weights, rank=1, decoders=2)
+    latents = torch.randn(1, 3, 4, 8, 12, generator=torch.Generator().manual_seed(1))
+    assert [t.index for t in second.decode_tiles(latents, plan)] == plan.share(1, 2) != list(range(9))
+    whole = DecoderStage(tiny_spec, tiny_weights).decode(latents, plan)
+    assert (second.decode(latents, plan) == whole).all() and second.last_run_stats()["tiles"] == 9
+
+
+def test_shares_cover_every_tile_once_and_balance_the_area():
+    spec = load_spec("cogvideox-2b")
+    plan = plan_decode(spec, 480, 720, decoders=3)
+    # diffusers' defaults for 480x720: 240x360 tiles overlapping by 40x72, a 3x3 grid.
+    assert plan.settings == TileSettings(240, 360, 40, 72) and plan.grid == (3, 3)
+    assert (plan.blend_height, plan.blend_width, plan.keep_height, plan.keep_width) == (40, 72, 200, 288)
+    for m in (1, 2, 3, 9):
+        shares = [plan.share(rank, m) for rank in range(m)]
+        assert sorted(i for share in shares for i in share) == list(range(9))
+        areas = [sum(plan.tiles[i].height * plan.tiles[i].width for i in share) for share in shares]
+        biggest_tile = max(t.height * t.width for t in plan.tiles)
+        assert max(areas) - min(areas) <= biggest_tile
+
+
+def test_untiled_unless_asked():
+    spec = load_spec("cogvideox-2b")
+    assert not plan_decode(spec, 480, 720).tiled
+    assert plan_decode(spec, 480, 720, tile_size=(240, 360)).settings == TileSettings(240, 360, 40, 72)
+    assert not plan_decode(spec, 240, 352, tile_size=(240, 360)).tiled  # fits one tile: decoded untiled
+    with pytest.raises(InvalidRequest, match=r"^decoders 2 is more than the 1 tile\(s\) of a 240x352 video"):
+        plan_decode(spec, 240, 352, decoders=2)

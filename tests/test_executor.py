@@ -12,6 +12,49 @@ from stages.context_parallel import ParallelLayout
 from stages.request import GenerationRequest, build_request
 
 
+def bad_job(spec, weights):
+    # Bypasses validation on purpose: 72 px is 9 latent rows, which the transformer's 2x2 patches can't tile.
+    r = GenerationRequest(prompt="a cat", negative_prompt="", steps=2, guidance_scale=6.0, num_frames=9, fps=8,
+                          height=72, width=96, seed=0)  # fmt: skip
+    return Job(spec, weights, r)
+
+
+# The two ring-2 tests come first: they take the ring-2 executor that test_diffusers_equality
+# leaves (a process start saved), and break it.
+def test_a_failing_denoiser_group_is_torn_down_at_once(executors, tiny_spec, tiny_weights, tmp_path):
+    from ray.util import placement_group_table
+
+    executor = executors.get(tiny_spec, tiny_weights, ParallelLayout(ring=2))
+    group_id = executor.group.placement_group.id.hex()
+    try:
+        with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
+            generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
+        assert executor.group.actors == [] and executor.group.placement_group is None
+    finally:
+        executors.discard()  # its group is gone
+    assert placement_group_table()[group_id]["state"] == "REMOVED"
+
+
+def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, executors, tiny_spec, tiny_weights):
+    """Rank 1 raises mid-forward while rank 0 waits in a collective: the driver notices rank 1's
+    error itself (not a timeout on rank 0) and releases the group."""
+
+    executor = executors.get(tiny_spec, tiny_weights, ParallelLayout(ring=2))
+    try:
+        rank1 = executor.group.actors[1]
+        ray_session.get(rank1.call.remote("__setattr__", "family", broken_family("rank 1 lost its GPU"))[0])
+        r = bad_job(tiny_spec, tiny_weights).request
+        encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
+        start = time.monotonic()
+        denoised = executor.call("denoise", "denoise", encoded, replace(r, height=64), progress=lambda d, t: None)
+        with pytest.raises(StageFailed, match=r"^denoise stage failed: RuntimeError: rank 1 lost its GPU$"):
+            executor.wait(encoded, denoised)
+        assert time.monotonic() - start < 30
+        assert executor.group.actors == [] and executor.group.placement_group is None
+    finally:
+        executors.discard()  # its group is gone
+
+
 def test_progress_is_relayed_live_and_per_call(ray_session):
     from cluster.actors import StageActor
 
@@ -54,13 +97,6 @@ def test_progress_is_relayed_live_and_per_call(ray_session):
     ray_session.kill(actor)
 
 
-def bad_job(spec, weights):
-    # Bypasses validation on purpose: 72 px is 9 latent rows, which the transformer's 2x2 patches can't tile.
-    r = GenerationRequest(prompt="a cat", negative_prompt="", steps=2, guidance_scale=6.0, num_frames=9, fps=8,
-                          height=72, width=96, seed=0)  # fmt: skip
-    return Job(spec, weights, r)
-
-
 def test_each_stage_runs_in_its_own_actor_process(ray_session, executors, tiny_spec, tiny_weights):
     import os
 
@@ -81,12 +117,14 @@ def test_each_stage_runs_in_its_own_actor_process(ray_session, executors, tiny_s
 def test_reload_keeps_the_processes_and_equals_a_fresh_build(
     ray_session, executors, tiny_spec, tiny_weights, rope_spec, rope_weights
 ):
-    """Another model loaded into the same actors gives what that model gives in one process."""
+    """Another model loaded into the same actors gives what that model gives in one process;
+    another number of decoders, or no encoder, starts or stops only those actors."""
     import os
 
-    def pids(executor):
-        actors = [*(a for side in executor.side.values() for a in side), *executor.group.actors]
-        return ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors])
+    def pids(executor) -> dict[str, list[int]]:
+        stages = {**executor.side, "denoise": executor.group.actors}
+        return {stage: ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors])
+                for stage, actors in stages.items()}  # fmt: skip
 
     executor = executors.get(tiny_spec, tiny_weights)
     before = pids(executor)
@@ -100,46 +138,20 @@ def test_reload_keeps_the_processes_and_equals_a_fresh_build(
     local = LocalExecutor(rope_spec, rope_weights)
     assert (latents(executor) - latents(local)).abs().max().item() <= 1e-5  # fp32, other thread counts
 
+    assert executors.get(tiny_spec, tiny_weights, decoders=2, encoder=False) is executor
+    after = pids(executor)
+    assert after["encode"] == [] and "encode" not in executor.devices()
+    assert after["decode"][0] == before["decode"][0] and after["decode"][1] not in before["decode"]
+    assert (after["measure"], after["denoise"]) == (before["measure"], before["denoise"])
+    with pytest.raises(ValueError, match="an executor of 1 denoiser ranks cannot take layout"):
+        executor.reload(tiny_spec, tiny_weights, ParallelLayout(ring=2))
+
 
 def test_stage_failure_in_an_actor_names_the_stage(executors, tiny_spec, tiny_weights, tmp_path):
     executor = executors.get(tiny_spec, tiny_weights)
     with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
         generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
     assert not (tmp_path / "never.mp4").exists()
-
-
-def test_a_failing_denoiser_group_is_torn_down_at_once(executors, tiny_spec, tiny_weights, tmp_path):
-    from ray.util import placement_group_table
-
-    executor = executors.get(tiny_spec, tiny_weights, ParallelLayout(ring=2))
-    group_id = executor.group.placement_group.id.hex()
-    try:
-        with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
-            generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
-        assert executor.group.actors == [] and executor.group.placement_group is None
-    finally:
-        executors.discard()  # its group is gone
-    assert placement_group_table()[group_id]["state"] == "REMOVED"
-
-
-def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, executors, tiny_spec, tiny_weights):
-    """Rank 1 raises mid-forward while rank 0 waits in a collective: the driver notices rank 1's
-    error itself (not a timeout on rank 0) and releases the group."""
-
-    executor = executors.get(tiny_spec, tiny_weights, ParallelLayout(ring=2))
-    try:
-        rank1 = executor.group.actors[1]
-        ray_session.get(rank1.call.remote("__setattr__", "family", broken_family("rank 1 lost its GPU"))[0])
-        r = bad_job(tiny_spec, tiny_weights).request
-        encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
-        start = time.monotonic()
-        denoised = executor.call("denoise", "denoise", encoded, replace(r, height=64), progress=lambda d, t: None)
-        with pytest.raises(StageFailed, match=r"^denoise stage failed: RuntimeError: rank 1 lost its GPU$"):
-            executor.wait(encoded, denoised)
-        assert time.monotonic() - start < 30
-        assert executor.group.actors == [] and executor.group.placement_group is None
-    finally:
-        executors.discard()  # its group is gone
 
 
 def test_stage_failure_in_process_names_the_stage(tiny_spec, tiny_weights, tmp_path):
