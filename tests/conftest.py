@@ -15,6 +15,10 @@ def _hermetic_env(tmp_path_factory):
     puts artifacts under ./mlruns of the working directory, and nothing may land in the checkout."""
     os.environ["FRAMECAST_CACHE"] = str(tmp_path_factory.mktemp("framecast-cache"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/default.db"
+    # Every Ray these tests start (theirs, a CLI's, a `ray start`) starts no idle workers ahead of
+    # time: Ray would start one per CPU for tasks, these tests run actors only (each gets a process
+    # of its own), and an idle worker costs a process start and polls for the rest of its Ray.
+    os.environ["RAY_prestart_worker_first_driver"] = "0"
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
@@ -138,7 +142,25 @@ def serve_base_url(ray_session) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    serve.shutdown()  # nothing to do if the last test that used it shut it down
+
+
+SERVE_USERS = []  # the session's tests that use its Serve, in the order they run
+
+
+def pytest_collection_finish(session):
+    SERVE_USERS[:] = [item for item in session.items if "serve_base_url" in item.fixturenames]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Serve goes when the last test that uses it is done: its controller and proxy poll (about
+    6 % of a core) for as long as they run, and the tests after the Serve modules need the cores."""
+    yield
+    if SERVE_USERS and item is SERVE_USERS[-1]:
+        from ray import serve
+
+        serve.shutdown()
 
 
 def free_port() -> int:
