@@ -231,6 +231,33 @@ def merge_partial(
     return out * keep + block_out.float() * add, new_lse
 
 
+def init_deepspeed_comm() -> None:
+    """DeepSpeed's communication backend (which DistributedAttention sends through) over the
+    process group torch.distributed already has.
+
+    With gloo (ranks on CPU cores), DeepSpeed's TorchBackend first builds its shared-memory
+    all-reduce op, a C++ JIT compile of about a minute on 2 cores, again on every machine and
+    every install path (its cache is keyed by the include paths). Ulysses sends only all-to-all,
+    which goes through torch.distributed, so the op is left unbuilt there. With NCCL there is no
+    such op to build, and DeepSpeed starts as it is.
+    """
+    import importlib
+
+    import deepspeed
+
+    if dist.get_backend() != "gloo":
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        return
+    # `deepspeed.comm.torch` as an attribute is the torch module that deepspeed.comm imports.
+    backend = importlib.import_module("deepspeed.comm.torch")
+    build_shm_op = backend.build_shm_op
+    backend.build_shm_op = lambda: None
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    finally:
+        backend.build_shm_op = build_shm_op
+
+
 class ContextParallel:
     """This rank's part of a denoiser group: its process groups and its attention over them.
 
@@ -263,10 +290,9 @@ class ContextParallel:
 
         self._ulysses = None
         if u > 1:
-            import deepspeed  # imported here: its import is slow and only Ulysses needs it
-            from deepspeed.sequence.layer import DistributedAttention
+            from deepspeed.sequence.layer import DistributedAttention  # here: a slow import only Ulysses needs
 
-            deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+            init_deepspeed_comm()
             # (batch, seq, heads, dim) tensors: scatter heads (dim 2), gather the sequence (dim 1).
             self._ulysses = DistributedAttention(self._attend_gathered, self.ulysses_group, scatter_idx=2, gather_idx=1)
 
