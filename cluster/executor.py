@@ -379,12 +379,14 @@ class RayExecutor(Executor):
         decoders: int | None = None,
         encoder: bool | None = None,
     ) -> None:
-        """Another model, another layout of the same world size, another number of decoders, or
-        the encoder added or dropped (None keeps what the executor has), in this executor's
-        actors: every stage is built anew in the process that hosted the old one, the denoiser
-        ranks keep their process group, and a process starts only for a side actor that was not
-        there (or that the new plan gives other resources). A driver that goes from model to
-        model (a test suite, a notebook) saves a process start per actor, which costs more than
+        """Another model, another layout, another number of decoders, or the encoder added or
+        dropped (None keeps what the executor has), in this executor's actors where they can
+        stay: every stage is built anew in the process that hosted the old one. A process starts
+        only for an actor that was not there or must move: the denoiser ranks when the world size
+        or the ranks' resources change (a new group in a placement group of its own), and a side
+        actor that the new plan gives other resources or that lived in the old group's bundles.
+        A driver that goes from model to model or layout to layout (a test suite, a notebook, a
+        sweep over workers) saves a process start per actor that stays, which costs more than
         loading a small model. If a stage fails to build, the executor is closed.
         """
         layout = layout or ParallelLayout()
@@ -392,31 +394,40 @@ class RayExecutor(Executor):
         encoder = bool(self.side["encode"]) if encoder is None else encoder
         if self.denoiser_down is not None:
             raise self.denoiser_down
-        if layout.world_size != self.layout.world_size:
-            raise ValueError(f"an executor of {self.layout.world_size} denoiser ranks cannot take layout {layout}")
         plan = plan_resources(workers=layout.world_size, decoders=decoders, replicas=self.replicas)
-        if (plan.denoise, plan.bundle) != (self.plan.denoise, self.plan.bundle):  # the ranks would move
-            raise ValueError(f"{decoders} decoder(s) change the denoiser ranks' resources; make a new executor")
-        building = {"denoise": self.group.rebuild(spec, weights, layout)}
+        regroup = layout.world_size != self.layout.world_size or (plan.denoise, plan.bundle) != (
+            self.plan.denoise,
+            self.plan.bundle,
+        )
         old_plan, self.plan = self.plan, plan
         self.spec, self.weights, self.layout, self.decoders = spec, weights, layout, decoders
-        for stage, count in (("encode", int(encoder)), ("decode", decoders), ("measure", 1)):
-            actors, building[stage] = self.side[stage], []
-            for extra in actors[count:]:
-                ray.kill(extra)
-            del actors[count:]
-            for index in range(count):
-                if index < len(actors) and side_resources(old_plan, stage, index) == side_resources(plan, stage, index):
-                    args, kwargs = self._side_arguments(stage, index)
-                    building[stage].append(actors[index].rebuild.remote(*args, **kwargs))
-                    continue
-                if index < len(actors):  # the plan gives it other resources: a process of its own
-                    ray.kill(actors[index])
-                    actors[index] = self._side_actor(stage, index)
-                else:
-                    actors.append(self._side_actor(stage, index))
-                building[stage].append(actors[index].start.remote())
         try:
+            if regroup:  # the old group's placement group goes first: the new one may need its devices
+                self.group.close()
+                self.group = DenoiserGroup(
+                    spec, weights, layout, plan.denoise, plan.bundle, self.cluster_layout.denoiser_placement
+                )
+                building = {"denoise": self.group.start()}
+            else:
+                building = {"denoise": self.group.rebuild(spec, weights, layout)}
+            for stage, count in (("encode", int(encoder)), ("decode", decoders), ("measure", 1)):
+                actors, building[stage] = self.side[stage], []
+                for extra in actors[count:]:
+                    ray.kill(extra)
+                del actors[count:]
+                for index in range(count):
+                    old = side_resources(old_plan, stage, index) if index < len(actors) else None
+                    stays = old == side_resources(plan, stage, index) and not (regroup and old.beside_rank is not None)
+                    if stays:
+                        args, kwargs = self._side_arguments(stage, index)
+                        building[stage].append(actors[index].rebuild.remote(*args, **kwargs))
+                        continue
+                    if index < len(actors):  # other resources, or its bundle went with the old group
+                        ray.kill(actors[index])
+                        actors[index] = self._side_actor(stage, index)
+                    else:
+                        actors.append(self._side_actor(stage, index))
+                    building[stage].append(actors[index].start.remote())
             ray.get([ref for refs in building.values() for ref in refs], timeout=ACTOR_START_TIMEOUT_S)
         except BaseException:
             self.close()

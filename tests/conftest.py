@@ -76,9 +76,9 @@ def ray_session():
 class Executors:
     """The session's RayExecutor, one alive at a time (an executor takes every core of the test
     cluster). A test asks for one with so many denoiser ranks, decoders and an encoder or not, and
-    gets the previous test's executor if its denoiser group has that many ranks, every stage
-    built anew for the test's model, layout and decoders (`RayExecutor.reload`, which starts a
-    process only for a decoder or an encoder it did not have), or a new one: a process start
+    gets the previous test's executor with every stage built anew for the test's model, layout
+    and decoders (`RayExecutor.reload`, which starts processes only for a denoiser group of
+    another size and for a decoder or an encoder it did not have), or a new one: a process start
     (importing torch, diffusers and DeepSpeed) costs more than most tests' work, and no test
     depends on a fresh process. A test that breaks its executor (kills an actor, fails a rank)
     discards it; so does a test that fails, and a test that uses the test Ray without it (it
@@ -94,10 +94,9 @@ class Executors:
         layout = layout or ParallelLayout()
         if self.current is not None and self.current.denoiser_down is not None:  # a job failed in its group
             self.discard()
-        if self.current is not None and self.current.layout.world_size == layout.world_size:
+        if self.current is not None:
             self.current.reload(spec, weights, layout, decoders=decoders, encoder=encoder)
         else:
-            self.discard()
             self.current = RayExecutor(spec, weights, layout, decoders=decoders, encoder=encoder)
         return self.current
 

@@ -118,7 +118,8 @@ def test_reload_keeps_the_processes_and_equals_a_fresh_build(
     ray_session, executors, tiny_spec, tiny_weights, rope_spec, rope_weights
 ):
     """Another model loaded into the same actors gives what that model gives in one process;
-    another number of decoders, or no encoder, starts or stops only those actors."""
+    another number of decoders, or no encoder, starts or stops only those actors; a layout of
+    another world size starts a new denoiser group and keeps the other actors."""
     import os
 
     def pids(executor) -> dict[str, list[int]]:
@@ -143,8 +144,13 @@ def test_reload_keeps_the_processes_and_equals_a_fresh_build(
     assert after["encode"] == [] and "encode" not in executor.devices()
     assert after["decode"][0] == before["decode"][0] and after["decode"][1] not in before["decode"]
     assert (after["measure"], after["denoise"]) == (before["measure"], before["denoise"])
-    with pytest.raises(ValueError, match="an executor of 1 denoiser ranks cannot take layout"):
-        executor.reload(tiny_spec, tiny_weights, ParallelLayout(ring=2))
+
+    # A layout of another world size: a new denoiser group (new processes), the side actors stay.
+    assert executors.get(rope_spec, rope_weights, ParallelLayout(ring=2), decoders=2, encoder=True) is executor
+    regrouped = pids(executor)
+    assert len(regrouped["denoise"]) == 2 and not set(regrouped["denoise"]) & set(after["denoise"])
+    assert (regrouped["decode"], regrouped["measure"]) == (after["decode"], after["measure"])
+    assert (latents(executor) - latents(local)).abs().max().item() <= 1e-5
 
 
 def test_stage_failure_in_an_actor_names_the_stage(executors, tiny_spec, tiny_weights, tmp_path):
