@@ -383,8 +383,9 @@ class RayExecutor(Executor):
         dropped (None keeps what the executor has), in this executor's actors where they can
         stay: every stage is built anew in the process that hosted the old one. A process starts
         only for an actor that was not there or must move: the denoiser ranks when the world size
-        or the ranks' resources change (a new group in a placement group of its own), and a side
-        actor that the new plan gives other resources or that lived in the old group's bundles.
+        or the ranks' resources change, or when a failure tore their group down (a new group in a
+        placement group of its own), and a side actor that the new plan gives other resources or
+        that lived in the old group's bundles.
         A driver that goes from model to model or layout to layout (a test suite, a notebook, a
         sweep over workers) saves a process start per actor that stays, which costs more than
         loading a small model. If a stage fails to build, the executor is closed.
@@ -392,12 +393,11 @@ class RayExecutor(Executor):
         layout = layout or ParallelLayout()
         decoders = self.decoders if decoders is None else decoders
         encoder = bool(self.side["encode"]) if encoder is None else encoder
-        if self.denoiser_down is not None:
-            raise self.denoiser_down
         plan = plan_resources(workers=layout.world_size, decoders=decoders, replicas=self.replicas)
-        regroup = layout.world_size != self.layout.world_size or (plan.denoise, plan.bundle) != (
-            self.plan.denoise,
-            self.plan.bundle,
+        regroup = (
+            self.denoiser_down is not None  # a failure tore the group down: a new one takes its place
+            or layout.world_size != self.layout.world_size
+            or (plan.denoise, plan.bundle) != (self.plan.denoise, self.plan.bundle)
         )
         old_plan, self.plan = self.plan, plan
         self.spec, self.weights, self.layout, self.decoders = spec, weights, layout, decoders
@@ -407,6 +407,7 @@ class RayExecutor(Executor):
                 self.group = DenoiserGroup(
                     spec, weights, layout, plan.denoise, plan.bundle, self.cluster_layout.denoiser_placement
                 )
+                self.denoiser_down = None
                 building = {"denoise": self.group.start()}
             else:
                 building = {"denoise": self.group.rebuild(spec, weights, layout)}

@@ -80,9 +80,10 @@ class Executors:
     and decoders (`RayExecutor.reload`, which starts processes only for a denoiser group of
     another size and for a decoder or an encoder it did not have), or a new one: a process start
     (importing torch, diffusers and DeepSpeed) costs more than most tests' work, and no test
-    depends on a fresh process. A test that breaks its executor (kills an actor, fails a rank)
-    discards it; so does a test that fails, and a test that uses the test Ray without it (it
-    needs the cores)."""
+    depends on a fresh process. A rank that failed leaves a torn-down group, which the next
+    `get` replaces (the other actors stay). The executor goes after a test that fails, and
+    before a test that uses the test Ray without it (it needs the cores), unless that test is
+    marked `beside_executor` (its actors ask for no CPU)."""
 
     def __init__(self):
         self.current = None
@@ -92,8 +93,6 @@ class Executors:
         from stages.context_parallel import ParallelLayout
 
         layout = layout or ParallelLayout()
-        if self.current is not None and self.current.denoiser_down is not None:  # a job failed in its group
-            self.discard()
         if self.current is not None:
             self.current.reload(spec, weights, layout, decoders=decoders, encoder=encoder)
         else:
@@ -118,9 +117,11 @@ def executors(ray_session) -> Executors:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """A test that uses the test Ray on its own (its actors, a Serve app, a CLI run) needs its
-    cores: the session's executor goes before the test's fixtures (a module's Serve app) start."""
+    cores: the session's executor goes before the test's fixtures (a module's Serve app) start.
+    A test marked `beside_executor` starts only actors that ask for no CPU, and leaves it."""
     if "ray_session" in item.fixturenames and "executors" not in item.fixturenames:
-        EXECUTORS.discard()
+        if item.get_closest_marker("beside_executor") is None:
+            EXECUTORS.discard()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -239,27 +239,29 @@ def check_group(ray_session, reference, groups, model, frames, layout):
     assert all(s["peak_memory_mib"] > 0 for s in stats)
 
 
-def test_ray_executor_with_a_group_equals_local_frames(ray_session, tiny_spec, tiny_weights):
+def test_ray_executor_with_a_group_equals_local_frames(executors, tiny_spec, tiny_weights):
     """The whole chain (encoder actor -> Ulysses group -> decoder actor) gives the in-process frames."""
-    from cluster.executor import LocalExecutor, RayExecutor
+    from cluster.executor import LocalExecutor
 
     r = build_request(tiny_spec, "a red fox", steps=2, seed=9, num_frames=17)
 
     def frames(executor):
-        try:
-            encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
-            denoised = executor.call("denoise", "denoise", encoded, r)
-            decoded = executor.call("decode", "decode_float", denoised)
-            frames = executor.get(decoded)
-            handed_on.append((encoded.deliveries, denoised.deliveries))  # before the check below fetches them
-            handed_on.append(executor.gather(denoised)[1:])
-            return frames
-        finally:
-            executor.close()
+        encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
+        denoised = executor.call("denoise", "denoise", encoded, r)
+        decoded = executor.call("decode", "decode_float", denoised)
+        frames = executor.get(decoded)
+        handed_on.append((encoded.deliveries, denoised.deliveries))  # before the check below fetches them
+        handed_on.append(executor.gather(denoised)[1:])
+        return frames
 
     handed_on = []
-    group = RayExecutor(tiny_spec, tiny_weights, ParallelLayout(ulysses=2))
-    assert (frames(group) - frames(LocalExecutor(tiny_spec, tiny_weights))).abs().max() <= TOL
+    group, local = executors.get(tiny_spec, tiny_weights, ParallelLayout(ulysses=2)), None
+    try:
+        local = LocalExecutor(tiny_spec, tiny_weights)
+        assert (frames(group) - frames(local)).abs().max() <= TOL
+    finally:
+        if local is not None:
+            local.close()
     assert all(group.devices()[stage] == "cpu" for stage in ("encode", "denoise", "decode"))
     # Embeddings went to both ranks; only rank 0 kept its latents, which went to the decoder
     # once; rank 1 dropped its copy instead of storing it.

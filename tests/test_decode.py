@@ -37,6 +37,7 @@ def diffusers_decode(weights, latents, s: TileSettings) -> tuple[torch.Tensor, t
         return postprocess(vae.decode(z).sample), untiled
 
 
+@pytest.mark.beside_executor
 def test_per_actor_memory_is_bounded_by_the_tile_not_the_video(ray_session, tiny_spec, tiny_weights):
     """What decoding adds to a decoder's memory (a run metric, here read from the call reports)
     grows with the video untiled, and stays about flat tiled: each actor holds one tile's
@@ -54,7 +55,7 @@ def test_per_actor_memory_is_bounded_by_the_tile_not_the_video(ray_session, tiny
     for size, tiled in cases:  # the four actors start together: starting one is most of its time
         plans.append(plan_decode(tiny_spec, size, size, decoders=2 if tiled else 1,
                                  tile_size=(64, 64) if tiled else None))  # fmt: skip
-        actors.append(StageActor.options(runtime_env={"env_vars": env}).remote(
+        actors.append(StageActor.options(num_cpus=0, runtime_env={"env_vars": env}).remote(
             DecoderStage, tiny_spec, tiny_weights, rank=0, decoders=2 if tiled else 1
         ))  # fmt: skip
     try:

@@ -20,19 +20,26 @@ def bad_job(spec, weights):
 
 
 # The two ring-2 tests come first: they take the ring-2 executor that test_diffusers_equality
-# leaves (a process start saved), and break it.
-def test_a_failing_denoiser_group_is_torn_down_at_once(executors, tiny_spec, tiny_weights, tmp_path):
+# leaves (a process start saved), and break its group.
+def test_a_failing_denoiser_group_is_torn_down_at_once(ray_session, executors, tiny_spec, tiny_weights, tmp_path):
+    import os
+
     from ray.util import placement_group_table
 
     executor = executors.get(tiny_spec, tiny_weights, ParallelLayout(ring=2))
     group_id = executor.group.placement_group.id.hex()
-    try:
-        with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
-            generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
-        assert executor.group.actors == [] and executor.group.placement_group is None
-    finally:
-        executors.discard()  # its group is gone
+    with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
+        generate(bad_job(tiny_spec, tiny_weights), executor, tmp_path / "never.mp4")
+    assert executor.group.actors == [] and executor.group.placement_group is None
     assert placement_group_table()[group_id]["state"] == "REMOVED"
+
+    # Reloaded, the executor gets a new group; its other actors stay in their processes.
+    side = [*executor.side["encode"], *executor.side["decode"], *executor.side["measure"]]
+    pid = [a.__ray_call__.remote(lambda self: os.getpid()) for a in side]
+    before = ray_session.get(pid)
+    executor.reload(tiny_spec, tiny_weights, ParallelLayout(ring=2))
+    assert executor.denoiser_down is None and len(executor.group.actors) == 2
+    assert ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in side]) == before
 
 
 def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, executors, tiny_spec, tiny_weights):
@@ -40,21 +47,19 @@ def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, executors, ti
     error itself (not a timeout on rank 0) and releases the group."""
 
     executor = executors.get(tiny_spec, tiny_weights, ParallelLayout(ring=2))
-    try:
-        rank1 = executor.group.actors[1]
-        ray_session.get(rank1.call.remote("__setattr__", "family", broken_family("rank 1 lost its GPU"))[0])
-        r = bad_job(tiny_spec, tiny_weights).request
-        encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
-        start = time.monotonic()
-        denoised = executor.call("denoise", "denoise", encoded, replace(r, height=64), progress=lambda d, t: None)
-        with pytest.raises(StageFailed, match=r"^denoise stage failed: RuntimeError: rank 1 lost its GPU$"):
-            executor.wait(encoded, denoised)
-        assert time.monotonic() - start < 30
-        assert executor.group.actors == [] and executor.group.placement_group is None
-    finally:
-        executors.discard()  # its group is gone
+    rank1 = executor.group.actors[1]
+    ray_session.get(rank1.call.remote("__setattr__", "family", broken_family("rank 1 lost its GPU"))[0])
+    r = bad_job(tiny_spec, tiny_weights).request
+    encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, True)
+    start = time.monotonic()
+    denoised = executor.call("denoise", "denoise", encoded, replace(r, height=64), progress=lambda d, t: None)
+    with pytest.raises(StageFailed, match=r"^denoise stage failed: RuntimeError: rank 1 lost its GPU$"):
+        executor.wait(encoded, denoised)
+    assert time.monotonic() - start < 30
+    assert executor.group.actors == [] and executor.group.placement_group is None
 
 
+@pytest.mark.beside_executor
 def test_progress_is_relayed_live_and_per_call(ray_session):
     from cluster.actors import StageActor
 
@@ -72,7 +77,7 @@ def test_progress_is_relayed_live_and_per_call(ray_session):
                     on_step(i + 1, steps)
             return steps
 
-    actor = StageActor.remote(SlowStage, 0.3)
+    actor = StageActor.options(num_cpus=0).remote(SlowStage, 0.3)  # beside the session's executor
     ray_session.get(actor.start.remote())
     seen = []
 
