@@ -247,6 +247,13 @@ def side_resources(plan: ResourcePlan, stage: str, index: int) -> ActorResources
     return plan.decode[index] if stage == "decode" else getattr(plan, stage)
 
 
+def side_actor_stays(old: ActorResources | None, new: ActorResources, regroup: bool) -> bool:
+    """Whether a side actor that asked for `old` (None: there is none) can host its stage anew
+    when a reload gives it `new`: its resources are the same, and it does not live in a bundle
+    of the denoiser group's placement group when that group is being replaced (`regroup`)."""
+    return old is not None and old == new and not (regroup and old.beside_rank is not None)
+
+
 class DenoiserGroup(ActorGroup):
     """One denoiser group: `layout.world_size` ranks of `DenoiserStage`, one per bundle of a
     placement group, joined as one process group, called as one. The one host of a group, for
@@ -418,8 +425,7 @@ class RayExecutor(Executor):
                 del actors[count:]
                 for index in range(count):
                     old = side_resources(old_plan, stage, index) if index < len(actors) else None
-                    stays = old == side_resources(plan, stage, index) and not (regroup and old.beside_rank is not None)
-                    if stays:
+                    if side_actor_stays(old, side_resources(plan, stage, index), regroup):
                         args, kwargs = self._side_arguments(stage, index)
                         building[stage].append(actors[index].rebuild.remote(*args, **kwargs))
                         continue

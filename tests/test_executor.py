@@ -158,6 +158,27 @@ def test_reload_keeps_the_processes_and_equals_a_fresh_build(
     assert (latents(executor) - latents(local)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "before, after, regroup, stays",
+    [
+        (({"CPU": 2}, 1, 1), ({"CPU": 2}, 2, 1), True, True),  # CPU: the same threads whatever the ranks
+        (({"GPU": 8}, 2, 1), ({"GPU": 8}, 4, 1), True, True),  # a GPU of its own before and after
+        (({"GPU": 4}, 2, 1), ({"GPU": 4}, 3, 1), True, False),  # a whole GPU, then half the spare one
+        (({"GPU": 2}, 2, 1), ({"GPU": 2}, 2, 1), True, False),  # beside a rank of the group replaced
+        (({"GPU": 2}, 2, 1), ({"GPU": 2}, 2, 1), False, True),  # beside a rank of the group kept
+    ],
+)
+def test_which_side_actors_keep_their_process_on_reload(before, after, regroup, stays):
+    from cluster.executor import side_actor_stays
+    from cluster.runtime import plan_resources
+
+    old, new = (
+        plan_resources(cluster, workers=workers, decoders=decoders) for cluster, workers, decoders in (before, after)
+    )
+    assert side_actor_stays(old.encode, new.encode, regroup) is stays
+    assert side_actor_stays(None, new.encode, regroup) is False  # no actor yet: one starts
+
+
 def test_stage_failure_in_an_actor_names_the_stage(executors, tiny_spec, tiny_weights, tmp_path):
     executor = executors.get(tiny_spec, tiny_weights)
     with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):
