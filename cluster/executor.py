@@ -403,13 +403,31 @@ class RayExecutor(Executor):
         plan = plan_resources(workers=layout.world_size, decoders=decoders, replicas=self.replicas)
         regroup = (
             self.denoiser_down is not None  # a failure tore the group down: a new one takes its place
+            or not self.group.actors  # closed (a reload that failed)
             or layout.world_size != self.layout.world_size
             or (plan.denoise, plan.bundle) != (self.plan.denoise, self.plan.bundle)
         )
         old_plan, self.plan = self.plan, plan
         self.spec, self.weights, self.layout, self.decoders = spec, weights, layout, decoders
+        counts = {"encode": int(encoder), "decode": decoders, "measure": 1}
         try:
-            if regroup:  # the old group's placement group goes first: the new one may need its devices
+            # The side actors that cannot stay go first, as the old group does: their devices may
+            # be what the new group needs (as in __init__, the ranks are placed before the side
+            # actors). Their replacements come after it: one may live in a bundle of the new group.
+            kept: dict[str, list[Any]] = {}  # per stage, per index: the actor that stays, or None
+            for stage, count in counts.items():
+                actors, kept[stage] = self.side[stage], []
+                for index, actor in enumerate(actors):
+                    old = side_resources(old_plan, stage, index)
+                    if index < count and side_actor_stays(old, side_resources(plan, stage, index), regroup):
+                        kept[stage].append(actor)
+                        continue
+                    ray.kill(actor)
+                    if index < count:
+                        kept[stage].append(None)
+                kept[stage] += [None] * (count - len(kept[stage]))
+                actors[:] = [actor for actor in kept[stage] if actor is not None]  # for close() if the rest fails
+            if regroup:
                 self.group.close()
                 self.group = DenoiserGroup(
                     spec, weights, layout, plan.denoise, plan.bundle, self.cluster_layout.denoiser_placement
@@ -418,23 +436,17 @@ class RayExecutor(Executor):
                 building = {"denoise": self.group.start()}
             else:
                 building = {"denoise": self.group.rebuild(spec, weights, layout)}
-            for stage, count in (("encode", int(encoder)), ("decode", decoders), ("measure", 1)):
-                actors, building[stage] = self.side[stage], []
-                for extra in actors[count:]:
-                    ray.kill(extra)
-                del actors[count:]
-                for index in range(count):
-                    old = side_resources(old_plan, stage, index) if index < len(actors) else None
-                    if side_actor_stays(old, side_resources(plan, stage, index), regroup):
-                        args, kwargs = self._side_arguments(stage, index)
-                        building[stage].append(actors[index].rebuild.remote(*args, **kwargs))
-                        continue
-                    if index < len(actors):  # other resources, or its bundle went with the old group
-                        ray.kill(actors[index])
-                        actors[index] = self._side_actor(stage, index)
+            for stage, slots in kept.items():
+                building[stage] = []
+                for index, actor in enumerate(slots):
+                    if actor is None:
+                        slots[index] = actor = self._side_actor(stage, index)
+                        self.side[stage].append(actor)
+                        building[stage].append(actor.start.remote())
                     else:
-                        actors.append(self._side_actor(stage, index))
-                    building[stage].append(actors[index].start.remote())
+                        args, kwargs = self._side_arguments(stage, index)
+                        building[stage].append(actor.rebuild.remote(*args, **kwargs))
+                self.side[stage][:] = slots  # in index order
             ray.get([ref for refs in building.values() for ref in refs], timeout=ACTOR_START_TIMEOUT_S)
         except BaseException:
             self.close()
@@ -473,7 +485,8 @@ class RayExecutor(Executor):
         The failed stage is made ready for the next job: dead encoder or decoder actors are
         replaced (calls already queued on a dead actor fail with it). A denoiser group in which
         a rank failed is torn down (its other ranks would wait in a collective until it times
-        out), and so are the actors placed in its bundles; every later job fails, saying why.
+        out), and so are the actors placed in its bundles; every later job fails, saying why, until
+        `reload` gives the executor a new group.
         """
         try:
             wait_relaying_progress([ref for c in calls for ref in c.values + c.reports], self.progress)

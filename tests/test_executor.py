@@ -161,7 +161,7 @@ def test_reload_keeps_the_processes_and_equals_a_fresh_build(
 @pytest.mark.parametrize(
     "before, after, regroup, stays",
     [
-        (({"CPU": 2}, 1, 1), ({"CPU": 2}, 2, 1), True, True),  # CPU: the same threads whatever the ranks
+        (({"CPU": 2}, 1, 1), ({"CPU": 2}, 2, 1), True, True),  # 2 cores: one thread each whatever the ranks
         (({"GPU": 8}, 2, 1), ({"GPU": 8}, 4, 1), True, True),  # a GPU of its own before and after
         (({"GPU": 4}, 2, 1), ({"GPU": 4}, 3, 1), True, False),  # a whole GPU, then half the spare one
         (({"GPU": 2}, 2, 1), ({"GPU": 2}, 2, 1), True, False),  # beside a rank of the group replaced

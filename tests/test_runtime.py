@@ -121,11 +121,36 @@ encode, decode, measure = ray.get([a.start.remote() for a in side], timeout=120)
 print(json.dumps({"ranks": ranks, "encode": encode, "decode": decode, "measure": measure}))
 """
 
+RELOAD_ON_FAKE_GPUS = """
+import json, os
+import ray
+import cluster.executor as executor_module
+from stages.context_parallel import ParallelLayout
+
+class Probe:  # every stage: reports which GPU Ray gave its actor
+    def __init__(self, *args, **kwargs):
+        pass
+    def describe(self):
+        return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+executor_module.DenoiserStage = executor_module.ClarityStage = Probe
+executor_module.MODEL_STAGES.update(dict.fromkeys(executor_module.MODEL_STAGES, Probe))
+ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False)
+executor = executor_module.RayExecutor(None, None)
+gpus = lambda actors: ray.get([a.describe.remote() for a in actors], timeout=120)
+before = {"ranks": gpus(executor.group.actors), "side": gpus(executor.side["encode"] + executor.side["decode"])}
+executor.reload(None, None, ParallelLayout(ring=2))  # 2 ranks on 3 GPUs: the side actors make room
+after = {"ranks": gpus(executor.group.actors), "side": gpus(executor.side["encode"] + executor.side["decode"])}
+print(json.dumps({"before": before, "after": after}))
+"""
+
 
 def test_plans_are_schedulable_on_a_cluster_with_gpus(tmp_path):
     """Ray with simulated GPUs places every plan: each rank on a GPU of its own, the encoder and
     decoder on spare GPUs or beside the first ranks. One Ray per cluster size, the four at once
-    (each mostly waits for its Ray to start and stop)."""
+    (each mostly waits for its Ray to start and stop), and a fifth in which an executor of 1
+    rank on 3 GPUs reloads to 2 ranks: its encoder and decoder, a GPU each before, give them
+    back before the new group is placed (it needs 2), and then share the one spare GPU."""
     import json
     import subprocess
     import sys
@@ -143,11 +168,23 @@ def test_plans_are_schedulable_on_a_cluster_with_gpus(tmp_path):
         )
         for gpus, workers in sizes
     }
+    processes["reload"] = subprocess.Popen(
+        [sys.executable, "-c", RELOAD_ON_FAKE_GPUS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "FRAMECAST_PLACEMENT_TIMEOUT": "30"},  # a group that finds no room fails in 30 s
+        cwd=tmp_path,
+    )
     placed = {}
     for size, process in processes.items():
         out, err = process.communicate(timeout=600)
         assert process.returncode == 0, f"{size}: {err[-3000:]}"
         placed[size] = json.loads(out.strip().splitlines()[-1])
+    reload = placed.pop("reload")
+    assert len({*reload["before"]["ranks"], *reload["before"]["side"]}) == 3  # a GPU each
+    ranks, (encode, decode) = reload["after"]["ranks"], reload["after"]["side"]
+    assert len(set(ranks)) == 2 and encode == decode not in ranks
     assert all(p.pop("measure") == "" for p in placed.values())  # the clarity panel sees no GPU
     assert placed["1/1"] == {"ranks": ["0"], "encode": "0", "decode": "0"}  # all three share the one GPU
     two = placed["2/2"]
