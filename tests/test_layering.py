@@ -165,3 +165,22 @@ def test_no_import_cycles():
     # the check finds a cycle where there is one, and reads function-level imports
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert "stages.weights" in graph["cluster.driver"] and "stages.families" in graph["stages.families.cogvideox"]
+
+
+def test_checking_a_request_loads_no_diffusers(tiny_weights):
+    """The driver (a CLI, a Serve ingress) checks requests and loads only the tokenizer: importing
+    diffusers (and DeepSpeed through it) would cost each such process seconds of CPU for nothing.
+    In a fresh interpreter, as a driver starts."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from cluster.driver import prepare_jobs\n"
+        "jobs = prepare_jobs('tiny', ['a cat'], ulysses=2)\n"
+        "assert jobs[0].request.prompt == 'a cat' and jobs[0].layout.world_size == 2\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'deepspeed', 'transformers'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['transformers']"]  # the tokenizer's library only

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from pathlib import Path
@@ -24,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
 from stages.context_parallel import ContextParallel, SequenceShards
 from stages.families.base import Conditioning, Denoising, ImageLatents, ModelFamily
@@ -114,7 +114,10 @@ class CogVideoX(ModelFamily):
         for module in network.modules():
             if hasattr(module, "set_processor"):
                 module.set_processor(processor)
-        HookRegistry.check_if_exists_or_initialize(network.patch_embed).register_hook(ShardPositions(), SHARD_POSITIONS)
+        from diffusers.hooks import HookRegistry
+
+        hook = shard_positions_hook_class()()
+        HookRegistry.check_if_exists_or_initialize(network.patch_embed).register_hook(hook, SHARD_POSITIONS)
 
     def start(self, network, scheduler, conditioning, r, context) -> Denoising:
         return CogVideoXDenoising(self, network, scheduler, conditioning, r, context)
@@ -187,6 +190,8 @@ class CogVideoXDenoising(Denoising):
             text_len = network.patch_embed.max_text_seq_length
             video = context.local_slices(positions[:, text_len:], 1, tokens)
             positions = torch.cat([positions[:, :text_len], video], dim=1).to(self.dtype)
+        from diffusers.hooks import HookRegistry
+
         HookRegistry.check_if_exists_or_initialize(network.patch_embed).get_hook(SHARD_POSITIONS).rows = positions
 
     def _predict(self, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -282,27 +287,36 @@ def _position_table(family: CogVideoX, embed, shape: tuple[int, ...]) -> torch.T
     return embed._get_positional_embeddings(height, width, pre_compression_frames, device=embed.proj.weight.device)
 
 
-class ShardPositions(ModelHook):
-    """A diffusers hook on `CogVideoXPatchEmbed`: the stock embedding of this rank's frames
-    without its own position table (which would number the shard's frames from 0), plus this
-    rank's rows of the whole video's table (`rows`, set per job).
+@functools.cache
+def shard_positions_hook_class() -> type:
+    """`ShardPositions`, a diffusers `ModelHook`, defined on first use rather than at import:
+    the driver, a CLI and a Serve ingress import this module to check requests and load no model,
+    and importing diffusers costs each such process seconds of CPU."""
+    from diffusers.hooks import ModelHook
 
-    The stock forward picks and adds its table inside; switching that off for the call and
-    adding the right rows after is the same sum, element by element.
-    """
+    class ShardPositions(ModelHook):
+        """A diffusers hook on `CogVideoXPatchEmbed`: the stock embedding of this rank's frames
+        without its own position table (which would number the shard's frames from 0), plus this
+        rank's rows of the whole video's table (`rows`, set per job).
 
-    def __init__(self):
-        super().__init__()
-        self.rows: torch.Tensor | None = None
+        The stock forward picks and adds its table inside; switching that off for the call and
+        adding the right rows after is the same sum, element by element.
+        """
 
-    def new_forward(self, module, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        flags = module.use_positional_embeddings, module.use_learned_positional_embeddings
-        module.use_positional_embeddings = module.use_learned_positional_embeddings = False
-        try:
-            embeds = self.fn_ref.original_forward(text_embeds, image_embeds)
-        finally:
-            module.use_positional_embeddings, module.use_learned_positional_embeddings = flags
-        return embeds if self.rows is None else embeds + self.rows
+        def __init__(self):
+            super().__init__()
+            self.rows: torch.Tensor | None = None
+
+        def new_forward(self, module, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+            flags = module.use_positional_embeddings, module.use_learned_positional_embeddings
+            module.use_positional_embeddings = module.use_learned_positional_embeddings = False
+            try:
+                embeds = self.fn_ref.original_forward(text_embeds, image_embeds)
+            finally:
+                module.use_positional_embeddings, module.use_learned_positional_embeddings = flags
+            return embeds if self.rows is None else embeds + self.rows
+
+    return ShardPositions
 
 
 class ContextParallelAttnProcessor:
