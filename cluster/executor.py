@@ -345,9 +345,7 @@ class RayExecutor(Executor):
         self.progress = ProgressRelay()
         try:
             # The group's placement group first, so that the side actors never take a GPU that a rank needs.
-            self.group = DenoiserGroup(
-                spec, weights, self.layout, self.plan.denoise, self.plan.bundle, self.cluster_layout.denoiser_placement
-            )
+            self.group = self._place_group()
             self.side["encode"] = [self._side_actor("encode", 0)] if encoder else []
             self.side["decode"] = [self._side_actor("decode", d) for d in range(decoders)]
             self.side["measure"] = [self._side_actor("measure", 0)]
@@ -377,6 +375,12 @@ class RayExecutor(Executor):
         if stage == "encode":
             return (self.spec, self.weights), {}
         return (self.spec, self.weights), {"rank": index, "decoders": len(self.plan.decode)}
+
+    def _place_group(self) -> DenoiserGroup:
+        """A denoiser group for this executor's model, layout and plan, in a placement group of
+        its own (not started: `start()` builds its stages)."""
+        plan, placement = self.plan, self.cluster_layout.denoiser_placement
+        return DenoiserGroup(self.spec, self.weights, self.layout, plan.denoise, plan.bundle, placement)
 
     def reload(
         self,
@@ -429,9 +433,7 @@ class RayExecutor(Executor):
                 actors[:] = [actor for actor in kept[stage] if actor is not None]  # for close() if the rest fails
             if regroup:
                 self.group.close()
-                self.group = DenoiserGroup(
-                    spec, weights, layout, plan.denoise, plan.bundle, self.cluster_layout.denoiser_placement
-                )
+                self.group = self._place_group()
                 self.denoiser_down = None
                 building = {"denoise": self.group.start()}
             else:

@@ -78,12 +78,12 @@ class Executors:
     cluster). A test asks for one with so many denoiser ranks, decoders and an encoder or not, and
     gets the previous test's executor with every stage built anew for the test's model, layout
     and decoders (`RayExecutor.reload`, which starts processes only for a denoiser group of
-    another size and for a side actor it did not have or that must move), or a new one: a process start
-    (importing torch, diffusers and DeepSpeed) costs more than most tests' work, and no test
-    depends on a fresh process. A rank that failed leaves a torn-down group, which the next
-    `get` replaces (the other actors stay). The executor goes after a test that fails, and
-    before a test that uses the test Ray without it (it needs the cores), unless that test is
-    marked `beside_executor` (its actors ask for no CPU)."""
+    another size and for a side actor it did not have or that must move), or a new one: a
+    process start (importing torch, diffusers and DeepSpeed) costs more than most tests' work,
+    and no test depends on a fresh process. A rank that failed leaves a torn-down group, which
+    the next `get` replaces (the other actors stay). The executor goes after a test that fails,
+    and before a test that uses the test Ray without it (it needs the cores), unless that test
+    is marked `beside_executor` (its actors ask for no CPU)."""
 
     def __init__(self):
         self.current = None
