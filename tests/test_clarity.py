@@ -353,8 +353,8 @@ def test_clarity_cli_prints_a_table_and_json(clips, capsys):
     assert result["sharpest_frame"] == expected.sharpest
 
 
-def test_clarity_cli_logs_to_mlflow(clips, capsys, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_clarity_cli_logs_to_mlflow(clips, capsys, tmp_path, mlflow_uri):
+    uri = mlflow_uri
     csv_path = tmp_path / "series.csv"
     args = ["clarity", str(clips["compressed"]), "--reference", str(clips["sharp"]), "--log-to-mlflow",
             "--tracking-uri", uri, "--experiment", "clarity-test", "--csv", str(csv_path)]  # fmt: skip

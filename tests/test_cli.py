@@ -22,8 +22,8 @@ def run_cli(capsys, *args):
     return code, out, err
 
 
-def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights, mlflow_uri):
+    uri = mlflow_uri
     video = tmp_path / "out" / "fox.mp4"
     code, out, err = run_cli(
         capsys, "--model", "tiny", "--prompt", "a red fox in the snow", "--negative-prompt", "blurry",
@@ -69,8 +69,8 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights):
     assert config["model"]["components"]["transformer"]["class"] == "diffusers.CogVideoXTransformer3DModel"
 
 
-def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights, mlflow_uri):
+    uri = mlflow_uri
     code, out, _ = run_cli(capsys, "--prompt", "a cat", "--steps", "2", "--output", str(tmp_path / "c.mp4"),
                            "--tracking-uri", uri, "--local")  # fmt: skip
     assert code == 0
@@ -138,12 +138,12 @@ def test_tracking_failure_keeps_the_video(tmp_path, capsys, tiny_weights):
     assert f"tracking failed, video kept at {video}" in err
 
 
-def test_clarity_failure_keeps_the_video_and_the_run(tmp_path, capsys, monkeypatch, tiny_weights):
+def test_clarity_failure_keeps_the_video_and_the_run(tmp_path, capsys, monkeypatch, tiny_weights, mlflow_uri):
     def broken(self, *args, **kwargs):
         raise RuntimeError("ffmpeg vanished")
 
     monkeypatch.setattr("stages.clarity.ClarityStage.measure", broken)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_uri
     video = tmp_path / "kept.mp4"
     code, out, err = run_cli(capsys, "--prompt", "a cat", "--steps", "2", "--output", str(video),
                              "--tracking-uri", uri, "--local", "--json")  # fmt: skip
@@ -159,9 +159,9 @@ def test_clarity_failure_keeps_the_video_and_the_run(tmp_path, capsys, monkeypat
                                                                                    "config.yaml"}  # fmt: skip
 
 
-def test_generate_through_embedded_ray(tmp_path, tiny_weights):
+def test_generate_through_embedded_ray(tmp_path, tiny_weights, mlflow_uri):
     """The real command in a fresh process: it starts its own local Ray and runs the three stage actors."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_uri
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "generate", "--model", "tiny", "--prompt", "a fox", "--steps", "4",
@@ -176,12 +176,12 @@ def test_generate_through_embedded_ray(tmp_path, tiny_weights):
     assert MlflowClient(uri).get_run(result["run_id"]).data.params["seed"] == "3"
 
 
-def test_generate_joins_a_running_cluster(tmp_path, ray_session, tiny_weights):
+def test_generate_joins_a_running_cluster(tmp_path, ray_session, tiny_weights, mlflow_uri):
     """--address joins an existing Ray instead of starting one: the actors live in that cluster."""
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "generate", "--model", "tiny", "--prompt", "a fox", "--steps", "2",
-         "--address", address, "--output", str(tmp_path / "joined.mp4"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+         "--address", address, "--output", str(tmp_path / "joined.mp4"), "--tracking-uri", mlflow_uri],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -201,10 +201,10 @@ def test_stage_failure_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, ti
     assert "Traceback" not in err
 
 
-def test_generate_with_a_denoiser_group(tmp_path, capsys, ray_session, tiny_weights):
+def test_generate_with_a_denoiser_group(tmp_path, capsys, ray_session, tiny_weights, mlflow_uri):
     """--workers 2 on tiny (2 heads, guidance on) picks CFG-parallel; the layout and each rank's
     peak memory and token count are in the MLflow run. (Its exactness: tests/test_context_parallel.py.)"""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_uri
     common = ["--prompt", "a fox", "--steps", "2", "--seed", "4", "--tracking-uri", uri, "--json"]
     code, out, err = run_cli(capsys, *common, "--workers", "2", "--output", str(tmp_path / "group.mp4"))
     assert code == 0, err
@@ -224,13 +224,13 @@ def test_generate_with_a_denoiser_group(tmp_path, capsys, ray_session, tiny_weig
     assert read_frames(tmp_path / "group.mp4").shape == read_frames(tmp_path / "single.mp4").shape
 
 
-def test_json_stdout_is_only_json_even_when_libraries_print(tmp_path):
+def test_json_stdout_is_only_json_even_when_libraries_print(tmp_path, mlflow_uri):
     """A first run builds the tiny model, which imports DeepSpeed, which warns on stdout: --json
     still prints nothing but the JSON object there."""
     env = {**os.environ, "FRAMECAST_CACHE": str(tmp_path / "fresh-cache")}
     proc = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "generate", "--model", "tiny", "--prompt", "a fox", "--steps", "1",
-         "--local", "--json", "--output", str(tmp_path / "v.mp4"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+         "--local", "--json", "--output", str(tmp_path / "v.mp4"), "--tracking-uri", mlflow_uri],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

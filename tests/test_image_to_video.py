@@ -49,8 +49,8 @@ def generate(capsys, *args):
     return code, out, err
 
 
-def test_generate_with_an_image(tmp_path, capsys, image_file, i2v_weights):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_generate_with_an_image(tmp_path, capsys, image_file, i2v_weights, mlflow_uri):
+    uri = mlflow_uri
     video = tmp_path / "i2v.mp4"
     code, out, err = generate(
         capsys, "--model", "tiny-i2v", "--prompt", "a fox", "--image", str(image_file), *FAST,
@@ -109,11 +109,11 @@ def test_cogvideox15_image_to_video_is_refused_before_loading():
         build_request(spec, "a fox", image="x.png")
 
 
-def test_a_sweep_resumes_whatever_the_image_path_is_called(tmp_path, capsys, monkeypatch, image_file):
+def test_a_sweep_resumes_whatever_the_image_path_is_called(tmp_path, capsys, monkeypatch, image_file, mlflow_uri):
     """Cells are keyed by the image's pixels, not by how its path was written."""
     monkeypatch.chdir(image_file.parent)
     args = ["sweep", "--model", "tiny-i2v", "--prompt", "a fox", "--grid", "steps=1", "--local", "--json",
-            "--output-dir", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]  # fmt: skip
+            "--output-dir", str(tmp_path), "--tracking-uri", mlflow_uri]  # fmt: skip
     assert main([*args, "--image", image_file.name]) == 0
     first = json.loads(capsys.readouterr().out)
     assert main([*args, "--image", str(image_file.resolve())]) == 0
@@ -133,12 +133,12 @@ def test_image_far_from_the_size_is_refused_and_near_is_warned():
     assert check_image(spec, r, (640, 960)) == {}  # downscaling the same shape is fine
 
 
-def test_cli_warns_about_a_stretched_image(tmp_path, capsys):
+def test_cli_warns_about_a_stretched_image(tmp_path, capsys, mlflow_uri):
     square = tmp_path / "square.png"
     Image.fromarray(picture(64, 64)).save(square)
     code, _, err = generate(
         capsys, "--model", "tiny-i2v", "--prompt", "a fox", "--image", str(square), *FAST,
-        "--output", str(tmp_path / "v.mp4"), "--local", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+        "--output", str(tmp_path / "v.mp4"), "--local", "--tracking-uri", mlflow_uri,
     )  # fmt: skip
     assert code == 0, err
     assert "framecast: warning: the image (64x64) is stretched to 96x64" in err
@@ -310,11 +310,11 @@ def test_i2vgen_crops_where_cogvideox_stretches():
         check_image(spec, r, (100, 40))
 
 
-def test_generate_with_i2vgen(tmp_path, capsys, image_file, i2vgen):
+def test_generate_with_i2vgen(tmp_path, capsys, image_file, i2vgen, mlflow_uri):
     video = tmp_path / "i2vgen.mp4"
     code, out, err = generate(
         capsys, "--model", "tiny-i2vgen", "--prompt", "a fox", "--image", str(image_file), *FAST,
-        "--output", str(video), "--local", "--json", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+        "--output", str(video), "--local", "--json", "--tracking-uri", mlflow_uri,
     )  # fmt: skip
     assert code == 0, err
     assert read_frames(video).shape == (8, 64, 96, 3)

@@ -162,7 +162,7 @@ def test_a_dying_panel_is_replaced_and_every_video_measured(executors, stream_jo
         assert result.metrics["clarity/blur_effect"] == measure_file(result.video).summary["blur_effect"]
 
 
-def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(tmp_path, capsys, monkeypatch, tiny_weights):
+def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(tmp_path, capsys, monkeypatch, tiny_weights, mlflow_uri):
     calls = []
 
     def fails_once(self, *args, **kwargs):
@@ -176,7 +176,7 @@ def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(tmp_path, capsy
     real = DecoderStage.decode
     monkeypatch.setattr(DecoderStage, "decode", fails_once)
     code = main(["generate", "--model", "tiny", "--prompt", "a", "--prompt", "b", "--steps", "1", "--local", "--json",
-                 "--output-dir", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])  # fmt: skip
+                 "--output-dir", str(tmp_path), "--tracking-uri", mlflow_uri])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == EXIT_FAILED
     first, second = (json.loads(line) for line in out.strip().splitlines())
@@ -206,13 +206,13 @@ def test_jobs_after_a_denoiser_group_failure_fail_saying_why(executors, stream_j
         )
 
 
-def test_prompts_file_streams_json_lines(tmp_path, capsys, executors, tiny_weights):
+def test_prompts_file_streams_json_lines(tmp_path, capsys, executors, tiny_weights, mlflow_uri):
     """`--prompts FILE`: one JSON line per job with its stage times; one decoder sends frames once."""
     executors.discard()  # the command makes its own executor on the test cluster
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\n\n  a cat playing piano  \n")
     code = main(["generate", "--model", "tiny", "--prompts", str(prompts), "--steps", "2", "--json",
-                 "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])  # fmt: skip
+                 "--output-dir", str(tmp_path / "out"), "--tracking-uri", mlflow_uri])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err
     records = [json.loads(line) for line in out.strip().splitlines()]

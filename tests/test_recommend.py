@@ -33,8 +33,8 @@ def seed_run(uri: str, model: str, steps: int, guidance: float, sharpness: float
 
 
 @pytest.fixture
-def store(tmp_path):
-    return f"sqlite:///{tmp_path}/runs.db"
+def store(tmp_path, mlflow_uri):
+    return mlflow_uri
 
 
 def recommend(capsys, store, *extra):

@@ -157,10 +157,10 @@ def test_make_demo_makes_a_moving_shape(tmp_path):
     assert np.linalg.norm(centroids[1] - centroids[0]) >= 8, centroids
 
 
-def test_sweep_shows_adherence_and_recommend_ranks_by_it(tmp_path, capsys):
+def test_sweep_shows_adherence_and_recommend_ranks_by_it(tmp_path, capsys, mlflow_uri):
     """A sweep of framecast-shapes has adherence in its table, a heatmap per adherence figure and
     a best cell for it; `recommend --metric adherence/score` ranks the cells' runs by it."""
-    store = f"sqlite:///{tmp_path}/runs.db"
+    store = mlflow_uri
     argv = ["sweep", "--local", "--prompt", HELD_OUT_PROMPTS[0], "--grid", "steps=2,8", "--seed", "0", "--json",
             "--output-dir", str(tmp_path / "out"), "--tracking-uri", store]  # fmt: skip
     assert main(argv) == 0

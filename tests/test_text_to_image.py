@@ -106,8 +106,8 @@ def test_heads_that_the_degree_does_not_divide_go_by_ring(zimage):
     assert plan_layout(turbo, build_request(turbo, "a fox"), workers=4) == ParallelLayout(ulysses=2, ring=2)
 
 
-def test_generate_writes_a_png_measured_as_one_picture(tmp_path, capsys, zimage):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_generate_writes_a_png_measured_as_one_picture(tmp_path, capsys, zimage, mlflow_uri):
+    uri = mlflow_uri
     out = tmp_path / "fox.png"
     code = main(["generate", "--model", "tiny-zimage", "--prompt", "a red fox", "--output", str(out),
                  "--tracking-uri", uri, "--local", "--json"])  # fmt: skip
