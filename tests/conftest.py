@@ -207,4 +207,3 @@ def broken_family(message: str):
             return BrokenDenoising()
 
     return BrokenFamily()
-

@@ -354,14 +354,13 @@ def test_clarity_cli_prints_a_table_and_json(clips, capsys):
 
 
 def test_clarity_cli_logs_to_mlflow(clips, capsys, tmp_path, mlflow_uri):
-    uri = mlflow_uri
     csv_path = tmp_path / "series.csv"
     args = ["clarity", str(clips["compressed"]), "--reference", str(clips["sharp"]), "--log-to-mlflow",
-            "--tracking-uri", uri, "--experiment", "clarity-test", "--csv", str(csv_path)]  # fmt: skip
+            "--tracking-uri", mlflow_uri, "--experiment", "clarity-test", "--csv", str(csv_path)]  # fmt: skip
     assert main(args) == 0
     err = capsys.readouterr().err
     run_id = re.search(r"mlflow run: (\w+)", err).group(1)
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
     expected = measure_file(clips["compressed"], clips["sharp"])
     assert run.data.tags["framecast.kind"] == "clarity" and run.info.status == "FINISHED"

@@ -23,12 +23,12 @@ def run_cli(capsys, *args):
 
 
 def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights, mlflow_uri):
-    uri = mlflow_uri
     video = tmp_path / "out" / "fox.mp4"
     code, out, err = run_cli(
         capsys, "--model", "tiny", "--prompt", "a red fox in the snow", "--negative-prompt", "blurry",
         "--steps", "3", "--guidance", "7.5", "--frames", "17", "--fps", "12", "--height", "48", "--width", "80",
-        "--seed", "5", "--output", str(video), "--experiment", "cli-test", "--tracking-uri", uri, "--local", "--json",
+        "--seed", "5", "--output", str(video), "--experiment", "cli-test", "--tracking-uri", mlflow_uri,
+        "--local", "--json",
     )  # fmt: skip
     assert code == 0, err
     result = json.loads(out)
@@ -39,7 +39,7 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights, ml
     assert enc[0] <= enc[1] <= den[0] <= den[1] <= dec[0] <= dec[1] <= wri[0] <= wri[1] <= mea[0] <= mea[1]
     assert "denoising" in err and "3/3" in err  # the progress bar went to stderr
 
-    run = MlflowClient(uri).get_run(result["run_id"])
+    run = MlflowClient(mlflow_uri).get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params == result["params"]
     expected = {
@@ -58,11 +58,11 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights, ml
     assert again.metrics() == {k: v for k, v in metrics.items() if k.startswith("clarity/")}
     assert set(again.summary) == set(METRICS) - {"psnr_y", "ssim_y"}  # no reference, no fidelity figures
     assert result["clarity_csv"] == str(video.with_suffix(".clarity.csv")) and result["clarity_error"] is None
-    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)}
     assert artifacts == {"fox.mp4", "fox.sheet.png", "fox.clarity.csv", "config.yaml"}
-    csv_path = MlflowClient(uri).download_artifacts(run.info.run_id, "fox.clarity.csv", str(tmp_path))
+    csv_path = MlflowClient(mlflow_uri).download_artifacts(run.info.run_id, "fox.clarity.csv", str(tmp_path))
     assert Path(csv_path).read_text() == again.csv_text()
-    config_path = MlflowClient(uri).download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    config_path = MlflowClient(mlflow_uri).download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     config = yaml.safe_load(Path(config_path).read_text())
     assert config["model"]["name"] == "tiny" and config["weights"] == result["params"]["weights"]
     assert config["request"]["num_frames"] == 17 and config["request"]["negative_prompt"] == "blurry"
@@ -70,13 +70,12 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights, ml
 
 
 def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights, mlflow_uri):
-    uri = mlflow_uri
     code, out, _ = run_cli(capsys, "--prompt", "a cat", "--steps", "2", "--output", str(tmp_path / "c.mp4"),
-                           "--tracking-uri", uri, "--local")  # fmt: skip
+                           "--tracking-uri", mlflow_uri, "--local")  # fmt: skip
     assert code == 0
     assert f"video: {tmp_path / 'c.mp4'}" in out
     run_id = next(line.split()[2] for line in out.splitlines() if line.startswith("mlflow run:"))
-    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize(
@@ -143,29 +142,27 @@ def test_clarity_failure_keeps_the_video_and_the_run(tmp_path, capsys, monkeypat
         raise RuntimeError("ffmpeg vanished")
 
     monkeypatch.setattr("stages.clarity.ClarityStage.measure", broken)
-    uri = mlflow_uri
     video = tmp_path / "kept.mp4"
     code, out, err = run_cli(capsys, "--prompt", "a cat", "--steps", "2", "--output", str(video),
-                             "--tracking-uri", uri, "--local", "--json")  # fmt: skip
+                             "--tracking-uri", mlflow_uri, "--local", "--json")  # fmt: skip
     assert code == EXIT_INCOMPLETE
     assert read_frames(video).shape[0] == 9 and video.with_suffix(".sheet.png").is_file()
     result = json.loads(out)
     assert result["clarity_error"] == "measure stage failed: RuntimeError: ffmpeg vanished"
     assert result["clarity_csv"] is None and not any(k.startswith("clarity/") for k in result["metrics"])
     assert f"clarity failed, video kept at {video}: measure stage failed" in err
-    run = MlflowClient(uri).get_run(result["run_id"])  # tracked all the same, saying why figures are missing
+    run = MlflowClient(mlflow_uri).get_run(result["run_id"])  # tracked all the same, saying why figures are missing
     assert run.data.tags["framecast.clarity_error"] == result["clarity_error"]
-    assert {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)} == {"kept.mp4", "kept.sheet.png",
-                                                                                   "config.yaml"}  # fmt: skip
+    artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)}
+    assert artifacts == {"kept.mp4", "kept.sheet.png", "config.yaml"}
 
 
 def test_generate_through_embedded_ray(tmp_path, tiny_weights, mlflow_uri):
     """The real command in a fresh process: it starts its own local Ray and runs the three stage actors."""
-    uri = mlflow_uri
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "generate", "--model", "tiny", "--prompt", "a fox", "--steps", "4",
-         "--seed", "3", "--output", str(tmp_path / "ray.mp4"), "--tracking-uri", uri, "--json"],
+         "--seed", "3", "--output", str(tmp_path / "ray.mp4"), "--tracking-uri", mlflow_uri, "--json"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -173,7 +170,7 @@ def test_generate_through_embedded_ray(tmp_path, tiny_weights, mlflow_uri):
     assert result["params"]["executor"] == "ray"
     assert "4/4" in proc.stderr  # the bar reached the last step, relayed from the denoiser actor
     assert read_frames(result["video"]).shape == (9, 64, 96, 3)
-    assert MlflowClient(uri).get_run(result["run_id"]).data.params["seed"] == "3"
+    assert MlflowClient(mlflow_uri).get_run(result["run_id"]).data.params["seed"] == "3"
 
 
 def test_generate_joins_a_running_cluster(tmp_path, ray_session, tiny_weights, mlflow_uri):
@@ -204,16 +201,15 @@ def test_stage_failure_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, ti
 def test_generate_with_a_denoiser_group(tmp_path, capsys, ray_session, tiny_weights, mlflow_uri):
     """--workers 2 on tiny (2 heads, guidance on) picks CFG-parallel; the layout and each rank's
     peak memory and token count are in the MLflow run. (Its exactness: tests/test_context_parallel.py.)"""
-    uri = mlflow_uri
-    common = ["--prompt", "a fox", "--steps", "2", "--seed", "4", "--tracking-uri", uri, "--json"]
+    common = ["--prompt", "a fox", "--steps", "2", "--seed", "4", "--tracking-uri", mlflow_uri, "--json"]
     code, out, err = run_cli(capsys, *common, "--workers", "2", "--output", str(tmp_path / "group.mp4"))
     assert code == 0, err
     result = json.loads(out)
-    params = MlflowClient(uri).get_run(result["run_id"]).data.params
+    params = MlflowClient(mlflow_uri).get_run(result["run_id"]).data.params
     expected = {"layout": "cfg2xulysses1xring1", "workers": "2", "cfg_parallel": "True", "ulysses_degree": "1",
                 "ring_degree": "1", "cluster_layout": "single-node", "executor": "ray"}  # fmt: skip
     assert expected.items() <= params.items()
-    metrics = MlflowClient(uri).get_run(result["run_id"]).data.metrics
+    metrics = MlflowClient(mlflow_uri).get_run(result["run_id"]).data.metrics
     assert metrics["denoise_rank0_peak_mib"] > 0 and metrics["denoise_rank1_peak_mib"] > 0
     assert metrics["denoise_peak_mib"] == max(metrics["denoise_rank0_peak_mib"], metrics["denoise_rank1_peak_mib"])
     assert metrics["denoise_rank0_video_tokens"] == metrics["denoise_rank1_video_tokens"] == 3 * 4 * 6

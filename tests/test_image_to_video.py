@@ -50,21 +50,20 @@ def generate(capsys, *args):
 
 
 def test_generate_with_an_image(tmp_path, capsys, image_file, i2v_weights, mlflow_uri):
-    uri = mlflow_uri
     video = tmp_path / "i2v.mp4"
     code, out, err = generate(
         capsys, "--model", "tiny-i2v", "--prompt", "a fox", "--image", str(image_file), *FAST,
-        "--output", str(video), "--tracking-uri", uri, "--local", "--json",
+        "--output", str(video), "--tracking-uri", mlflow_uri, "--local", "--json",
     )  # fmt: skip
     assert code == 0, err
     result = json.loads(out)
     assert read_frames(video).shape == (9, 64, 96, 3)
     # 120x80 scaled to 96x64: the same shape, nothing to warn about
     assert not any(k.startswith("image_") for k in result["warnings"])
-    params = MlflowClient(uri).get_run(result["run_id"]).data.params
+    params = MlflowClient(mlflow_uri).get_run(result["run_id"]).data.params
     assert params["image"] == str(image_file)
     assert params["image_sha256"] == image_digest(load_image(image_file))
-    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(result["run_id"])}
+    artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(result["run_id"])}
     assert "i2v.input.png" in artifacts  # what the video was made from, with the run
     assert np.array_equal(load_image(result["input_image"]), load_image(image_file))
 

@@ -162,7 +162,9 @@ def test_a_dying_panel_is_replaced_and_every_video_measured(executors, stream_jo
         assert result.metrics["clarity/blur_effect"] == measure_file(result.video).summary["blur_effect"]
 
 
-def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(tmp_path, capsys, monkeypatch, tiny_weights, mlflow_uri):
+def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(
+    tmp_path, capsys, monkeypatch, tiny_weights, mlflow_uri
+):
     calls = []
 
     def fails_once(self, *args, **kwargs):

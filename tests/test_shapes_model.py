@@ -160,9 +160,8 @@ def test_make_demo_makes_a_moving_shape(tmp_path):
 def test_sweep_shows_adherence_and_recommend_ranks_by_it(tmp_path, capsys, mlflow_uri):
     """A sweep of framecast-shapes has adherence in its table, a heatmap per adherence figure and
     a best cell for it; `recommend --metric adherence/score` ranks the cells' runs by it."""
-    store = mlflow_uri
     argv = ["sweep", "--local", "--prompt", HELD_OUT_PROMPTS[0], "--grid", "steps=2,8", "--seed", "0", "--json",
-            "--output-dir", str(tmp_path / "out"), "--tracking-uri", store]  # fmt: skip
+            "--output-dir", str(tmp_path / "out"), "--tracking-uri", mlflow_uri]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     summary = {name: Path(path) for name, path in result["summary"].items()}
@@ -172,7 +171,7 @@ def test_sweep_shows_adherence_and_recommend_ranks_by_it(tmp_path, capsys, mlflo
         assert summary[f"heatmaps/adherence_{key}.png"].is_file()
     assert "adherence/score" in result["best"]
     scores = {o["label"]: o["metrics"]["adherence/score"] for o in result["outcomes"]}
-    assert main(["recommend", "--prompt", HELD_OUT_PROMPTS[0], "--tracking-uri", store, "--json",
+    assert main(["recommend", "--prompt", HELD_OUT_PROMPTS[0], "--tracking-uri", mlflow_uri, "--json",
                  "--metric", "adherence/score"]) == 0  # fmt: skip
     ranked = json.loads(capsys.readouterr().out)
     assert ranked["better"] == "higher" and ranked["data"]["runs"] == 2

@@ -107,10 +107,9 @@ def test_heads_that_the_degree_does_not_divide_go_by_ring(zimage):
 
 
 def test_generate_writes_a_png_measured_as_one_picture(tmp_path, capsys, zimage, mlflow_uri):
-    uri = mlflow_uri
     out = tmp_path / "fox.png"
     code = main(["generate", "--model", "tiny-zimage", "--prompt", "a red fox", "--output", str(out),
-                 "--tracking-uri", uri, "--local", "--json"])  # fmt: skip
+                 "--tracking-uri", mlflow_uri, "--local", "--json"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)
@@ -119,9 +118,9 @@ def test_generate_writes_a_png_measured_as_one_picture(tmp_path, capsys, zimage,
     clarity = {k.removeprefix("clarity/") for k in result["metrics"] if k.startswith("clarity/")}
     assert {"sharpness_laplacian_var", "tenengrad", "blur_effect", "noise_sigma"} <= clarity
     assert not clarity & set(PAIRWISE) and clarity <= set(METRICS)  # nothing that compares frames
-    run = MlflowClient(uri).get_run(result["run_id"])
+    run = MlflowClient(mlflow_uri).get_run(result["run_id"])
     assert (run.data.params["guidance_scale"], run.data.params["steps"]) == ("0.0", "4")
-    assert "fox.png" in {a.path for a in MlflowClient(uri).list_artifacts(result["run_id"])}
+    assert "fox.png" in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(result["run_id"])}
 
 
 def test_serve_refuses_a_picture_model(tmp_path):
