@@ -114,10 +114,7 @@ class CogVideoX(ModelFamily):
         for module in network.modules():
             if hasattr(module, "set_processor"):
                 module.set_processor(processor)
-        from diffusers.hooks import HookRegistry
-
-        hook = shard_positions_hook_class()()
-        HookRegistry.check_if_exists_or_initialize(network.patch_embed).register_hook(hook, SHARD_POSITIONS)
+        _patch_embed_hooks(network).register_hook(shard_positions_hook_class()(), SHARD_POSITIONS)
 
     def start(self, network, scheduler, conditioning, r, context) -> Denoising:
         return CogVideoXDenoising(self, network, scheduler, conditioning, r, context)
@@ -190,9 +187,7 @@ class CogVideoXDenoising(Denoising):
             text_len = network.patch_embed.max_text_seq_length
             video = context.local_slices(positions[:, text_len:], 1, tokens)
             positions = torch.cat([positions[:, :text_len], video], dim=1).to(self.dtype)
-        from diffusers.hooks import HookRegistry
-
-        HookRegistry.check_if_exists_or_initialize(network.patch_embed).get_hook(SHARD_POSITIONS).rows = positions
+        _patch_embed_hooks(network).get_hook(SHARD_POSITIONS).rows = positions
 
     def _predict(self, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The transformer's prediction for the whole batch: diffusers' forward on one process;
@@ -285,6 +280,13 @@ def _position_table(family: CogVideoX, embed, shape: tuple[int, ...]) -> torch.T
         size = f"{embed.sample_height * scale}x{embed.sample_width * scale}"
         raise ValueError(f"{family.spec.name} has learned positional embeddings for {size} only")
     return embed._get_positional_embeddings(height, width, pre_compression_frames, device=embed.proj.weight.device)
+
+
+def _patch_embed_hooks(network: torch.nn.Module):
+    """The diffusers HookRegistry of the transformer's patch embedding (imported here, as below)."""
+    from diffusers.hooks import HookRegistry
+
+    return HookRegistry.check_if_exists_or_initialize(network.patch_embed)
 
 
 @functools.cache
