@@ -37,10 +37,8 @@ train-demo: install
 lint: install
 	$(PY) -m ruff check .
 
-# Two pytest-xdist workers: the tests that use the test Ray on one, the others beside it, at a
-# lower priority, in the cycles the first leaves idle (tests/conftest.py, pytest_runtest_setup).
 test: install lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) outputs mlruns mlflow.db framecast-serve

@@ -20,11 +20,6 @@ def _hermetic_env(tmp_path_factory):
     # time: Ray would start one per CPU for tasks, these tests run actors only (each gets a process
     # of its own), and an idle worker costs a process start and polls for the rest of its Ray.
     os.environ["RAY_prestart_worker_first_driver"] = "0"
-    # Ray starts its workers at niceness 15 (its raylet stays responsive under load); these
-    # tests' Rays start them at the niceness of the process that started Ray, so that the
-    # xdist worker without the test Ray, which lowers its own priority, lowers theirs too
-    # (pytest_runtest_setup) and the test Ray's actors keep theirs.
-    os.environ["RAY_worker_niceness"] = "0"
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
@@ -145,13 +140,6 @@ def pytest_runtest_setup(item):
     """A test that uses the test Ray on its own (its actors, a Serve app, a CLI run) needs its
     cores: the session's executor goes before the test's fixtures (a module's Serve app) start.
     A test marked `beside_executor` starts only actors that ask for no CPU, and leaves it."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and "ray_session" not in item.fixturenames and os.nice(0) < _NICENESS:
-        # The worker without the test Ray yields the cores to the one with it: those tests are
-        # most of the suite's time, and this worker's tests fill the cycles they leave idle
-        # (their actors waiting on each other, Ray starting). Equal shares made both slower and
-        # the whole run longer than one worker. Its subprocesses (CLIs, Rays and their actors)
-        # inherit the niceness.
-        os.nice(_NICENESS - os.nice(0))
     if "ray_session" in item.fixturenames and "executors" not in item.fixturenames:
         if item.get_closest_marker("beside_executor") is None:
             EXECUTORS.discard()
@@ -179,20 +167,6 @@ def serve_base_url(ray_session) -> str:
 
 
 SERVE_USERS = []  # the session's tests that use its Serve, in the order they run
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (it appends each group to the test ids)
-def pytest_collection_modifyitems(items):
-    """`make test` runs the tests on two pytest-xdist workers (`-n 2 --dist loadgroup`), one per
-    group: the tests that use the test Ray, in collection order (one Ray and one executor for
-    the session, reused from test to test as without xdist), and the tests that need none (one
-    process, or Rays and CLIs of their own in subprocesses). See `pytest_runtest_setup`."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(TEST_RAY if "ray_session" in item.fixturenames else "no-test-ray"))
-
-
-TEST_RAY = "test-ray"
-_NICENESS = 10
 
 
 def pytest_collection_finish(session):
