@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import socket
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -37,7 +39,7 @@ class StageActor:
     def start(self) -> str:
         """Build the stage (loads its model onto its device); returns the device's description."""
         stage_class, args, kwargs = self._build
-        self.stage = stage_class(*args, **kwargs)
+        self.stage = build_without_gc(stage_class, *args, **kwargs)
         return self.stage.describe()
 
     def rebuild(self, *args: Any, **kwargs: Any) -> str:
@@ -47,6 +49,8 @@ class StageActor:
         start (importing torch and diffusers) costs seconds of CPU (see RayExecutor.reload).
         """
         self.stage = None  # the old model goes before the new one loads
+        gc.unfreeze()  # and with it what the last build froze (see build_without_gc)
+        gc.collect()
         self._build = (self._build[0], args, kwargs)
         return self.start()
 
@@ -108,6 +112,25 @@ class StageActor:
         if not keep_result:
             result, report["output_bytes"] = None, 0
         return result, report
+
+
+def build_without_gc(build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`build(*args, **kwargs)` with Python's cyclic garbage collector paused, then everything
+    built moved out of its sight (`gc.freeze`).
+
+    A stage's build is mostly imports (diffusers, transformers: a process's first build costs
+    about 6 s of CPU and makes about a million objects, none of them garbage), and the collector
+    walks the young objects every 700 allocations: paused, the build costs about a fifth less.
+    Frozen, the model and the modules are not walked again by every later full collection.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return build(*args, **kwargs)
+    finally:
+        if enabled:
+            gc.enable()
+        gc.freeze()
 
 
 def run_stage_method(stage: Any, method: str, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

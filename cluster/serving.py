@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from ray.util import get_current_placement_group
 
-from cluster.actors import run_stage_method
+from cluster.actors import build_without_gc, run_stage_method
 from cluster.executor import (
     ACTOR_PING_TIMEOUT_S,
     ACTOR_START_TIMEOUT_S,
@@ -197,7 +197,7 @@ class StageHost:
     """One stage in this process: a replica of the encoder or the decoder deployment."""
 
     def __init__(self, stage: str, model: str, weights: str):
-        self.stage = SERVED_STAGES[Stage(stage)](load_spec(model), Path(weights))
+        self.stage = build_without_gc(SERVED_STAGES[Stage(stage)], load_spec(model), Path(weights))
         self.broken: str | None = None
 
     def describe(self) -> str:

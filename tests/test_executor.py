@@ -189,3 +189,29 @@ def test_stage_failure_in_an_actor_names_the_stage(executors, tiny_spec, tiny_we
 def test_stage_failure_in_process_names_the_stage(tiny_spec, tiny_weights, tmp_path):
     with pytest.raises(StageFailed, match=r"^denoise stage failed: "):
         generate(bad_job(tiny_spec, tiny_weights), LocalExecutor(tiny_spec, tiny_weights), tmp_path / "x.mp4")
+
+
+def test_a_stage_is_built_with_the_collector_paused_then_frozen():
+    """An actor builds its stage (mostly imports) with Python's cyclic collector paused, and
+    freezes what it built; the collector runs again afterwards, even when the build fails."""
+    import gc
+
+    from cluster.actors import build_without_gc
+
+    during = []
+
+    def build(value):
+        during.append(gc.isenabled())
+        return [value]
+
+    frozen = gc.get_freeze_count()
+    assert build_without_gc(build, 3) == [3]
+    assert during == [False] and gc.isenabled()
+    assert gc.get_freeze_count() > frozen
+
+    def broken():
+        raise RuntimeError("no weights")
+
+    with pytest.raises(RuntimeError, match="no weights"):
+        build_without_gc(broken)
+    assert gc.isenabled()
