@@ -1,3 +1,4 @@
+import gc
 import os
 import shutil
 import socket
@@ -169,7 +170,16 @@ def serve_base_url(ray_session) -> str:
 SERVE_USERS = []  # the session's tests that use its Serve, in the order they run
 
 
+def pytest_configure(config):
+    """Collection imports torch, diffusers, transformers, Ray and MLflow: about a million objects
+    and no garbage, which Python's cyclic collector would walk again and again (as
+    cluster.actors.build_without_gc explains). It is paused until collection ends."""
+    gc.disable()
+
+
 def pytest_collection_finish(session):
+    gc.enable()
+    gc.freeze()  # what collection imported is not walked by every later full collection
     SERVE_USERS[:] = [item for item in session.items if "serve_base_url" in item.fixturenames]
 
 
