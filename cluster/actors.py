@@ -65,10 +65,18 @@ class StageActor:
         return ray.util.get_node_ip_address(), port
 
     def join_process_group(self, address: str, port: int, rank: int, world_size: int, timeout_s: float) -> str:
-        """Initialise torch.distributed: NCCL between GPUs, gloo between CPU processes."""
+        """Initialise torch.distributed: NCCL between GPUs, gloo between CPU processes.
+
+        A rank already in a process group leaves it first, and its stage goes with it (the
+        stage's subgroups belong to that group): the first ranks of a group can form a smaller
+        one in the same processes, then `rebuild` their stage for it.
+        """
         import torch  # here, not at the top: an actor whose stage needs no torch (the panel) never imports it
         import torch.distributed as dist
 
+        if dist.is_initialized():
+            self.stage = None
+            dist.destroy_process_group()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(0)  # Ray makes this rank's GPU the only visible one

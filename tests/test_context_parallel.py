@@ -136,14 +136,10 @@ MODELS = {
 }
 
 # (model, frames, layout). 9 frames are 3 latent frames, 17 are 5: neither divides by 2 or 4;
-# ring4 / ulysses4 over 3 latent frames leave one rank with padding only.
+# ring4 / ulysses4 over 3 latent frames leave one rank with padding only. Largest groups first:
+# the ranks of one group serve every smaller one after it (ReusedGroups).
 CASES = [
-    ("sincos-h6", 9, ParallelLayout(ulysses=2)),
-    ("sincos-h6", 9, ParallelLayout(ring=2)),
-    ("sincos-h6", 17, ParallelLayout(cfg=2)),
-    ("rope-h4", 17, ParallelLayout(ulysses=2)),
-    ("rope-h4", 9, ParallelLayout(ring=2)),
-    ("rope-h4", 9, ParallelLayout(cfg=2)),
+    ("sincos-h6", 17, ParallelLayout(cfg=2, ulysses=2, ring=2)),  # all three at once, as 2b on 8 GPUs
     ("sincos-h6", 9, ParallelLayout(ring=4)),
     ("sincos-h6", 17, ParallelLayout(ulysses=2, ring=2)),
     ("sincos-h6", 9, ParallelLayout(cfg=2, ring=2)),
@@ -152,7 +148,12 @@ CASES = [
     ("rope-h4", 17, ParallelLayout(ulysses=2, ring=2)),
     ("v15-h4", 17, ParallelLayout(ulysses=2, ring=2)),
     ("v15-h4", 9, ParallelLayout(cfg=2, ring=2)),
-    ("sincos-h6", 17, ParallelLayout(cfg=2, ulysses=2, ring=2)),  # all three at once, as 2b on 8 GPUs
+    ("sincos-h6", 9, ParallelLayout(ulysses=2)),
+    ("sincos-h6", 9, ParallelLayout(ring=2)),
+    ("sincos-h6", 17, ParallelLayout(cfg=2)),
+    ("rope-h4", 17, ParallelLayout(ulysses=2)),
+    ("rope-h4", 9, ParallelLayout(ring=2)),
+    ("rope-h4", 9, ParallelLayout(cfg=2)),
 ]
 
 
@@ -175,25 +176,39 @@ def reference(tiny_spec):
 
 
 class ReusedGroups:
-    """A denoiser group per world size, reused by the cases of that size: each case builds its own
-    DenoiserStage (its model, its layout, its process subgroups) on the group's ranks, in the same
-    processes and process group. Starting a rank's process (importing torch, diffusers and
-    DeepSpeed) is most of a case's time, and no case depends on a fresh process. One group at a
-    time: a group takes every core of the test cluster (the cases come ordered by size). A case
-    that fails discards its group, whose ranks may be stuck in a collective."""
+    """One denoiser group, reused by every case: each case builds its own DenoiserStage (its
+    model, its layout, its process subgroups) on the group's ranks. A case of fewer ranks than
+    the group has takes its first ranks, which leave the group's process group and form one of
+    their own (the other ranks go). Starting a rank's process (importing torch, diffusers and
+    DeepSpeed) is most of a case's time, and no case depends on a fresh process: the cases come
+    largest first, so a 2x2x2 group starts 8 processes for all of them, not 2 + 4 + 8. A case
+    that fails discards the group, whose ranks may be stuck in a collective."""
 
     def __init__(self, ray_session):
         self.ray, self.group = ray_session, None
 
     def get(self, spec, weights, layout: ParallelLayout) -> DenoiserGroup:
-        if self.group is not None and self.group.size == layout.world_size:
+        size = layout.world_size
+        if self.group is not None and size < self.group.size:
+            self._shrink(size)
+        if self.group is not None and self.group.size == size:
             self.ray.get(self.group.rebuild(spec, weights, layout))
             return self.group
         self.discard()
-        plan = plan_resources(workers=layout.world_size)
+        plan = plan_resources(workers=size)
         self.group = DenoiserGroup(spec, weights, layout, plan.denoise, plan.bundle)
         self.ray.get(self.group.start())
         return self.group
+
+    def _shrink(self, size: int) -> None:
+        """The group's first `size` ranks as a process group of their own; the others are killed
+        (the placement group keeps their bundles until the group closes)."""
+        kept, gone = self.group.actors[:size], self.group.actors[size:]
+        for actor in gone:
+            self.ray.kill(actor)
+        address, port = self.ray.get(kept[0].rendezvous_address.remote())
+        self.ray.get([a.join_process_group.remote(address, port, i, size, 120) for i, a in enumerate(kept)])
+        self.group.actors, self.group.size = kept, size
 
     def discard(self) -> None:
         if self.group is not None:
