@@ -102,29 +102,9 @@ def test_cluster_layouts():
 PLACE_ON_FAKE_GPUS = """
 import json, os, sys
 import ray
+import cluster.executor as executor_module
 from cluster.process_group import ActorGroup
 from cluster.runtime import plan_resources
-
-class Probe:  # a stage that reports which GPU Ray gave its actor
-    def __init__(self, *args, **kwargs):
-        pass
-    def describe(self):
-        return os.environ.get("CUDA_VISIBLE_DEVICES", "")
-
-gpus, workers = int(sys.argv[1]), int(sys.argv[2])
-ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
-plan = plan_resources(workers=workers)
-group = ActorGroup(Probe, (), {}, workers, plan.denoise, plan.bundle)
-side = [group.side_actor(r, Probe) for r in (plan.encode, plan.decode[0], plan.measure)]
-ranks = ray.get(group.start(), timeout=120)
-encode, decode, measure = ray.get([a.start.remote() for a in side], timeout=120)
-print(json.dumps({"ranks": ranks, "encode": encode, "decode": decode, "measure": measure}))
-"""
-
-RELOAD_ON_FAKE_GPUS = """
-import json, os
-import ray
-import cluster.executor as executor_module
 from stages.context_parallel import ParallelLayout
 
 class Probe:  # every stage: reports which GPU Ray gave its actor
@@ -133,58 +113,75 @@ class Probe:  # every stage: reports which GPU Ray gave its actor
     def describe(self):
         return os.environ.get("CUDA_VISIBLE_DEVICES", "")
 
-executor_module.DenoiserStage = executor_module.ClarityStage = Probe
-executor_module.MODEL_STAGES.update(dict.fromkeys(executor_module.MODEL_STAGES, Probe))
-ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False)
-executor = executor_module.RayExecutor(None, None)
-gpus = lambda actors: ray.get([a.describe.remote() for a in actors], timeout=120)
-before = {"ranks": gpus(executor.group.actors), "side": gpus(executor.side["encode"] + executor.side["decode"])}
-executor.reload(None, None, ParallelLayout(ring=2))  # 2 ranks on 3 GPUs: the side actors make room
-after = {"ranks": gpus(executor.group.actors), "side": gpus(executor.side["encode"] + executor.side["decode"])}
-print(json.dumps({"before": before, "after": after}))
+def gpus(actors):
+    return ray.get([a.describe.remote() for a in actors], timeout=120)
+
+def place(workers):
+    plan = plan_resources(workers=workers)
+    group = ActorGroup(Probe, (), {}, workers, plan.denoise, plan.bundle)
+    side = [group.side_actor(r, Probe) for r in (plan.encode, plan.decode[0], plan.measure)]
+    ranks = ray.get(group.start(), timeout=120)
+    encode, decode, measure = ray.get([a.start.remote() for a in side], timeout=120)
+    for actor in side:
+        ray.kill(actor)
+    group.close()
+    return {"ranks": ranks, "encode": encode, "decode": decode, "measure": measure}
+
+def reload():
+    executor_module.DenoiserStage = executor_module.ClarityStage = Probe
+    executor_module.MODEL_STAGES.update(dict.fromkeys(executor_module.MODEL_STAGES, Probe))
+    executor = executor_module.RayExecutor(None, None)
+    before = {"ranks": gpus(executor.group.actors), "side": gpus(executor.side["encode"] + executor.side["decode"])}
+    executor.reload(None, None, ParallelLayout(ring=2))  # 2 ranks on 3 GPUs: the side actors make room
+    after = {"ranks": gpus(executor.group.actors), "side": gpus(executor.side["encode"] + executor.side["decode"])}
+    executor.close()
+    return {"before": before, "after": after}
+
+placed = {}
+for gpus_in_cluster, workers in json.loads(sys.argv[1]):  # one Ray after the other
+    ray.init(num_cpus=2, num_gpus=gpus_in_cluster, include_dashboard=False, log_to_driver=False)
+    placed[f"{gpus_in_cluster}/{workers}"] = place(workers)
+    if gpus_in_cluster == 3:
+        placed["reload"] = reload()
+    ray.shutdown()
+print(json.dumps(placed))
 """
 
 
 def test_plans_are_schedulable_on_a_cluster_with_gpus(tmp_path):
     """Ray with simulated GPUs places every plan: each rank on a GPU of its own, the encoder and
-    decoder on spare GPUs or beside the first ranks. One Ray per cluster size, the four at once
-    (each mostly waits for its Ray to start and stop), and a fifth in which an executor of 1
-    rank on 3 GPUs reloads to 2 ranks: its encoder and decoder, a GPU each before, give them
-    back before the new group is placed (it needs 2), and then share the one spare GPU."""
+    decoder on spare GPUs or beside the first ranks. One Ray per cluster size, started one after
+    the other by two processes at once (each mostly waits for its Ray to start and stop). On the
+    3 GPUs, an executor of 1 rank then reloads to 2 ranks: its encoder and decoder, a GPU each
+    before, give them back before the new group is placed (it needs 2), and then share the one
+    spare GPU."""
     import json
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    sizes = [(1, 1), (2, 2), (3, 2), (4, 2)]  # (GPUs, denoiser ranks)
-    processes = {
-        f"{gpus}/{workers}": subprocess.Popen(
-            [sys.executable, "-c", PLACE_ON_FAKE_GPUS, str(gpus), str(workers)],
+    # FRAMECAST_PLACEMENT_TIMEOUT: a group that finds no room fails in 30 s.
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "FRAMECAST_PLACEMENT_TIMEOUT": "30"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", PLACE_ON_FAKE_GPUS, json.dumps(sizes)],  # [(GPUs, denoiser ranks)...]
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
             cwd=tmp_path,
         )
-        for gpus, workers in sizes
-    }
-    processes["reload"] = subprocess.Popen(
-        [sys.executable, "-c", RELOAD_ON_FAKE_GPUS],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**env, "FRAMECAST_PLACEMENT_TIMEOUT": "30"},  # a group that finds no room fails in 30 s
-        cwd=tmp_path,
-    )
+        for sizes in ([(1, 1), (2, 2)], [(3, 2), (4, 2)])
+    ]
     placed = {}
-    for size, process in processes.items():
+    for process in processes:
         out, err = process.communicate(timeout=600)
-        assert process.returncode == 0, f"{size}: {err[-3000:]}"
-        placed[size] = json.loads(out.strip().splitlines()[-1])
+        assert process.returncode == 0, err[-3000:]
+        placed.update(json.loads(out.strip().splitlines()[-1]))
     reload = placed.pop("reload")
     assert len({*reload["before"]["ranks"], *reload["before"]["side"]}) == 3  # a GPU each
     ranks, (encode, decode) = reload["after"]["ranks"], reload["after"]["side"]
     assert len(set(ranks)) == 2 and encode == decode not in ranks
+    assert sorted(placed) == ["1/1", "2/2", "3/2", "4/2"]
     assert all(p.pop("measure") == "" for p in placed.values())  # the clarity panel sees no GPU
     assert placed["1/1"] == {"ranks": ["0"], "encode": "0", "decode": "0"}  # all three share the one GPU
     two = placed["2/2"]
