@@ -5,18 +5,20 @@ whose children are its cells' generations (`framecast sweep`).
 The store is MLflow's own default (so `mlflow ui` in the same directory shows the runs) unless
 MLFLOW_TRACKING_URI or an explicit URI says otherwise. Runs are logged after the video is written:
 a tracking failure never costs a finished video.
+
+MLflow is imported where a run is recorded, not with this module: every Serve replica imports
+this module (through the Videos API's), and only the ingress records runs (importing MLflow
+costs about 1 s of CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from mlflow.utils.time import get_current_time_millis
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 DEFAULT_EXPERIMENT = "framecast"
 # A generation's timings, as recorded (seconds; lower is better).
@@ -43,6 +45,11 @@ def log_run(
 ) -> str:
     """Record one finished run (tag `framecast.kind`: `kind`), nested under `parent_run_id` if
     given; `texts` are artifact name -> text (e.g. config.yaml). Returns the MLflow run id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunStatus
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+    from mlflow.utils.time import get_current_time_millis
+
     client = MlflowClient(tracking_uri=tracking_uri)
     tags = {"framecast.kind": kind, **(tags or {})}
     if parent_run_id:
@@ -107,6 +114,8 @@ def open_parent_run(
 ) -> tuple[str, bool]:
     """The latest run with all of `tags`, set running again if there is one (an earlier try of
     the same work), else a new one with these tags and params. Returns (run id, whether it existed)."""
+    from mlflow.entities import Param, RunStatus
+
     exp = experiment_id(client, experiment)
     if any("'" in v for v in tags.values()):  # MLflow's filter language has no escape for it
         raise ValueError(f"tag values to search by must not contain a single quote: {tags}")
@@ -123,6 +132,8 @@ def open_parent_run(
 
 def child_runs(client: MlflowClient, parent_run_id: str) -> list:
     """The FINISHED runs nested under `parent_run_id`."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
     parent = client.get_run(parent_run_id)
     query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and attributes.status = 'FINISHED'"
     return search_all_runs(client, [parent.info.experiment_id], query)
