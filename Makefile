@@ -37,8 +37,15 @@ train-demo: install
 lint: install
 	$(PY) -m ruff check .
 
+# The tests in two pytest processes at once: those that use a Ray cluster (the test Ray, or one
+# they start), and beside them, at the lowest CPU priority, the others, which run in the test
+# process alone and take the cycles the first leave idle (while actors start, Ray starts, or a
+# subprocess runs). The second's report follows the first's. `pytest` alone runs them all, in turn.
 test: install lint
-	$(PY) -m pytest -q
+	@others=$$(mktemp); nice -n 19 $(PY) -m pytest -q --ray none > $$others 2>&1 & pid=$$!; \
+	$(PY) -m pytest -q --ray only; cluster=$$?; \
+	wait $$pid; local=$$?; echo "--- the tests that use no Ray cluster:"; cat $$others; rm -f $$others; \
+	test $$cluster -eq 0 && test $$local -eq 0
 
 clean:
 	rm -rf $(VENV) outputs mlruns mlflow.db framecast-serve

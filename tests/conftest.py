@@ -170,6 +170,29 @@ def serve_base_url(ray_session) -> str:
 SERVE_USERS = []  # the session's tests that use its Serve, in the order they run
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--ray",
+        choices=("only", "none"),
+        help="only the tests that use a Ray cluster (the test Ray, or one they start: marked "
+        "own_ray), or none of them (`make test` runs both parts at once)",
+    )
+
+
+def uses_a_cluster(item: pytest.Item) -> bool:
+    return "ray_session" in item.fixturenames or item.get_closest_marker("own_ray") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    part = config.getoption("ray")
+    if part is not None:
+        chosen, others = [], []
+        for item in items:
+            (chosen if uses_a_cluster(item) == (part == "only") else others).append(item)
+        config.hook.pytest_deselected(items=others)
+        items[:] = chosen
+
+
 def pytest_configure(config):
     """Collection imports torch, diffusers, transformers, Ray and MLflow: about a million objects
     and no garbage, which Python's cyclic collector would walk again and again (as

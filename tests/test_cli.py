@@ -157,6 +157,7 @@ def test_clarity_failure_keeps_the_video_and_the_run(tmp_path, capsys, monkeypat
     assert artifacts == {"kept.mp4", "kept.sheet.png", "config.yaml"}
 
 
+@pytest.mark.own_ray
 def test_generate_through_embedded_ray(tmp_path, tiny_weights, mlflow_uri):
     """The real command in a fresh process: it starts its own local Ray and runs the three stage actors."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

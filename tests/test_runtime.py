@@ -148,6 +148,7 @@ print(json.dumps(placed))
 """
 
 
+@pytest.mark.own_ray
 def test_plans_are_schedulable_on_a_cluster_with_gpus(tmp_path):
     """Ray with simulated GPUs places every plan: each rank on a GPU of its own, the encoder and
     decoder on spare GPUs or beside the first ranks. One Ray per cluster size, started one after

@@ -409,6 +409,7 @@ def test_framecast_serve_refuses_bad_flags_before_starting(flags, message, capsy
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.own_ray
 def test_framecast_serve_starts_answers_and_stops(tmp_path):
     """The command as a user runs it: its own Ray, the API on the port asked, Ctrl-C stops it."""
     import signal

@@ -138,6 +138,7 @@ def test_other_models_have_no_adherence(tmp_path):
     assert not [k for k in run.data.metrics if k.startswith("adherence/")]
 
 
+@pytest.mark.own_ray
 def test_make_demo_makes_a_moving_shape(tmp_path):
     """`make demo` uses the committed weights at once (no training) and prints the video, whose
     object is somewhere else in its last frame than in its first."""
