@@ -194,9 +194,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    """Collection imports torch, diffusers, transformers, Ray and MLflow: about a million objects
-    and no garbage, which Python's cyclic collector would walk again and again (as
-    cluster.actors.build_without_gc explains). It is paused until collection ends."""
+    """Collection imports torch, diffusers, transformers, Ray and MLflow: several hundred
+    thousand objects and no garbage, which Python's cyclic collector would walk again and again
+    (as cluster.actors.build_without_gc explains). It is paused until collection ends."""
     gc.disable()
 
 
