@@ -65,15 +65,28 @@ class ActorGroup:
             rank_options = [self._actor(rank, index) for index in self.rank_bundles]
             self.actors = [options.remote(stage_class, *args, **kwargs) for options in rank_options]
             if size > 1:
-                address, port = ray.get(self.actors[0].rendezvous_address.remote())
-                joins = [
-                    actor.join_process_group.remote(address, port, i, size, COLLECTIVE_TIMEOUT_S)
-                    for i, actor in enumerate(self.actors)
-                ]
-                ray.get(joins, timeout=COLLECTIVE_TIMEOUT_S)
+                self._join_process_group()
         except BaseException:
             self.close()
             raise
+
+    def _join_process_group(self) -> None:
+        """Every rank joins one process group, which rank 0 hosts."""
+        address, port = ray.get(self.actors[0].rendezvous_address.remote())
+        joins = [
+            actor.join_process_group.remote(address, port, i, self.size, COLLECTIVE_TIMEOUT_S)
+            for i, actor in enumerate(self.actors)
+        ]
+        ray.get(joins, timeout=COLLECTIVE_TIMEOUT_S)
+
+    def shrink(self, size: int) -> None:
+        """Keep the first `size` ranks, as a process group of their own (each leaves the old one,
+        and its stage with it: `rebuild` next); the others are killed. The placement group keeps
+        their bundles until `close`. Cheaper than a new group where the ranks' processes stay."""
+        for actor in self.actors[size:]:
+            ray.kill(actor)
+        self.actors, self.rank_bundles, self.size = self.actors[:size], self.rank_bundles[:size], size
+        self._join_process_group()
 
     def _bundles_by_node(self) -> list[int]:
         """Bundle indices in rank order: node by node, so that consecutive ranks share a node.

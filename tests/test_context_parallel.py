@@ -190,7 +190,7 @@ class ReusedGroups:
     def get(self, spec, weights, layout: ParallelLayout) -> DenoiserGroup:
         size = layout.world_size
         if self.group is not None and size < self.group.size:
-            self._shrink(size)
+            self.group.shrink(size)
         if self.group is not None and self.group.size == size:
             self.ray.get(self.group.rebuild(spec, weights, layout))
             return self.group
@@ -199,16 +199,6 @@ class ReusedGroups:
         self.group = DenoiserGroup(spec, weights, layout, plan.denoise, plan.bundle)
         self.ray.get(self.group.start())
         return self.group
-
-    def _shrink(self, size: int) -> None:
-        """The group's first `size` ranks as a process group of their own; the others are killed
-        (the placement group keeps their bundles until the group closes)."""
-        kept, gone = self.group.actors[:size], self.group.actors[size:]
-        for actor in gone:
-            self.ray.kill(actor)
-        address, port = self.ray.get(kept[0].rendezvous_address.remote())
-        self.ray.get([a.join_process_group.remote(address, port, i, size, 120) for i, a in enumerate(kept)])
-        self.group.actors, self.group.size = kept, size
 
     def discard(self) -> None:
         if self.group is not None:
