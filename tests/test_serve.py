@@ -420,7 +420,10 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
     env = {**os.environ, KEY_ENV: KEY}
     command = [sys.executable, "-m", "cluster.cli", "serve", "--model", "tiny", "--port", str(port),
                "--data-dir", str(tmp_path), "--api-key-env", KEY_ENV]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches it as in a terminal: a process started in the background by a shell (as
+    # `make test` starts its parts) has SIGINT ignored, and the command would inherit that.
+    as_in_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
     said = []
     try:
         for line in process.stderr:  # until it says it is serving (or exits)
