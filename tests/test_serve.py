@@ -423,7 +423,8 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
     # Ctrl-C reaches it as in a terminal: a process started in the background by a shell (as
     # `make test` starts its parts) has SIGINT ignored, and the command would inherit that.
     as_in_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal,
+                               start_new_session=True)  # fmt: skip
     said = []
     try:
         for line in process.stderr:  # until it says it is serving (or exits)
@@ -435,7 +436,12 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
         assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).status_code == 401
     finally:
         process.send_signal(signal.SIGINT)
-        _, rest = process.communicate(timeout=120)
+        try:
+            _, rest = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # a server that does not stop must not outlive the test, nor its Ray:
+            os.killpg(process.pid, signal.SIGKILL)  # its session holds the Ray it started
+            process.communicate()
+            raise
     assert process.returncode == 0, "".join(said) + rest
     assert "queued videos stay in the job database" in rest
     assert (tmp_path / "jobs.sqlite3").is_file()
