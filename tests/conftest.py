@@ -171,7 +171,7 @@ SERVE_USERS = []  # the session's tests that use its Serve, in the order they ru
 
 
 RAY_PARTS = {
-    "session": "the tests that use the test Ray (the `ray_session` fixture)",
+    "session": "the tests that use the test Ray (the `ray_session` fixture, directly or through another)",
     "own": "the tests that start a Ray of their own, in a process they run (marked `own_ray`)",
     "none": "the tests that use no Ray cluster",
 }
@@ -187,6 +187,7 @@ def pytest_addoption(parser):
 
 
 def ray_part(item: pytest.Item) -> str:
+    """The part of RAY_PARTS a test belongs to: one of its own Ray counts only without the test Ray."""
     if "ray_session" in item.fixturenames:
         return "session"
     return "own" if item.get_closest_marker("own_ray") is not None else "none"

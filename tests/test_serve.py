@@ -420,10 +420,11 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
     env = {**os.environ, KEY_ENV: KEY}
     command = [sys.executable, "-m", "cluster.cli", "serve", "--model", "tiny", "--port", str(port),
                "--data-dir", str(tmp_path), "--api-key-env", KEY_ENV]  # fmt: skip
-    # Ctrl-C reaches it as in a terminal: a process started in the background by a shell (as
-    # `make test` starts its parts) has SIGINT ignored, and the command would inherit that.
-    as_in_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal,
+    # SIGINT (what Ctrl-C sends) at its default, so that the command installs its handler: a
+    # process a shell starts in the background (as `make test` starts two of its parts) has it
+    # ignored, and the command would inherit that. In a session of its own: see below.
+    sigint_default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
                                start_new_session=True)  # fmt: skip
     said = []
     try:
@@ -439,8 +440,8 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
         try:
             _, rest = process.communicate(timeout=120)
         except subprocess.TimeoutExpired:  # a server that does not stop must not outlive the test, nor its Ray:
-            os.killpg(process.pid, signal.SIGKILL)  # its session holds the Ray it started
-            process.communicate()
+            os.killpg(process.pid, signal.SIGKILL)  # its process group holds the Ray it started
+            process.communicate(timeout=30)
             raise
     assert process.returncode == 0, "".join(said) + rest
     assert "queued videos stay in the job database" in rest
