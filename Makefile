@@ -45,22 +45,17 @@ train-demo: install
 lint: install
 	$(PY) -m ruff check .
 
-# The tests in three pytest processes at once: those that use the test Ray (one Ray for the
-# session); beside them the four that start a Ray of their own, which spend much of their time
-# waiting for it to start and stop; and at the lowest CPU priority those that use no Ray, which
-# run in the test process alone and take the cycles the others leave idle. The reports of the
-# second and third follow the first's; Ctrl-C stops all three (a shell starts the two in the
-# background with SIGINT ignored). `pytest` alone runs them all, in turn.
+# The tests in two pytest processes at once: those that use a Ray cluster (the test Ray, or one
+# they start), and beside them, at the lowest CPU priority, the others, which run in the test
+# process alone and take the cycles the first leave idle (while actors start, Ray starts, or a
+# subprocess runs). The second's report follows the first's. Ctrl-C stops both (a shell starts
+# the second in the background with SIGINT ignored). `pytest` alone runs them all, in turn.
 test: install lint
-	@own=$$(mktemp); none=$$(mktemp); \
-	$(PY) -m pytest -q --ray own > $$own 2>&1 & own_pid=$$!; \
-	nice -n 19 $(PY) -m pytest -q --ray none > $$none 2>&1 & none_pid=$$!; \
-	trap 'kill $$own_pid $$none_pid 2>/dev/null; rm -f $$own $$none; exit 130' INT TERM; \
-	$(PY) -m pytest -q --ray session; session=$$?; \
-	wait $$own_pid; own_rc=$$?; wait $$none_pid; none_rc=$$?; \
-	echo "--- the tests that start a Ray of their own:"; cat $$own; \
-	echo "--- the tests that use no Ray cluster:"; cat $$none; rm -f $$own $$none; \
-	test $$session -eq 0 && test $$own_rc -eq 0 && test $$none_rc -eq 0
+	@others=$$(mktemp); nice -n 19 $(PY) -m pytest -q --ray none > $$others 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; rm -f $$others; exit 130' INT TERM; \
+	$(PY) -m pytest -q --ray only; cluster=$$?; \
+	wait $$pid; local=$$?; echo "--- the tests that use no Ray cluster:"; cat $$others; rm -f $$others; \
+	test $$cluster -eq 0 && test $$local -eq 0
 
 clean:
 	rm -rf $(VENV) outputs mlruns mlflow.db framecast-serve

@@ -170,27 +170,17 @@ def serve_base_url(ray_session) -> str:
 SERVE_USERS = []  # the session's tests that use its Serve, in the order they run
 
 
-RAY_PARTS = {
-    "session": "the tests that use the test Ray (the `ray_session` fixture, directly or through another)",
-    "own": "the tests that start a Ray of their own, in a process they run (marked `own_ray`)",
-    "none": "the tests that use no Ray cluster",
-}
-
-
 def pytest_addoption(parser):
     parser.addoption(
         "--ray",
-        choices=tuple(RAY_PARTS),
-        help=f"run one part of the suite: {'; '.join(f'{k}: {v}' for k, v in RAY_PARTS.items())} "
-        "(`make test` runs the three at once)",
+        choices=("only", "none"),
+        help="only the tests that use a Ray cluster (the test Ray, or one they start: marked "
+        "own_ray), or none of them (`make test` runs both parts at once)",
     )
 
 
-def ray_part(item: pytest.Item) -> str:
-    """The part of RAY_PARTS a test belongs to: one of its own Ray counts only without the test Ray."""
-    if "ray_session" in item.fixturenames:
-        return "session"
-    return "own" if item.get_closest_marker("own_ray") is not None else "none"
+def uses_a_cluster(item: pytest.Item) -> bool:
+    return "ray_session" in item.fixturenames or item.get_closest_marker("own_ray") is not None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -198,7 +188,7 @@ def pytest_collection_modifyitems(config, items):
     if part is not None:
         chosen, others = [], []
         for item in items:
-            (chosen if ray_part(item) == part else others).append(item)
+            (chosen if uses_a_cluster(item) == (part == "only") else others).append(item)
         config.hook.pytest_deselected(items=others)
         items[:] = chosen
 

@@ -421,7 +421,7 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
     command = [sys.executable, "-m", "cluster.cli", "serve", "--model", "tiny", "--port", str(port),
                "--data-dir", str(tmp_path), "--api-key-env", KEY_ENV]  # fmt: skip
     # SIGINT (what Ctrl-C sends) at its default, so that the command installs its handler: a
-    # process a shell starts in the background (as `make test` starts two of its parts) has it
+    # process a shell starts in the background (as `make test` starts one of its parts) has it
     # ignored, and the command would inherit that. In a session of its own: see below.
     sigint_default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
