@@ -244,6 +244,7 @@ def check_group(ray_session, reference, groups, model, frames, layout):
     assert all(s["peak_memory_mib"] > 0 for s in stats)
 
 
+@pytest.mark.ranks(2)
 def test_ray_executor_with_a_group_equals_local_frames(executors, tiny_spec, tiny_weights):
     """The whole chain (encoder actor -> Ulysses group -> decoder actor) gives the in-process frames."""
     from cluster.executor import LocalExecutor

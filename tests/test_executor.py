@@ -21,6 +21,7 @@ def bad_job(spec, weights):
 
 # The two ring-2 tests come first: they take the ring-2 executor that test_diffusers_equality
 # leaves (a process start saved), and break its group.
+@pytest.mark.ranks(2)
 def test_a_failing_denoiser_group_is_torn_down_at_once(ray_session, executors, tiny_spec, tiny_weights, tmp_path):
     import os
 
@@ -42,6 +43,7 @@ def test_a_failing_denoiser_group_is_torn_down_at_once(ray_session, executors, t
     assert ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in side]) == before
 
 
+@pytest.mark.ranks(2, 0)
 def test_one_rank_failing_alone_fails_the_job_at_once(ray_session, executors, tiny_spec, tiny_weights):
     """Rank 1 raises mid-forward while rank 0 waits in a collective: the driver notices rank 1's
     error itself (not a timeout on rank 0) and releases the group."""
@@ -119,6 +121,7 @@ def test_each_stage_runs_in_its_own_actor_process(ray_session, executors, tiny_s
     }
 
 
+@pytest.mark.ranks(1, 2)
 def test_reload_keeps_the_processes_and_equals_a_fresh_build(
     ray_session, executors, tiny_spec, tiny_weights, rope_spec, rope_weights
 ):
@@ -179,6 +182,7 @@ def test_which_side_actors_keep_their_process_on_reload(before, after, regroup, 
     assert side_actor_stays(None, new.encode, regroup) is False  # no actor yet: one starts
 
 
+@pytest.mark.ranks(1, 0)
 def test_stage_failure_in_an_actor_names_the_stage(executors, tiny_spec, tiny_weights, tmp_path):
     executor = executors.get(tiny_spec, tiny_weights)
     with pytest.raises(StageFailed, match=r"^denoise stage failed: \w+Error: "):

@@ -189,6 +189,7 @@ def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(
         "cannot be decoded"  # fmt: skip
 
 
+@pytest.mark.ranks(2, 0)
 def test_jobs_after_a_denoiser_group_failure_fail_saying_why(executors, stream_jobs, tmp_path):
     """A rank fails during job 0: the group is torn down at once, and the jobs queued behind it
     fail with a message that says so (not with a bare 'actor died')."""
@@ -208,9 +209,9 @@ def test_jobs_after_a_denoiser_group_failure_fail_saying_why(executors, stream_j
         )
 
 
-def test_prompts_file_streams_json_lines(tmp_path, capsys, executors, tiny_weights, mlflow_uri):
-    """`--prompts FILE`: one JSON line per job with its stage times; one decoder sends frames once."""
-    executors.discard()  # the command makes its own executor on the test cluster
+def test_prompts_file_streams_json_lines(tmp_path, capsys, ray_session, tiny_weights, mlflow_uri):
+    """`--prompts FILE`: one JSON line per job with its stage times; one decoder sends frames once.
+    The command makes its own executor on the test Ray (the session's goes first: conftest.py)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\n\n  a cat playing piano  \n")
     code = main(["generate", "--model", "tiny", "--prompts", str(prompts), "--steps", "2", "--json",
