@@ -45,26 +45,17 @@ train-demo: install
 lint: install
 	$(PY) -m ruff check .
 
-# The tests in three pytest processes at once, one per part (tests/conftest.py, RAY_PARTS): those
-# that start a Ray of their own, those that use the test Ray, and those that use none. A part
-# alone leaves cores idle while Ray or an actor starts or a subprocess runs; the others fill
-# them. Ray gives a node 30 s to start, and a Ray that starts beside busy processes of the same
-# priority took 42 s here (8 busy loops; 10 s alone). So the test Ray starts first; then the
-# tests that start Rays of their own run at the first priority (nice 0), those of the test Ray
-# at the second (10), and the others take what is left (19). The reports of the background
-# parts follow the first's. Ctrl-C stops all three (a shell starts the background ones with
-# SIGINT ignored). `pytest` alone runs them all, in turn.
+# The tests in two pytest processes at once: those that use a Ray cluster (the test Ray, or one
+# they start), and beside them, at the lowest CPU priority, the others, which run in the test
+# process alone and take the cycles the first leave idle (while actors start, Ray starts, or a
+# subprocess runs). The second's report follows the first's. Ctrl-C stops both (a shell starts
+# the second in the background with SIGINT ignored). `pytest` alone runs them all, in turn.
 test: install lint
-	@own=$$(mktemp); none=$$(mktemp); up=$$(mktemp -u); \
-	( for i in $$(seq 300); do test -e $$up && break; sleep 1; done; \
-	  exec $(PY) -m pytest -q --ray own ) > $$own 2>&1 & own_pid=$$!; \
-	nice -n 19 $(PY) -m pytest -q --ray none > $$none 2>&1 & none_pid=$$!; \
-	trap 'kill $$own_pid $$none_pid 2>/dev/null; rm -f $$own $$none $$up; exit 130' INT TERM; \
-	FRAMECAST_TEST_RAY_UP=$$up nice -n 10 $(PY) -m pytest -q --ray session; session=$$?; \
-	wait $$own_pid; own_rc=$$?; wait $$none_pid; none_rc=$$?; \
-	echo "--- the tests that start a Ray of their own:"; cat $$own; \
-	echo "--- the tests that use no Ray cluster:"; cat $$none; rm -f $$own $$none $$up; \
-	test $$session -eq 0 && test $$own_rc -eq 0 && test $$none_rc -eq 0
+	@others=$$(mktemp); nice -n 19 $(PY) -m pytest -q --ray none > $$others 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; rm -f $$others; exit 130' INT TERM; \
+	$(PY) -m pytest -q --ray only; cluster=$$?; \
+	wait $$pid; local=$$?; echo "--- the tests that use no Ray cluster:"; cat $$others; rm -f $$others; \
+	test $$cluster -eq 0 && test $$local -eq 0
 
 clean:
 	rm -rf $(VENV) outputs mlruns mlflow.db framecast-serve

@@ -87,14 +87,10 @@ def mlflow_uri(tmp_path, empty_mlflow_store) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (CPU only, as on CI). `make test` starts the
-    tests that start a Ray of their own once it is up (the file $FRAMECAST_TEST_RAY_UP): two
-    Rays starting at once, each beside the other's busy processes, may not start in Ray's 30 s."""
+    """One local Ray for the whole test session (CPU only, as on CI)."""
     import ray
 
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    if os.environ.get("FRAMECAST_TEST_RAY_UP"):
-        Path(os.environ["FRAMECAST_TEST_RAY_UP"]).touch()
     yield ray
     EXECUTORS.discard()
     ray.shutdown()
@@ -175,27 +171,17 @@ def serve_base_url(ray_session) -> str:
 SERVE_USERS = []  # the session's tests that use its Serve, in the order they run
 
 
-RAY_PARTS = {
-    "session": "the tests that use the test Ray (the `ray_session` fixture, directly or through another)",
-    "own": "the tests that start a Ray of their own, in a process they run (marked `own_ray`)",
-    "none": "the tests that use no Ray cluster",
-}
-
-
 def pytest_addoption(parser):
     parser.addoption(
         "--ray",
-        choices=tuple(RAY_PARTS),
-        help=f"run one part of the suite: {'; '.join(f'{k}: {v}' for k, v in RAY_PARTS.items())} "
-        "(`make test` runs the three at once)",
+        choices=("only", "none"),
+        help="only the tests that use a Ray cluster (the test Ray, or one they start: marked "
+        "own_ray), or none of them (`make test` runs both parts at once)",
     )
 
 
-def ray_part(item: pytest.Item) -> str:
-    """The part of RAY_PARTS a test belongs to: one of its own Ray counts only without the test Ray."""
-    if "ray_session" in item.fixturenames:
-        return "session"
-    return "own" if item.get_closest_marker("own_ray") is not None else "none"
+def uses_a_cluster(item: pytest.Item) -> bool:
+    return "ray_session" in item.fixturenames or item.get_closest_marker("own_ray") is not None
 
 
 def executor_ranks(item: pytest.Item) -> tuple[int, float]:
@@ -222,9 +208,10 @@ def cluster_order(item: pytest.Item) -> tuple:
     each executor after one closed, starts new processes (importing torch, diffusers and
     DeepSpeed: about 12 s of CPU each). In file order the session's tests started 77 stage
     actors; in this order 63."""
-    part = ray_part(item)
-    if part != "session":
-        return (0,) if part == "none" else (1,)
+    if not uses_a_cluster(item):
+        return (0,)
+    if item.get_closest_marker("own_ray") is not None:
+        return (1,)
     if "executors" not in item.fixturenames:
         return (2,)
     return (3, *executor_ranks(item))
@@ -235,7 +222,7 @@ def pytest_collection_modifyitems(config, items):
     if part is not None:
         chosen, others = [], []
         for item in items:
-            (chosen if ray_part(item) == part else others).append(item)
+            (chosen if uses_a_cluster(item) == (part == "only") else others).append(item)
         config.hook.pytest_deselected(items=others)
         items[:] = chosen
     items.sort(key=cluster_order)  # stable: file order within each part
