@@ -1,5 +1,4 @@
 import gc
-import math
 import os
 import shutil
 import socket
@@ -184,16 +183,15 @@ def uses_a_cluster(item: pytest.Item) -> bool:
     return "ray_session" in item.fixturenames or item.get_closest_marker("own_ray") is not None
 
 
-def executor_ranks(item: pytest.Item) -> tuple[int, float]:
-    """The denoiser ranks a test asks of the session executor, and those it leaves (infinity for
-    none: a test whose group fails, which the next test must replace, comes after the others of
-    its size): its `ranks` marker, else a ParallelLayout among its parameters, else 1."""
+def executor_ranks(item: pytest.Item) -> tuple[int, int]:
+    """The denoiser ranks a test asks of the session executor first, and those it leaves it with
+    (0: a failed group, not replaced): its `ranks` marker, else a ParallelLayout among its
+    parameters, else 1."""
     from stages.context_parallel import ParallelLayout
 
     marker = item.get_closest_marker("ranks")
     if marker is not None:
-        first, last = marker.args[0], marker.args[-1]
-        return first, last or math.inf
+        return marker.args[0], marker.args[-1]
     params = getattr(item, "callspec", None)
     layouts = [v for v in (params.params.values() if params else ()) if isinstance(v, ParallelLayout)]
     size = layouts[0].world_size if layouts else 1
@@ -203,18 +201,21 @@ def executor_ranks(item: pytest.Item) -> tuple[int, float]:
 def cluster_order(item: pytest.Item) -> tuple:
     """Where a test runs: the tests that use no cluster first, then those that start a Ray of
     their own (before the test Ray exists, which would take cores from their Ray's start), then
-    those that use the test Ray without the session executor (each of these closes it), and last
-    those that use it, by the ranks they ask for, fewest first: each group of another size, and
-    each executor after one closed, starts new processes (importing torch, diffusers and
-    DeepSpeed: about 12 s of CPU each). In file order the session's tests started 77 stage
-    actors; in this order 63."""
+    those that use the test Ray without the session executor (which would close it: they come
+    before it is made), and last those that use it, by the ranks they ask for, fewest first. For
+    one number of ranks, those that keep that group come first, then those that leave it failed
+    (the next test needs a new group anyway), then those that leave a group of another size.
+    Each group of another size, and each executor after one closed, starts new processes
+    (importing torch, diffusers and DeepSpeed: about 12 s of CPU each). Measured at a5eeb24: in
+    file order the session's tests started 77 stage actors, in this order 63."""
     if not uses_a_cluster(item):
         return (0,)
     if item.get_closest_marker("own_ray") is not None:
         return (1,)
     if "executors" not in item.fixturenames:
         return (2,)
-    return (3, *executor_ranks(item))
+    first, last = executor_ranks(item)
+    return (3, first, 0 if last == first else 1 if last == 0 else 2)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -225,7 +226,7 @@ def pytest_collection_modifyitems(config, items):
             (chosen if uses_a_cluster(item) == (part == "only") else others).append(item)
         config.hook.pytest_deselected(items=others)
         items[:] = chosen
-    items.sort(key=cluster_order)  # stable: file order within each part
+    items.sort(key=cluster_order)  # stable: collection order among equal keys
 
 
 def pytest_configure(config):

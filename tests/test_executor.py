@@ -19,8 +19,6 @@ def bad_job(spec, weights):
     return Job(spec, weights, r)
 
 
-# The two ring-2 tests come first: they take the ring-2 executor that test_diffusers_equality
-# leaves (a process start saved), and break its group.
 @pytest.mark.ranks(2)
 def test_a_failing_denoiser_group_is_torn_down_at_once(ray_session, executors, tiny_spec, tiny_weights, tmp_path):
     import os

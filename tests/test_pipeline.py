@@ -190,7 +190,7 @@ def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(
 
 
 @pytest.mark.ranks(2, 0)
-def test_jobs_after_a_denoiser_group_failure_fail_saying_why(executors, stream_jobs, tmp_path):
+def test_jobs_after_a_denoiser_group_failure_fail_saying_why(executors, tmp_path):
     """A rank fails during job 0: the group is torn down at once, and the jobs queued behind it
     fail with a message that says so (not with a bare 'actor died')."""
     from stages.context_parallel import ParallelLayout
