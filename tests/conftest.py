@@ -208,10 +208,8 @@ def cluster_order(item: pytest.Item) -> tuple:
     Each group of another size, and each executor after one closed, starts new processes
     (importing torch, diffusers and DeepSpeed: about 12 s of CPU each). Measured at a5eeb24: in
     file order the session's tests started 77 stage actors, in this order 63."""
-    if not uses_a_cluster(item):
-        return (0,)
-    if item.get_closest_marker("own_ray") is not None:
-        return (1,)
+    if "ray_session" not in item.fixturenames:
+        return (0,) if item.get_closest_marker("own_ray") is None else (1,)
     if "executors" not in item.fixturenames:
         return (2,)
     first, last = executor_ranks(item)

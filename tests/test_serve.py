@@ -423,9 +423,8 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
     # SIGINT (what Ctrl-C sends) at its default, so that the command installs its handler: a
     # process a shell starts in the background (as `make test` starts one of its parts) has it
     # ignored, and the command would inherit that. In a session of its own: see below.
-    sigint_default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     said = []
     try:
         for line in process.stderr:  # until it says it is serving (or exits)
