@@ -1,7 +1,14 @@
-"""Video I/O: MP4 (H.264, yuv420p) through imageio and the ffmpeg that imageio-ffmpeg ships; contact sheets.
+"""Video I/O: MP4 (H.264, yuv420p) through the ffmpeg that imageio-ffmpeg ships; contact sheets.
 
 Reading goes through the same ffmpeg, so any video it can decode is read the same way, and a
 figure measured here can be checked with that ffmpeg binary (`imageio_ffmpeg.get_ffmpeg_exe()`).
+
+ffmpeg runs in a process of its own, piped raw frames, through `FfmpegProcess` here rather than
+imageio-ffmpeg's read_frames/write_frames: those start it with `preexec_fn=os.setpgrp`, which
+runs Python in the forked child before it execs. In a process with many threads (the Videos
+API's ingress and its runners) such a child can deadlock before it execs (seen: a job stuck in
+`PyOS_AfterFork_Child`). `start_new_session` keeps ffmpeg out of the terminal's Ctrl-C the same
+way, done in C between fork and exec. Every run also has a deadline, after which it is killed.
 """
 
 from __future__ import annotations
@@ -9,43 +16,124 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
+import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
-import imageio.v2 as imageio
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from stages.errors import InvalidRequest
 
+# The longest one ffmpeg run may take before it is killed: far above any video framecast makes
+# (writing or decoding a 49-frame 720x480 clip takes about a second), yet finite, so that a
+# stuck ffmpeg can never hold a job (or a Videos API runner) for good.
+FFMPEG_DEADLINE_S = 300.0
+
+
+class FfmpegTimeout(TimeoutError):
+    """ffmpeg ran past its deadline and was killed."""
+
+
+class FfmpegProcess:
+    """One run of the ffmpeg binary with `args`, in a session of its own, killed at its deadline.
+
+    stdout is a pipe (raw frames out) or nothing; stdin a pipe when `feed` (raw frames in);
+    stderr is collected by a thread (a full pipe would stall ffmpeg), and `header` is set once
+    ffmpeg has said what its output will be (or has ended)."""
+
+    def __init__(self, args: Sequence[str], *, feed: bool = False, output: bool = False):
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostats", *([] if feed else ["-nostdin"]), *args]
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if output else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # not preexec_fn: see the module's docstring
+        )
+        self.deadline_s, self.expired = FFMPEG_DEADLINE_S, False
+        self.log: list[str] = []
+        self.header = threading.Event()
+        self._reader = threading.Thread(target=self._read_log, name="ffmpeg-log", daemon=True)
+        self._reader.start()
+        self._timer = threading.Timer(self.deadline_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _read_log(self) -> None:
+        output = False
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.log.append(line)
+            output = output or line.startswith("Output #0")
+            if output and "Stream #0:" in line:
+                self.header.set()
+        self.header.set()
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.process.kill()
+
+    def finish(self) -> int:
+        """Wait for ffmpeg to exit (within its deadline) and its log; its exit status."""
+        try:
+            code = self.process.wait()  # the timer kills it at the deadline
+            self._reader.join()
+        finally:
+            self.stop()
+        if self.expired:
+            raise FfmpegTimeout(f"ffmpeg ran past its {self.deadline_s:g} s deadline and was stopped")
+        return code
+
+    def stop(self) -> None:
+        """Kill ffmpeg if it still runs, and release its pipes."""
+        self._timer.cancel()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+    def reason(self) -> str:
+        return _ffmpeg_reason("\n".join(self.log))
+
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> Path:
     """Write (frames, H, W, 3) uint8 as H.264/yuv420p. H and W must be even (yuv420p halves chroma)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (frames, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264/yuv420p needs an even width and height, got {width}x{height}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The atomic rename means a crash never leaves a truncated file under the final name.
     partial = path.with_name(f".{path.name}.partial.mp4")
-    writer = imageio.get_writer(
-        partial,
-        format="FFMPEG",
-        fps=fps,
-        codec="libx264",
-        pixelformat="yuv420p",
-        quality=None,  # no imageio default CRF; ours below
-        output_params=["-crf", str(crf), "-movflags", "+faststart"],
-        macro_block_size=2,
-        ffmpeg_log_level="error",
-    )
+    rate = str(Fraction(fps).limit_denominator())  # a rational: 24000/1001 stays exact
+    ffmpeg = FfmpegProcess(
+        ["-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", rate,
+         "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error", "-crf", str(crf),
+         "-movflags", "+faststart", str(partial)],
+        feed=True,
+    )  # fmt: skip
     try:
-        for frame in frames:
-            writer.append_data(frame)
-        writer.close()
+        try:
+            for frame in frames:
+                ffmpeg.process.stdin.write(np.ascontiguousarray(frame).tobytes())
+            ffmpeg.process.stdin.close()
+        except BrokenPipeError:  # ffmpeg ended early: its exit status and log say why
+            pass
+        if ffmpeg.finish() != 0:
+            raise OSError(f"ffmpeg could not write {path}: {ffmpeg.reason()}")
     except BaseException:
-        writer.close()
+        ffmpeg.stop()
         partial.unlink(missing_ok=True)
         raise
     partial.replace(path)
@@ -152,25 +240,47 @@ def _open(
     the iterator stops ffmpeg)."""
     if not Path(path).is_file():
         raise InvalidRequest(f"{path}: no such file")
+    ffmpeg = FfmpegProcess(
+        ["-i", str(path), "-pix_fmt", pix_fmt, "-vcodec", "rawvideo", "-f", "rawvideo", *EACH_FRAME_ONCE, *filters,
+         "-"],
+        output=True,
+    )  # fmt: skip
     try:
-        reader = imageio_ffmpeg.read_frames(
-            str(path), pix_fmt=pix_fmt, bits_per_pixel=8 * channels, output_params=[*EACH_FRAME_ONCE, *filters]
-        )
-        meta = next(reader)
-    except (OSError, RuntimeError, StopIteration) as e:
-        raise InvalidRequest(f"{path}: not a video ffmpeg can read ({_ffmpeg_reason(e)})") from None
-    width, height = meta["size"]
+        if not ffmpeg.header.wait(ffmpeg.deadline_s) or (stream := _output_stream(ffmpeg.log)) is None:
+            ffmpeg.finish()  # ended without starting an output, or raises FfmpegTimeout
+            raise InvalidRequest(f"{path}: not a video ffmpeg can read ({ffmpeg.reason()})")
+    except BaseException:
+        ffmpeg.stop()
+        raise
+    fps, (width, height) = _input_fps(ffmpeg.log), stream
+    size = width * height * channels
 
     def frames() -> Iterator[np.ndarray]:
         try:
-            for raw in reader:
+            while len(raw := ffmpeg.process.stdout.read(size)) == size:
                 yield np.frombuffer(raw, np.uint8).reshape(height, width, channels)
-        except (OSError, RuntimeError) as e:
-            raise InvalidRequest(f"{path}: ffmpeg failed while decoding it ({_ffmpeg_reason(e)})") from None
+            if ffmpeg.finish() != 0:
+                raise InvalidRequest(f"{path}: ffmpeg failed while decoding it ({ffmpeg.reason()})")
         finally:
-            reader.close()
+            ffmpeg.stop()
 
-    return float(meta.get("fps") or 0.0), frames()
+    return fps, frames()
+
+
+def _output_stream(log: list[str]) -> tuple[int, int] | None:
+    """(width, height) of the raw frames ffmpeg said it will write (after any filter)."""
+    lines = log[next((i for i, line in enumerate(log) if line.startswith("Output #0")), len(log)) :]
+    stream = next((line for line in lines if "Stream #0:" in line and " Video: " in line), None)
+    found = re.search(r" ([0-9]+)x([0-9]+)[, ]", stream or "")
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def _input_fps(log: list[str]) -> float:
+    """The frame rate of the input's video stream as ffmpeg reports it (0.0 when it gives none)."""
+    inputs = log[: next((i for i, line in enumerate(log) if line.startswith("Output #0")), len(log))]
+    stream = next((line for line in inputs if "Stream #0:" in line and " Video: " in line), "")
+    found = re.search(r" ([0-9.]+)(k?) fps", stream) or re.search(r" ([0-9.]+)(k?) tbr", stream)
+    return float(found[1]) * (1000 if found[2] else 1) if found else 0.0
 
 
 def _ffmpeg_reason(error: BaseException) -> str:

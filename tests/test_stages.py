@@ -1,6 +1,7 @@
 """Each stage on its own, in this process."""
 
 import subprocess
+import time
 
 import imageio_ffmpeg
 import numpy as np
@@ -12,7 +13,7 @@ from stages.denoiser import DenoiserStage
 from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
 from stages.request import build_request
-from stages.video_io import contact_sheet, read_frames, write_mp4
+from stages.video_io import contact_sheet, read_frame, read_frames, write_mp4
 
 
 @pytest.fixture(scope="module")
@@ -111,17 +112,47 @@ def test_contact_sheet_picks_evenly_and_places_in_order():
     assert [int(v) // 8 for v in tiles] == [0, 4, 8, 12, 17, 21, 25, 29]  # first and last frame included
 
 
-def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+def test_failed_write_leaves_no_file(tmp_path):
+    with pytest.raises(OSError, match="ffmpeg could not write .*crf to value -5"):  # x264 takes 0 to 51
+        write_mp4(np.zeros((9, 64, 96, 3), np.uint8), tmp_path / "v.mp4", fps=8, crf=-5)
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor the partial file
+
+
+def test_ffmpeg_past_its_deadline_is_killed_and_leaves_no_file(tmp_path, monkeypatch):
+    """No ffmpeg run can hold its caller for good (a Videos API runner, say): at its deadline it
+    is killed, and the write fails saying so."""
     import stages.video_io as video_io
 
-    real_get_writer = video_io.imageio.get_writer
+    monkeypatch.setattr(video_io, "FFMPEG_DEADLINE_S", 0.2)
+    frames = np.zeros((9, 64, 96, 3), np.uint8)
+    slow = iter(frames)
 
-    def failing_writer(*args, **kwargs):
-        writer = real_get_writer(*args, **kwargs)
-        writer.append_data = lambda frame: (_ for _ in ()).throw(OSError("disk full"))
-        return writer
+    class SlowFrames:  # the frames come slower than the deadline allows
+        ndim, shape, dtype = frames.ndim, frames.shape, frames.dtype
 
-    monkeypatch.setattr(video_io.imageio, "get_writer", failing_writer)
-    with pytest.raises(OSError, match="disk full"):
-        write_mp4(np.zeros((9, 64, 96, 3), np.uint8), tmp_path / "v.mp4", fps=8)
-    assert list(tmp_path.iterdir()) == []  # neither the final name nor the partial file
+        def __iter__(self):
+            for frame in slow:
+                time.sleep(0.1)
+                yield frame
+
+    started = time.monotonic()
+    with pytest.raises(video_io.FfmpegTimeout, match="0.2 s deadline"):
+        write_mp4(SlowFrames(), tmp_path / "v.mp4", fps=8)
+    assert time.monotonic() - started < 5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ffmpeg_is_started_without_running_python_in_the_child(tmp_path, monkeypatch):
+    """ffmpeg starts in a session of its own, without a preexec_fn: Python code between fork and
+    exec can deadlock a process with many threads (the Videos API's ingress)."""
+    started = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        started.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    path = write_mp4(np.zeros((9, 64, 96, 3), np.uint8), tmp_path / "v.mp4", fps=8)
+    assert read_frames(path).shape == (9, 64, 96, 3) and read_frame(path, 4).shape == (64, 96, 3)
+    assert len(started) >= 3 and all(k.get("preexec_fn") is None and k["start_new_session"] for k in started)
