@@ -2,10 +2,11 @@
 
     submit (queued) -> claim (in_progress, leased to a runner) -> finish (completed) | fail (failed)
 
-A runner holds a job under a lease it renews while it works. If its process dies (an ingress
-replica restarted), the lease runs out and the next claim takes the job again: nothing accepted
-is lost, and a job is tried at most `max_attempts` times. The queue is bounded: `submit`
-refuses beyond `max_active` queued or running jobs (the API answers 429).
+A runner holds a job under a lease that each step of progress renews (cluster.videos). If its
+process dies (an ingress replica restarted) or it stops making progress, the lease runs out and
+the next claim takes the job again: nothing accepted is lost, and a job is tried at most
+`max_attempts` times. A clean stop gives its jobs back at once, their attempt not counted. The
+queue is bounded: `submit` refuses beyond `max_active` queued or running jobs (the API answers 429).
 
 SQLite rather than a queue service: it is in the standard library, survives restarts, and the
 ingress replicas of one node share the file (WAL mode lets readers and one writer work at
@@ -29,6 +30,9 @@ from typing import Any, Literal
 Status = Literal["queued", "in_progress", "completed", "failed"]
 ID_PREFIX = "video_"
 ID_HEX_CHARS = 32  # 128 random bits: unguessable
+# Every store operation has a deadline: SQLite waits this long for another process's write lock
+# (then raises "database is locked"), and a thread this long for another thread's.
+STORE_TIMEOUT_S = 30.0
 
 
 def new_video_id() -> str:
@@ -103,29 +107,39 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_attempts = max_attempts
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(self.path, timeout=STORE_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 
     @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection, one thread at a time, waiting at most STORE_TIMEOUT_S for it."""
+        if not self._lock.acquire(timeout=STORE_TIMEOUT_S):
+            raise TimeoutError(f"the job database {self.path} was busy for {STORE_TIMEOUT_S:g} s")
+        try:
+            yield self._db
+        finally:
+            self._lock.release()
+
+    @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One writer at a time across threads (the lock) and processes (BEGIN IMMEDIATE)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._locked() as db:
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._locked() as db:
+            return db.execute(sql, args).fetchall()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._locked() as db:
+            db.close()
 
     def ping(self) -> None:
         """Raises if the file cannot be read (for health checks)."""
@@ -208,7 +222,7 @@ class JobStore:
                 "SELECT id, attempts FROM videos WHERE status = 'in_progress' AND lease_until < ?", (now,)
             ).fetchall()
             for video_id, attempts in expired:
-                self._release(db, video_id, attempts, "its runner stopped answering (lease expired)")
+                self._release(db, video_id, attempts, "its runner made no progress before its lease expired")
             row = db.execute(
                 "SELECT id FROM videos WHERE status = 'queued' AND deleted = 0 ORDER BY seq LIMIT 1"
             ).fetchone()
@@ -267,6 +281,22 @@ class JobStore:
                 (time.time(), code, message, video_id, worker),
             )
             db.execute("DELETE FROM videos WHERE id = ? AND deleted = 1", (video_id,))
+
+    def running(self) -> list[tuple[str, str]]:
+        """(video id, worker) of every job in progress."""
+        return self._read("SELECT id, worker FROM videos WHERE status = 'in_progress'")
+
+    def requeue(self, video_id: str, worker: str) -> bool:
+        """Give `worker`'s job back to the queue as if it had not been tried (the server stops
+        cleanly); False if it was no longer its own."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE videos SET status = 'queued', progress = 0, attempts = MAX(attempts - 1, 0), worker = NULL, "
+                "lease_until = NULL WHERE id = ? AND worker = ? AND status = 'in_progress' AND deleted = 0",
+                (video_id, worker),
+            )
+            db.execute("DELETE FROM videos WHERE id = ? AND worker = ? AND deleted = 1", (video_id, worker))
+        return cursor.rowcount == 1
 
     def retry(self, video_id: str, worker: str, why: str) -> None:
         """Give the job back to the queue (a stage's process died under it), or fail it if it

@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,7 +83,11 @@ class ServeArgs(BaseModel):
     max_queue: int = Field(16, ge=1, description="videos queued or in progress; beyond it, 429")
     runners: int = Field(2, ge=1, description="videos in the pipeline at once (one per stage overlaps them)")
     max_attempts: int = Field(3, ge=1, description="tries of a video whose stage died under it")
-    lease_s: float = Field(30.0, gt=0, description="a runner that does not renew its job this long is taken for dead")
+    stall_timeout_s: float = Field(
+        180.0, gt=0,
+        description="a video that makes no progress this long (more, in proportion, beyond 50 steps) is given up "
+        "and queued again, and its runner replaced",
+    )  # fmt: skip
     api_key_env: str | None = None  # the environment variable holding the API key (unset: no key)
     max_image_mb: float = Field(10.0, gt=0, description="largest input_reference upload")
     experiment: str = DEFAULT_EXPERIMENT
@@ -105,7 +110,7 @@ class Served:
     max_queue: int
     runners: int
     max_attempts: int
-    lease_s: float
+    stall_timeout_s: float
     max_image_bytes: int
     experiment: str
     tracking_uri: str | None
@@ -135,7 +140,7 @@ def resolve_served(args: ServeArgs) -> Served:
     database = Path(args.database).expanduser().resolve() if args.database else data_dir / "jobs.sqlite3"
     return Served(
         args.model, str(weights), layout, args.decoders, str(data_dir), str(database), args.max_queue,
-        args.runners, args.max_attempts, args.lease_s, int(args.max_image_mb * 2**20), args.experiment,
+        args.runners, args.max_attempts, args.stall_timeout_s, int(args.max_image_mb * 2**20), args.experiment,
         args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), digest, tuple(args.ingress_resources.items()),
     )  # fmt: skip
 
@@ -277,6 +282,7 @@ class ServeCall(StageCall):
     progress: StepCallback | None = None
     progress_id: str | None = None
     seen: tuple[int, int] | None = field(default=None, repr=False)
+    check: Callable[[], None] | None = None  # raises to stop waiting (the caller gave up on the job)
 
 
 class ServeExecutor(Executor):
@@ -320,10 +326,13 @@ class ServeExecutor(Executor):
 
     def wait(self, *calls: ServeCall) -> None:
         """Block until every call has finished, relaying denoising progress meanwhile. A failure
-        raises StageFailed, blamed on the first of `calls` (in the order given) that failed."""
+        raises StageFailed, blamed on the first of `calls` (in the order given) that failed; a
+        call's `check` that raises ends the wait with its exception."""
         for call in calls:
             for response in call.values:
                 while True:
+                    if call.check is not None:
+                        call.check()
                     try:
                         response.result(timeout_s=WAIT_POLL_S)
                         break

@@ -8,6 +8,12 @@ take jobs from the durable queue through the pipeline.
 
 The video is written before anything that may fail after it (measuring, tracking): a job whose
 tracking fails is completed all the same, and says why.
+
+No job can hang for good. Its lease in the store is renewed only by its progress (a denoising
+step, a stage call finished, the video written), never by a thread of its own: a runner that
+hangs or dies stops renewing. A watchdog gives the job of a runner that has made no progress for
+its stall limit back to the queue, and starts a new runner in its place (a Python thread cannot
+be killed: the stuck one is left behind, and whatever it does later is refused by the store).
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from PIL import Image
 
 from cluster.driver import Job, JobFailed, prepare_variants, run_stream
+from cluster.executor import Executor, Method, Stage, StageCall
 from cluster.jobs import JobStore, VideoRecord, is_video_id, new_video_id
-from cluster.serving import Served
+from cluster.serving import ServeCall, Served
 from cluster.settings import resolve_settings
 from cluster.tracking import log_generation
 from stages.errors import InvalidRequest
@@ -54,6 +62,10 @@ VARIANTS = {"video": ("mp4", "video/mp4"), "thumbnail": ("thumbnail.png", "image
             "spritesheet": ("sheet.png", "image/png")}  # fmt: skip
 DENOISING_SHARE = 95  # progress while denoising runs 0..95; writing and measuring the rest
 CLAIM_POLL_S = 0.2  # how often an idle runner looks for a queued job
+WATCH_PERIOD_S = 0.5  # how often the watchdog looks at the running jobs
+# A job's stall limit grows with its steps beyond these: its longest silence is often the wait
+# for the denoiser group to finish another video, whose steps are unknown here but usually alike.
+STALL_REFERENCE_STEPS = 50
 MAX_NUMBER = 1e6  # no setting is near this; beyond it a number is a mistake (or an overflow)
 
 
@@ -187,7 +199,10 @@ class VideoService:
         self.executor = executor
         self.started_at = int(time.time())
         self._stop = threading.Event()
-        self._runners: list[threading.Thread] = []
+        self._lock = threading.Lock()  # the runners and their attempts, as the watchdog changes them
+        self._runners: list[threading.Thread] = []  # one per slot: the slot's current runner
+        self._attempts: dict[int, Attempt] = {}  # slot -> the attempt its runner is making
+        self.replaced = 0  # runners given up on (stalled) and started anew
 
     # -- the API --------------------------------------------------------------------------------
 
@@ -275,27 +290,63 @@ class VideoService:
     # -- the runners ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        for number in range(self.served.runners):
-            thread = threading.Thread(target=self._run_forever, args=(number,), name=f"runner-{number}", daemon=True)
-            thread.start()
-            self._runners.append(thread)
+        """Requeue what a dead ingress process on this machine left running, then start the
+        runners and their watchdog."""
+        self._requeue_orphans()
+        with self._lock:
+            self._runners = [threading.current_thread()] * self.served.runners  # a slot's runner, once started
+            for slot in range(self.served.runners):
+                self._start_runner(slot)
+        threading.Thread(target=self._watch, name="runner-watchdog", daemon=True).start()
 
     def stop(self) -> None:
+        """Stop claiming, and give the jobs in progress back to the queue, their attempt not
+        counted: they resume on the next start. Does not wait for the runners (a stage call may
+        take long); whatever they finish afterwards is refused by the store and removed."""
         self._stop.set()
-        for thread in self._runners:
-            thread.join()
+        with self._lock:
+            attempts = list(self._attempts.values())
+            self._attempts.clear()
+        for attempt in attempts:
+            attempt.abandoned = True
+            self.store.requeue(attempt.record.id, attempt.worker)
+
+    def runners_alive(self) -> int:
+        """Runners that can take a job (a replaced, stuck one no longer counts)."""
+        with self._lock:
+            return sum(thread.is_alive() for thread in self._runners)
 
     def check_health(self) -> None:
         self.store.ping()
-        stopped = [t.name for t in self._runners if not t.is_alive()]
-        if stopped and not self._stop.is_set():
-            raise RuntimeError(f"runner threads stopped: {', '.join(stopped)}")
+        if not self._stop.is_set() and (alive := self.runners_alive()) < self.served.runners:
+            raise RuntimeError(f"{self.served.runners - alive} of {self.served.runners} runner threads stopped")
 
-    def _run_forever(self, number: int) -> None:
-        worker = f"{socket.gethostname()}:{os.getpid()}:{number}:{uuid.uuid4().hex[:8]}"
-        while not self._stop.is_set():
+    def _requeue_orphans(self) -> None:
+        """Jobs in progress under a runner of a process of this machine that no longer exists (the
+        ingress replica this one replaces): back to the queue now, rather than when their leases
+        run out. The attempt counts: the job may be what killed it."""
+        host = socket.gethostname()
+        for video_id, worker in self.store.running():
+            name, _, pid = (worker or "").partition(":")
+            pid = pid.partition(":")[0]
+            if name == host and pid.isdigit() and not _process_exists(int(pid)):
+                self.store.retry(video_id, worker, "its server process ended while it ran")
+
+    def _start_runner(self, slot: int) -> None:
+        """A new runner in `slot` (under the lock: the runner's first look at its slot waits for it)."""
+        worker = f"{socket.gethostname()}:{os.getpid()}:{slot}:{uuid.uuid4().hex[:8]}"
+        thread = threading.Thread(target=self._run_forever, args=(slot, worker), name=f"runner-{slot}", daemon=True)
+        self._runners[slot] = thread
+        thread.start()
+
+    def _current(self, slot: int) -> bool:
+        with self._lock:
+            return self._runners[slot] is threading.current_thread()
+
+    def _run_forever(self, slot: int, worker: str) -> None:
+        while not self._stop.is_set() and self._current(slot):
             try:
-                record = self.store.claim(worker, self.served.lease_s)
+                record = self.store.claim(worker, self.served.stall_timeout_s)
             except Exception:  # e.g. the database is locked for long: try again
                 log.exception("claiming a job failed")
                 self._stop.wait(1.0)
@@ -303,23 +354,55 @@ class VideoService:
             if record is None:
                 self._stop.wait(CLAIM_POLL_S)
                 continue
+            attempt = Attempt(self.store, record, worker, self.stall_limit_s(record))
+            with self._lock:
+                self._attempts[slot] = attempt
             try:
-                self.run_job(record, worker)
+                self.run_job(attempt)
             except Exception:  # the store failed while giving the job back: its lease will run out
                 log.exception("job %s", record.id)
+            finally:
+                with self._lock:
+                    if self._attempts.get(slot) is attempt:
+                        del self._attempts[slot]
 
-    def run_job(self, record: VideoRecord, worker: str) -> None:
+    def stall_limit_s(self, record: VideoRecord) -> float:
+        """How long a job may go without progress before its attempt is given up."""
+        steps = record.request["settings"].get("steps") or STALL_REFERENCE_STEPS
+        return self.served.stall_timeout_s * max(1.0, steps / STALL_REFERENCE_STEPS)
+
+    def _watch(self) -> None:
+        """Give up on attempts that have stalled: the job back to the queue (the attempt counts),
+        and a new runner in the slot."""
+        while not self._stop.wait(WATCH_PERIOD_S):
+            with self._lock:
+                stalled = [(slot, a) for slot, a in self._attempts.items() if a.silent_s() > a.limit_s]
+                for slot, attempt in stalled:
+                    attempt.abandoned = True
+                    del self._attempts[slot]
+                    self._start_runner(slot)
+                    self.replaced += 1
+            for _, attempt in stalled:
+                why = f"it made no progress for {attempt.limit_s:g} s (its runner was replaced)"
+                log.error("video %s: %s", attempt.record.id, why)
+                try:
+                    self.store.retry(attempt.record.id, attempt.worker, why)
+                except Exception:  # its lease runs out all the same
+                    log.exception("giving back video %s", attempt.record.id)
+
+    def run_job(self, attempt: Attempt) -> None:
         """One claimed job, to completed, failed, or back to the queue (a stage's process died)."""
-        lease = _Lease(self.store, record.id, worker, self.served.lease_s)
+        record, worker = attempt.record, attempt.worker
         try:
-            self._run(record, worker, lease)
+            attempt.advance()  # the lease, at the job's own stall limit
+            self._run(record, worker, attempt)
+        except _Abandoned:  # given back by the watchdog or a stop: the job is no longer ours
+            self._remove_files(f"{record.id}.a{record.attempts}")
         except Exception as e:  # outside the stages (e.g. Serve could not reach a deployment): try again
             log.exception("job %s", record.id)
             self.store.retry(record.id, worker, f"{type(e).__name__}: {e}".splitlines()[0])
-        finally:
-            lease.close()
 
-    def _run(self, record: VideoRecord, worker: str, lease: _Lease) -> None:
+    def _run(self, record: VideoRecord, worker: str, attempt: Attempt) -> None:
         try:
             image = record.request.get("image")
             image = str(self.videos / image) if image else None
@@ -331,13 +414,13 @@ class VideoService:
             return
 
         def on_step(_index: int, done: int, total: int) -> None:
-            lease.progress = DENOISING_SHARE * done // total
+            attempt.advance(DENOISING_SHARE * done // total)
 
         # Each attempt writes files of its own: a runner that lost its lease (and so its job) to
         # another never touches what the other makes.
         stem = f"{record.id}.a{record.attempts}"
         output = self.videos / f"{stem}.mp4"
-        (result,) = list(run_stream([job], self.executor, [output], on_step))
+        (result,) = list(run_stream([job], _Watched(self.executor, attempt), [output], on_step))
         if isinstance(result, JobFailed):
             if result.error.actor_lost:
                 self.store.retry(record.id, worker, str(result.error))
@@ -346,6 +429,7 @@ class VideoService:
             return
         thumbnail = self.videos / f"{stem}.thumbnail.png"
         Image.fromarray(read_frame(result.video, job.request.num_frames // 2)).save(thumbnail)
+        attempt.advance()
         summary: dict[str, Any] = {
             "clarity": {k.removeprefix("clarity/"): v for k, v in result.metrics.items() if k.startswith("clarity/")}
             or None,
@@ -367,34 +451,98 @@ class VideoService:
             )  # fmt: skip
         except Exception as e:  # the video stands; the job says why it has no run
             summary["tracking_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        attempt.advance()
         if not self.store.finish(record.id, worker, summary):  # deleted, or taken over by another runner
             deleted = self.store.get(record.id) is None
             self._remove_files(record.id if deleted else stem)  # deleted: its uploaded image too
 
 
-class _Lease:
-    """Keeps a running job's lease (and its progress) fresh in the store from a thread of its
-    own, so that a long step never lets the lease run out while the runner is alive."""
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
-    def __init__(self, store: JobStore, video_id: str, worker: str, lease_s: float):
-        self.store, self.video_id, self.worker, self.lease_s = store, video_id, worker, lease_s
-        self.progress = 0
-        self._written = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._keep, name=f"lease-{video_id}", daemon=True)
-        self._thread.start()
 
-    def _keep(self) -> None:
-        renewed = time.monotonic()
-        while not self._stop.wait(0.25):
-            progress = self.progress
-            if progress != self._written or time.monotonic() - renewed > self.lease_s / 3:
-                try:
-                    self.store.renew(self.video_id, self.worker, self.lease_s, progress)
-                    self._written, renewed = progress, time.monotonic()
-                except Exception:  # the next try may get through; the lease has time to spare
-                    log.exception("renewing the lease of %s", self.video_id)
+class _Abandoned(Exception):
+    """The attempt was given up (stalled, or the server stops): its runner stops working on it."""
+
+
+@dataclass
+class Attempt:
+    """One runner's attempt at a job: when it last made progress, and its lease in the store,
+    renewed by that progress (in the runner's own thread) and by nothing else."""
+
+    store: JobStore
+    record: VideoRecord
+    worker: str
+    limit_s: float  # the longest silence allowed
+    abandoned: bool = False  # set by the watchdog or a stop; the runner finds out at its next progress
+    progress: int = 0
+    _last: float = field(default_factory=time.monotonic)
+    _renewed: float = float("-inf")
+    _written: int = -1
+
+    def silent_s(self) -> float:
+        return time.monotonic() - self._last
+
+    def advance(self, progress: int | None = None) -> None:
+        """Progress: renew the lease (at most 4 times a second, and at least every quarter of the
+        limit); raises _Abandoned if the job is no longer this attempt's."""
+        if self.abandoned:
+            raise _Abandoned
+        now = self._last = time.monotonic()
+        self.progress = self.progress if progress is None else progress
+        if (self.progress != self._written and now - self._renewed >= 0.25) or now - self._renewed > self.limit_s / 4:
+            if not self.store.renew(self.record.id, self.worker, self.limit_s, self.progress):
+                self.abandoned = True  # deleted, or given back: another runner may hold it now
+                raise _Abandoned
+            self._renewed, self._written = now, self.progress
+
+    def check(self) -> None:
+        """For a runner waiting on a stage: stop waiting once the attempt is given up."""
+        if self.abandoned:
+            raise _Abandoned
+
+
+class _Watched(Executor):
+    """The service's executor as one attempt sees it: every stage call that finishes is progress,
+    and a wait ends once the attempt is given up (where the executor can end it early)."""
+
+    def __init__(self, inner: Executor, attempt: Attempt):
+        self.inner, self.attempt = inner, attempt
+        self.name, self.concurrent = inner.name, inner.concurrent
+        self.crosses_processes, self.decoders = inner.crosses_processes, inner.decoders
+
+    def call(self, stage: Stage, method: Method, *args: Any, progress: Any = None) -> StageCall:
+        call = self.inner.call(stage, method, *args, progress=progress)
+        if isinstance(call, ServeCall):  # waited for in short polls: it can stop early
+            call.check = self.attempt.check
+        self.attempt.advance()
+        return call
+
+    def wait(self, *calls: StageCall) -> None:
+        self.inner.wait(*calls)
+        self.attempt.advance()
+
+    def get(self, call: StageCall) -> Any:
+        value = self.inner.get(call)
+        self.attempt.advance()
+        return value
+
+    def gather(self, call: StageCall) -> list[Any]:
+        values = self.inner.gather(call)
+        self.attempt.advance()
+        return values
+
+    def reports(self, call: StageCall) -> list[dict[str, Any]]:
+        return self.inner.reports(call)
+
+    def devices(self) -> dict[str, str]:
+        return self.inner.devices()
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        """Nothing: the service's executor outlives its attempts."""
