@@ -12,6 +12,7 @@ say, how jobs run and what each deployment hosts live in cluster/ (videos, jobs,
 
 import hashlib
 import hmac
+import json
 import os
 from typing import Any, Literal
 
@@ -242,7 +243,12 @@ _CREATE_BODY = {
 _ERRORS = {code: {"description": text} for code, text in (
     (400, "invalid request: what was wrong and what is allowed"), (401, "missing or wrong API key"),
     (404, "no such video"), (409, "the video is not completed"), (413, "body over the limit"),
-    (415, "not JSON or a form"), (429, "the queue is full: see Retry-After"),
+    (415, "neither JSON nor multipart/form-data"), (429, "the queue is full: see Retry-After"),
+)}  # fmt: skip
+# OpenAPI links: what a client (and schemathesis's stateful run) does next with a video's id.
+_BY_ID = {"video_id": "$response.body#/id"}
+_NEXT = {name: {"operationId": operation, "parameters": _BY_ID} for name, operation in (
+    ("RetrieveVideo", "retrieve_video"), ("VideoContent", "video_content"), ("DeleteVideo", "delete_video"),
 )}  # fmt: skip
 
 
@@ -251,9 +257,11 @@ async def read_create_body(request: Request, max_image_bytes: int) -> tuple[dict
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
         try:
-            body = await request.json()
+            body = json.loads(await request.body())
         except ValueError:
             raise InvalidRequest("the body is not valid JSON") from None
+        except RecursionError:  # e.g. "[" a thousand deep: Python's parser gives up
+            raise InvalidRequest("the body's JSON is nested too deep; a create request is one flat object") from None
         if not isinstance(body, dict):
             raise InvalidRequest("the body must be a JSON object")
         if "input_reference" in body:
@@ -261,7 +269,7 @@ async def read_create_body(request: Request, max_image_bytes: int) -> tuple[dict
         return body, None
     if not kind and not await request.body():  # nothing sent: say what is missing
         return {}, None
-    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    if kind != "multipart/form-data":  # not url-encoded forms either: nothing sends them, and they carry no file
         raise HTTPException(415, f"send application/json or multipart/form-data (got {kind or 'no content type'!r})")
     form = await request.form(max_files=1, max_fields=len(CREATE_FIELDS) + 1, max_part_size=FORM_OVERHEAD_BYTES)
     fields, image = {}, None
@@ -322,13 +330,14 @@ class VideosAPI:
         if hasattr(self, "service"):
             self.service.stop()
 
-    @api.post("/v1/videos", response_model=Video, openapi_extra=_CREATE_BODY, responses=_ERRORS)
+    @api.post("/v1/videos", response_model=Video, openapi_extra=_CREATE_BODY, operation_id="create_video",
+              responses={**_ERRORS, 200: {"links": _NEXT}})  # fmt: skip
     async def create_video(self, request: Request):
         """Queue a video (429 with Retry-After when the queue is full)."""
         fields, image = await read_create_body(request, self.max_image_bytes)
         return await run_in_threadpool(self.service.create, fields, image)
 
-    @api.get("/v1/videos", response_model=VideoList, responses=_ERRORS)
+    @api.get("/v1/videos", response_model=VideoList, operation_id="list_videos", responses=_ERRORS)
     async def list_videos(
         self,
         after: str | None = None,
@@ -337,11 +346,12 @@ class VideosAPI:
     ):
         return await run_in_threadpool(self.service.page, after, limit, order)
 
-    @api.get("/v1/videos/{video_id}", response_model=Video, responses=_ERRORS)
+    @api.get("/v1/videos/{video_id}", response_model=Video, operation_id="retrieve_video",
+             responses={**_ERRORS, 200: {"links": _NEXT}})  # fmt: skip
     async def retrieve_video(self, video_id: str):
         return await run_in_threadpool(self.service.retrieve, video_id)
 
-    @api.get("/v1/videos/{video_id}/content", responses={**_ERRORS, 200: {"content": {
+    @api.get("/v1/videos/{video_id}/content", operation_id="video_content", responses={**_ERRORS, 200: {"content": {
         "video/mp4": {}, "image/png": {}}}})  # fmt: skip
     async def video_content(self, video_id: str, variant: Literal["video", "thumbnail", "spritesheet"] = "video"):
         """The MP4; `variant=thumbnail`: a PNG of the middle frame; `spritesheet`: the contact sheet."""
@@ -349,11 +359,11 @@ class VideosAPI:
         headers = {"Content-Disposition": f'attachment; filename="{name}"'}
         return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)
 
-    @api.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=_ERRORS)
+    @api.delete("/v1/videos/{video_id}", response_model=VideoDeleted, operation_id="delete_video", responses=_ERRORS)
     async def delete_video(self, video_id: str):
         return await run_in_threadpool(self.service.delete, video_id)
 
-    @api.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    @api.get("/v1/models", response_model=ModelList, operation_id="list_models", responses=_ERRORS)
     async def list_models(self):
         return self.service.models()
 
