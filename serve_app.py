@@ -326,7 +326,12 @@ class VideosAPI:
     def check_health(self) -> None:
         self.service.check_health()
 
-    def __del__(self):
+    def drain(self) -> int:
+        """Stop taking jobs and give those in progress back to the queue (`framecast serve` stopping);
+        how many went back."""
+        return self.service.stop()
+
+    def __del__(self):  # Serve shutting the replica down gracefully
         if hasattr(self, "service"):
             self.service.stop()
 

@@ -21,6 +21,7 @@ from stages.settings import AXES, SETTINGS
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_INCOMPLETE = 3  # the video is written, but measuring or tracking it failed
+STOP_DRAIN_S = 5.0  # how long `framecast serve` waits for its runners to give their jobs back when it stops
 
 
 def _generate_parser(sub) -> None:
@@ -535,7 +536,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             decoders=args.decoders, data_dir=args.data_dir, max_queue=args.max_queue, runners=args.runners,
             api_key_env=args.api_key_env, experiment=args.experiment, tracking_uri=args.tracking_uri,
         )  # fmt: skip
-        resolve_served(serve_args)  # every check that needs no cluster, before Ray starts
+        served = resolve_served(serve_args)  # every check that needs no cluster, before Ray starts
     except pydantic.ValidationError as e:
         first = e.errors()[0]
         print(f"framecast: error: --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", file=sys.stderr)
@@ -547,39 +548,85 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from cluster.serving import serve_application
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a stop from a process manager stops it as Ctrl-C does
+    _stop_on(signal.SIGINT, signal.SIGTERM)  # while starting, a stop stops the start
+    shared = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    log_file = Path(served.data_dir) / "serve.log"  # Ray's and Serve's own lines
     try:
-        connect(args.address, quiet=True)
+        connect(args.address, quiet=True, log_file=log_file)
+        _stop_on(signal.SIGINT, signal.SIGTERM)  # again: ray.init installs a SIGTERM handler of its own
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(serve_application(serve_args), name="framecast", route_prefix="/", blocking=False)
     except KeyboardInterrupt:
         print("framecast: interrupted while starting", file=sys.stderr)
-        serve.shutdown()
+        _stop_serving(shared)
         return 130
     except InvalidRequest as e:  # what only the cluster can tell, e.g. too few GPUs for --workers
         print(f"framecast: error: {e}", file=sys.stderr)
+        _stop_serving(shared)
         return EXIT_INVALID
     except Exception as e:
         print(f"framecast: error: could not start serving: {_first_line(e)}", file=sys.stderr)
+        _stop_serving(shared)
         return EXIT_FAILED
-    url = f"http://{args.host}:{args.port}/v1"
-    print(f"framecast: serving {args.model} at {url} (OpenAI Videos API; docs at http://{args.host}:{args.port}/docs)",
+    auth = f"API key from ${args.api_key_env}" if args.api_key_env else "no API key (anyone who reaches it may use it)"
+    print(f"framecast: serving {args.model} at http://{args.host}:{args.port}/v1 (OpenAI Videos API; docs at "
+          f"http://{args.host}:{args.port}/docs)\n"
+          f"framecast: jobs in {served.database}, videos in {served.data_dir}/videos; {auth}; "
+          f"Ray's own log in {log_file} (its processes' in {_ray_log_dir()}); Ctrl-C or SIGTERM stops it",
           file=sys.stderr, flush=True)  # fmt: skip
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("framecast: stopping; queued videos stay in the job database and resume on the next start",
-              file=sys.stderr)  # fmt: skip
-        if args.address or os.environ.get("RAY_ADDRESS"):
-            serve.delete("framecast")  # a shared cluster: its other applications stay up
-        else:
-            serve.shutdown()
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stop runs to its end; it takes seconds
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    returned = _stop_serving(shared)
+    print(f"framecast: stopped; {returned} video(s) in progress went back to the queue, and queued ones stay "
+          f"there: they resume on the next start", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _stop_on(*signals: int) -> None:
+    """Each of `signals` raises KeyboardInterrupt in the main thread, as SIGINT does by default:
+    also where the shell that started us ignores SIGINT (a background job), and for SIGTERM, which
+    systemd and Kubernetes stop with."""
+    import signal
+
+    for number in signals:
+        signal.signal(number, _interrupt)
 
 
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
+
+
+def _stop_serving(shared: bool) -> int:
+    """Stop the Videos API: its runners give their jobs back to the queue (how many is returned),
+    then the application goes; on a Ray started here, Ray goes with it (and every process of it)."""
+    import ray
+    from ray import serve
+
+    returned = 0
+    if not ray.is_initialized():
+        return returned
+    try:
+        returned = serve.get_app_handle("framecast").drain.remote().result(timeout_s=STOP_DRAIN_S)
+    except Exception:  # not started, or not answering: a new ingress requeues what this one ran
+        pass
+    if shared:
+        serve.delete("framecast")  # a shared cluster: its other applications stay up
+    ray.shutdown()  # a Ray this process started stops with it
+    return returned
+
+
+def _ray_log_dir() -> str:
+    import ray
+
+    try:
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except Exception:
+        return "/tmp/ray/session_latest/logs"
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:

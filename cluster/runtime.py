@@ -14,18 +14,99 @@ from stages.errors import InvalidRequest
 from stages.models import CONFIG_DIR
 
 
-def connect(address: str | None = None, quiet: bool = False) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS); otherwise start an embedded local Ray."""
+def connect(address: str | None = None, quiet: bool = False, log_file: Path | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS); otherwise start an embedded local Ray.
+
+    `log_file`: Ray's and Serve's own lines go there rather than to the terminal (errors are still
+    shown), and an embedded Ray listens on 127.0.0.1 alone: `framecast serve`."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    options = {}
+    if log_file is not None:
+        _log_ray_to(log_file)
+        if address is None:
+            options["runtime_env"] = _listen_on_loopback()
     ray.init(
         address=address,
         include_dashboard=False,
-        log_to_driver=not quiet,
-        configure_logging=not quiet,
-        logging_level="ERROR" if quiet else "INFO",
+        log_to_driver=not quiet and log_file is None,
+        configure_logging=log_file is not None or not quiet,
+        logging_level="INFO" if log_file is not None or not quiet else "ERROR",
+        **options,
     )
+    if log_file is not None:
+        _route_ray_errors_to_log()
+
+
+def _log_ray_to(log_file: Path) -> None:
+    """The `ray` and `ray.serve` loggers (Ray's banners, Serve's progress) write to `log_file`,
+    and only their errors to stderr as well. (`import ray.serve` gives its logger a stderr handler
+    of its own; ray.init keeps these, with configure_logging, as it would its own.)"""
+    import logging
+
+    from ray import serve  # noqa: F401 (first: importing it resets the ray.serve logger)
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    errors = logging.StreamHandler()
+    errors.setLevel(logging.ERROR)
+    for name in ("ray", "ray.serve"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [to_file, errors]
+        logger.propagate = False
+
+
+def _route_ray_errors_to_log() -> None:
+    """What the cluster publishes to the driver (a worker that died: a paragraph on the OOM killer
+    after every replica a test or an operator kills) goes to the `ray` logger, so to the log file,
+    rather than stdout. Ray has no setting for it: its error thread prints even without
+    log_to_driver. (Private; if a Ray release renames it, those lines print as before.)"""
+    import logging
+
+    import ray._private.worker as worker
+
+    if not hasattr(worker, "print_to_stdstream"):
+        return
+    published = logging.getLogger("ray.published")
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            published.warning("(%s) %s", data.get("pid", "cluster"), line)
+
+    worker.print_to_stdstream = to_log
+
+
+def _listen_on_loopback() -> dict:
+    """An embedded Ray on 127.0.0.1 alone (GCS, raylet, agents, workers): Ray's own single-machine
+    mode, as it runs on macOS and Windows, rather than its default of the machine's address on
+    every interface. Serve's replicas bind their gRPC servers to [::] regardless: each worker
+    process is set up to bind them to 127.0.0.1 (`loopback_serve_grpc`). Returns the runtime_env
+    that does the latter."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # for the processes it starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init picks the node's address
+    return {"worker_process_setup_hook": loopback_serve_grpc}
+
+
+def loopback_serve_grpc() -> None:
+    """In a Ray worker process: Serve's inter-deployment gRPC server listens on 127.0.0.1, not
+    on every interface (Serve hard-codes "[::]:0" and has no setting for it)."""
+    try:
+        import ray.serve._private.replica as replica
+    except ImportError:
+        return
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        return bind(server, address.replace("[::]", "127.0.0.1"))
+
+    on_loopback.loopback = True
+    replica.add_port_to_grpc_server = on_loopback
 
 
 @dataclass(frozen=True)

@@ -299,17 +299,18 @@ class VideoService:
                 self._start_runner(slot)
         threading.Thread(target=self._watch, name="runner-watchdog", daemon=True).start()
 
-    def stop(self) -> None:
+    def stop(self) -> int:
         """Stop claiming, and give the jobs in progress back to the queue, their attempt not
         counted: they resume on the next start. Does not wait for the runners (a stage call may
-        take long); whatever they finish afterwards is refused by the store and removed."""
+        take long); whatever they finish afterwards is refused by the store and removed. Returns
+        how many jobs went back."""
         self._stop.set()
         with self._lock:
             attempts = list(self._attempts.values())
             self._attempts.clear()
         for attempt in attempts:
             attempt.abandoned = True
-            self.store.requeue(attempt.record.id, attempt.worker)
+        return sum(self.store.requeue(attempt.record.id, attempt.worker) for attempt in attempts)
 
     def runners_alive(self) -> int:
         """Runners that can take a job (a replaced, stuck one no longer counts)."""

@@ -446,9 +446,14 @@ def test_framecast_serve_refuses_bad_flags_before_starting(flags, message, capsy
 
 
 @pytest.mark.own_ray
-def test_framecast_serve_starts_answers_and_stops(tmp_path):
-    """The command as a user runs it: its own Ray, the API on the port asked, Ctrl-C stops it."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_framecast_serve_starts_quietly_answers_and_stops_cleanly(stop, tmp_path):
+    """The command as a user runs it, in a session of its own: its own Ray, the API on the port
+    asked, nothing printed but its own lines. Ctrl-C (SIGINT), or SIGTERM as systemd and Kubernetes
+    send, with a video in progress: within 10 s it exits 0 saying so, the video is back in the
+    queue (its attempt not counted), and no process of it (Ray's included) is left."""
     import signal
+    import sqlite3
     import subprocess
     import sys
 
@@ -456,31 +461,75 @@ def test_framecast_serve_starts_answers_and_stops(tmp_path):
     env = {**os.environ, KEY_ENV: KEY}
     command = [sys.executable, "-m", "cluster.cli", "serve", "--model", "tiny", "--port", str(port),
                "--data-dir", str(tmp_path), "--api-key-env", KEY_ENV]  # fmt: skip
-    # SIGINT (what Ctrl-C sends) at its default, so that the command installs its handler: a
-    # process a shell starts in the background (as `make test` starts one of its parts) has it
-    # ignored, and the command would inherit that. In a session of its own: see below.
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    # A session of its own: Ray's processes are in it (each in a process group of its own), so
+    # `ps` finds whatever outlives the command, and the finally below can kill it all.
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     said = []
     try:
         for line in process.stderr:  # until it says it is serving (or exits)
             said.append(line)
-            if "framecast: serving" in line:
+            if "stops it" in line:
                 break
-        assert f"framecast: serving tiny at http://127.0.0.1:{port}/v1" in said[-1], "".join(said)
-        assert requests.get(f"http://127.0.0.1:{port}/v1/models", headers=AUTH, timeout=30).status_code == 200
-        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).status_code == 401
+        assert f"framecast: serving tiny at http://127.0.0.1:{port}/v1" in "".join(said), "".join(said)
+        assert all(line.startswith("framecast: ") for line in said), "".join(said)  # Ray's chatter: to its logs
+        assert "API key from $" + KEY_ENV in said[-1] and str(tmp_path / "jobs.sqlite3") in said[-1]
+        base = f"http://127.0.0.1:{port}"
+        exposed = [address for address in _listening(process.pid) if not address.startswith("127.0.0.1:")]
+        assert exposed == [], f"the embedded Ray listens beyond this machine: {exposed}"
+        assert requests.get(f"{base}/v1/models", headers=AUTH, timeout=30).status_code == 200
+        assert requests.get(f"{base}/v1/models", timeout=30).status_code == 401
+        video = requests.post(f"{base}/v1/videos", headers=AUTH, json={"prompt": "fox", "steps": 200}).json()
+        _wait_denoising(base, video["id"])
+        stopping = time.monotonic()
+        process.send_signal(getattr(signal, stop))
+        _, rest = process.communicate(timeout=60)
+        took = time.monotonic() - stopping
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            _, rest = process.communicate(timeout=120)
-        except subprocess.TimeoutExpired:  # a server that does not stop must not outlive the test, nor its Ray:
-            os.killpg(process.pid, signal.SIGKILL)  # its process group holds the Ray it started
+        if process.poll() is None:  # a server that does not stop must not outlive the test, nor its Ray
+            subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])
             process.communicate(timeout=30)
-            raise
     assert process.returncode == 0, "".join(said) + rest
-    assert "queued videos stay in the job database" in rest
-    assert (tmp_path / "jobs.sqlite3").is_file()
+    assert took <= 10, f"stopping took {took:.1f} s"
+    assert [line for line in rest.splitlines() if line.strip()] == [
+        "framecast: stopped; 1 video(s) in progress went back to the queue, and queued ones stay there: they resume "
+        "on the next start"
+    ], rest  # fmt: skip
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        assert db.execute("SELECT id, status, attempts FROM videos").fetchall() == [(video["id"], "queued", 0)]
+    while left := subprocess.run(["ps", "-o", "pid,args", "--no-headers", "-s", str(process.pid)],
+                                 capture_output=True, text=True).stdout:  # fmt: skip
+        assert time.monotonic() - stopping < 10, f"left behind: {left}"
+        time.sleep(0.2)
+
+
+def _listening(session: int) -> list[str]:
+    """The addresses (IPv4 "a.b.c.d:port", IPv6 "[hex]:port") that processes of `session` listen
+    on, from /proc: the kernel's socket tables and each process's open descriptors."""
+    import socket
+    import struct
+
+    sockets = {}
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            host, port = fields[1].split(":")
+            raw = bytes.fromhex(host)
+            raw = b"".join(struct.pack("<I", word) for word in struct.unpack(f">{len(raw) // 4}I", raw))
+            text = socket.inet_ntop(family, raw)
+            text = text.removeprefix("::ffff:") if family == socket.AF_INET6 and text.startswith("::ffff:") else text
+            sockets[fields[9]] = f"{text}:{int(port, 16)}" if "." in text else f"[{text}]:{int(port, 16)}"
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != session:
+                continue
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:  # it ended meanwhile
+            continue
+        found += [sockets[link[8:-1]] for link in links if link.startswith("socket:[") and link[8:-1] in sockets]
+    return found
 
 
 def test_the_rayservice_pins_the_ingress_to_the_node_with_the_data():
