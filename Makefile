@@ -46,10 +46,11 @@ lint: install
 	$(PY) -m ruff check .
 
 # The tests in two pytest processes at once: those that use a Ray cluster (the test Ray, or one
-# they start), and beside them, at the lowest CPU priority, the others, which run in the test
-# process alone and take the cycles the first leave idle (while actors start, Ray starts, or a
-# subprocess runs). The second's report follows the first's. Ctrl-C stops both (a shell starts
-# the second in the background with SIGINT ignored). `pytest` alone runs them all, in turn.
+# they start) or watch the clock (marked on_time), and beside them, at the lowest CPU priority,
+# the others, which run in the test process alone and take the cycles the first leave idle (while
+# actors start, Ray starts, or a subprocess runs). The second's report follows the first's. Ctrl-C
+# stops both (a shell starts the second in the background with SIGINT ignored). `pytest` alone
+# runs them all, in turn.
 test: install lint
 	@others=$$(mktemp); nice -n 19 $(PY) -m pytest -q --ray none > $$others 2>&1 & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; rm -f $$others; exit 130' INT TERM; \

@@ -357,6 +357,9 @@ class VideoService:
                 continue
             attempt = Attempt(self.store, record, worker, self.stall_limit_s(record))
             with self._lock:
+                if self._stop.is_set():  # claimed while stopping: it goes back with the others
+                    self.store.requeue(record.id, worker)
+                    return
                 self._attempts[slot] = attempt
             try:
                 self.run_job(attempt)

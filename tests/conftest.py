@@ -175,12 +175,19 @@ def pytest_addoption(parser):
         "--ray",
         choices=("only", "none"),
         help="only the tests that use a Ray cluster (the test Ray, or one they start: marked "
-        "own_ray), or none of them (`make test` runs both parts at once)",
+        "own_ray) and those that watch the clock (marked on_time), or none of them (`make test` runs "
+        "both parts at once, the second at the lowest CPU priority)",
     )
 
 
 def uses_a_cluster(item: pytest.Item) -> bool:
     return "ray_session" in item.fixturenames or item.get_closest_marker("own_ray") is not None
+
+
+def in_foreground_part(item: pytest.Item) -> bool:
+    """Whether `make test` runs it in its `--ray only` part, at normal CPU priority: a test that
+    uses a cluster, or one whose outcome depends on getting the CPU in time (a watchdog's limit)."""
+    return uses_a_cluster(item) or item.get_closest_marker("on_time") is not None
 
 
 def executor_ranks(item: pytest.Item) -> tuple[int, int]:
@@ -221,7 +228,7 @@ def pytest_collection_modifyitems(config, items):
     if part is not None:
         chosen, others = [], []
         for item in items:
-            (chosen if uses_a_cluster(item) == (part == "only") else others).append(item)
+            (chosen if in_foreground_part(item) == (part == "only") else others).append(item)
         config.hook.pytest_deselected(items=others)
         items[:] = chosen
     items.sort(key=cluster_order)  # stable: collection order among equal keys
