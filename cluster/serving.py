@@ -302,7 +302,9 @@ class ServeExecutor(Executor):
 
     def devices(self) -> dict[str, str]:
         if self._devices is None:
-            found = {stage: handle.describe.remote().result() for stage, handle in self.handles.items()}
+            # a replica being replaced answers once its stand-in has started: within a start's deadline
+            found = {stage: handle.describe.remote().result(timeout_s=ACTOR_START_TIMEOUT_S)
+                     for stage, handle in self.handles.items()}  # fmt: skip
             self._devices = {**found, "measure": self.panel.describe()}
         return dict(self._devices)
 
