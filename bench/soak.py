@@ -49,7 +49,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import openai
 
@@ -148,7 +148,7 @@ def wait_serving(server: subprocess.Popen, data: Path) -> None:
     raise RuntimeError(f"framecast serve exited with {server.wait()}; see {data / 'server.log'}")
 
 
-def drain(pipe, log) -> None:
+def drain(pipe: IO[str], log: IO[str]) -> None:
     for line in pipe:
         log.write(line)
         log.flush()

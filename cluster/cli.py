@@ -233,6 +233,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=16, help="videos queued or running; beyond it, 429 (default 16)")
     p.add_argument("--runners", type=int, default=2, help="videos in the pipeline at once (default 2)")
     p.add_argument(
+        "--stall-timeout", type=float, default=180.0, metavar="SECONDS",
+        help="a video with no progress this long (longer in proportion beyond 50 steps) is given up, queued "
+        "again and its runner replaced (default 180)",
+    )  # fmt: skip
+    p.add_argument(
         "--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)"
     )
     _tracking_options(p)
@@ -535,11 +540,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model=args.model, weights=args.weights, workers=args.workers, ulysses=args.ulysses, ring=args.ring,
             decoders=args.decoders, data_dir=args.data_dir, max_queue=args.max_queue, runners=args.runners,
             api_key_env=args.api_key_env, experiment=args.experiment, tracking_uri=args.tracking_uri,
+            stall_timeout_s=args.stall_timeout,
         )  # fmt: skip
         served = resolve_served(serve_args)  # every check that needs no cluster, before Ray starts
     except pydantic.ValidationError as e:
         first = e.errors()[0]
-        print(f"framecast: error: --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", file=sys.stderr)
+        flag = str(first["loc"][0]).removesuffix("_s").replace("_", "-")  # stall_timeout_s: --stall-timeout
+        print(f"framecast: error: --{flag}: {first['msg']}", file=sys.stderr)
         return EXIT_INVALID
     except InvalidRequest as e:
         print(f"framecast: error: {e}", file=sys.stderr)
@@ -549,10 +556,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serving import serve_application
 
     _stop_on(signal.SIGINT, signal.SIGTERM)  # while starting, a stop stops the start
-    shared = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    # "local": Ray's word for a Ray of our own, even where a `ray start` cluster runs on this machine
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    shared = address != "local"
     log_file = Path(served.data_dir) / "serve.log"  # Ray's and Serve's own lines
     try:
-        connect(args.address, quiet=True, log_file=log_file)
+        connect(address, quiet=True, log_file=log_file)
         _stop_on(signal.SIGINT, signal.SIGTERM)  # again: ray.init installs a SIGTERM handler of its own
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(serve_application(serve_args), name="framecast", route_prefix="/", blocking=False)
@@ -579,8 +588,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stop runs to its end; it takes seconds
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     returned = _stop_serving(shared)
     print(f"framecast: stopped; {returned} video(s) in progress went back to the queue, and queued ones stay "
           f"there: they resume on the next start", file=sys.stderr)  # fmt: skip
@@ -598,15 +605,25 @@ def _stop_on(*signals: int) -> None:
 
 
 def _interrupt(*_: object) -> None:
+    """The first SIGINT or SIGTERM stops: the stop itself runs to its end (a few seconds), not
+    broken off by the next."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 def _stop_serving(shared: bool) -> int:
     """Stop the Videos API: its runners give their jobs back to the queue (how many is returned),
     then the application goes; on a Ray started here, Ray goes with it (and every process of it)."""
+    import signal
+
     import ray
     from ray import serve
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stop runs to its end: a few seconds
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     returned = 0
     if not ray.is_initialized():
         return returned
@@ -615,8 +632,11 @@ def _stop_serving(shared: bool) -> int:
     except Exception:  # not started, or not answering: a new ingress requeues what this one ran
         pass
     if shared:
-        serve.delete("framecast")  # a shared cluster: its other applications stay up
-    ray.shutdown()  # a Ray this process started stops with it
+        try:
+            serve.delete("framecast")  # a shared cluster: its other applications stay up
+        except Exception as e:  # e.g. Serve never started there
+            print(f"framecast: could not delete the application: {_first_line(e)}", file=sys.stderr)
+    ray.shutdown()  # a Ray this process started stops with it, every process of it
     return returned
 
 

@@ -30,8 +30,8 @@ from typing import Any, Literal
 Status = Literal["queued", "in_progress", "completed", "failed"]
 ID_PREFIX = "video_"
 ID_HEX_CHARS = 32  # 128 random bits: unguessable
-# Every store operation has a deadline: SQLite waits this long for another process's write lock
-# (then raises "database is locked"), and a thread this long for another thread's.
+# Every store operation has a deadline: a thread waits this long for another thread's turn, then
+# SQLite as long for another process's write lock (then raises "database is locked").
 STORE_TIMEOUT_S = 30.0
 
 
@@ -249,7 +249,8 @@ class JobStore:
             )
 
     def renew(self, video_id: str, worker: str, lease_s: float, progress: int | None = None) -> bool:
-        """Extend `worker`'s lease (and set the progress); False if the job is no longer its own."""
+        """Extend `worker`'s lease (and set the progress); False if the job is no longer its own.
+        A job deleted while `worker` ran it goes now (the worker stops, and removes its files)."""
         sets, args = "lease_until = ?", [time.time() + lease_s]
         if progress is not None:
             sets, args = sets + ", progress = ?", [*args, progress]
@@ -258,6 +259,8 @@ class JobStore:
                 f"UPDATE videos SET {sets} WHERE id = ? AND worker = ? AND status = 'in_progress' AND deleted = 0",
                 (*args, video_id, worker),
             )
+            if cursor.rowcount == 0:
+                db.execute("DELETE FROM videos WHERE id = ? AND worker = ? AND deleted = 1", (video_id, worker))
         return cursor.rowcount == 1
 
     def finish(self, video_id: str, worker: str, result: dict[str, Any]) -> bool:

@@ -15,7 +15,8 @@ from stages.models import CONFIG_DIR
 
 
 def connect(address: str | None = None, quiet: bool = False, log_file: Path | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS); otherwise start an embedded local Ray.
+    """Join the cluster at `address` (or $RAY_ADDRESS); otherwise start an embedded local Ray
+    ("local" asks for one even where a `ray start` cluster runs on this machine).
 
     `log_file`: Ray's and Serve's own lines go there rather than to the terminal (errors are still
     shown), and an embedded Ray listens on 127.0.0.1 alone: `framecast serve`."""
@@ -25,7 +26,7 @@ def connect(address: str | None = None, quiet: bool = False, log_file: Path | No
     options = {}
     if log_file is not None:
         _log_ray_to(log_file)
-        if address is None:
+        if address in (None, "local"):
             options["runtime_env"] = _listen_on_loopback()
     ray.init(
         address=address,

@@ -334,7 +334,11 @@ class ServeExecutor(Executor):
             for response in call.values:
                 while True:
                     if call.check is not None:
-                        call.check()
+                        try:
+                            call.check()
+                        except BaseException:  # given up: what is still queued or running is not wanted
+                            self._cancel(calls)
+                            raise
                     try:
                         response.result(timeout_s=WAIT_POLL_S)
                         break
@@ -343,6 +347,15 @@ class ServeExecutor(Executor):
                     except Exception as e:
                         raise StageFailed(call.stage, e) from e
         self._relay(calls)
+
+    @staticmethod
+    def _cancel(calls: tuple[ServeCall, ...]) -> None:
+        """Cancel the calls' requests: Serve drops one still queued and cancels one running in an
+        async replica method (the denoiser group's); a stage method already running finishes."""
+        for call in calls:
+            for response in call.values:
+                if hasattr(response, "cancel"):  # not one made in this process (_Finished)
+                    response.cancel()
 
     def _relay(self, calls: tuple[ServeCall, ...]) -> None:
         for call in calls:

@@ -200,7 +200,8 @@ class VideoService:
         self.started_at = int(time.time())
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the runners and their attempts, as the watchdog changes them
-        self._runners: list[threading.Thread] = []  # one per slot: the slot's current runner
+        self._runners: list[threading.Thread | None] = []  # one per slot: the slot's current runner
+        self._watchdog: threading.Thread | None = None
         self._attempts: dict[int, Attempt] = {}  # slot -> the attempt its runner is making
         self.replaced = 0  # runners given up on (stalled) and started anew
 
@@ -294,10 +295,11 @@ class VideoService:
         runners and their watchdog."""
         self._requeue_orphans()
         with self._lock:
-            self._runners = [threading.current_thread()] * self.served.runners  # a slot's runner, once started
+            self._runners = [None] * self.served.runners
             for slot in range(self.served.runners):
                 self._start_runner(slot)
-        threading.Thread(target=self._watch, name="runner-watchdog", daemon=True).start()
+        self._watchdog = threading.Thread(target=self._watch, name="runner-watchdog", daemon=True)
+        self._watchdog.start()
 
     def stop(self) -> int:
         """Stop claiming, and give the jobs in progress back to the queue, their attempt not
@@ -308,19 +310,28 @@ class VideoService:
         with self._lock:
             attempts = list(self._attempts.values())
             self._attempts.clear()
+        returned = 0
         for attempt in attempts:
             attempt.abandoned = True
-        return sum(self.store.requeue(attempt.record.id, attempt.worker) for attempt in attempts)
+            try:
+                returned += self.store.requeue(attempt.record.id, attempt.worker)
+            except Exception:  # its lease runs out, and the next start requeues it all the same
+                log.exception("giving back video %s", attempt.record.id)
+        return returned
 
     def runners_alive(self) -> int:
         """Runners that can take a job (a replaced, stuck one no longer counts)."""
         with self._lock:
-            return sum(thread.is_alive() for thread in self._runners)
+            return sum(thread is not None and thread.is_alive() for thread in self._runners)
 
     def check_health(self) -> None:
         self.store.ping()
-        if not self._stop.is_set() and (alive := self.runners_alive()) < self.served.runners:
+        if self._stop.is_set():
+            return
+        if (alive := self.runners_alive()) < self.served.runners:
             raise RuntimeError(f"{self.served.runners - alive} of {self.served.runners} runner threads stopped")
+        if self._watchdog is not None and not self._watchdog.is_alive():
+            raise RuntimeError("the runners' watchdog stopped")
 
     def _requeue_orphans(self) -> None:
         """Jobs in progress under a runner of a process of this machine that no longer exists (the
@@ -357,10 +368,12 @@ class VideoService:
                 continue
             attempt = Attempt(self.store, record, worker, self.stall_limit_s(record))
             with self._lock:
-                if self._stop.is_set():  # claimed while stopping: it goes back with the others
-                    self.store.requeue(record.id, worker)
-                    return
-                self._attempts[slot] = attempt
+                stopping = self._stop.is_set()
+                if not stopping:
+                    self._attempts[slot] = attempt
+            if stopping:  # claimed while the service stops: it goes back as the others did
+                self.store.requeue(record.id, worker)
+                return
             try:
                 self.run_job(attempt)
             except Exception:  # the store failed while giving the job back: its lease will run out
@@ -400,8 +413,9 @@ class VideoService:
         try:
             attempt.advance()  # the lease, at the job's own stall limit
             self._run(record, worker, attempt)
-        except _Abandoned:  # given back by the watchdog or a stop: the job is no longer ours
-            self._remove_files(f"{record.id}.a{record.attempts}")
+        except _Abandoned:  # given back (the watchdog, a stop) or deleted: the job is no longer ours
+            deleted = self.store.get(record.id) is None
+            self._remove_files(record.id if deleted else attempt.stem)  # deleted: its uploaded image too
         except Exception as e:  # outside the stages (e.g. Serve could not reach a deployment): try again
             log.exception("job %s", record.id)
             self.store.retry(record.id, worker, f"{type(e).__name__}: {e}".splitlines()[0])
@@ -420,11 +434,11 @@ class VideoService:
         def on_step(_index: int, done: int, total: int) -> None:
             attempt.advance(DENOISING_SHARE * done // total)
 
-        # Each attempt writes files of its own: a runner that lost its lease (and so its job) to
-        # another never touches what the other makes.
-        stem = f"{record.id}.a{record.attempts}"
+        # Each attempt writes files of its own: a runner that lost its job to another never
+        # touches what the other makes.
+        stem = attempt.stem
         output = self.videos / f"{stem}.mp4"
-        (result,) = list(run_stream([job], _Watched(self.executor, attempt), [output], on_step))
+        (result,) = list(run_stream([job], _AttemptExecutor(self.executor, attempt), [output], on_step))
         if isinstance(result, JobFailed):
             if result.error.actor_lost:
                 self.store.retry(record.id, worker, str(result.error))
@@ -490,18 +504,26 @@ class Attempt:
     _renewed: float = float("-inf")
     _written: int = -1
 
+    @property
+    def stem(self) -> str:
+        """The name its files start with: the job's id, the attempt's number and its runner's own
+        mark (a job given back by a stop is tried again under the same number)."""
+        return f"{self.record.id}.a{self.record.attempts}-{self.worker.rsplit(':', 1)[-1]}"
+
     def silent_s(self) -> float:
         return time.monotonic() - self._last
 
     def advance(self, progress: int | None = None) -> None:
         """Progress: renew the lease (at most 4 times a second, and at least every quarter of the
-        limit); raises _Abandoned if the job is no longer this attempt's."""
+        limit); raises _Abandoned if the job is no longer this attempt's. The lease outlasts the
+        stall limit by half: the watchdog in this process acts first; the lease is for when the
+        process is gone."""
         if self.abandoned:
             raise _Abandoned
         now = self._last = time.monotonic()
         self.progress = self.progress if progress is None else progress
         if (self.progress != self._written and now - self._renewed >= 0.25) or now - self._renewed > self.limit_s / 4:
-            if not self.store.renew(self.record.id, self.worker, self.limit_s, self.progress):
+            if not self.store.renew(self.record.id, self.worker, 1.5 * self.limit_s, self.progress):
                 self.abandoned = True  # deleted, or given back: another runner may hold it now
                 raise _Abandoned
             self._renewed, self._written = now, self.progress
@@ -512,9 +534,10 @@ class Attempt:
             raise _Abandoned
 
 
-class _Watched(Executor):
-    """The service's executor as one attempt sees it: every stage call that finishes is progress,
-    and a wait ends once the attempt is given up (where the executor can end it early)."""
+class _AttemptExecutor(Executor):
+    """The service's executor as one attempt uses it: a stage call sent (so the step before it,
+    e.g. writing the video, is done) and a call finished are progress, and a wait ends once the
+    attempt is given up (where the executor waits in steps: Serve's)."""
 
     def __init__(self, inner: Executor, attempt: Attempt):
         self.inner, self.attempt = inner, attempt
@@ -522,6 +545,7 @@ class _Watched(Executor):
         self.crosses_processes, self.decoders = inner.crosses_processes, inner.decoders
 
     def call(self, stage: Stage, method: Method, *args: Any, progress: Any = None) -> StageCall:
+        self.attempt.advance()
         call = self.inner.call(stage, method, *args, progress=progress)
         if isinstance(call, ServeCall):  # waited for in short polls: it can stop early
             call.check = self.attempt.check

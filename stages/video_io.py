@@ -19,6 +19,7 @@ import math
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,18 +31,20 @@ from PIL import Image, ImageDraw, ImageOps
 
 from stages.errors import InvalidRequest
 
-# The longest one ffmpeg run may take before it is killed: far above any video framecast makes
-# (writing or decoding a 49-frame 720x480 clip takes about a second), yet finite, so that a
-# stuck ffmpeg can never hold a job (or a Videos API runner) for good.
-FFMPEG_DEADLINE_S = 300.0
+# The longest an ffmpeg run may go without taking or giving a frame before it is killed: far above
+# any frame's time (a 720x480 frame takes milliseconds; opening a file, less than a second), yet
+# finite, so that a stuck ffmpeg can never hold a job (or a Videos API runner) for good. A long
+# video is not cut short: the clock starts again at every frame.
+FFMPEG_DEADLINE_S = 120.0
 
 
 class FfmpegTimeout(TimeoutError):
-    """ffmpeg ran past its deadline and was killed."""
+    """ffmpeg went past its deadline without a frame and was killed."""
 
 
 class FfmpegProcess:
-    """One run of the ffmpeg binary with `args`, in a session of its own, killed at its deadline.
+    """One run of the ffmpeg binary with `args`, in a session of its own, killed once it has gone
+    FFMPEG_DEADLINE_S without a frame (`touch` says one went through).
 
     stdout is a pipe (raw frames out) or nothing; stdin a pipe when `feed` (raw frames in);
     stderr is collected by a thread (a full pipe would stall ffmpeg), and `header` is set once
@@ -59,11 +62,15 @@ class FfmpegProcess:
         self.deadline_s, self.expired = FFMPEG_DEADLINE_S, False
         self.log: list[str] = []
         self.header = threading.Event()
+        self._last = time.monotonic()
+        self._done = threading.Event()
         self._reader = threading.Thread(target=self._read_log, name="ffmpeg-log", daemon=True)
         self._reader.start()
-        self._timer = threading.Timer(self.deadline_s, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        threading.Thread(target=self._watch, name="ffmpeg-deadline", daemon=True).start()
+
+    def touch(self) -> None:
+        """A frame went through: the deadline starts again."""
+        self._last = time.monotonic()
 
     def _read_log(self) -> None:
         output = False
@@ -75,24 +82,27 @@ class FfmpegProcess:
                 self.header.set()
         self.header.set()
 
-    def _expire(self) -> None:
-        self.expired = True
-        self.process.kill()
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.deadline_s / 4)):
+            if time.monotonic() - self._last > self.deadline_s:
+                self.expired = True
+                self.process.kill()
+                return
 
     def finish(self) -> int:
         """Wait for ffmpeg to exit (within its deadline) and its log; its exit status."""
         try:
-            code = self.process.wait()  # the timer kills it at the deadline
+            code = self.process.wait()  # the watch kills it at the deadline
             self._reader.join()
         finally:
             self.stop()
         if self.expired:
-            raise FfmpegTimeout(f"ffmpeg ran past its {self.deadline_s:g} s deadline and was stopped")
+            raise FfmpegTimeout(f"ffmpeg went {self.deadline_s:g} s without a frame and was stopped")
         return code
 
     def stop(self) -> None:
         """Kill ffmpeg if it still runs, and release its pipes."""
-        self._timer.cancel()
+        self._done.set()
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
@@ -127,6 +137,7 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> 
         try:
             for frame in frames:
                 ffmpeg.process.stdin.write(np.ascontiguousarray(frame).tobytes())
+                ffmpeg.touch()
             ffmpeg.process.stdin.close()
         except BrokenPipeError:  # ffmpeg ended early: its exit status and log say why
             pass
@@ -246,8 +257,10 @@ def _open(
         output=True,
     )  # fmt: skip
     try:
-        if not ffmpeg.header.wait(ffmpeg.deadline_s) or (stream := _output_stream(ffmpeg.log)) is None:
-            ffmpeg.finish()  # ended without starting an output, or raises FfmpegTimeout
+        ffmpeg.header.wait()  # set once ffmpeg has said what it will write, or has ended (or was killed)
+        if (stream := _output_stream(ffmpeg.log)) is None:
+            if ffmpeg.process.poll() is not None:
+                ffmpeg.finish()  # raises FfmpegTimeout if that is why it ended
             raise InvalidRequest(f"{path}: not a video ffmpeg can read ({ffmpeg.reason()})")
     except BaseException:
         ffmpeg.stop()
@@ -258,6 +271,7 @@ def _open(
     def frames() -> Iterator[np.ndarray]:
         try:
             while len(raw := ffmpeg.process.stdout.read(size)) == size:
+                ffmpeg.touch()
                 yield np.frombuffer(raw, np.uint8).reshape(height, width, channels)
             if ffmpeg.finish() != 0:
                 raise InvalidRequest(f"{path}: ffmpeg failed while decoding it ({ffmpeg.reason()})")
@@ -283,9 +297,9 @@ def _input_fps(log: list[str]) -> float:
     return float(found[1]) * (1000 if found[2] else 1) if found else 0.0
 
 
-def _ffmpeg_reason(error: BaseException) -> str:
-    """The line of ffmpeg's output that says what is wrong."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+def _ffmpeg_reason(log: str) -> str:
+    """The line of ffmpeg's output (`log`) that says what is wrong."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
     if any("does not contain any stream" in line for line in lines):
         return "it has no video stream"
     for line in reversed(lines):
@@ -293,7 +307,7 @@ def _ffmpeg_reason(error: BaseException) -> str:
             return line.split("Error opening input:", 1)[1].strip()
     # ffmpeg's last lines are often generic ("Conversion failed!"); the first error line says why
     informative = [line for line in lines if "rror" in line or "nvalid" in line or "not available" in line]
-    return (informative or lines or [type(error).__name__])[0]
+    return (informative or lines or ["ffmpeg said nothing"])[0]
 
 
 # An image larger than this many pixels is refused before it is decoded: 50 megapixels, above

@@ -19,7 +19,7 @@ from cluster.cli import EXIT_INVALID, main
 from cluster.executor import LocalExecutor
 from cluster.jobs import JobStore
 from cluster.serving import ServeArgs, resolve_served
-from cluster.videos import VideoService
+from cluster.videos import Attempt, VideoService
 from stages.context_parallel import ParallelLayout
 from stages.denoiser import plan_layout
 from stages.errors import InvalidRequest
@@ -167,7 +167,7 @@ def test_videos_api_takes_input_reference(tmp_path, image_file):
     assert video["status"] == "queued"
     assert video["settings"]["image"] == "input_reference"  # the upload by its name, no server path
     record = service.store.claim("test", 30)
-    service.run_job(record, "test")
+    service.run_job(Attempt(service.store, record, "test", 30))
     done = service.retrieve(video["id"])
     assert done["status"] == "completed", done
     stream, media_type, _ = service.content(video["id"], "video")
@@ -182,8 +182,9 @@ def test_videos_api_takes_input_reference(tmp_path, image_file):
     record = service.store.claim("test", 30)
     service.delete(running["id"])
     assert any(service.videos.iterdir())  # kept while it runs
-    service.run_job(record, "test")
+    service.run_job(Attempt(service.store, record, "test", 30))
     assert list(service.videos.iterdir()) == []
+    assert service.store.running() == []  # its row gone too: it holds no place in the queue
 
 
 def test_videos_api_refuses_an_image_for_a_text_model(tmp_path, image_file):

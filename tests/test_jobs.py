@@ -147,3 +147,23 @@ def test_submit_answers_the_job_as_queued_even_when_claimed_at_once(store):
         runner.join()
     assert statuses == {"queued"}
     assert store.counts().get("in_progress", 0) > 0  # the runner did claim them meanwhile
+
+
+def test_a_stop_gives_a_job_back_with_its_attempt_uncounted(store):
+    job = store.submit("tiny", {"prompt": "a"}, max_active=4)
+    claimed = store.claim("runner", lease_s=60)
+    assert store.running() == [(job.id, "runner")] and claimed.attempts == 1
+    assert not store.requeue(job.id, "another runner")  # only its own runner gives it back
+    assert store.requeue(job.id, "runner")
+    assert store.running() == [] and store.get(job.id).status == "queued" and store.get(job.id).attempts == 0
+    assert store.claim("runner", lease_s=60).attempts == 1
+
+
+def test_a_job_deleted_while_running_goes_when_its_runner_next_renews(store):
+    job = store.submit("tiny", {"prompt": "a"}, max_active=1)
+    store.claim("runner", lease_s=60)
+    store.delete(job.id)
+    assert store.running() == [(job.id, "runner")]  # kept for its runner to find out
+    assert not store.renew(job.id, "runner", 60)
+    assert store.running() == []
+    store.submit("tiny", {"prompt": "b"}, max_active=1)  # its place is free at once

@@ -47,6 +47,7 @@ def _wait(service: VideoService, video_id: str, timeout_s: float = 120) -> dict:
 
 @pytest.mark.parametrize("stage", [Stage.DENOISE, Stage.MEASURE], ids=["stage-hangs", "measurement-hangs"])
 def test_a_job_whose_runner_hangs_completes_on_a_later_attempt(stage, tmp_path, mlflow_uri, tiny_spec, tiny_weights):
+    before = set(threading.enumerate())
     executor = HangingOnce(tiny_spec, tiny_weights, stage)
     service = _service(tmp_path, mlflow_uri, executor, runners=1, stall_timeout_s=STALL_S)
     service.start()
@@ -56,40 +57,47 @@ def test_a_job_whose_runner_hangs_completes_on_a_later_attempt(stage, tmp_path, 
         assert executor.hung.wait(60)
         done = _wait(service, video["id"])
         took = time.monotonic() - started
-        assert done["status"] == "completed" and done["attempts"] == 2, done
-        assert took < STALL_S + 60, f"took {took:.0f} s"
-        assert service.replaced == 1 and service.runners_alive() == 1  # back to full
+        # Attempt 2 completes it (a third only if a machine so loaded that attempt 2 went STALL_S
+        # without a step was given up too: each given-up attempt replaced its runner).
+        assert done["status"] == "completed" and done["attempts"] in (2, 3), done
+        assert took < STALL_S * done["attempts"] + 60, f"took {took:.0f} s"
+        assert service.replaced == done["attempts"] - 1 and service.runners_alive() == 1  # back to full
         service.check_health()
         # the stuck runner, once it wakes, finds the job is no longer its own and removes what it made
-        assert _runner_threads() == 2
+        assert _runner_threads(before) >= 2
         executor.release.set()
         deadline = time.monotonic() + 30
-        while _runner_threads() > 1:
+        while _runner_threads(before) > 1:
             assert time.monotonic() < deadline, "the replaced runner never ended"
             time.sleep(0.1)
-        files = {p.name.removeprefix(f"{video['id']}.") for p in service.videos.glob(f"{video['id']}.*")}
-        assert {"a2.mp4", "a2.thumbnail.png"} <= files and all(name.startswith("a2.") for name in files), files
+        made = service.store.get(video["id"]).result["files"]  # the attempt that completed it
+        assert {p.name for p in service.videos.glob(f"{video['id']}.*")} >= {f"{made}.mp4", f"{made}.thumbnail.png"}
+        assert all(p.name.startswith(f"{made}.") for p in service.videos.glob(f"{video['id']}.*"))
         assert service.retrieve(video["id"])["status"] == "completed"
     finally:
         executor.release.set()
         service.stop()
 
 
-def _runner_threads() -> int:
-    return sum(thread.name == "runner-0" for thread in threading.enumerate())
+def _runner_threads(before: set[threading.Thread]) -> int:
+    """Runner threads of slot 0 started since `before` (not an earlier test's)."""
+    return sum(thread.name == "runner-0" for thread in set(threading.enumerate()) - before)
 
 
 def test_a_stop_gives_the_running_job_back_uncounted(tmp_path, mlflow_uri, tiny_spec, tiny_weights):
     executor = HangingOnce(tiny_spec, tiny_weights, Stage.DENOISE)
     service = _service(tmp_path, mlflow_uri, executor, runners=1)
     service.start()
-    video = service.create({"prompt": "a fox in the snow", "steps": 5})
-    assert executor.hung.wait(60)
-    assert service.retrieve(video["id"])["status"] == "in_progress"
-    service.stop()
-    again = service.retrieve(video["id"])
-    assert again["status"] == "queued" and again["attempts"] == 0, again
-    executor.release.set()
+    try:
+        video = service.create({"prompt": "a fox in the snow", "steps": 5})
+        assert executor.hung.wait(60)
+        assert service.retrieve(video["id"])["status"] == "in_progress"
+        assert service.stop() == 1
+        again = service.retrieve(video["id"])
+        assert again["status"] == "queued" and again["attempts"] == 0, again
+    finally:
+        executor.release.set()
+        service.stop()
 
 
 def test_a_job_left_running_by_a_dead_server_process_is_queued_again_at_start(tmp_path, mlflow_uri):
