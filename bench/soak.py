@@ -3,7 +3,7 @@
     python bench/soak.py [--videos 200] [--concurrency 8] [--steps 5] [--kill-every 20] [--max-kills 8]
                          [--drain-timeout 300] [--port 0] [--out soak.json]
 
-The server is `framecast serve --model tiny` (of the checkout this file is in) in a session of
+The server is `framecast serve --model tiny` (or `--model`; of the checkout this file is in) in a session of
 its own (its own Ray), on 127.0.0.1 and a free port unless --port says one; its output goes to
 server.log in the data directory, which is kept, with the job database. This process is the
 load: `concurrency` threads of the official `openai` client (no retries of its own), each
@@ -263,7 +263,7 @@ def load(client: openai.OpenAI, args: argparse.Namespace, tally: Tally, ended: t
 
     def body(n: int) -> dict[str, Any]:
         extra = {"steps": args.steps, "seed": n}
-        return {"model": "tiny", "prompt": PROMPT, "seconds": args.seconds, "size": args.size, "extra_body": extra}
+        return {"model": args.model, "prompt": PROMPT, "seconds": args.seconds, "size": args.size, "extra_body": extra}
 
     def worker() -> None:
         while True:
@@ -416,6 +416,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--model", default="tiny", help="the model served (default tiny; a real one needs its weights)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seconds", default="1", help="the create request's seconds (default 1: 9 frames)")
     parser.add_argument("--size", default="96x64", help="the create request's size, WIDTHxHEIGHT")
@@ -439,7 +440,7 @@ def main() -> None:
     data = (args.data_dir or Path(tempfile.mkdtemp(prefix="framecast-soak-"))).resolve()
     data.mkdir(parents=True, exist_ok=True)
     port = args.port or free_port()
-    command = [sys.executable, "-m", "cluster.cli", "serve", "--model", "tiny", "--host", HOST, "--port", str(port),
+    command = [sys.executable, "-m", "cluster.cli", "serve", "--model", args.model, "--host", HOST, "--port", str(port),
                "--data-dir", str(data), "--max-queue", str(args.max_queue), "--runners", str(args.runners)]  # fmt: skip
     began = time.monotonic()
     server = launch(command, data)
