@@ -123,6 +123,7 @@ api = FastAPI(
     title="framecast",
     version="0.1.0",
     summary="An OpenAI-compatible Videos API for diffusion video generation on Ray",
+    generate_unique_id_function=lambda route: route.name,  # operation ids: create_video, retrieve_video, ...
 )
 api.add_middleware(Guard)
 
@@ -250,6 +251,7 @@ _BY_ID = {"video_id": "$response.body#/id"}
 _NEXT = {name: {"operationId": operation, "parameters": _BY_ID} for name, operation in (
     ("RetrieveVideo", "retrieve_video"), ("VideoContent", "video_content"), ("DeleteVideo", "delete_video"),
 )}  # fmt: skip
+_WITH_LINKS = {**_ERRORS, 200: {"links": _NEXT}}  # a video's answer: where its id leads
 
 
 async def read_create_body(request: Request, max_image_bytes: int) -> tuple[dict[str, Any], bytes | None]:
@@ -335,14 +337,13 @@ class VideosAPI:
         if hasattr(self, "service"):
             self.service.stop()
 
-    @api.post("/v1/videos", response_model=Video, openapi_extra=_CREATE_BODY, operation_id="create_video",
-              responses={**_ERRORS, 200: {"links": _NEXT}})  # fmt: skip
+    @api.post("/v1/videos", response_model=Video, openapi_extra=_CREATE_BODY, responses=_WITH_LINKS)
     async def create_video(self, request: Request):
         """Queue a video (429 with Retry-After when the queue is full)."""
         fields, image = await read_create_body(request, self.max_image_bytes)
         return await run_in_threadpool(self.service.create, fields, image)
 
-    @api.get("/v1/videos", response_model=VideoList, operation_id="list_videos", responses=_ERRORS)
+    @api.get("/v1/videos", response_model=VideoList, responses=_ERRORS)
     async def list_videos(
         self,
         after: str | None = None,
@@ -351,12 +352,11 @@ class VideosAPI:
     ):
         return await run_in_threadpool(self.service.page, after, limit, order)
 
-    @api.get("/v1/videos/{video_id}", response_model=Video, operation_id="retrieve_video",
-             responses={**_ERRORS, 200: {"links": _NEXT}})  # fmt: skip
+    @api.get("/v1/videos/{video_id}", response_model=Video, responses=_WITH_LINKS)
     async def retrieve_video(self, video_id: str):
         return await run_in_threadpool(self.service.retrieve, video_id)
 
-    @api.get("/v1/videos/{video_id}/content", operation_id="video_content", responses={**_ERRORS, 200: {"content": {
+    @api.get("/v1/videos/{video_id}/content", responses={**_ERRORS, 200: {"content": {
         "video/mp4": {}, "image/png": {}}}})  # fmt: skip
     async def video_content(self, video_id: str, variant: Literal["video", "thumbnail", "spritesheet"] = "video"):
         """The MP4; `variant=thumbnail`: a PNG of the middle frame; `spritesheet`: the contact sheet."""
@@ -364,11 +364,11 @@ class VideosAPI:
         headers = {"Content-Disposition": f'attachment; filename="{name}"'}
         return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)
 
-    @api.delete("/v1/videos/{video_id}", response_model=VideoDeleted, operation_id="delete_video", responses=_ERRORS)
+    @api.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=_ERRORS)
     async def delete_video(self, video_id: str):
         return await run_in_threadpool(self.service.delete, video_id)
 
-    @api.get("/v1/models", response_model=ModelList, operation_id="list_models", responses=_ERRORS)
+    @api.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def list_models(self):
         return self.service.models()
 

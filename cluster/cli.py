@@ -581,7 +581,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"framecast: serving {args.model} at http://{args.host}:{args.port}/v1 (OpenAI Videos API; docs at "
           f"http://{args.host}:{args.port}/docs)\n"
           f"framecast: jobs in {served.database}, videos in {served.data_dir}/videos; {auth}; "
-          f"Ray's own log in {log_file} (its processes' in {_ray_log_dir()}); Ctrl-C or SIGTERM stops it",
+          f"Ray's own log in {log_file}; Ctrl-C or SIGTERM stops it",
           file=sys.stderr, flush=True)  # fmt: skip
     try:
         while True:
@@ -605,25 +605,26 @@ def _stop_on(*signals: int) -> None:
 
 
 def _interrupt(*_: object) -> None:
-    """The first SIGINT or SIGTERM stops: the stop itself runs to its end (a few seconds), not
-    broken off by the next."""
+    """The first SIGINT or SIGTERM stops; the next ones are ignored (`_stop_serving`)."""
+    _ignore_stops()
+    raise KeyboardInterrupt
+
+
+def _ignore_stops() -> None:
+    """SIGINT and SIGTERM ignored: a stop runs to its end (a few seconds), not broken off by the next."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
 
 
 def _stop_serving(shared: bool) -> int:
     """Stop the Videos API: its runners give their jobs back to the queue (how many is returned),
     then the application goes; on a Ray started here, Ray goes with it (and every process of it)."""
-    import signal
-
     import ray
     from ray import serve
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stop runs to its end: a few seconds
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _ignore_stops()
     returned = 0
     if not ray.is_initialized():
         return returned
@@ -638,15 +639,6 @@ def _stop_serving(shared: bool) -> int:
             print(f"framecast: could not delete the application: {_first_line(e)}", file=sys.stderr)
     ray.shutdown()  # a Ray this process started stops with it, every process of it
     return returned
-
-
-def _ray_log_dir() -> str:
-    import ray
-
-    try:
-        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
-    except Exception:
-        return "/tmp/ray/session_latest/logs"
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:

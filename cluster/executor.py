@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,9 @@ class StageCall:
     # Times each actor's result was handed to another process (an actor, or the driver). The
     # bytes the call moved are deliveries x the output bytes of its reports.
     deliveries: int = 0
+    # Raises to end a wait on the call early (its caller gave up on the job); an executor that waits
+    # in steps asks it at each (Serve's), the others wait the call out.
+    check: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def value(self) -> Any:
@@ -122,7 +126,8 @@ class Executor(ABC):
       from the driver's thread, while it waits.
     - `wait(*calls)` returns when every call has finished; a failure raises StageFailed at once,
       blamed on the first of `calls` (in the order given) that failed, and the stage is made
-      ready for the next job where the executor can mend it.
+      ready for the next job where the executor can mend it. An executor that waits in steps
+      ends the wait early when a call's `check` raises.
     - `get(call)` is the stage's result (the first process's: a denoiser group's ranks agree),
       `gather(call)` every process's (each decoder's tiles), `reports(call)` every process's
       figures (start, end, output bytes, the stage's own); each waits for the call first.

@@ -260,7 +260,7 @@ class JobStore:
                 (*args, video_id, worker),
             )
             if cursor.rowcount == 0:
-                db.execute("DELETE FROM videos WHERE id = ? AND worker = ? AND deleted = 1", (video_id, worker))
+                _drop_if_deleted(db, video_id)
         return cursor.rowcount == 1
 
     def finish(self, video_id: str, worker: str, result: dict[str, Any]) -> bool:
@@ -273,7 +273,7 @@ class JobStore:
                 "AND deleted = 0",
                 (time.time(), json.dumps(result), video_id, worker),
             )
-            db.execute("DELETE FROM videos WHERE id = ? AND deleted = 1", (video_id,))
+            _drop_if_deleted(db, video_id)
         return cursor.rowcount == 1
 
     def fail(self, video_id: str, worker: str, code: str, message: str) -> None:
@@ -283,7 +283,7 @@ class JobStore:
                 "worker = NULL, lease_until = NULL WHERE id = ? AND worker = ? AND status = 'in_progress'",
                 (time.time(), code, message, video_id, worker),
             )
-            db.execute("DELETE FROM videos WHERE id = ? AND deleted = 1", (video_id,))
+            _drop_if_deleted(db, video_id)
 
     def running(self) -> list[tuple[str, str]]:
         """(video id, worker) of every job in progress."""
@@ -298,7 +298,7 @@ class JobStore:
                 "lease_until = NULL WHERE id = ? AND worker = ? AND status = 'in_progress' AND deleted = 0",
                 (video_id, worker),
             )
-            db.execute("DELETE FROM videos WHERE id = ? AND worker = ? AND deleted = 1", (video_id, worker))
+            _drop_if_deleted(db, video_id)
         return cursor.rowcount == 1
 
     def retry(self, video_id: str, worker: str, why: str) -> None:
@@ -311,7 +311,12 @@ class JobStore:
             ).fetchone()
             if row is not None:
                 self._release(db, video_id, row[0], why)
-            db.execute("DELETE FROM videos WHERE id = ? AND deleted = 1", (video_id,))
+            _drop_if_deleted(db, video_id)
+
+
+def _drop_if_deleted(db: sqlite3.Connection, video_id: str) -> None:
+    """A job deleted while it ran goes once its runner has finished with it, or given it up."""
+    db.execute("DELETE FROM videos WHERE id = ? AND deleted = 1", (video_id,))
 
 
 def _record(row: tuple) -> VideoRecord:

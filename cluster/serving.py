@@ -18,7 +18,6 @@ import importlib
 import logging
 import os
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -276,13 +275,15 @@ class _Finished:
     def result(self, timeout_s: float | None = None) -> Delivered:
         return self.delivered
 
+    def cancel(self) -> None:
+        """Nothing to cancel: it is made."""
+
 
 @dataclass
 class ServeCall(StageCall):
     progress: StepCallback | None = None
     progress_id: str | None = None
     seen: tuple[int, int] | None = field(default=None, repr=False)
-    check: Callable[[], None] | None = None  # raises to stop waiting (the caller gave up on the job)
 
 
 class ServeExecutor(Executor):
@@ -324,7 +325,8 @@ class ServeExecutor(Executor):
         args = call_arguments(args, 1)
         progress_id = uuid.uuid4().hex if progress is not None else None
         kwargs = {"progress_id": progress_id} if progress_id else {}
-        return ServeCall(stage, [handle.call.remote(method, *args, **kwargs)], [], 0, progress, progress_id)
+        call = handle.call.remote(method, *args, **kwargs)
+        return ServeCall(stage, [call], [], progress=progress, progress_id=progress_id)
 
     def wait(self, *calls: ServeCall) -> None:
         """Block until every call has finished, relaying denoising progress meanwhile. A failure
@@ -354,8 +356,7 @@ class ServeExecutor(Executor):
         async replica method (the denoiser group's); a stage method already running finishes."""
         for call in calls:
             for response in call.values:
-                if hasattr(response, "cancel"):  # not one made in this process (_Finished)
-                    response.cancel()
+                response.cancel()
 
     def _relay(self, calls: tuple[ServeCall, ...]) -> None:
         for call in calls:

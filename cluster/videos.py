@@ -35,7 +35,7 @@ from PIL import Image
 from cluster.driver import Job, JobFailed, prepare_variants, run_stream
 from cluster.executor import Executor, Method, Stage, StageCall
 from cluster.jobs import JobStore, VideoRecord, is_video_id, new_video_id
-from cluster.serving import ServeCall, Served
+from cluster.serving import Served
 from cluster.settings import resolve_settings
 from cluster.tracking import log_generation
 from stages.errors import InvalidRequest
@@ -518,8 +518,7 @@ class Attempt:
         limit); raises _Abandoned if the job is no longer this attempt's. The lease outlasts the
         stall limit by half: the watchdog in this process acts first; the lease is for when the
         process is gone."""
-        if self.abandoned:
-            raise _Abandoned
+        self.check()
         now = self._last = time.monotonic()
         self.progress = self.progress if progress is None else progress
         if (self.progress != self._written and now - self._renewed >= 0.25) or now - self._renewed > self.limit_s / 4:
@@ -547,8 +546,7 @@ class _AttemptExecutor(Executor):
     def call(self, stage: Stage, method: Method, *args: Any, progress: Any = None) -> StageCall:
         self.attempt.advance()
         call = self.inner.call(stage, method, *args, progress=progress)
-        if isinstance(call, ServeCall):  # waited for in short polls: it can stop early
-            call.check = self.attempt.check
+        call.check = self.attempt.check
         self.attempt.advance()
         return call
 

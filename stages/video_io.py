@@ -258,19 +258,20 @@ def _open(
     )  # fmt: skip
     try:
         ffmpeg.header.wait()  # set once ffmpeg has said what it will write, or has ended (or was killed)
-        if (stream := _output_stream(ffmpeg.log)) is None:
+        source, written = _video_streams(ffmpeg.log)
+        if (size := _output_size(written)) is None:
             if ffmpeg.process.poll() is not None:
                 ffmpeg.finish()  # raises FfmpegTimeout if that is why it ended
             raise InvalidRequest(f"{path}: not a video ffmpeg can read ({ffmpeg.reason()})")
     except BaseException:
         ffmpeg.stop()
         raise
-    fps, (width, height) = _input_fps(ffmpeg.log), stream
-    size = width * height * channels
+    width, height = size
+    frame_bytes = width * height * channels
 
     def frames() -> Iterator[np.ndarray]:
         try:
-            while len(raw := ffmpeg.process.stdout.read(size)) == size:
+            while len(raw := ffmpeg.process.stdout.read(frame_bytes)) == frame_bytes:
                 ffmpeg.touch()
                 yield np.frombuffer(raw, np.uint8).reshape(height, width, channels)
             if ffmpeg.finish() != 0:
@@ -278,22 +279,28 @@ def _open(
         finally:
             ffmpeg.stop()
 
-    return fps, frames()
+    return _fps(source), frames()
 
 
-def _output_stream(log: list[str]) -> tuple[int, int] | None:
-    """(width, height) of the raw frames ffmpeg said it will write (after any filter)."""
-    lines = log[next((i for i, line in enumerate(log) if line.startswith("Output #0")), len(log)) :]
-    stream = next((line for line in lines if "Stream #0:" in line and " Video: " in line), None)
-    found = re.search(r" ([0-9]+)x([0-9]+)[, ]", stream or "")
+def _video_streams(log: list[str]) -> tuple[str, str]:
+    """ffmpeg's lines on the input's video stream and on the raw frames it writes ("" if none)."""
+    split = next((i for i, line in enumerate(log) if line.startswith("Output #0")), len(log))
+
+    def stream(lines: list[str]) -> str:
+        return next((line for line in lines if "Stream #0:" in line and " Video: " in line), "")
+
+    return stream(log[:split]), stream(log[split:])
+
+
+def _output_size(line: str) -> tuple[int, int] | None:
+    """(width, height) a stream line gives (on the output's line: after any filter)."""
+    found = re.search(r" ([0-9]+)x([0-9]+)[, ]", line)
     return (int(found[1]), int(found[2])) if found else None
 
 
-def _input_fps(log: list[str]) -> float:
-    """The frame rate of the input's video stream as ffmpeg reports it (0.0 when it gives none)."""
-    inputs = log[: next((i for i, line in enumerate(log) if line.startswith("Output #0")), len(log))]
-    stream = next((line for line in inputs if "Stream #0:" in line and " Video: " in line), "")
-    found = re.search(r" ([0-9.]+)(k?) fps", stream) or re.search(r" ([0-9.]+)(k?) tbr", stream)
+def _fps(line: str) -> float:
+    """The frame rate a stream line gives (0.0 when it gives none)."""
+    found = re.search(r" ([0-9.]+)(k?) fps", line) or re.search(r" ([0-9.]+)(k?) tbr", line)
     return float(found[1]) * (1000 if found[2] else 1) if found else 0.0
 
 

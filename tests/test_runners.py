@@ -142,3 +142,12 @@ def test_the_serving_path_never_forks_without_exec(tmp_path, mlflow_uri, tiny_sp
     assert len(started) >= 3, started  # ffmpeg: write, measure, thumbnail
     assert [command for command, preexec in started if preexec is not None] == []
     assert forked == []
+
+
+def test_the_stall_limit_grows_with_the_steps_beyond_50(tmp_path, mlflow_uri):
+    service = _service(tmp_path, mlflow_uri, None, stall_timeout_s=100)
+    limits = {}
+    for steps in (5, 50, 200):
+        video = service.create({"prompt": "a fox in the snow", "steps": steps})
+        limits[steps] = service.stall_limit_s(service.store.get(video["id"]))
+    assert limits == {5: 100, 50: 100, 200: 400}

@@ -5,8 +5,10 @@ bounded queue, durability when replicas die, and a schemathesis run against its 
 One application serves the whole module (starting Serve takes a while on 2 cores)."""
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
+import ipaddress
 import os
 import time
 
@@ -229,8 +231,6 @@ def test_a_failed_request_says_what_was_wrong(server):
     assert requests.get(f"{base}/v1/videos", params={"after": "video_x"}, headers=AUTH).status_code == 400
 
     # The same request at the command line: the same message, exit 2.
-    import contextlib
-
     from cluster.cli import main
 
     stderr = io.StringIO()
@@ -463,11 +463,12 @@ def test_framecast_serve_refuses_bad_flags_before_starting(flags, message, capsy
 
 @pytest.mark.own_ray
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_framecast_serve_starts_quietly_answers_and_stops_cleanly(stop, tmp_path):
+def test_framecast_serve_starts_quietly_answers_and_stops_cleanly(stop, tmp_path, tiny_weights):
     """The command as a user runs it, in a session of its own: its own Ray, the API on the port
     asked, nothing printed but its own lines. Ctrl-C (SIGINT), or SIGTERM as systemd and Kubernetes
     send, with a video in progress: within 10 s it exits 0 saying so, the video is back in the
-    queue (its attempt not counted), and no process of it (Ray's included) is left."""
+    queue (its attempt not counted), and no process of it (Ray's included) is left. (Its weights are
+    there already: a model's first start builds or loads them, and says so.)"""
     import signal
     import sqlite3
     import subprocess
@@ -491,7 +492,7 @@ def test_framecast_serve_starts_quietly_answers_and_stops_cleanly(stop, tmp_path
         assert all(line.startswith("framecast: ") for line in said), "".join(said)  # Ray's chatter: to its logs
         assert "API key from $" + KEY_ENV in said[-1] and str(tmp_path / "jobs.sqlite3") in said[-1]
         base = f"http://127.0.0.1:{port}"
-        exposed = [address for address in _listening(process.pid) if not address.startswith("127.0.0.1:")]
+        exposed = [f"{ip}:{port}" for ip, port in _listening(process.pid) if not _loopback(ip)]
         assert exposed == [], f"the embedded Ray listens beyond this machine: {exposed}"
         assert requests.get(f"{base}/v1/models", headers=AUTH, timeout=30).status_code == 200
         assert requests.get(f"{base}/v1/models", timeout=30).status_code == 401
@@ -515,50 +516,50 @@ def test_framecast_serve_starts_quietly_answers_and_stops_cleanly(stop, tmp_path
     ], rest  # fmt: skip
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
         assert db.execute("SELECT id, status, attempts FROM videos").fetchall() == [(video["id"], "queued", 0)]
-    while left := subprocess.run(["ps", "-o", "pid,args", "--no-headers", "-s", str(process.pid)],
-                                 capture_output=True, text=True).stdout:  # fmt: skip
+    while left := _session(process.pid):  # the session's id is the command's pid
         assert time.monotonic() - stopping < 10, f"left behind: {left}"
         time.sleep(0.2)
 
 
+def _session(session: int) -> list:
+    """The live processes (psutil) of `session`."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session:
+                found.append(process)
+        except (OSError, psutil.Error):  # it ended meanwhile
+            continue
+    return found
+
+
 def _process_titled(title: str, session: int) -> int:
     """The pid of the process of `session` whose command line (a Ray worker's title) holds `title`."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getsid(int(pid)) == session and title in open(f"/proc/{pid}/cmdline").read():
-                return int(pid)
-        except OSError:  # it ended meanwhile
-            continue
+    import psutil
+
+    for process in _session(session):
+        with contextlib.suppress(psutil.Error):
+            if title in " ".join(process.cmdline()):
+                return process.pid
     raise AssertionError(f"no process {title!r} in session {session}")
 
 
-def _listening(session: int) -> list[str]:
-    """The addresses (IPv4 "a.b.c.d:port", IPv6 "[hex]:port") that processes of `session` listen
-    on, from /proc: the kernel's socket tables and each process's open descriptors."""
-    import socket
-    import struct
+def _loopback(ip: str) -> bool:
+    """127.0.0.1, ::1, and 127.0.0.1 as IPv6 writes it (::ffff:127.0.0.1, which Python 3.11 does not count)."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
-    sockets = {}
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        for line in open(table).read().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A":  # LISTEN
-                continue
-            host, port = fields[1].split(":")
-            raw = bytes.fromhex(host)
-            raw = b"".join(struct.pack("<I", word) for word in struct.unpack(f">{len(raw) // 4}I", raw))
-            text = socket.inet_ntop(family, raw)
-            text = text.removeprefix("::ffff:") if family == socket.AF_INET6 and text.startswith("::ffff:") else text
-            sockets[fields[9]] = f"{text}:{int(port, 16)}" if "." in text else f"[{text}]:{int(port, 16)}"
+
+def _listening(session: int) -> list[tuple[str, int]]:
+    """The addresses (ip, port) that processes of `session` listen on."""
+    import psutil
+
     found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getsid(int(pid)) != session:
-                continue
-            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:  # it ended meanwhile
-            continue
-        found += [sockets[link[8:-1]] for link in links if link.startswith("socket:[") and link[8:-1] in sockets]
+    for process in _session(session):
+        with contextlib.suppress(psutil.Error):
+            found += [tuple(c.laddr) for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
     return found
 
 

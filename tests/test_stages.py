@@ -94,6 +94,23 @@ def test_mp4_is_h264_yuv420p_at_requested_fps(tmp_path):
     assert not list(tmp_path.glob("sub/.*partial*"))
 
 
+def test_mp4_is_the_file_imageio_ffmpegs_writer_made(tmp_path):
+    """framecast pipes frames to ffmpeg itself (never with a preexec_fn), with the settings it
+    used to give imageio-ffmpeg's writer: the file is the same, byte for byte."""
+    import imageio.v2 as imageio
+
+    frames = np.random.default_rng(0).integers(0, 256, size=(9, 64, 96, 3), dtype=np.uint8)
+    ours = write_mp4(frames, tmp_path / "ours.mp4", fps=8)
+    writer = imageio.get_writer(
+        tmp_path / "imageio.mp4", format="FFMPEG", fps=8, codec="libx264", pixelformat="yuv420p", quality=None,
+        output_params=["-crf", "18", "-movflags", "+faststart"], macro_block_size=2, ffmpeg_log_level="error",
+    )  # fmt: skip
+    for frame in frames:
+        writer.append_data(frame)
+    writer.close()
+    assert ours.read_bytes() == (tmp_path / "imageio.mp4").read_bytes()
+
+
 def test_mp4_keeps_smooth_content(tmp_path):
     """A smooth gradient survives H.264 at our CRF almost unchanged."""
     x = np.linspace(0, 255, 96)[None, None, :, None]
