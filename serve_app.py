@@ -149,7 +149,8 @@ async def _bad_request(_request: Request, exc: InvalidRequest) -> JSONResponse:
 
 @api.exception_handler(NotFound)
 async def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
-    return error(404, f"no video {exc.args[0]!r}", "invalid_request_error", "video_not_found")
+    message = exc.args[1] if len(exc.args) > 1 else f"no video {exc.args[0]!r}"
+    return error(404, message, "invalid_request_error", "video_not_found")
 
 
 @api.exception_handler(NotReady)
@@ -357,9 +358,13 @@ class VideosAPI:
         return await run_in_threadpool(self.service.retrieve, video_id)
 
     @api.get("/v1/videos/{video_id}/content", responses={**_ERRORS, 200: {"content": {
-        "video/mp4": {}, "image/png": {}}}})  # fmt: skip
-    async def video_content(self, video_id: str, variant: Literal["video", "thumbnail", "spritesheet"] = "video"):
-        """The MP4; `variant=thumbnail`: a PNG of the middle frame; `spritesheet`: the contact sheet."""
+        "video/mp4": {}, "video/webm": {}, "image/png": {}}}})  # fmt: skip
+    async def video_content(
+        self, video_id: str, variant: Literal["video", "interpolated", "thumbnail", "spritesheet"] = "video"
+    ):
+        """The video (MP4, or WebM with codec webm); `variant=interpolated`: its motion-interpolated
+        copy (made with interpolate_fps); `thumbnail`: a PNG of the middle frame; `spritesheet`:
+        the contact sheet."""
         file, media_type, name = await run_in_threadpool(self.service.content, video_id, variant)
         headers = {"Content-Disposition": f'attachment; filename="{name}"'}
         return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)

@@ -25,13 +25,15 @@ STOP_DRAIN_S = 5.0  # how long `framecast serve` waits for its runners to give t
 
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="each prompt (and --image) -> one MP4, recorded in MLflow")
+    p = sub.add_parser("generate", help="each prompt (and --image) -> one video, recorded in MLflow")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model from configs/models (default: {DEFAULT_MODEL})")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt; repeat it for several videos")
     prompts.add_argument("--prompts", type=Path, help="a text file with one prompt per line (blank lines skipped)")
     _settings_options(p)
-    p.add_argument("--output", type=Path, default=None, help="MP4 path of a single prompt's video")
+    p.add_argument(
+        "--output", type=Path, default=None, help="path of a single prompt's video (the codec's type: .mp4 for h264)"
+    )
     p.add_argument(
         "--output-dir", type=Path, default=Path("outputs"), help="where videos go without --output (default: outputs)"
     )
@@ -321,10 +323,6 @@ def _generate(args: argparse.Namespace, out=None) -> int:
         prompts = [settings.prompt(prompt) for prompt in _read_prompts(args)]
         if args.output is not None and len(prompts) > 1:
             raise InvalidRequest(f"--output names one video but there are {len(prompts)} prompts; use --output-dir")
-        suffix = spec.output_suffix
-        if args.output is not None and args.output.suffix.lower() != suffix:
-            made = "a PNG picture" if suffix == ".png" else "an MP4 video"
-            raise InvalidRequest(f"{args.model} makes {made}: --output must end in {suffix} (got {args.output})")
         jobs = prepare_jobs(
             args.model,
             prompts,
@@ -334,6 +332,7 @@ def _generate(args: argparse.Namespace, out=None) -> int:
             **settings.request_kwargs(),
             **_placement(args),
         )
+        _check_output_suffix(args.output, jobs[0])
     except InvalidRequest as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -351,6 +350,9 @@ def _generate(args: argparse.Namespace, out=None) -> int:
                 if len(jobs) > 1:  # now, above the progress bar; all failures are listed again at the end
                     tqdm.write(f"job {result.index} failed: {_first_line(result.error)}", file=sys.stderr)
             else:
+                for key, line in result.warnings.items():  # what writing found, e.g. a GIF's lost colours
+                    if key not in jobs[result.index].warnings:
+                        tqdm.write(f"framecast: warning: {line}", file=sys.stderr)
                 if result.clarity_error:
                     tqdm.write(
                         f"framecast: error: clarity failed, video kept at {result.video}: {result.clarity_error}",
@@ -375,6 +377,15 @@ def _generate(args: argparse.Namespace, out=None) -> int:
     return EXIT_INCOMPLETE if incomplete else 0
 
 
+def _check_output_suffix(output: Path | None, job) -> None:
+    """--output must name the file type the job writes (its codec's)."""
+    if output is None or output.suffix.lower() == job.suffix:
+        return
+    codec = job.request.codec
+    made = f"{job.spec.name} makes a PNG picture" if codec == "png" else f"codec {codec} writes {job.suffix} files"
+    raise InvalidRequest(f"{made}: --output must end in {job.suffix} (got {output})")
+
+
 def _track(result, job, jobs: int, args: argparse.Namespace, tracking_uri: str, recorded: dict[str, str]) -> None:
     """Record a written video's run in MLflow. A failure is kept on the result and said at once:
     the video is already written."""
@@ -397,6 +408,8 @@ def _print_result(result, args: argparse.Namespace, tracking_uri: str, out) -> N
         print(json.dumps(result.as_json()), file=out, flush=True)
     elif isinstance(result, GenerationResult):  # failures are listed on stderr at the end
         print(f"{'picture' if result.video.suffix == '.png' else 'video'}: {result.video}")
+        if result.interpolated:
+            print(f"interpolated: {result.interpolated}")
         print(f"contact sheet: {result.contact_sheet}")
         if result.clarity_csv:
             print(f"clarity per frame: {result.clarity_csv}")

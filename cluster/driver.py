@@ -1,6 +1,6 @@
 """The driver: generations, top to bottom.
 
-    request -> encode -> denoise -> decode -> write MP4 -> measure clarity -> (caller) track
+    request -> encode -> denoise -> decode -> write (and interpolate) -> measure clarity -> (caller) track
 
 Validation happens first, for every job, before any model is loaded. Then the jobs run as a
 stream: with Ray each stage works on a different job at the same time (`run_stream`). The driver
@@ -26,7 +26,7 @@ from PIL import Image
 
 from cluster.executor import Executor, LocalExecutor, Method, RayExecutor, Stage, StageCall, StageFailed
 from cluster.runtime import ClusterLayout, load_cluster_layout
-from stages.clarity import ClarityReport
+from stages.clarity import ClarityReport, json_figure
 from stages.context_parallel import ParallelLayout
 from stages.decoder import TilePlan, assemble_frames, plan_decode, to_uint8
 from stages.denoiser import plan_layout
@@ -34,7 +34,7 @@ from stages.encoder import check_prompts, count_tokens, load_tokenizer
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec
 from stages.request import GenerationRequest, build_request, check_image, pitfalls
-from stages.video_io import contact_sheet, image_digest, load_image, write_mp4, write_png
+from stages.video_io import CODECS, contact_sheet, gif_note, image_digest, interpolate, load_image, write_video
 from stages.weights import resolve_weights
 
 # (job index, steps done, total steps) of the job being denoised
@@ -72,6 +72,11 @@ class Job:
         }
         return yaml.safe_dump(resolved, sort_keys=False)
 
+    @property
+    def suffix(self) -> str:
+        """The file type its codec writes: .mp4, .mkv, ..., .png for a picture."""
+        return CODECS[self.request.codec].suffix
+
     def decode_params(self) -> dict[str, str]:
         tiling = self.tiles.as_params() if self.tiles is not None else {"tiling": "off"}
         return {"decoders": str(self.decoders), **tiling}
@@ -92,9 +97,10 @@ class GenerationResult:
     run_id: str | None = None
     tracking_error: str | None = None
     input_image: Path | None = None  # image-to-video: the image it was made from (as read), beside the video
+    interpolated: Path | None = None  # the motion-interpolated copy (<name>.interp.<ext>), if asked for
 
     def artifacts(self) -> list[Path]:
-        extra = [path for path in (self.clarity_csv, self.input_image) if path is not None]
+        extra = [path for path in (self.interpolated, self.clarity_csv, self.input_image) if path is not None]
         return [self.video, self.contact_sheet, *extra]
 
     def as_json(self) -> dict:
@@ -102,6 +108,7 @@ class GenerationResult:
             "job": self.index,
             "prompt": self.params["prompt"],
             "video": str(self.video),
+            "interpolated": str(self.interpolated) if self.interpolated else None,
             "contact_sheet": str(self.contact_sheet),
             "clarity_csv": str(self.clarity_csv) if self.clarity_csv else None,
             "input_image": str(self.input_image) if self.input_image else None,
@@ -110,7 +117,7 @@ class GenerationResult:
             "run_id": self.run_id,
             "tracking_error": self.tracking_error,
             "params": self.params,
-            "metrics": self.metrics,
+            "metrics": {k: json_figure(v) for k, v in self.metrics.items()},
             "stages": self.stages,
             "frames_sha256": self.frames_sha256,
         }
@@ -222,10 +229,16 @@ def make_executor(job: Job, local: bool, replicas: int = 1, encoder: bool = True
 
 
 def default_output(job: Job, index: int | None = None, directory: Path = Path("outputs")) -> Path:
-    """<directory>/<model>-<time>[-<job index>]-seed<seed>.mp4 (.png for a text-to-image model)"""
+    """<directory>/<model>-<time>[-<job index>]-seed<seed>.mp4 (the codec's type: .png for a
+    text-to-image model's picture)"""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     number = "" if index is None else f"-{index}"
-    return directory / f"{job.spec.name}-{stamp}{number}-seed{job.request.seed}{job.spec.output_suffix}"
+    return directory / f"{job.spec.name}-{stamp}{number}-seed{job.request.seed}{job.suffix}"
+
+
+def interpolated_path(video: Path) -> Path:
+    """Where a video's motion-interpolated copy goes: <name>.interp.<ext>, beside it."""
+    return video.with_suffix(f".interp{video.suffix}")
 
 
 # Jobs in flight when pipelined: one per stage. The encoder works on job k+1 while the denoiser
@@ -248,6 +261,10 @@ class _InFlight:
     video: Path | None = None
     written_at: float = 0.0
     video_bytes: int = 0
+    interpolated: np.ndarray | None = None  # the interpolated frames, until measured
+    interpolated_video: Path | None = None
+    interpolated_s: float = 0.0  # interpolating and writing the copy
+    write_warnings: dict[str, str] = field(default_factory=dict)  # what writing cost, e.g. a lossy GIF
     measured: StageCall | None = None
     clarity_error: str | None = None
 
@@ -393,12 +410,18 @@ def _collect(executor: Executor, flight: _InFlight) -> np.ndarray | None:
 
 def _write(executor: Executor, flight: _InFlight) -> None:
     """Write the video, or a text-to-image model's picture (first: nothing after it may lose it),
-    and send it to the clarity panel."""
-    if flight.job.spec.makes_images:
-        flight.video = write_png(flight.frames, flight.output)
-    else:
-        flight.video = write_mp4(flight.frames, flight.output, fps=flight.job.request.fps)
+    then its interpolated copy if asked for, and send them to the clarity panel."""
+    r = flight.job.request
+    flight.video = write_video(flight.frames, flight.output, fps=r.fps, codec=r.codec, crf=r.crf)
     flight.written_at = time.time()
+    if r.codec == "gif" and (note := gif_note(flight.frames)):
+        flight.write_warnings["lossy_gif"] = note
+    if r.interpolate_fps:
+        flight.interpolated = interpolate(flight.frames, r.fps, r.interpolate_fps)
+        flight.interpolated_video = write_video(
+            flight.interpolated, interpolated_path(flight.video), fps=r.interpolate_fps, codec=r.codec, crf=r.crf
+        )
+        flight.interpolated_s = time.time() - flight.written_at
     _send_to_panel(executor, flight)
 
 
@@ -406,9 +429,9 @@ def _send_to_panel(executor: Executor, flight: _InFlight) -> None:
     media = flight.video.read_bytes()
     flight.video_bytes = len(media)
     try:
-        job = flight.job
-        call = executor.call(Stage.MEASURE, Method.MEASURE, media, None, flight.video.suffix, job.request.prompt,
-                             job.spec.adherence)  # fmt: skip
+        r, spec = flight.job.request, flight.job.spec
+        call = executor.call(Stage.MEASURE, Method.MEASURE, flight.frames, r.fps, media, flight.video.suffix, r.prompt,
+                             spec.adherence, flight.interpolated, r.interpolate_fps)  # fmt: skip
         flight.measured, flight.clarity_error = call, None
     except StageFailed as e:  # in-process: the panel has already failed
         flight.clarity_error = str(e)
@@ -459,6 +482,8 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         spans["measure"] = [report["start"], report["end"]]
     seconds = {f"{stage}_s": end - begin for stage, (begin, end) in spans.items()}  # encode_s, ..., measure_s
     seconds["gather_s"] = flight.gathered[1] - flight.gathered[0]
+    if flight.interpolated_video is not None:
+        seconds["interpolate_s"] = flight.interpolated_s
     ranks, decoders = reports["denoise"], reports["decode"]
     moved = {
         what: call.deliveries * sum(x["output_bytes"] for x in reports[stage]) if executor.crosses_processes else 0
@@ -468,7 +493,9 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
             ("tiles" if job.decoders > 1 else "frames", "decode", flight.decoded),
         )
     }
-    moved["video"] = flight.video_bytes if executor.crosses_processes and clarity is not None else 0  # to the panel
+    to_panel = executor.crosses_processes and clarity is not None
+    moved["video"] = flight.video_bytes if to_panel else 0  # to the panel, with the frames
+    moved["panel_frames"] = sum(a.nbytes for a in (frames, flight.interpolated) if a is not None) if to_panel else 0
     metrics = {
         **seconds,
         "total_s": flight.written_at - flight.submitted,  # until the video is written
@@ -496,8 +523,9 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         **({"image_sha256": job.image_sha256} if job.image is not None else {}),
     }
     digest = hashlib.sha256(np.ascontiguousarray(frames)).hexdigest()
-    flight.frames = None  # the stream holds no finished job's frames
+    flight.frames = flight.interpolated = None  # the stream holds no finished job's frames
     return GenerationResult(
         video, sheet, params, metrics, spans, digest, flight.index, clarity_csv=series,
-        clarity_error=flight.clarity_error, warnings=dict(job.warnings), input_image=input_image,
+        clarity_error=flight.clarity_error, warnings={**job.warnings, **flight.write_warnings},
+        input_image=input_image, interpolated=flight.interpolated_video,
     )  # fmt: skip

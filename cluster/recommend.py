@@ -25,7 +25,8 @@ from stages.models import ModelSpec
 # The settings runs are grouped by: the request fields of every setting, as run params.
 SETTING_PARAMS = tuple(REQUEST_FIELDS.values())
 # What a run from before a setting existed had: its default.
-PARAM_DEFAULTS = {"dynamic_guidance": "False"}
+# (Before codecs, every video was H.264 at CRF 18, with no interpolated copy.)
+PARAM_DEFAULTS = {"dynamic_guidance": "False", "codec": "h264", "crf": "18", "interpolate_fps": "0"}
 
 # Word lists behind the heuristics (lower-case word stems; a prompt word matches a stem it starts with).
 MOTION_WORDS = ("run", "danc", "jump", "fly", "flie", "race", "racing", "chas", "spin", "explod", "crash", "fight",
@@ -107,7 +108,10 @@ def metric_direction(metric: str) -> int:
     if metric in TIMING_METRICS:
         return -1
     allowed = [f"clarity/{k}" for k in CLEARER] + [f"adherence/{k}" for k in ADHERENCE] + list(TIMING_METRICS)
-    raise InvalidRequest(f"--metric {metric} does not rank settings; choose one of {', '.join(allowed)}")
+    raise InvalidRequest(
+        f"--metric {metric} does not rank settings; choose one of {', '.join(allowed)}, or a clarity key "
+        f"as encoded/clarity/<key> (the saved file) or interp/clarity/<key> (the interpolated copy)"
+    )
 
 
 def measured(

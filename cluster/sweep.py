@@ -39,6 +39,7 @@ from cluster.tracking import WARNING_TAG, child_runs, log_generation, open_paren
 from stages.errors import InvalidRequest
 from stages.models import load_spec
 from stages.settings import AXES as SETTING_AXES
+from stages.video_io import CODECS
 
 # Grid axes: every setting a sweep may vary (stages.settings.AXES), read as its type. A sweep holds the seed fixed.
 AXES: dict[str, type] = {name: setting.kind for name, setting in SETTING_AXES.items()}
@@ -309,8 +310,10 @@ def _local_video(client: MlflowClient, run, directory: Path) -> Path | None:
     written = run.data.tags.get(VIDEO_TAG)
     if written and Path(written).is_file():
         return Path(written)
-    results = [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith((".mp4", ".png"))]
-    results = [p for p in results if not p.endswith((".sheet.png", ".input.png"))]  # the result, not pictures of it
+    suffixes = tuple({codec.suffix for codec in CODECS.values()})
+    results = [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(suffixes)]
+    # the result: not pictures of it, nor its interpolated copy
+    results = [p for p in results if not p.endswith((".sheet.png", ".input.png")) and ".interp." not in p]
     if not results:
         return None
     return Path(client.download_artifacts(run.info.run_id, results[0], str(directory)))
@@ -367,7 +370,7 @@ class Replicas:
 
             try:
                 jobs = [plan.jobs[i] for i in share]
-                outputs = [directory / f"{plan.cells[i].file_stem}{plan.jobs[i].spec.output_suffix}" for i in share]
+                outputs = [directory / f"{plan.cells[i].file_stem}{plan.jobs[i].suffix}" for i in share]
                 for result in run_stream(jobs, executor, outputs, on_step, pipelined, encodings):
                     results.put((share[result.index], result, replica))
                     if stop.is_set():

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from cluster.tracking import TIMING_METRICS
-from stages.clarity import ADHERENCE, METRICS, metric_sign
+from stages.clarity import ADHERENCE, METRICS, REFERENCED, metric_sign
 from stages.video_io import read_frame
 
 # Frames on the side-by-side sheet are scaled to this width (pixels): small ones up, so that their
@@ -71,10 +71,17 @@ class CellOutcome:
 
 
 def panel_keys(outcomes: list[CellOutcome]) -> list[str]:
-    """The panel's metrics any cell has, in the panel's order: `clarity/<key>`, then
-    `adherence/<key>` (models whose videos are checked against their prompts)."""
+    """The panel's metrics any cell has, in the panel's order: `clarity/<key>` (the frames as
+    made), what the codec cost (`encoded/psnr_y`, `encoded/ssim_y`), the interpolated copy's
+    `interp/clarity/<key>`, then `adherence/<key>` (models whose videos are checked against their
+    prompts). The file's own figures (`encoded/clarity/...`) stay in MLflow."""
     present = {key for o in outcomes for key in o.metrics}
-    ordered = [f"clarity/{key}" for key in METRICS] + [f"adherence/{key}" for key in ADHERENCE]
+    ordered = [
+        *(f"clarity/{key}" for key in METRICS),
+        *(f"encoded/{key}" for key in REFERENCED),
+        *(f"interp/clarity/{key}" for key in METRICS),
+        *(f"adherence/{key}" for key in ADHERENCE),
+    ]
     return [key for key in ordered if key in present]
 
 

@@ -38,11 +38,12 @@ from cluster.jobs import JobStore, VideoRecord, is_video_id, new_video_id
 from cluster.serving import Served
 from cluster.settings import resolve_settings
 from cluster.tracking import log_generation
+from stages.clarity import json_figure
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec
 from stages.request import frames_nearest
 from stages.settings import SETTINGS
-from stages.video_io import read_frame
+from stages.video_io import CODECS, read_frame
 
 log = logging.getLogger("framecast.serve")
 
@@ -57,9 +58,9 @@ CREATE_FIELDS: dict[str, type] = {
     **{field: setting.kind for field, setting in API_SETTINGS.items()},
     "preset": str,
 }
-# variant -> (file suffix after <id>.a<attempt>., media type)
-VARIANTS = {"video": ("mp4", "video/mp4"), "thumbnail": ("thumbnail.png", "image/png"),
-            "spritesheet": ("sheet.png", "image/png")}  # fmt: skip
+# The codecs a client may ask for (stages.video_io.CODECS): those browsers play. The lossless and
+# editing codecs make files too large to serve, or that browsers cannot show; the CLI writes them.
+API_CODECS = ("h264", "webm")
 DENOISING_SHARE = 95  # progress while denoising runs 0..95; writing and measuring the rest
 CLAIM_POLL_S = 0.2  # how often an idle runner looks for a queued job
 WATCH_PERIOD_S = 0.5  # how often the watchdog looks at the running jobs
@@ -70,7 +71,7 @@ MAX_NUMBER = 1e6  # no setting is near this; beyond it a number is a mistake (or
 
 
 class NotFound(Exception):
-    """No such video (args[0]: the id asked for)."""
+    """No such video (args[0]: the id asked for), or (args[1], if given) no such file of it."""
 
 
 class NotReady(Exception):
@@ -138,6 +139,12 @@ def prepare_video(
         settings = resolve_settings(spec, explicit, fields.get("preset"))
         notes.append(note)
     settings.require_single()
+    codec = settings.values.get("codec")
+    if codec is not None and codec not in API_CODECS:
+        raise InvalidRequest(
+            f"codec must be one of {', '.join(API_CODECS)} over the API (got {codec!r}); "
+            f"`framecast generate --codec` also writes the others"
+        )
     request = {s.field: fields.get(field) for field, s in API_SETTINGS.items() if not s.axis}
     request["seed"] = request["seed"] or 0
     if image is not None:  # the upload, by the field's name: the request records no server path
@@ -180,8 +187,7 @@ def video_object(record: VideoRecord) -> dict[str, Any]:
         "mlflow_run_id": result.get("run_id"),
         "frames_sha256": result.get("frames_sha256"),  # of the frames as written: equal frames, equal digest
         "timings": result.get("metrics"),
-        "clarity": result.get("clarity"),
-        "adherence": result.get("adherence"),  # prompt adherence, for models with a detector; else null
+        **{name: result.get(name) for name in CLARITY_GROUPS},  # null: not measured (or no such figures)
         "clarity_error": result.get("clarity_error"),
         "tracking_error": result.get("tracking_error"),
     }
@@ -265,10 +271,19 @@ class VideoService:
         record = self._record(video_id)
         if record.status != "completed":
             raise NotReady(f"video {video_id} is {record.status}; its content is there once it is completed")
-        suffix, media_type = VARIANTS[variant]
-        name = f"{record.result['files']}.{suffix}"  # the attempt that made it
+        settings = record.request["settings"]
+        if variant == "interpolated" and not settings["interpolate_fps"]:
+            raise NotFound(video_id, f"video {video_id} has no interpolated copy: it was made without interpolate_fps")
+        codec = CODECS[settings["codec"]]
+        suffix, media_type = {  # each attempt's files are <id>.a<attempt>-<mark><suffix>
+            "video": (codec.suffix, codec.media_type),
+            "interpolated": (f".interp{codec.suffix}", codec.media_type),
+            "thumbnail": (".thumbnail.png", "image/png"),
+            "spritesheet": (".sheet.png", "image/png"),
+        }[variant]
+        name = f"{record.result['files']}{suffix}"  # the attempt that made it
         try:
-            return (self.videos / name).open("rb"), media_type, f"{video_id}.{suffix}"
+            return (self.videos / name).open("rb"), media_type, f"{video_id}{suffix}"
         except FileNotFoundError:
             raise NotFound(video_id) from None
 
@@ -437,7 +452,7 @@ class VideoService:
         # Each attempt writes files of its own: a runner that lost its job to another never
         # touches what the other makes.
         stem = attempt.stem
-        output = self.videos / f"{stem}.mp4"
+        output = self.videos / f"{stem}{job.suffix}"
         (result,) = list(run_stream([job], _AttemptExecutor(self.executor, attempt), [output], on_step))
         if isinstance(result, JobFailed):
             if result.error.actor_lost:
@@ -449,14 +464,8 @@ class VideoService:
         Image.fromarray(read_frame(result.video, job.request.num_frames // 2)).save(thumbnail)
         attempt.advance()
         summary: dict[str, Any] = {
-            "clarity": {k.removeprefix("clarity/"): v for k, v in result.metrics.items() if k.startswith("clarity/")}
-            or None,
+            **{name: _group(result.metrics, prefix) for name, prefix in CLARITY_GROUPS.items()},
             "clarity_error": result.clarity_error,
-            # Only models whose videos are checked against their prompts (framecast-shapes) have it.
-            "adherence": {
-                k.removeprefix("adherence/"): v for k, v in result.metrics.items() if k.startswith("adherence/")
-            }
-            or None,
             "metrics": {k: v for k, v in result.metrics.items() if k.endswith("_s")},
             "frames_sha256": result.frames_sha256,
             "files": stem,
@@ -473,6 +482,20 @@ class VideoService:
         if not self.store.finish(record.id, worker, summary):  # deleted, or taken over by another runner
             deleted = self.store.get(record.id) is None
             self._remove_files(record.id if deleted else stem)  # deleted: its uploaded image too
+
+
+# The video object's panel figures -> their MLflow prefix. `clarity`: the frames as made;
+# `encoded`: the file as saved, with psnr_y and ssim_y against the frames (what the codec cost);
+# `interp_clarity`: the interpolated copy; `adherence`: only models whose videos are checked
+# against their prompts (framecast-shapes) have it.
+CLARITY_GROUPS = {"clarity": "clarity/", "encoded": "encoded/", "interp_clarity": "interp/clarity/",
+                  "adherence": "adherence/"}  # fmt: skip
+
+
+def _group(metrics: dict[str, float], prefix: str) -> dict[str, float] | None:
+    """The metrics under `prefix`, without it (None if there are none), as strict JSON has them
+    (an infinite PSNR, of a file identical to its frames, is "inf")."""
+    return {k.removeprefix(prefix): json_figure(v) for k, v in metrics.items() if k.startswith(prefix)} or None
 
 
 def _process_exists(pid: int) -> bool:

@@ -1,8 +1,12 @@
 """The clarity panel: how sharp, noisy, steady and consistent a video is, measured offline.
 
-Everything is measured on the video as saved: ffmpeg (the binary imageio-ffmpeg ships) decodes
-the MP4, and the metrics read its luma (Y) plane as stored, so any figure can be checked with
-that ffmpeg. Per frame t (pairwise metrics: the pair t-1, t, as ffmpeg's signalstats YDIF):
+A generation is measured twice: its frames as the model made them (`clarity/...`), before any
+encoder, and the file as saved (`encoded/clarity/...`, with `encoded/psnr_y` and `encoded/ssim_y`
+of the file against the frames: what the codec cost). A motion-interpolated copy is measured as
+made too (`interp/clarity/...`). The metrics read the luma (Y) plane: of a file, as stored and
+decoded by ffmpeg (the binary imageio-ffmpeg ships); of frames, as that ffmpeg converts RGB to Y
+(`video_io.luma`), which is what it reads from a lossless RGB file of the same frames. So any
+figure can be checked with that ffmpeg. Per frame t (pairwise metrics: the pair t-1, t, as ffmpeg's signalstats YDIF):
 
     sharpness_laplacian_var  variance of the 4-neighbour Laplacian of Y (cv2.Laplacian)
     tenengrad                mean of Gx^2 + Gy^2, Sobel 3x3
@@ -46,7 +50,7 @@ import pywt
 
 from stages import shapes
 from stages.errors import InvalidRequest
-from stages.video_io import DecodedVideo
+from stages.video_io import DecodedVideo, luma
 
 # (key, what it says) in the order tables and CSV columns show them
 METRICS: dict[str, str] = {
@@ -116,6 +120,10 @@ class ClarityReport:
     per_frame: dict[str, list[float]] = field(default_factory=dict)  # key -> one value per frame (NaN: none)
     seconds: float = 0.0  # how long the panel took
     adherence: dict[str, float] = field(default_factory=dict)  # ADHERENCE key -> figure; empty: not checked
+    # A generation's: its file as saved, measured against these frames (psnr_y, ssim_y: what the
+    # codec cost), and its motion-interpolated copy as made.
+    encoded: ClarityReport | None = None
+    interpolated: ClarityReport | None = None
 
     @property
     def sharpest(self) -> int:
@@ -133,18 +141,30 @@ class ClarityReport:
 
     def metrics(self) -> dict[str, float]:
         """The summary as MLflow metrics: `clarity/<key>`, and `adherence/<key>` where the prompt
-        was checked; undefined figures (NaN) are left out."""
-        clarity = {f"clarity/{k}": v for k, v in self.summary.items() if not math.isnan(v)}
-        return {**clarity, **{f"adherence/{k}": v for k, v in self.adherence.items()}}
+        was checked; with the file's figures `encoded/clarity/<key>`, `encoded/psnr_y` and
+        `encoded/ssim_y`, and the interpolated copy's `interp/clarity/<key>`. Undefined figures
+        (NaN) are left out."""
+        out = {f"clarity/{k}": v for k, v in self.summary.items() if not math.isnan(v)}
+        if self.encoded is not None:
+            for k, v in self.encoded.summary.items():
+                if not math.isnan(v):
+                    out[f"encoded/{k}" if k in REFERENCED else f"encoded/clarity/{k}"] = v
+        if self.interpolated is not None:
+            out |= {f"interp/clarity/{k}": v for k, v in self.interpolated.summary.items() if not math.isnan(v)}
+        return {**out, **{f"adherence/{k}": v for k, v in self.adherence.items()}}
 
     def csv_text(self) -> str:
-        """The per-frame series as CSV: one row per frame, empty where a figure is undefined."""
+        """The per-frame series as CSV: one row per frame, empty where a figure is undefined; with
+        the file's psnr_y and ssim_y against each frame (`encoded_psnr_y`, `encoded_ssim_y`)."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        keys = list(self.per_frame)
+        series = dict(self.per_frame)
+        if self.encoded is not None:
+            series |= {f"encoded_{k}": self.encoded.per_frame[k] for k in REFERENCED if k in self.encoded.per_frame}
+        keys = list(series)
         writer.writerow(["frame", "time_s", *keys])
         for t in range(self.frames):
-            values = [self.per_frame[k][t] for k in keys]
+            values = [series[k][t] for k in keys]
             time_s = f"{t / self.fps:.4f}" if self.fps else ""
             writer.writerow([t, time_s, *("" if math.isnan(v) else f"{v:.6g}" for v in values)])
         return out.getvalue()
@@ -152,21 +172,16 @@ class ClarityReport:
     def as_json(self) -> dict:
         """JSON-ready: undefined figures are null; an infinite PSNR (identical frames) is "inf"."""
 
-        def clean(v: float) -> float | str | None:
-            if math.isnan(v):
-                return None
-            return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
-
         return {
             "frames": self.frames,
             "height": self.height,
             "width": self.width,
             "fps": self.fps,
-            "clarity": {k: clean(v) for k, v in self.summary.items()},
+            "clarity": {k: json_figure(v) for k, v in self.summary.items()},
             "sharpest_frame": self.sharpest,
             "blurriest_frame": self.blurriest,
             **({"adherence": dict(self.adherence)} if self.adherence else {}),
-            "per_frame": {k: [clean(v) for v in series] for k, series in self.per_frame.items()},
+            "per_frame": {k: [json_figure(v) for v in series] for k, series in self.per_frame.items()},
         }
 
 
@@ -184,6 +199,22 @@ def read_and_measure(path: str | Path, reference: str | Path | None = None) -> t
     report = measure(video, ref)
     report.seconds = time.perf_counter() - start
     return video, report
+
+
+def measure_frames(
+    rgb: np.ndarray, fps: float, reference: np.ndarray | None = None, name: str = "the frames"
+) -> ClarityReport:
+    """The panel for uint8 RGB frames as made (frames, H, W, 3), before any encoder, against
+    optional `reference` frames; `name` says what they are in errors."""
+    start = time.perf_counter()
+    ref = None if reference is None else _frames_video(reference, fps, "the reference frames")
+    report = measure(_frames_video(rgb, fps, name), ref)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _frames_video(rgb: np.ndarray, fps: float, name: str) -> DecodedVideo:
+    return DecodedVideo(name, float(fps), y=luma(rgb), rgb=rgb)
 
 
 def measure(video: DecodedVideo, reference: DecodedVideo | None = None) -> ClarityReport:
@@ -227,6 +258,14 @@ def measure(video: DecodedVideo, reference: DecodedVideo | None = None) -> Clari
     height, width = video.size
     per_frame = {key: [float(v) for v in values] for key, values in series.items()}
     return ClarityReport(len(y), height, width, video.fps, summary, per_frame)
+
+
+def json_figure(v: float) -> float | str | None:
+    """A figure as strict JSON has it: NaN (undefined) is null, an infinity (the PSNR of identical
+    frames) "inf" or "-inf"."""
+    if math.isnan(v):
+        return None
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
 
 
 def _mean(values: np.ndarray) -> float:
@@ -334,8 +373,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class ClarityStage:
-    """The panel as a stage: measures an MP4 given as bytes, so that the process measuring it
-    needs no view of the disk the video was written to."""
+    """The panel as a stage. A generation's frames come as arrays and its file as bytes, so that
+    the process measuring them needs no view of the disk the video was written to."""
 
     def __init__(self, threads: int | None = None):
         threads = threads or _threads_from_env()  # a stage actor's share of the cores
@@ -348,25 +387,31 @@ class ClarityStage:
 
     def measure(
         self,
+        frames: np.ndarray,
+        fps: float,
         media: bytes,
-        reference: bytes | None = None,
         suffix: str = ".mp4",
         prompt: str | None = None,
         adherence: str | None = None,
+        interpolated: np.ndarray | None = None,
+        interpolated_fps: float = 0.0,
     ) -> ClarityReport:
-        """The panel for a video's bytes, or a picture's (`suffix` ".png": one frame, so the
-        figures that compare frames are left out). With `adherence` (a world's name, see
-        WORLDS) the saved video is also checked against its `prompt`."""
+        """The panel for a generation: its uint8 RGB `frames` as made (the report's own figures),
+        its file's bytes `media` (`suffix` its type: ".png" is a one-frame picture) measured
+        against them (`encoded`), and its `interpolated` frames, if any. With `adherence` (a
+        world's name, see WORLDS) the frames are also checked against their `prompt`."""
+        start = time.perf_counter()
+        made = _frames_video(frames, fps, "the generated frames")
+        report = measure(made)
         with tempfile.TemporaryDirectory(prefix="framecast-clarity-") as scratch:
             path = Path(scratch) / f"video{suffix}"
             path.write_bytes(media)
-            ref = None
-            if reference is not None:
-                ref = Path(scratch) / "reference.mp4"
-                ref.write_bytes(reference)
-            video, report = read_and_measure(path, ref)
+            report.encoded = measure(DecodedVideo.read(path), reference=made)
+        if interpolated is not None:
+            report.interpolated = measure(_frames_video(interpolated, interpolated_fps, "the interpolated frames"))
         if adherence is not None and prompt is not None:
-            report.adherence = check_adherence(adherence, prompt, video.rgb) or {}
+            report.adherence = check_adherence(adherence, prompt, frames) or {}
+        report.seconds = time.perf_counter() - start
         return report
 
 
@@ -377,12 +422,13 @@ def check_adherence(world: str, prompt: str, rgb: np.ndarray) -> dict[str, float
 
 
 def metric_sign(metric: str) -> int | None:
-    """+1 if a higher figure of an MLflow metric (`clarity/...`, `adherence/...`) is better, -1 if
-    lower, None if it has no direction (e.g. how much moves)."""
-    group, _, key = metric.partition("/")
-    if group == "clarity":
+    """+1 if a higher figure of an MLflow metric (`clarity/...`, `encoded/clarity/...`,
+    `interp/clarity/...`, `encoded/psnr_y`, `adherence/...`) is better, -1 if lower, None if it
+    has no direction (e.g. how much moves)."""
+    group, _, key = metric.removeprefix("encoded/").removeprefix("interp/").rpartition("/")
+    if group == "clarity" or (group == "" and metric.startswith("encoded/") and key in REFERENCED):
         return CLEARER.get(key)
-    if group == "adherence" and key in ADHERENCE:
+    if group == "adherence" and key in ADHERENCE and metric.startswith("adherence/"):
         return 1
     return None
 

@@ -110,9 +110,10 @@ class ModelSpec:
         return self.kind == "t2i"
 
     @property
-    def output_suffix(self) -> str:
-        """What a generation is written as: a PNG picture, or an MP4 video."""
-        return ".png" if self.makes_images else ".mp4"
+    def default_codec(self) -> str:
+        """How a generation is stored unless asked otherwise (stages.video_io.CODECS): a PNG
+        picture, or an H.264 MP4 video."""
+        return "png" if self.makes_images else "h264"
 
     @property
     def takes_image(self) -> bool:

@@ -10,6 +10,12 @@ from stages.errors import InvalidRequest
 from stages.families import family_for
 from stages.models import KIND_NAMES, ModelSpec, image_models
 from stages.settings import GenerationRequest
+from stages.video_io import CODECS, VIDEO_CODECS
+
+# The motion-interpolated copy's fps: above the video's, at most this and INTERPOLATE_MAX_RATIO
+# times the video's (every interpolated frame is held in memory and measured).
+INTERPOLATE_MAX_FPS = 120
+INTERPOLATE_MAX_RATIO = 8
 
 
 def build_request(
@@ -27,9 +33,15 @@ def build_request(
     scheduler: str | None = None,
     dynamic_guidance: bool = False,
     image: str | None = None,
+    codec: str | None = None,
+    crf: int | None = None,
+    interpolate_fps: int | None = None,
 ) -> GenerationRequest:
     """Fill unset fields from the model's defaults, then validate (see `validate`)."""
     d = spec.defaults
+    codec = spec.default_codec if codec is None else codec
+    if crf is None and codec in CODECS:
+        crf = CODECS[codec].default_crf
     request = GenerationRequest(
         prompt=prompt,
         negative_prompt=d.negative_prompt if negative_prompt is None else negative_prompt,
@@ -43,6 +55,9 @@ def build_request(
         scheduler=spec.scheduler_name(scheduler),
         dynamic_guidance=bool(dynamic_guidance),
         image=str(image or ""),
+        codec=codec,
+        crf=crf,
+        interpolate_fps=interpolate_fps or 0,
         guidance_off=family_for(spec).guidance_off,
     )
     validate(spec, request)
@@ -93,6 +108,8 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
             f"for image-to-video use one of: {', '.join(image_models()) or 'none configured'}"
         )
 
+    check_output(spec, r)
+
     step = spec.limits.frame_step
     lo, hi = spec.limits.num_frames
     if r.num_frames < 1 or (r.num_frames - 1) % step != 0:
@@ -116,6 +133,41 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
             )
         if not lo <= value <= hi:
             raise InvalidRequest(f"{name} must be between {lo} and {hi} for {spec.name} (got {value})")
+
+
+def check_output(spec: ModelSpec, r: GenerationRequest) -> None:
+    """How the frames are to be stored: a codec the model's output takes, a CRF in the codec's
+    range (only codecs with one), and an interpolation fps above the video's."""
+    if spec.makes_images:
+        if r.codec != spec.default_codec:
+            raise InvalidRequest(
+                f"{spec.name} makes a picture, written as PNG; codec is for video models (got {r.codec!r})"
+            )
+        if r.interpolate_fps:
+            raise InvalidRequest(f"{spec.name} makes a picture; interpolate is for video models")
+        return
+    if r.codec not in VIDEO_CODECS:
+        raise InvalidRequest(f"codec must be one of {', '.join(VIDEO_CODECS)} (got {r.codec!r})")
+    codec = CODECS[r.codec]
+    with_crf = {c.name: c.crf for c in CODECS.values() if c.crf}
+    if codec.crf is None and r.crf is not None:
+        kind = "is lossless" if codec.lossless else "has no CRF"
+        ranges = ", ".join(f"{name} ({lo}-{hi})" for name, (lo, hi) in with_crf.items())
+        raise InvalidRequest(f"crf is for {ranges}; {r.codec} {kind} (got crf {r.crf})")
+    if codec.crf is not None and not codec.crf[0] <= r.crf <= codec.crf[1]:
+        lo, hi = codec.crf
+        raise InvalidRequest(
+            f"crf must be between {lo} and {hi} for {r.codec} (got {r.crf}); lower keeps more, "
+            f"{codec.default_crf} is the default"
+        )
+    if r.interpolate_fps:
+        highest = min(INTERPOLATE_MAX_FPS, INTERPOLATE_MAX_RATIO * r.fps)
+        if not r.fps < r.interpolate_fps <= highest:
+            raise InvalidRequest(
+                f"interpolate must be above the video's {r.fps} fps and at most {highest} "
+                f"({INTERPOLATE_MAX_FPS}, and {INTERPOLATE_MAX_RATIO}x the fps) (got {r.interpolate_fps}); "
+                f"leave it unset for no interpolated video"
+            )
 
 
 def frames_for_duration(spec: ModelSpec, seconds: float, fps: int) -> tuple[int, str]:

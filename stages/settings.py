@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from stages.video_io import CODECS, VIDEO_CODECS
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -55,6 +57,32 @@ SETTINGS: tuple[Setting, ...] = (
         bool,
         "diffusers' cosine guidance schedule over the steps (use_dynamic_cfg), for models whose pipeline has it",
     ),
+    Setting(
+        "codec",
+        "codec",
+        str,
+        f"how the video is stored: {', '.join(VIDEO_CODECS)} (default h264; see docs/clarity.md)",
+        api="codec",
+        preset=True,
+    ),
+    Setting(
+        "crf",
+        "crf",
+        int,
+        "the codec's constant rate factor, lower keeps more: "
+        + "; ".join(f"{c.name} {c.crf[0]}-{c.crf[1]}, default {c.default_crf}" for c in CODECS.values() if c.crf),
+        api="crf",
+        preset=True,
+    ),
+    Setting(
+        "interpolate",
+        "interpolate_fps",
+        int,
+        "also write <name>.interp.<ext>: the video motion-interpolated to this fps (ffmpeg minterpolate), "
+        "as long as the original",
+        api="interpolate_fps",
+        preset=True,
+    ),
     Setting("seed", "seed", int, "the random seed of the noise (default 0)", api="seed", axis=False),
     Setting(
         "negative_prompt",
@@ -95,6 +123,11 @@ class GenerationRequest:
     # Image-to-video: the image file given (the path as the user wrote it; its pixels travel with
     # the job, see cluster.driver.Job.image). Empty for text-to-video.
     image: str = ""
+    # How the frames are stored (stages.video_io.CODECS; "png" for a text-to-image model's picture),
+    # at which CRF (None: the codec takes none), and the fps of the motion-interpolated copy (0: none).
+    codec: str = "h264"
+    crf: int | None = None
+    interpolate_fps: int = 0
     # The model's guidance scale that means "no guidance" (its family's `guidance_off`: 1 for
     # uncond + g (cond - uncond), 0 for cond + g (cond - uncond)). A property of the model, not
     # a setting: not in `as_dict`.

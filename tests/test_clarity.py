@@ -8,6 +8,7 @@ flash at frame k shows at frame k.
 """
 
 import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -24,9 +25,9 @@ from skimage.metrics import structural_similarity
 from skimage.restoration import estimate_sigma
 
 from cluster.cli import EXIT_INVALID, main
-from stages.clarity import METRICS, ClarityStage, measure_file
+from stages.clarity import METRICS, ClarityStage, measure_file, measure_frames, metric_sign
 from stages.errors import InvalidRequest
-from stages.video_io import MARK_COLOURS, DecodedVideo, contact_sheet
+from stages.video_io import CODECS, MARK_COLOURS, DecodedVideo, contact_sheet, write_video
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SIZE = (128, 192)  # height, width of the test clips
@@ -73,9 +74,11 @@ def ffmpeg_ydif(path: Path) -> list[float]:
     return [float(v) for v in re.findall(r"lavfi\.signalstats\.YDIF=([0-9.]+)", out)]
 
 
-def ffmpeg_fidelity(video: Path, reference: Path, which: str) -> float:
-    """ffmpeg's psnr ('PSNR y:') or ssim ('SSIM Y:') summary for the Y plane."""
-    out = ffmpeg("-i", str(video), "-i", str(reference), "-lavfi", f"[0:v][1:v]{which}", "-f", "null", "-")
+def ffmpeg_fidelity(video: Path, reference: Path, which: str, to_yuv: bool = False) -> float:
+    """ffmpeg's psnr ('PSNR y:') or ssim ('SSIM Y:') summary for the Y plane. `to_yuv`: both
+    converted to YUV first (by ffmpeg), for files stored as RGB (on RGB the filters compare R, G, B)."""
+    graph = f"[0:v]format=yuv444p[a];[1:v]format=yuv444p[b];[a][b]{which}" if to_yuv else f"[0:v][1:v]{which}"
+    out = ffmpeg("-i", str(video), "-i", str(reference), "-lavfi", graph, "-f", "null", "-")
     label = {"psnr": "PSNR y", "ssim": "SSIM Y"}[which]
     return float(re.search(rf"{label}:([0-9.]+|inf)", out).group(1))
 
@@ -283,9 +286,51 @@ def test_frames_too_small_to_measure_are_refused(tmp_path):
         measure_file(small)
 
 
-def test_the_stage_measures_mp4_bytes_as_the_file(clips, reports):
-    report = ClarityStage(threads=1).measure(clips["mandelbrot"].read_bytes())
-    assert report.summary == reports["mandelbrot"].summary
+@pytest.fixture(scope="module")
+def made(clips) -> dict[str, np.ndarray]:
+    """Frames "as a model made them": the test clips' RGB frames, held in memory."""
+    return {name: DecodedVideo.read(clips[name], planes=("rgb",)).rgb for name in ("sharp", "blurred", "mandelbrot")}
+
+
+@pytest.mark.parametrize("codec", ["ffv1", "h264-lossless"])
+def test_frames_are_measured_as_ffmpeg_measures_a_lossless_file_of_them(made, tmp_path, codec):
+    """Item 4 of the cross-checks: the panel on frames equals the panel, and ffmpeg's signalstats
+    and psnr, on the frames written losslessly (their Y is ffmpeg's conversion of the RGB)."""
+    suffix = CODECS[codec].suffix
+    sharp = write_video(made["sharp"], tmp_path / f"sharp{suffix}", fps=8, codec=codec)
+    blurred = write_video(made["blurred"], tmp_path / f"blurred{suffix}", fps=8, codec=codec)
+    on_frames = measure_frames(made["sharp"], 8)
+    assert on_frames.summary == measure_file(sharp).summary
+    assert on_frames.per_frame["flicker_mae"][1:] == pytest.approx(ffmpeg_ydif(sharp)[1:], rel=1e-3)
+    fidelity = measure_frames(made["blurred"], 8, reference=made["sharp"])
+    assert fidelity.summary["psnr_y"] == pytest.approx(ffmpeg_fidelity(blurred, sharp, "psnr", to_yuv=True), abs=0.01)
+    assert fidelity.summary == measure_file(blurred, sharp).summary
+
+
+def test_the_stage_measures_the_frames_and_the_file_against_them(made, tmp_path):
+    """`clarity/...` are the frames' figures, `encoded/clarity/...` the saved file's, and
+    `encoded/psnr_y` is ffmpeg's psnr of the file against the frames (written losslessly): what
+    the codec cost. At CRF 18 the two differ; written losslessly they are the same."""
+    frames = made["mandelbrot"]
+    lossless = write_video(frames, tmp_path / "frames.mkv", fps=8, codec="ffv1")
+    for crf in (18, 32):
+        saved = write_video(frames, tmp_path / f"crf{crf}.mp4", fps=8, crf=crf)
+        metrics = ClarityStage(threads=1).measure(frames, 8, saved.read_bytes(), ".mp4").metrics()
+        assert {k: v for k, v in metrics.items() if k.startswith("clarity/")} == measure_frames(frames, 8).metrics()
+        file_figures = measure_file(saved, lossless)
+        assert {k: v for k, v in metrics.items() if k.startswith("encoded/")} == {
+            **{f"encoded/clarity/{k}": v for k, v in file_figures.summary.items() if k not in ("psnr_y", "ssim_y")},
+            "encoded/psnr_y": file_figures.summary["psnr_y"], "encoded/ssim_y": file_figures.summary["ssim_y"],
+        }  # fmt: skip
+        expected = ffmpeg_fidelity(saved, lossless, "psnr", to_yuv=True)
+        assert metrics["encoded/psnr_y"] == pytest.approx(expected, abs=0.01)
+        assert metrics["encoded/clarity/noise_sigma"] != metrics["clarity/noise_sigma"]  # the codec's part
+        assert metrics["encoded/ssim_y"] < 1
+    kept = ClarityStage(threads=1).measure(frames, 8, lossless.read_bytes(), ".mkv")
+    assert kept.encoded.summary["psnr_y"] == math.inf and kept.encoded.summary["ssim_y"] == 1.0
+    assert {k: v for k, v in kept.encoded.summary.items() if k not in ("psnr_y", "ssim_y")} == kept.summary
+    assert metric_sign("encoded/psnr_y") == 1 and metric_sign("encoded/clarity/blur_effect") == -1
+    assert metric_sign("interp/clarity/sharpness_laplacian_var") == 1 and metric_sign("interp/psnr_y") is None
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,21 @@
 """`framecast generate` end to end: in-process (--local), through local Ray, and its failure modes."""
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
+from PIL import Image
 
 from cluster.cli import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_INVALID, main
-from stages.clarity import METRICS, measure_file
-from stages.video_io import read_frames
+from stages.clarity import METRICS, measure_file, measure_frames
+from stages.video_io import DecodedVideo, contact_sheet, read_frames
 
 
 def run_cli(capsys, *args):
@@ -53,15 +56,20 @@ def test_local_generation_json_and_mlflow_run(tmp_path, capsys, tiny_weights, ml
     for key in ("encode_s", "denoise_s", "decode_s", "write_s", "measure_s", "total_s", "s_per_step"):
         assert metrics[key] == pytest.approx(result["metrics"][key]) and metrics[key] > 0
     assert metrics["s_per_step"] == pytest.approx(metrics["denoise_s"] / 3)
-    # The clarity panel measured the MP4 as saved: measuring the file again gives the same figures.
+    # The clarity panel measured the frames as made (clarity/...), and the MP4 as saved
+    # (encoded/clarity/...): measuring the file again gives the same figures.
     again = measure_file(video)
-    assert again.metrics() == {k: v for k, v in metrics.items() if k.startswith("clarity/")}
+    assert {f"encoded/{k}": v for k, v in again.metrics().items()} == {
+        k: v for k, v in metrics.items() if k.startswith("encoded/clarity/")
+    }
+    assert {k for k in metrics if k.startswith("clarity/")} == {f"clarity/{k}" for k in again.summary}
     assert set(again.summary) == set(METRICS) - {"psnr_y", "ssim_y"}  # no reference, no fidelity figures
+    assert {"encoded/psnr_y", "encoded/ssim_y"} <= set(metrics)  # the file against the frames
     assert result["clarity_csv"] == str(video.with_suffix(".clarity.csv")) and result["clarity_error"] is None
     artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)}
     assert artifacts == {"fox.mp4", "fox.sheet.png", "fox.clarity.csv", "config.yaml"}
     csv_path = MlflowClient(mlflow_uri).download_artifacts(run.info.run_id, "fox.clarity.csv", str(tmp_path))
-    assert Path(csv_path).read_text() == again.csv_text()
+    assert Path(csv_path).read_text() == video.with_suffix(".clarity.csv").read_text()
     config_path = MlflowClient(mlflow_uri).download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     config = yaml.safe_load(Path(config_path).read_text())
     assert config["model"]["name"] == "tiny" and config["weights"] == result["params"]["weights"]
@@ -103,6 +111,10 @@ def test_plain_output_names_video_and_run(tmp_path, capsys, tiny_weights, mlflow
          "overlap (32 px)"),
         (["--tile-size", "30x48"], "tile height must be a positive multiple of 8 px for tiny (got 30)"),
         (["--tile-overlap", "8x12"], "tile overlap (width) must be a multiple of 8 px for tiny (got 12)"),
+        (["--interpolate", "8"], "interpolate must be above the video's 8 fps and at most 64"),
+        (["--codec", "av1"], "codec must be one of h264, h264-lossless, ffv1, prores, webm, gif (got 'av1')"),
+        (["--crf", "60"], "crf must be between 0 and 51 for h264 (got 60)"),
+        (["--codec", "ffv1"], "codec ffv1 writes .mkv files: --output must end in .mkv (got "),
         (["--prompt", "a dog"], "--output names one video but there are 2 prompts; use --output-dir"),
         (["--prompt", "a dog", "--prompt", "cat " * 250, "--output-dir", "."],
          "prompt 3 of 3: prompt is 251 tokens long; tiny's text encoder takes at most 226"),
@@ -122,6 +134,50 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, tiny_w
     assert message in lines[0]
     assert "Traceback" not in err and out == ""
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_lossless_video_with_an_interpolated_copy(tmp_path, capsys, tiny_weights, mlflow_uri):
+    """--codec ffv1 keeps the frames exactly (the file's frames have the frames' digest), and
+    --interpolate 24 writes <name>.interp.mkv beside it: 3x the frames, the same duration,
+    measured as interp/clarity/...; the contact sheet is the original's."""
+    video = tmp_path / "fox.mkv"
+    code, out, err = run_cli(capsys, "--prompt", "a red fox", "--steps", "2", "--codec", "ffv1", "--interpolate", "24",
+                             "--output", str(video), "--tracking-uri", mlflow_uri, "--local", "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    frames = read_frames(video)
+    assert hashlib.sha256(frames).hexdigest() == result["frames_sha256"]  # lossless: the frames as made
+    interpolated = DecodedVideo.read(result["interpolated"], planes=("rgb",))
+    assert result["interpolated"] == str(tmp_path / "fox.interp.mkv")
+    assert (interpolated.frames, interpolated.fps) == (27, 24.0)  # 9 frames at 8 fps: 1.125 s either way
+    metrics = result["metrics"]
+    assert metrics["encoded/psnr_y"] == "inf" and metrics["encoded/ssim_y"] == 1.0  # strict JSON: "inf"
+    clarity = {k: v for k, v in metrics.items() if k.startswith("clarity/")}
+    assert {k.removeprefix("encoded/"): v for k, v in metrics.items() if k.startswith("encoded/clarity/")} == clarity
+    remeasured = measure_frames(interpolated.rgb, 24).metrics()  # the copy is lossless too
+    assert {f"interp/{k}": v for k, v in remeasured.items()} == {k: v for k, v in metrics.items() if "interp/" in k}
+    assert metrics["interp/clarity/motion_magnitude"] < metrics["clarity/motion_magnitude"]  # a third per frame
+    sheet = np.asarray(Image.open(result["contact_sheet"]))
+    assert np.array_equal(sheet, np.asarray(contact_sheet(frames, marks=measure_frames(frames, 8).marks())))
+    run = MlflowClient(mlflow_uri).get_run(result["run_id"])
+    assert run.data.params["codec"] == "ffv1" and run.data.params["interpolate_fps"] == "24"
+    artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)}
+    assert artifacts == {"fox.mkv", "fox.interp.mkv", "fox.sheet.png", "fox.clarity.csv", "config.yaml"}
+    assert "interp/clarity/warp_error" in run.data.metrics
+
+
+def test_a_gif_says_it_is_lossy(tmp_path, capsys, tiny_weights, mlflow_uri):
+    """A GIF holds 256 colours: accepted, and the run says it lost colours."""
+    video = tmp_path / "noise.gif"
+    code, out, err = run_cli(capsys, "--prompt", "a cat", "--steps", "1", "--codec", "gif", "--output", str(video),
+                             "--tracking-uri", mlflow_uri, "--local", "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert "a GIF holds 256: it is lossy" in result["warnings"]["lossy_gif"]
+    assert f"framecast: warning: {result['warnings']['lossy_gif']}" in err
+    assert read_frames(video).shape == (9, 64, 96, 3) and result["metrics"]["encoded/psnr_y"] < 60
+    run = MlflowClient(mlflow_uri).get_run(result["run_id"])
+    assert run.data.tags["framecast.warning.lossy_gif"] == result["warnings"]["lossy_gif"]
 
 
 def test_tracking_failure_keeps_the_video(tmp_path, capsys, tiny_weights):

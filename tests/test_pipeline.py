@@ -98,14 +98,19 @@ def stream_with_a_method_replaced(executors, jobs, tmp_path, stage: str, index: 
 
 
 def test_each_video_is_measured_in_the_panels_own_actor(runs):
-    """The panel measured each MP4 as saved (measuring the file again gives the same figures),
-    after it was written."""
+    """The panel measured each MP4 as saved (measuring the file again gives the same figures,
+    its `encoded/clarity/...`) and the frames it was made from, after it was written."""
     pipelined = runs["pipelined"]
     for result in pipelined:
         again = measure_file(result.video)
-        assert again.metrics() == {k: v for k, v in result.metrics.items() if k.startswith("clarity/")}
-        assert result.clarity_csv.read_text() == again.csv_text()
+        encoded = {k: v for k, v in result.metrics.items() if k.startswith("encoded/clarity/")}
+        assert {f"encoded/{k}": v for k, v in again.metrics().items()} == encoded
+        assert {k.removeprefix("encoded/") for k in encoded} == {k for k in result.metrics if k.startswith("clarity/")}
+        assert 30 < result.metrics["encoded/psnr_y"] < 100 and 0.5 < result.metrics["encoded/ssim_y"] < 1
+        rows = result.clarity_csv.read_text().splitlines()
+        assert len(rows) == 1 + 9 and rows[0].endswith(",encoded_psnr_y,encoded_ssim_y")
         assert result.metrics["moved_bytes/video"] == result.video.stat().st_size  # sent to the panel's actor
+        assert result.metrics["moved_bytes/panel_frames"] == 9 * 64 * 96 * 3  # with the frames as made
         assert result.params["device_measure"].startswith("cpu (")
         assert result.stages["write"][1] <= result.stages["measure"][0]
 
@@ -114,13 +119,13 @@ def test_the_driver_takes_the_next_frames_while_a_video_is_measured(executors, s
     """With a panel that takes a second per video, the driver does not wait for it: it takes
     job k+1's frames (and sends job k+2's decode) while job k is still being measured."""
 
-    def slow_measure(media, reference=None, suffix=".mp4", prompt=None, adherence=None):  # shipped by value
+    def slow_measure(*args):  # shipped by value
         import time
 
         from stages.clarity import ClarityStage
 
         time.sleep(1.0)
-        return ClarityStage(threads=1).measure(media, reference, suffix, prompt, adherence)
+        return ClarityStage(threads=1).measure(*args)
 
     results, _ = stream_with_a_method_replaced(
         executors, stream_jobs[:3], tmp_path, "measure", 0, "measure", slow_measure

@@ -33,6 +33,18 @@ def test_defaults_fill_unset_fields(spec):
         ({"guidance_scale": 0.5}, r"guidance scale must be at least 1 .*got 0.5"),
         ({"fps": 0}, r"fps must be at least 1 \(got 0\)"),
         ({"seed": -3}, r"seed must be a non-negative integer \(got -3\)"),
+        # how the frames are stored
+        ({"interpolate_fps": 8}, r"interpolate must be above the video's 8 fps and at most 64 .*\(got 8\)"),
+        ({"interpolate_fps": 4}, r"interpolate must be above the video's 8 fps .*\(got 4\)"),
+        ({"interpolate_fps": 65}, r"at most 64 \(120, and 8x the fps\) \(got 65\)"),
+        ({"fps": 24, "interpolate_fps": 121}, r"above the video's 24 fps and at most 120 .*\(got 121\)"),
+        ({"codec": "av1"}, r"codec must be one of h264, h264-lossless, ffv1, prores, webm, gif \(got 'av1'\)"),
+        ({"codec": "png"}, r"codec must be one of h264, .* \(got 'png'\)"),  # a picture's, not a video's
+        ({"crf": 52}, r"crf must be between 0 and 51 for h264 \(got 52\); lower keeps more, 18 is the default"),
+        ({"crf": -1}, r"crf must be between 0 and 51 for h264 \(got -1\)"),
+        ({"codec": "webm", "crf": 64}, r"crf must be between 0 and 63 for webm \(got 64\)"),
+        ({"codec": "ffv1", "crf": 10}, r"crf is for h264 \(0-51\), webm \(0-63\); ffv1 is lossless \(got crf 10\)"),
+        ({"codec": "prores", "crf": 10}, r"crf is for h264 \(0-51\), webm \(0-63\); prores has no CRF"),
     ],
 )
 def test_invalid_settings(spec, kwargs, message):
@@ -65,3 +77,25 @@ def test_negative_prompt_longer_than_limit(tiny_weights):
 def test_prepare_unknown_model():
     with pytest.raises(InvalidRequest, match="unknown model 'nope'"):
         prepare("nope", "a cat")
+
+
+def test_output_settings_fill_in_per_codec(spec):
+    """The codec's own CRF unless one is given; codecs without a CRF record none; the GIF is
+    accepted whatever its colours (writing it says when it is lossy, see test_stages)."""
+    assert (build_request(spec, "a cat").codec, build_request(spec, "a cat").crf) == ("h264", 18)
+    assert build_request(spec, "a cat", codec="webm").crf == 31
+    assert build_request(spec, "a cat", codec="h264", crf=0).crf == 0
+    for codec in ("h264-lossless", "ffv1", "prores", "gif"):
+        assert build_request(spec, "a cat", codec=codec).crf is None
+    r = build_request(spec, "a cat", interpolate_fps=24)
+    assert r.interpolate_fps == 24 and r.as_dict()["interpolate_fps"] == 24
+    assert build_request(spec, "a cat").interpolate_fps == 0  # none
+
+
+def test_a_picture_model_takes_no_codec_and_no_interpolation():
+    image_model = load_spec("tiny-zimage")
+    assert build_request(image_model, "a cat").codec == "png"
+    with pytest.raises(InvalidRequest, match=r"tiny-zimage makes a picture, written as PNG; codec is for video"):
+        build_request(image_model, "a cat", codec="h264")
+    with pytest.raises(InvalidRequest, match=r"tiny-zimage makes a picture; interpolate is for video models"):
+        build_request(image_model, "a cat", interpolate_fps=24)

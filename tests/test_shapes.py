@@ -7,7 +7,7 @@ from stages import shapes
 from stages.clarity import WORLDS, ClarityStage, metric_sign
 from stages.models import known_models, load_spec
 from stages.request import build_request, pitfalls
-from stages.video_io import DecodedVideo, write_mp4
+from stages.video_io import DecodedVideo, write_video
 
 
 def test_render_is_deterministic_per_seed():
@@ -76,7 +76,7 @@ def test_detector_on_saved_mp4(tmp_path):
     """The panel reads the video as saved (x264, yuv420p): the detector holds there too."""
     right = total = 0
     for i, scene in enumerate(shapes.all_scenes()[::5]):
-        path = write_mp4(shapes.render(scene, seed=i), tmp_path / f"{i}.mp4", fps=8)
+        path = write_video(shapes.render(scene, seed=i), tmp_path / f"{i}.mp4", fps=8)
         found = shapes.detect(DecodedVideo.read(path, planes=("rgb",)).rgb)
         right += (found.color, found.shape, found.direction) == (scene.color, scene.shape, scene.direction)
         total += 1
@@ -103,15 +103,16 @@ def test_the_panel_records_adherence_only_when_asked(tmp_path):
     """The clarity panel checks a video against its prompt for a model with a world
     (`adherence: shapes`): adherence/* beside clarity/*; without one, no adherence keys."""
     prompt = "a yellow circle moving left on a gray background"
-    media = write_mp4(shapes.render(shapes.parse_prompt(prompt), seed=2), tmp_path / "v.mp4", fps=8).read_bytes()
+    frames = shapes.render(shapes.parse_prompt(prompt), seed=2)
+    media = write_video(frames, tmp_path / "v.mp4", fps=8).read_bytes()
     panel = ClarityStage(threads=1)
-    checked = panel.measure(media, None, ".mp4", prompt, "shapes").metrics()
+    checked = panel.measure(frames, 8, media, ".mp4", prompt, "shapes").metrics()
     assert {k: v for k, v in checked.items() if k.startswith("adherence/")} == {
         "adherence/color": 1.0, "adherence/shape": 1.0, "adherence/direction": 1.0, "adherence/score": 1.0,
     }  # fmt: skip
-    plain = panel.measure(media, None, ".mp4").metrics()
-    assert plain == {k: v for k, v in checked.items() if k.startswith("clarity/")}
-    off_grammar = panel.measure(media, None, ".mp4", "a red fox", "shapes")
+    plain = panel.measure(frames, 8, media, ".mp4").metrics()
+    assert plain == {k: v for k, v in checked.items() if not k.startswith("adherence/")}
+    off_grammar = panel.measure(frames, 8, media, ".mp4", "a red fox", "shapes")
     assert off_grammar.adherence == {} and "adherence" not in off_grammar.as_json()
     assert metric_sign("adherence/score") == 1 and metric_sign("clarity/blur_effect") == -1
     assert metric_sign("clarity/motion_magnitude") is None

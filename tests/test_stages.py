@@ -13,7 +13,18 @@ from stages.denoiser import DenoiserStage
 from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
 from stages.request import build_request
-from stages.video_io import contact_sheet, read_frame, read_frames, write_mp4
+from stages.video_io import (
+    CODECS,
+    DecodedVideo,
+    contact_sheet,
+    gif_note,
+    image_digest,
+    interpolate,
+    interpolated_count,
+    read_frame,
+    read_frames,
+    write_video,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +94,7 @@ def test_decoder_frames(decoder):
 def test_mp4_is_h264_yuv420p_at_requested_fps(tmp_path):
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(9, 64, 96, 3), dtype=np.uint8)
-    path = write_mp4(frames, tmp_path / "sub" / "v.mp4", fps=12)
+    path = write_video(frames, tmp_path / "sub" / "v.mp4", fps=12)
     probe = subprocess.run(
         [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True
     )
@@ -100,7 +111,7 @@ def test_mp4_is_the_file_imageio_ffmpegs_writer_made(tmp_path):
     import imageio.v2 as imageio
 
     frames = np.random.default_rng(0).integers(0, 256, size=(9, 64, 96, 3), dtype=np.uint8)
-    ours = write_mp4(frames, tmp_path / "ours.mp4", fps=8)
+    ours = write_video(frames, tmp_path / "ours.mp4", fps=8)
     writer = imageio.get_writer(
         tmp_path / "imageio.mp4", format="FFMPEG", fps=8, codec="libx264", pixelformat="yuv420p", quality=None,
         output_params=["-crf", "18", "-movflags", "+faststart"], macro_block_size=2, ffmpeg_log_level="error",
@@ -111,13 +122,87 @@ def test_mp4_is_the_file_imageio_ffmpegs_writer_made(tmp_path):
     assert ours.read_bytes() == (tmp_path / "imageio.mp4").read_bytes()
 
 
+def moving_texture(frames: int = 9, height: int = 64, width: int = 96, step: int = 3) -> np.ndarray:
+    """Smooth RGB texture panning `step` pixels a frame, with some noise: many colours, real motion."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:height, 0 : width + step * frames]
+    scene = np.stack([128 + 100 * np.sin(x / 7.0), 128 + 100 * np.cos(y / 5.0), 128 + 60 * np.sin((x + y) / 9.0)], -1)
+    clip = np.stack([scene[:, t * step : t * step + width] for t in range(frames)])
+    return (clip + rng.normal(0, 4, clip.shape)).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("codec", ["h264-lossless", "ffv1"])
+def test_lossless_codecs_give_back_the_frames_exactly(tmp_path, codec):
+    """RGB stored as RGB (libx264rgb at QP 0; FFV1 planar RGB): the frames read back have the
+    digest of the frames written. yuv444p at QP 0 would not: RGB -> YUV rounds."""
+    frames = moving_texture()
+    path = write_video(frames, tmp_path / f"v{CODECS[codec].suffix}", fps=8, codec=codec)
+    assert path.suffix == CODECS[codec].suffix and CODECS[codec].lossless
+    assert image_digest(read_frames(path)) == image_digest(frames)
+    lossy = read_frames(write_video(frames, tmp_path / "v.mp4", fps=8))  # the default, H.264 4:2:0 at CRF 18
+    assert image_digest(lossy) != image_digest(frames)
+
+
+@pytest.mark.parametrize("codec, stream", [("h264", "h264"), ("prores", "prores"), ("webm", "vp9"), ("gif", "gif")])
+def test_every_codec_writes_a_video_ffmpeg_reads_back(tmp_path, codec, stream):
+    frames = moving_texture()
+    path = write_video(frames, tmp_path / f"v{CODECS[codec].suffix}", fps=8, codec=codec)
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
+                           text=True)  # fmt: skip
+    assert f"Video: {stream}" in probe.stderr
+    back = read_frames(path)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames).mean() < 12  # lossy, but the same pictures
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left
+
+
+def test_a_gif_of_at_most_256_colours_is_exact_and_more_says_it_is_lossy(tmp_path):
+    few = moving_texture() // 64 * 64  # 4 levels per channel: 64 colours
+    assert gif_note(few) is None
+    assert image_digest(read_frames(write_video(few, tmp_path / "few.gif", fps=8, codec="gif"))) == image_digest(few)
+    many = moving_texture()
+    note = gif_note(many)
+    assert note.startswith("the frames have ") and "a GIF holds 256: it is lossy" in note
+    back = read_frames(write_video(many, tmp_path / "many.gif", fps=8, codec="gif"))
+    assert image_digest(back) != image_digest(many) and len(np.unique(back.reshape(-1, 3), axis=0)) <= 256
+
+
+def test_a_codec_without_a_crf_refuses_one(tmp_path):
+    with pytest.raises(ValueError, match="ffv1 takes no CRF"):
+        write_video(moving_texture(), tmp_path / "v.mkv", fps=8, codec="ffv1", crf=10)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("frames, fps, target", [(9, 8, 24), (9, 8, 30), (17, 8, 12), (25, 12, 25)])
+def test_interpolation_lasts_as_long_at_the_higher_rate(tmp_path, frames, fps, target):
+    """minterpolate (mi_mode=mci) at `target` fps: as many frames as last as long as the original
+    (to the nearest frame), written at that fps; frames on the original's instants are the
+    original's, within YUV rounding; frames between differ from both neighbours."""
+    clip = moving_texture(frames)
+    made = interpolate(clip, fps, target)
+    count = interpolated_count(frames, fps, target)
+    assert count == round(frames * target / fps) and made.shape == (count, *clip.shape[1:])
+    assert abs(count / target - frames / fps) <= 0.5 / target
+    path = write_video(made, tmp_path / "v.interp.mkv", fps=target, codec="ffv1")
+    video = DecodedVideo.read(path, planes=("rgb",))
+    assert video.frames == count and video.fps == target
+    assert abs(video.frames / video.fps - frames / fps) <= 0.5 / target  # the same duration
+    for k in range(count):
+        source = k * fps / target
+        if source == int(source) and source < frames:
+            assert np.abs(made[k].astype(int) - clip[int(source)]).max() <= 3
+    if target % fps == 0:  # an in-between frame: moved part way, neither neighbour
+        between = made[1].astype(int)
+        assert np.abs(between - clip[0]).mean() > 1 and np.abs(between - clip[1]).mean() > 1
+
+
 def test_mp4_keeps_smooth_content(tmp_path):
     """A smooth gradient survives H.264 at our CRF almost unchanged."""
     x = np.linspace(0, 255, 96)[None, None, :, None]
     y = np.linspace(0, 255, 64)[None, :, None, None]
     t = np.arange(5)[:, None, None, None] * 10
     frames = np.broadcast_to((x + y) / 2 + t, (5, 64, 96, 3)).clip(0, 255).astype(np.uint8)
-    back = read_frames(write_mp4(frames, tmp_path / "g.mp4", fps=8))
+    back = read_frames(write_video(frames, tmp_path / "g.mp4", fps=8))
     assert np.abs(back.astype(int) - frames.astype(int)).mean() < 2.0
 
 
@@ -131,7 +216,7 @@ def test_contact_sheet_picks_evenly_and_places_in_order():
 
 def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(OSError, match="ffmpeg could not write .*crf to value -5"):  # x264 takes 0 to 51
-        write_mp4(np.zeros((9, 64, 96, 3), np.uint8), tmp_path / "v.mp4", fps=8, crf=-5)
+        write_video(np.zeros((9, 64, 96, 3), np.uint8), tmp_path / "v.mp4", fps=8, crf=-5)
     assert list(tmp_path.iterdir()) == []  # neither the final name nor the partial file
 
 
@@ -155,12 +240,12 @@ def test_ffmpeg_past_its_deadline_is_killed_and_leaves_no_file(tmp_path, monkeyp
                 time.sleep(self.every)
                 yield frame
 
-    write_mp4(SlowFrames(0.1), tmp_path / "steady.mp4", fps=8)  # 0.9 s in all, never 0.4 s without a frame
+    write_video(SlowFrames(0.1), tmp_path / "steady.mp4", fps=8)  # 0.9 s in all, never 0.4 s without a frame
     assert read_frames(tmp_path / "steady.mp4").shape == frames.shape
     (tmp_path / "steady.mp4").unlink()
     started = time.monotonic()
     with pytest.raises(video_io.FfmpegTimeout, match="went 0.4 s without a frame"):
-        write_mp4(SlowFrames(1.0), tmp_path / "v.mp4", fps=8)
+        write_video(SlowFrames(1.0), tmp_path / "v.mp4", fps=8)
     assert time.monotonic() - started < 5
     assert list(tmp_path.iterdir()) == []
 
@@ -176,6 +261,6 @@ def test_ffmpeg_is_started_without_running_python_in_the_child(tmp_path, monkeyp
         return real_popen(*args, **kwargs)
 
     monkeypatch.setattr(subprocess, "Popen", recording_popen)
-    path = write_mp4(np.zeros((9, 64, 96, 3), np.uint8), tmp_path / "v.mp4", fps=8)
+    path = write_video(np.zeros((9, 64, 96, 3), np.uint8), tmp_path / "v.mp4", fps=8)
     assert read_frames(path).shape == (9, 64, 96, 3) and read_frame(path, 4).shape == (64, 96, 3)
     assert len(started) >= 3 and all(k.get("preexec_fn") is None and k["start_new_session"] for k in started)
