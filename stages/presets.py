@@ -1,7 +1,8 @@
 """Presets: the tuning articles' scenario settings (`configs/presets/*.yaml`), as named starting
 points that explicit settings override.
 
-A preset gives steps, guidance, frames and fps, each a value or a range. A value fills in what
+A preset gives steps, guidance, frames and fps (and how the video is stored: codec, crf,
+interpolate), each a value or a range. A value fills in what
 the user did not set. A range is for `framecast sweep`, which expands it into `points` evenly
 spaced values (an axis of the grid); `generate` needs such a setting given explicitly. Frame
 counts are the articles' (e.g. 24 at 12 fps), taken up to the nearest count the model makes
@@ -18,7 +19,7 @@ import yaml
 from stages.errors import InvalidRequest
 from stages.models import CONFIG_DIR, KIND_NAMES, ModelSpec
 from stages.request import frames_at_least
-from stages.settings import PRESET_KEYS
+from stages.settings import BY_NAME, PRESET_KEYS
 
 PRESETS_DIR = CONFIG_DIR / "presets"
 SETTINGS = PRESET_KEYS  # what a preset may set (stages.settings)
@@ -95,7 +96,7 @@ def resolve_preset(preset: Preset, spec: ModelSpec, taken: frozenset[str], fps: 
         if key in taken:
             continue
         if isinstance(value, Range):
-            out.grid[key] = value.values(integer=key in ("steps", "frames", "fps"))
+            out.grid[key] = value.values(integer=BY_NAME[key].kind is int)
         else:
             out.settings[key] = value
     if "frames" in out.settings:

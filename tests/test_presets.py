@@ -22,7 +22,7 @@ def spec():
 def test_every_preset_the_articles_give(spec):
     assert known_presets() == sorted(
         ["product", "talking-head", "creative", "preview", "standard", "high-motion", "explore", "quick", "daily",
-         "final"]
+         "final", "smooth"]
     )  # fmt: skip
     fixed = {name: load_preset(name).settings for name in known_presets()}
     assert fixed["product"] == {"steps": 45, "guidance": 8.5, "frames": 24, "fps": 12}
@@ -39,6 +39,15 @@ def test_every_preset_the_articles_give(spec):
     assert daily == {"steps": [35, 40, 45, 50], "guidance": [7.0, 7.5, 8.0, 8.5]}
     final = resolve_settings(spec, {}, "final").preset_grid
     assert final["steps"][0] == 55 and final["steps"][-1] == 80 and final["guidance"] == [8.0, 9.0, 10.0]
+
+
+def test_a_preset_may_interpolate(spec):
+    """The image-to-video article's advice: fewer frames, interpolated to 24 fps (`smooth`)."""
+    assert load_preset("smooth").settings == {"fps": 8, "interpolate": 24}
+    smooth = resolve_settings(spec, {}, "smooth")
+    assert smooth.values == {"fps": 8, "interpolate": 24}
+    assert build_request(spec, "a cat", **smooth.request_kwargs()).interpolate_fps == 24
+    assert resolve_settings(spec, {"interpolate": 30}, "smooth").values["interpolate"] == 30  # the flag wins
 
 
 def test_preset_fills_what_is_not_set_and_flags_win(spec):

@@ -22,7 +22,7 @@ from PIL import Image
 from cluster.driver import generate, prepare
 from cluster.executor import LocalExecutor
 from cluster.serving import ServeArgs
-from stages.video_io import read_frames
+from stages.video_io import DecodedVideo, read_frames
 
 KEY_ENV = "FRAMECAST_TEST_API_KEY"
 KEY = "test-key-7f1c"
@@ -161,10 +161,39 @@ def test_the_official_openai_client(server):
     thumbnail = client.videos.download_content(created.id, variant="thumbnail")
     assert Image.open(io.BytesIO(thumbnail.read())).size == (96, 64)
     assert created.id in [v.id for v in client.videos.list(limit=50, order="asc")]
+    none = requests.get(f"{base}/v1/videos/{created.id}/content", params={"variant": "interpolated"}, headers=AUTH)
+    assert none.status_code == 404 and "it was made without interpolate_fps" in none.json()["error"]["message"]
     deleted = client.videos.delete(created.id)
     assert deleted.deleted and deleted.id == created.id
     models = client.models.list()
     assert [m.id for m in models] == ["tiny"]
+
+
+def test_a_webm_with_an_interpolated_copy(server):
+    """codec webm (a CRF of its own) and interpolate_fps: the video as WebM, its interpolated copy
+    as variant=interpolated (twice the frames, as long), and the panel's figures for the frames,
+    the file and the copy."""
+    base, _ = server
+    body = {"prompt": "a fox in the snow", "seconds": "1", "steps": 2, "codec": "webm", "crf": 40,
+            "interpolate_fps": 16}  # fmt: skip
+    created = requests.post(f"{base}/v1/videos", headers=AUTH, json=body)
+    assert created.status_code == 200, created.text
+    assert {k: created.json()["settings"][k] for k in ("codec", "crf", "interpolate_fps")} == {
+        "codec": "webm", "crf": 40, "interpolate_fps": 16,
+    }  # fmt: skip
+    done, _ = _wait(base, created.json()["id"])
+    assert done["status"] == "completed", done
+    for variant, frames in (("video", 9), ("interpolated", 18)):
+        response = _get(f"{base}/v1/videos/{done['id']}/content", params={"variant": variant})
+        assert response.status_code == 200 and response.headers["content-type"] == "video/webm"
+        name = response.headers["content-disposition"]
+        assert name.endswith('.webm"') and (".interp.webm" in name) == (variant == "interpolated")
+        (_scratch() / f"served-{variant}.webm").write_bytes(response.content)
+        video = DecodedVideo.read(_scratch() / f"served-{variant}.webm", planes=("rgb",))
+        assert video.frames == frames and video.fps == 8 * frames / 9
+    assert set(done["clarity"]) >= {"sharpness_laplacian_var", "noise_sigma"}
+    assert {"psnr_y", "ssim_y", "clarity/noise_sigma"} <= set(done["encoded"]) and done["encoded"]["psnr_y"] < 60
+    assert set(done["interp_clarity"]) >= {"sharpness_laplacian_var", "motion_magnitude"}
 
 
 def test_a_failed_request_says_what_was_wrong(server):
@@ -190,6 +219,9 @@ def test_a_failed_request_says_what_was_wrong(server):
         ({"prompt": "x", "seconds": 1e308}, 400, "seconds must be a finite number below"),
         ({"prompt": "x", "size": "²x²"}, 400, "size must be WIDTHxHEIGHT in pixels"),
         ({"prompt": "x", "seed": 10**40}, 400, "seed must be an integer of at most 12 digits"),
+        ({"prompt": "x", "codec": "ffv1"}, 400, "codec must be one of h264, webm over the API (got 'ffv1')"),
+        ({"prompt": "x", "codec": "webm", "crf": 70}, 400, "crf must be between 0 and 63 for webm (got 70)"),
+        ({"prompt": "x", "interpolate_fps": 8}, 400, "interpolate must be above the video's 8 fps and at most 64"),
         ({"prompt": "   "}, 400, "prompt is required"),
         ({}, 400, "prompt is required"),
     ]  # fmt: skip

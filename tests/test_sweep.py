@@ -18,12 +18,12 @@ from cluster.cli import main
 from cluster.driver import generate, make_executor
 from cluster.settings import resolve_settings
 from cluster.sweep import CellOutcome, parse_grid, plan_sweep, run_sweep
-from cluster.sweep_report import SHEET_TILE_WIDTH, panel_values
-from stages.clarity import CLEARER
+from cluster.sweep_report import SHEET_TILE_WIDTH, file_name, panel_values
+from stages.clarity import metric_sign
 from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
 from stages.models import load_spec
-from stages.video_io import read_frame
+from stages.video_io import read_frame, read_frames
 
 GRID = ["--grid", "steps=1,2", "--grid", "guidance=1,6"]
 
@@ -43,9 +43,11 @@ def children(client: MlflowClient, parent: str) -> list:
 
 
 def test_grid_parsing():
-    grid = parse_grid(["steps=30,40,50", "guidance=6,7.5", "scheduler=ddim,dpm", "dynamic-guidance=off,on"])
+    grid = parse_grid(["steps=30,40,50", "guidance=6,7.5", "scheduler=ddim,dpm", "dynamic-guidance=off,on",
+                       "codec=h264,ffv1", "crf=18,28", "interpolate=16,24"])  # fmt: skip
     assert grid == {"steps": [30, 40, 50], "guidance": [6.0, 7.5], "scheduler": ["ddim", "dpm"],
-                    "dynamic_guidance": [False, True]}  # fmt: skip
+                    "dynamic_guidance": [False, True], "codec": ["h264", "ffv1"], "crf": [18, 28],
+                    "interpolate": [16, 24]}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -137,7 +139,8 @@ def test_sweep_parent_children_and_summary(tmp_path, capsys, monkeypatch):
     keys = [k for k in parent.data.metrics if k.startswith("best/")]
     assert heatmaps == {f"summary/heatmaps/{k}.png" for k in
                         ("sharpness_laplacian_var", "sharpness_laplacian_var_min", "tenengrad", "blur_effect",
-                         "noise_sigma", "flicker_mae", "flicker_score", "motion_magnitude", "warp_error")}  # fmt: skip
+                         "noise_sigma", "flicker_mae", "flicker_score", "motion_magnitude", "warp_error",
+                         "encoded_psnr_y", "encoded_ssim_y")}  # fmt: skip
     png = client.download_artifacts(parent.info.run_id, "summary/heatmaps/blur_effect.png", str(tmp_path / "dl"))
     assert Image.open(png).size[0] > 200
     outcomes = [CellOutcome(sweep_module.Cell((("steps", int(s)), ("guidance", float(g)))), "ran",
@@ -149,13 +152,14 @@ def test_sweep_parent_children_and_summary(tmp_path, capsys, monkeypatch):
             assert grid[i, j] == by_label[f"steps={s},guidance={g}"].data.metrics["clarity/blur_effect"]
 
     # The best cell per metric, on the parent and in the JSON, is the clearest child.
-    assert len(keys) == len(result["best"]) == 8  # every clarity metric but motion, which ranks nothing
+    # every clarity metric but motion, which ranks nothing, and what the codec cost
+    assert len(keys) == len(result["best"]) == 8 + 2 and {"encoded/psnr_y", "encoded/ssim_y"} <= set(result["best"])
     for key, best in result["best"].items():
-        sign = CLEARER[key.removeprefix("clarity/")]
+        sign = metric_sign(key)
         clearest = max(runs, key=lambda r: sign * r.data.metrics[key])
         assert best["cell"] == clearest.data.tags["framecast.sweep_cell"]
         assert parent.data.metrics[f"best/{key}"] == clearest.data.metrics[key]
-        assert parent.data.tags[f"framecast.best.{key.removeprefix('clarity/')}"] == best["cell"]
+        assert parent.data.tags[f"framecast.best.{file_name(key)}"] == best["cell"]  # e.g. blur_effect, encoded_psnr_y
 
     # The same frame of every cell, side by side: steps down, guidance across.
     sheet = np.asarray(Image.open(client.download_artifacts(parent.info.run_id, "summary/frames.png",
@@ -170,6 +174,33 @@ def test_sweep_parent_children_and_summary(tmp_path, capsys, monkeypatch):
             bottom, left = (i + 1) * tile_h - 2, j * tile_w + 2  # each tile: 2 px border, label, frame
             tile = sheet[bottom - frame.shape[0] : bottom, left : left + SHEET_TILE_WIDTH]
             assert np.abs(tile.astype(int) - frame).mean() < 1.0
+
+
+def test_a_sweep_over_codecs_and_interpolation(tmp_path, capsys):
+    """codec and interpolate are axes: each cell writes its codec's file and, when asked, its
+    interpolated copy; the summary compares the copies (interp/clarity/...) and what each codec
+    cost (encoded/psnr_y). The frames are the same in every cell: one generation's settings."""
+    argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a fox", "--grid", "codec=h264,webm",
+            "--grid", "interpolate=0,16", "--steps", "1", "--json", "--experiment", "sweep-codecs",
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    outcomes = {o["label"]: o for o in result["outcomes"]}
+    assert set(outcomes) == {"codec=h264,interpolate=0", "codec=h264,interpolate=16", "codec=webm,interpolate=0",
+                             "codec=webm,interpolate=16"}  # fmt: skip
+    client = MlflowClient()
+    digests = {client.get_run(o["run_id"]).data.tags["framecast.frames_sha256"] for o in outcomes.values()}
+    assert len(digests) == 1
+    for label, o in outcomes.items():
+        video = Path(o["video"])
+        assert video.suffix == (".webm" if "webm" in label else ".mp4")
+        interpolated = video.with_suffix(f".interp{video.suffix}")
+        assert interpolated.is_file() == label.endswith("=16")
+        assert any(k.startswith("interp/clarity/") for k in o["metrics"]) == label.endswith("=16")
+        if label.endswith("=16"):
+            assert read_frames(interpolated).shape[0] == 18
+    heatmaps = {a.path for a in client.list_artifacts(result["parent_run_id"], "summary/heatmaps")}
+    assert {"summary/heatmaps/encoded_psnr_y.png", "summary/heatmaps/interp_clarity_warp_error.png"} <= heatmaps
 
 
 def test_interrupted_sweep_resumes(tmp_path, capsys, monkeypatch):

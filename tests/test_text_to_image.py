@@ -70,7 +70,7 @@ def test_turbo_defaults_are_the_models():
     spec = load_spec("z-image-turbo")
     r = build_request(spec, "a fox")
     assert (r.steps, r.guidance_scale, r.do_classifier_free_guidance) == (9, 0.0, False)
-    assert (r.height, r.width, r.num_frames) == (1024, 1024, 1) and spec.output_suffix == ".png"
+    assert (r.height, r.width, r.num_frames) == (1024, 1024, 1) and spec.default_codec == "png"
     assert build_request(spec, "a fox", guidance_scale=0.5).do_classifier_free_guidance
     with pytest.raises(InvalidRequest, match=r"guidance scale must be at least 0 for z-image-turbo"):
         build_request(spec, "a fox", guidance_scale=-1)
