@@ -38,7 +38,7 @@ from cluster.serving import (
     plan_deployments,
     resolve_served,
 )
-from cluster.videos import CREATE_FIELDS, NotFound, NotReady, VideoService
+from cluster.videos import API_CODECS, CREATE_FIELDS, NotFound, NotReady, VideoService
 from stages.errors import InvalidRequest
 
 HEALTH_CHECK_PERIOD_S = 5.0
@@ -223,6 +223,7 @@ _CREATE_SCHEMA = {
         **{name: _FIELD_SCHEMA[kind] for name, kind in CREATE_FIELDS.items()},
         "seconds": {"type": "string", "description": "clip length; the nearest frame count the model makes"},
         "size": {"type": "string", "description": "WIDTHxHEIGHT, e.g. 720x480"},
+        "codec": {"type": "string", "enum": list(API_CODECS), "description": "how the video is stored"},
     },
 }
 _CREATE_BODY = {

@@ -359,7 +359,14 @@ def _generate(args: argparse.Namespace, out=None) -> int:
                         file=sys.stderr,
                     )
                 _track(result, jobs[result.index], len(jobs), args, tracking_uri, recorded)
-                incomplete |= result.tracking_error is not None or result.clarity_error is not None
+                if result.interpolation_error:
+                    tqdm.write(
+                        f"framecast: error: interpolation failed, video kept at {result.video}: "
+                        f"{result.interpolation_error}",
+                        file=sys.stderr,
+                    )
+                incomplete |= any(e is not None for e in (result.tracking_error, result.clarity_error,
+                                                          result.interpolation_error))  # fmt: skip
             _print_result(result, args, tracking_uri, out)
     except InvalidRequest as e:  # what only the running cluster can tell, e.g. too few GPUs for the layout
         print(f"framecast: error: {e}", file=sys.stderr)

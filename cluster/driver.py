@@ -98,6 +98,7 @@ class GenerationResult:
     tracking_error: str | None = None
     input_image: Path | None = None  # image-to-video: the image it was made from (as read), beside the video
     interpolated: Path | None = None  # the motion-interpolated copy (<name>.interp.<ext>), if asked for
+    interpolation_error: str | None = None  # why there is no interpolated copy (the video stands without it)
 
     def artifacts(self) -> list[Path]:
         extra = [path for path in (self.interpolated, self.clarity_csv, self.input_image) if path is not None]
@@ -113,6 +114,7 @@ class GenerationResult:
             "clarity_csv": str(self.clarity_csv) if self.clarity_csv else None,
             "input_image": str(self.input_image) if self.input_image else None,
             "clarity_error": self.clarity_error,
+            "interpolation_error": self.interpolation_error,
             "warnings": self.warnings,
             "run_id": self.run_id,
             "tracking_error": self.tracking_error,
@@ -264,6 +266,7 @@ class _InFlight:
     interpolated: np.ndarray | None = None  # the interpolated frames, until measured
     interpolated_video: Path | None = None
     interpolated_s: float = 0.0  # interpolating and writing the copy
+    interpolation_error: str | None = None
     write_warnings: dict[str, str] = field(default_factory=dict)  # what writing cost, e.g. a lossy GIF
     measured: StageCall | None = None
     clarity_error: str | None = None
@@ -417,10 +420,13 @@ def _write(executor: Executor, flight: _InFlight) -> None:
     if r.codec == "gif" and (note := gif_note(flight.frames)):
         flight.write_warnings["lossy_gif"] = note
     if r.interpolate_fps:
-        flight.interpolated = interpolate(flight.frames, r.fps, r.interpolate_fps)
-        flight.interpolated_video = write_video(
-            flight.interpolated, interpolated_path(flight.video), fps=r.interpolate_fps, codec=r.codec, crf=r.crf
-        )
+        try:
+            flight.interpolated = interpolate(flight.frames, r.fps, r.interpolate_fps)
+            flight.interpolated_video = write_video(
+                flight.interpolated, interpolated_path(flight.video), fps=r.interpolate_fps, codec=r.codec, crf=r.crf
+            )
+        except OSError as e:  # ffmpeg failed or timed out: the video is measured and tracked without its copy
+            flight.interpolated, flight.interpolation_error = None, f"{type(e).__name__}: {e}".splitlines()[0]
         flight.interpolated_s = time.time() - flight.written_at
     _send_to_panel(executor, flight)
 
@@ -528,4 +534,5 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         video, sheet, params, metrics, spans, digest, flight.index, clarity_csv=series,
         clarity_error=flight.clarity_error, warnings={**job.warnings, **flight.write_warnings},
         input_image=input_image, interpolated=flight.interpolated_video,
+        interpolation_error=flight.interpolation_error,
     )  # fmt: skip

@@ -91,6 +91,8 @@ def log_generation(
     tags = {**warning_tags(result.warnings), **(tags or {})}
     if result.clarity_error:
         tags["framecast.clarity_error"] = result.clarity_error
+    if result.interpolation_error:
+        tags["framecast.interpolation_error"] = result.interpolation_error
     return log_run(
         params={**result.params, **(params or {})},
         metrics=result.metrics,

@@ -189,6 +189,7 @@ def video_object(record: VideoRecord) -> dict[str, Any]:
         "timings": result.get("metrics"),
         **{name: result.get(name) for name in CLARITY_GROUPS},  # null: not measured (or no such figures)
         "clarity_error": result.get("clarity_error"),
+        "interpolation_error": result.get("interpolation_error"),
         "tracking_error": result.get("tracking_error"),
     }
 
@@ -466,6 +467,7 @@ class VideoService:
         summary: dict[str, Any] = {
             **{name: _group(result.metrics, prefix) for name, prefix in CLARITY_GROUPS.items()},
             "clarity_error": result.clarity_error,
+            "interpolation_error": result.interpolation_error,
             "metrics": {k: v for k, v in result.metrics.items() if k.endswith("_s")},
             "frames_sha256": result.frames_sha256,
             "files": stem,

@@ -180,6 +180,24 @@ def test_a_gif_says_it_is_lossy(tmp_path, capsys, tiny_weights, mlflow_uri):
     assert run.data.tags["framecast.warning.lossy_gif"] == result["warnings"]["lossy_gif"]
 
 
+def test_interpolation_failure_keeps_the_video_and_the_run(tmp_path, capsys, monkeypatch, tiny_weights, mlflow_uri):
+    def broken(*args, **kwargs):
+        raise OSError("ffmpeg vanished")
+
+    monkeypatch.setattr("cluster.driver.interpolate", broken)
+    video = tmp_path / "kept.mp4"
+    code, out, err = run_cli(capsys, "--prompt", "a cat", "--steps", "1", "--interpolate", "16", "--output",
+                             str(video), "--tracking-uri", mlflow_uri, "--local", "--json")  # fmt: skip
+    assert code == EXIT_INCOMPLETE
+    result = json.loads(out)
+    assert read_frames(video).shape[0] == 9 and result["interpolated"] is None
+    assert result["interpolation_error"] == "OSError: ffmpeg vanished" and result["clarity_error"] is None
+    assert not any(k.startswith("interp/") for k in result["metrics"]) and "clarity/tenengrad" in result["metrics"]
+    assert f"interpolation failed, video kept at {video}: OSError: ffmpeg vanished" in err
+    run = MlflowClient(mlflow_uri).get_run(result["run_id"])
+    assert run.data.tags["framecast.interpolation_error"] == result["interpolation_error"]
+
+
 def test_tracking_failure_keeps_the_video(tmp_path, capsys, tiny_weights):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where MLflow wants a directory")
