@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -657,6 +658,10 @@ def _stop_serving(shared: bool) -> int:
             serve.delete("framecast")  # a shared cluster: its other applications stay up
         except Exception as e:  # e.g. Serve never started there
             print(f"framecast: could not delete the application: {_first_line(e)}", file=sys.stderr)
+    # The drain's answer is taken from a stream whose next item Ray's callback thread fetches when
+    # it is ready; if that lands after the shutdown, Serve's handle logs a traceback for a stream
+    # nobody reads any more. Nothing is lost then, so this process's Serve client says nothing more.
+    logging.getLogger("ray.serve").setLevel(logging.CRITICAL)
     ray.shutdown()  # a Ray this process started stops with it, every process of it
     return returned
 

@@ -164,7 +164,7 @@ def test_a_dying_panel_is_replaced_and_every_video_measured(executors, stream_jo
     assert replaced
     for result in results:
         assert result.clarity_error is None and result.clarity_csv.is_file()
-        assert result.metrics["clarity/blur_effect"] == measure_file(result.video).summary["blur_effect"]
+        assert result.metrics["encoded/clarity/blur_effect"] == measure_file(result.video).summary["blur_effect"]
 
 
 def test_a_failed_job_in_a_stream_exits_nonzero_after_the_others(
