@@ -441,6 +441,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace, out=None) -> int:
     from cluster.settings import resolve_settings
     from cluster.sweep import parse_grid, plan_sweep, run_sweep, sheet_frame_index
+    from cluster.sweep_report import INCOMPLETE
     from stages.models import load_spec
 
     try:
@@ -508,7 +509,7 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
         _print_sweep(result, tracking_uri, args.experiment)
     if result.count("failed"):
         return EXIT_FAILED
-    return EXIT_INCOMPLETE if result.count("unmeasured") + result.count("untracked") else 0
+    return EXIT_INCOMPLETE if any(result.count(status) for status in INCOMPLETE) else 0
 
 
 def _replicas(args: argparse.Namespace, world_size: int) -> int:
@@ -683,7 +684,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     rules = heuristics(spec, args.prompt, size)
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
     try:
-        ranked, runs = measured(spec.name, args.metric, args.prompt, args.experiment, tracking_uri)
+        ranked, runs = measured(spec, args.metric, args.prompt, args.experiment, tracking_uri)
     except Exception as e:
         print(f"framecast: error: cannot read past runs from {tracking_uri}: {_first_line(e)}", file=sys.stderr)
         return EXIT_FAILED
@@ -693,7 +694,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             "model": args.model, "metric": args.metric, "better": way,
             "heuristics": [{"rule": h.rule, "advice": h.advice} for h in rules],
             "data": {"runs": runs, "where": f"{where} in {tracking_uri}",
-                     "settings": [m.__dict__ for m in ranked[: args.top]]},
+                     "settings": [_json_measured(m) for m in ranked[: args.top]]},
         }))  # fmt: skip
         return 0
     print(f"heuristics (rules of thumb from the tuning articles, not measured here) for {spec.name}:")
@@ -710,6 +711,14 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         prompt = f"; {m.same_prompt} with this prompt" if m.same_prompt else ""
         print(f"  {number}. {shown}: mean {m.mean:.6g} over {m.runs} run(s){spread}{prompt}")
     return 0
+
+
+def _json_measured(setting) -> dict:
+    """A recommend line as strict JSON: an infinite mean PSNR (lossless files) is "inf"."""
+    from stages.clarity import json_figure
+
+    figures = {k: json_figure(v) for k, v in vars(setting).items() if isinstance(v, float)}
+    return {**vars(setting), **figures}
 
 
 def cmd_clarity(args: argparse.Namespace) -> int:

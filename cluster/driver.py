@@ -34,11 +34,22 @@ from stages.encoder import check_prompts, count_tokens, load_tokenizer
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec
 from stages.request import GenerationRequest, build_request, check_image, pitfalls
-from stages.video_io import CODECS, contact_sheet, gif_note, image_digest, interpolate, load_image, write_video
+from stages.video_io import (
+    CODECS,
+    contact_sheet,
+    gif_note,
+    image_digest,
+    interpolate,
+    interpolated_path,
+    load_image,
+    write_video,
+)
 from stages.weights import resolve_weights
 
 # (job index, steps done, total steps) of the job being denoised
 JobProgress = Callable[[int, int, int], None]
+# (job index): a frame of the job's video (or of its interpolated copy) was written or made
+WriteProgress = Callable[[int], None]
 # Encodings already asked for, by (prompt, negative prompt, (image digest, height, width) or
 # None): see `encode_once`.
 EncodingKey = tuple[str, str, tuple[str, int, int] | None]
@@ -238,11 +249,6 @@ def default_output(job: Job, index: int | None = None, directory: Path = Path("o
     return directory / f"{job.spec.name}-{stamp}{number}-seed{job.request.seed}{job.suffix}"
 
 
-def interpolated_path(video: Path) -> Path:
-    """Where a video's motion-interpolated copy goes: <name>.interp.<ext>, beside it."""
-    return video.with_suffix(f".interp{video.suffix}")
-
-
 # Jobs in flight when pipelined: one per stage. The encoder works on job k+1 while the denoiser
 # group runs job k and the decoders run job k-1; the driver meanwhile writes job k-2.
 PIPELINE_DEPTH = 3
@@ -279,6 +285,7 @@ def run_stream(
     on_step: JobProgress | None = None,
     pipelined: bool = True,
     encodings: Encodings | None = None,
+    on_write: WriteProgress | None = None,
 ) -> Iterator[GenerationResult | JobFailed]:
     """Run jobs through the stages, yielding each job's result (or failure) in job order.
 
@@ -290,7 +297,8 @@ def run_stream(
     finished (its figures taken, its contact sheet drawn) after the next job's frames are taken:
     the panel measures while the driver waits for those. The local executor runs every call
     when it is made, so there a stream runs one job at a time, each finished before the next starts.
-    A job whose prompt is in `encodings` (see `encode_once`) is not encoded again.
+    A job whose prompt is in `encodings` (see `encode_once`) is not encoded again. `on_write` hears
+    of every frame written or interpolated: a long write is progress too.
     """
     pipelined = pipelined and executor.concurrent
     depth = PIPELINE_DEPTH if pipelined else 1
@@ -315,7 +323,7 @@ def run_stream(
         if pipelined:
             admit()  # the next job decodes while this one is written
         if flight.failed is None:
-            _write(executor, flight)
+            _write(executor, flight, on_write)
         measuring.append(flight)
         # Pipelined, the job just written stays with the panel until the next job's frames are
         # taken; the ones before it (at the end: all) are finished, in order.
@@ -411,20 +419,20 @@ def _collect(executor: Executor, flight: _InFlight) -> np.ndarray | None:
         return None
 
 
-def _write(executor: Executor, flight: _InFlight) -> None:
+def _write(executor: Executor, flight: _InFlight, on_write: WriteProgress | None = None) -> None:
     """Write the video, or a text-to-image model's picture (first: nothing after it may lose it),
     then its interpolated copy if asked for, and send them to the clarity panel."""
     r = flight.job.request
-    flight.video = write_video(flight.frames, flight.output, fps=r.fps, codec=r.codec, crf=r.crf)
+    on_frame = None if on_write is None else (lambda: on_write(flight.index))
+    flight.video = write_video(flight.frames, flight.output, fps=r.fps, codec=r.codec, crf=r.crf, on_frame=on_frame)
     flight.written_at = time.time()
     if r.codec == "gif" and (note := gif_note(flight.frames)):
         flight.write_warnings["lossy_gif"] = note
     if r.interpolate_fps:
         try:
-            flight.interpolated = interpolate(flight.frames, r.fps, r.interpolate_fps)
-            flight.interpolated_video = write_video(
-                flight.interpolated, interpolated_path(flight.video), fps=r.interpolate_fps, codec=r.codec, crf=r.crf
-            )
+            flight.interpolated = interpolate(flight.frames, r.fps, r.interpolate_fps, on_frame)
+            flight.interpolated_video = write_video(flight.interpolated, interpolated_path(flight.video),
+                                                    r.interpolate_fps, r.codec, r.crf, on_frame)  # fmt: skip
         except OSError as e:  # ffmpeg failed or timed out: the video is measured and tracked without its copy
             flight.interpolated, flight.interpolation_error = None, f"{type(e).__name__}: {e}".splitlines()[0]
         flight.interpolated_s = time.time() - flight.written_at

@@ -21,12 +21,16 @@ from cluster.tracking import TIMING_METRICS, search_all_runs
 from stages.clarity import ADHERENCE, CLEARER, metric_sign
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec
+from stages.video_io import CODECS
 
 # The settings runs are grouped by: the request fields of every setting, as run params.
 SETTING_PARAMS = tuple(REQUEST_FIELDS.values())
-# What a run from before a setting existed had: its default.
-# (Before codecs, every video was H.264 at CRF 18, with no interpolated copy.)
-PARAM_DEFAULTS = {"dynamic_guidance": "False", "codec": "h264", "crf": "18", "interpolate_fps": "0"}
+# How a video is stored: these change the saved file's figures (encoded/...), the interpolated
+# copy's (interp/...) and the timings, never the frames' own (clarity/..., adherence/...).
+STORAGE_PARAMS = {"codec": "encoded/", "crf": "encoded/", "interpolate_fps": "interp/"}
+# What a run from before a setting existed had: its default. Before codecs, every video was
+# stored with its model's default codec (H.264 at CRF 18, or PNG), without an interpolated copy.
+PARAM_DEFAULTS = {"dynamic_guidance": "False", "interpolate_fps": "0"}
 
 # Word lists behind the heuristics (lower-case word stems; a prompt word matches a stem it starts with).
 MOTION_WORDS = ("run", "danc", "jump", "fly", "flie", "race", "racing", "chas", "spin", "explod", "crash", "fight",
@@ -115,14 +119,15 @@ def metric_direction(metric: str) -> int:
 
 
 def measured(
-    model: str,
+    spec: ModelSpec,
     metric: str,
     prompt: str | None = None,
     experiment: str | None = None,
     tracking_uri: str | None = None,
 ) -> tuple[list[MeasuredSetting], int]:
-    """Past generation runs of `model` that have `metric`, grouped by settings, best first; and
-    how many runs that is. `experiment` None: every experiment in the store."""
+    """Past generation runs of the model that have `metric`, grouped by the settings that can
+    change it (`grouping_params`), best first; and how many runs that is. `experiment` None:
+    every experiment in the store."""
     sign = metric_direction(metric)
     client = MlflowClient(tracking_uri=tracking_uri)
     if experiment is None:
@@ -130,16 +135,19 @@ def measured(
     else:
         found = client.get_experiment_by_name(experiment)
         experiments = [found.experiment_id] if found else []
-    query = f"params.model = '{model}' and tags.`framecast.kind` = 'generation' and attributes.status = 'FINISHED'"
+    query = f"params.model = '{spec.name}' and tags.`framecast.kind` = 'generation' and attributes.status = 'FINISHED'"
     runs = search_all_runs(client, experiments, query)
-    runs = [r for r in runs if not math.isnan(r.data.metrics.get(metric, math.nan))]
+    figures = [(run, _figure(run, metric, spec)) for run in runs]
+    figures = [(run, value) for run, value in figures if not math.isnan(value)]
+    names = grouping_params(metric)
+    defaults = {**PARAM_DEFAULTS, "codec": spec.default_codec, "crf": str(CODECS[spec.default_codec].default_crf)}
     groups = defaultdict(list)
-    for run in runs:
-        key = tuple(run.data.params.get(name, PARAM_DEFAULTS.get(name, "")) for name in SETTING_PARAMS)
-        groups[key].append((run.data.metrics[metric], run.data.params.get("prompt") == prompt))
+    for run, value in figures:
+        key = tuple(run.data.params.get(name, defaults.get(name, "")) for name in names)
+        groups[key].append((value, run.data.params.get("prompt") == prompt))
     ranked = [
         MeasuredSetting(
-            dict(zip(SETTING_PARAMS, key, strict=True)),
+            dict(zip(names, key, strict=True)),
             len(values),
             sum(v for v, _ in values) / len(values),
             min(v for v, _ in values),
@@ -149,4 +157,25 @@ def measured(
         for key, values in groups.items()
     ]
     ranked.sort(key=lambda m: (-sign * m.mean, -m.runs))
-    return ranked, len(runs)
+    return ranked, len(figures)
+
+
+def grouping_params(metric: str) -> tuple[str, ...]:
+    """The settings (run params) that can change `metric`: every setting of the generation, and
+    of how it is stored only those that touch what the metric measures (timings: all of them)."""
+    return tuple(
+        name for name in SETTING_PARAMS
+        if name not in STORAGE_PARAMS or metric in TIMING_METRICS or metric.startswith(STORAGE_PARAMS[name])
+    )  # fmt: skip
+
+
+def _figure(run, metric: str, spec: ModelSpec) -> float:
+    """The run's figure for `metric` (NaN: none). A run from before frames were measured (it has
+    no codec param) measured only its saved file, as `clarity/<key>`: with a lossy default codec
+    that is its `encoded/clarity/<key>`, and it has no figure of the frames."""
+    metrics = run.data.metrics
+    if "codec" in run.data.params or CODECS[spec.default_codec].lossless:
+        return metrics.get(metric, math.nan)
+    if metric.startswith("clarity/"):
+        return math.nan
+    return metrics.get(metric.removeprefix("encoded/") if metric.startswith("encoded/clarity/") else metric, math.nan)

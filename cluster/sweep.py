@@ -34,12 +34,13 @@ from mlflow.utils.time import get_current_time_millis
 from cluster import sweep_report
 from cluster.driver import Job, JobFailed, encode_once, make_executor, prepare_variants, run_stream
 from cluster.settings import REQUEST_FIELDS, Settings
-from cluster.sweep_report import Cell, CellOutcome
+from cluster.sweep_report import INCOMPLETE, STATUSES, Cell, CellOutcome
 from cluster.tracking import WARNING_TAG, child_runs, log_generation, open_parent_run
+from stages.clarity import json_figure
 from stages.errors import InvalidRequest
 from stages.models import load_spec
 from stages.settings import AXES as SETTING_AXES
-from stages.video_io import CODECS
+from stages.video_io import CODECS, is_interpolated
 
 # Grid axes: every setting a sweep may vary (stages.settings.AXES), read as its type. A sweep holds the seed fixed.
 AXES: dict[str, type] = {name: setting.kind for name, setting in SETTING_AXES.items()}
@@ -220,12 +221,12 @@ class SweepResult:
             "parent_run_id": self.parent_run_id,
             "resumed": self.resumed,
             "cells": len(self.outcomes),
-            "ran": self.count("ran") + self.count("unmeasured") + self.count("untracked"),
+            "ran": self.count("ran") + sum(self.count(status) for status in INCOMPLETE),
             "reused": self.count("reused"),
             "failed": self.count("failed"),
             "prompt_encodings": self.encodings,
             "summary": {name: str(path) for name, path in self.summary.items()},
-            "best": {key: {"cell": o.cell.label, "value": value} for key, (o, value) in self.best.items()},
+            "best": {key: {"cell": o.cell.label, "value": json_figure(value)} for key, (o, value) in self.best.items()},
             "outcomes": [o.as_json() for o in self.outcomes],
         }
 
@@ -289,13 +290,16 @@ def run_sweep(
 
 
 def _finished_cells(client: MlflowClient, parent: str, plan: SweepPlan, directory: Path) -> dict[int, CellOutcome]:
-    """Cells an earlier try finished: a FINISHED child run with the video and clarity figures."""
+    """Cells an earlier try finished: a FINISHED child run with the video and clarity figures (and
+    the interpolated copy's, when the cell asks for one)."""
     by_id = {cell_id: i for i, cell_id in enumerate(plan.cell_ids)}
     found = {}
     for run in child_runs(client, parent):
         index = by_id.get(run.data.tags.get(CELL_ID_TAG))
         metrics = dict(run.data.metrics)
         if index is None or index in found or not any(k.startswith("clarity/") for k in metrics):
+            continue
+        if plan.jobs[index].request.interpolate_fps and not any(k.startswith("interp/") for k in metrics):
             continue
         video = _local_video(client, run, directory)
         if video is None:
@@ -313,7 +317,7 @@ def _local_video(client: MlflowClient, run, directory: Path) -> Path | None:
     suffixes = tuple({codec.suffix for codec in CODECS.values()})
     results = [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(suffixes)]
     # the result: not pictures of it, nor its interpolated copy
-    results = [p for p in results if not p.endswith((".sheet.png", ".input.png")) and ".interp." not in p]
+    results = [p for p in results if not p.endswith((".sheet.png", ".input.png")) and not is_interpolated(Path(p))]
     if not results:
         return None
     return Path(client.download_artifacts(run.info.run_id, results[0], str(directory)))
@@ -434,9 +438,9 @@ def _track_cell(
         "framecast.replica": str(replica),  # which of the sweep's pipeline replicas made it
         "framecast.frames_sha256": result.frames_sha256,
     }
-    status = "unmeasured" if result.clarity_error else "ran"
+    status = "unmeasured" if result.clarity_error else "uninterpolated" if result.interpolation_error else "ran"
     outcome = CellOutcome(cell, status, dict(result.metrics), result.video, warnings=result.warnings,
-                          error=result.clarity_error)  # fmt: skip
+                          error=result.clarity_error or result.interpolation_error)  # fmt: skip
     try:
         outcome.run_id = log_generation(
             result, job, run_name=cell.label, experiment=experiment, tracking_uri=tracking_uri,
@@ -480,8 +484,7 @@ def sheet_frame_index(plan: SweepPlan, frame: int | None) -> int:
 def _record_summary(client: MlflowClient, parent: str, outcomes, summary: dict[str, Path], best) -> None:
     """The summary files, the cell counts and the best cell per metric, on the parent run."""
     now = get_current_time_millis()
-    statuses = ("ran", "reused", "failed", "unmeasured", "untracked")
-    counts = {status: sum(o.status == status for o in outcomes) for status in statuses}
+    counts = {status: sum(o.status == status for o in outcomes) for status in STATUSES}
     metrics = [Metric(f"cells_{status}", float(n), now, 0) for status, n in counts.items()]
     metrics += [Metric(f"best/{key}", float(value), now, 0) for key, (_, value) in best.items()]
     tags = [RunTag(f"framecast.best.{sweep_report.file_name(key)}", o.cell.label) for key, (o, _) in best.items()]

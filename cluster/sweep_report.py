@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from cluster.tracking import TIMING_METRICS
-from stages.clarity import ADHERENCE, METRICS, REFERENCED, metric_sign
+from stages.clarity import ADHERENCE, METRICS, REFERENCED, json_figure, metric_sign
 from stages.video_io import read_frame
 
 # Frames on the side-by-side sheet are scaled to this width (pixels): small ones up, so that their
@@ -45,12 +45,17 @@ class Cell:
         return dict(self.values)[axis]
 
 
+# What became of a cell: "ran", "reused", "failed" (no video); and, with a video but something
+# missing: "unmeasured" (no clarity figures), "uninterpolated" (no interpolated copy, though one
+# was asked for) or "untracked" (its run could not be recorded).
+INCOMPLETE = ("unmeasured", "uninterpolated", "untracked")
+STATUSES = ("ran", "reused", "failed", *INCOMPLETE)
+
+
 @dataclass
 class CellOutcome:
     cell: Cell
-    # "ran", "reused", "failed" (no video), "unmeasured" (a video without clarity figures) or
-    # "untracked" (a video and figures, but its run could not be recorded)
-    status: str
+    status: str  # one of STATUSES
     metrics: dict[str, float] = field(default_factory=dict)
     video: Path | None = None
     run_id: str | None = None
@@ -65,7 +70,7 @@ class CellOutcome:
             "video": str(self.video) if self.video else None,
             "run_id": self.run_id,
             "error": self.error,
-            "metrics": self.metrics,
+            "metrics": {k: json_figure(v) for k, v in self.metrics.items()},
             "warnings": self.warnings,
         }
 
@@ -173,7 +178,8 @@ def heatmap(axes: dict[str, list], outcomes: list[CellOutcome], key: str, path: 
     panels = panel_values(axes, outcomes, key)
     fig = Figure(figsize=(1.2 + 1.1 * len(columns) * len(panels), 1.4 + 0.6 * len(rows)), layout="constrained")
     figures = np.concatenate([grid.ravel() for _, grid in panels])
-    low, high = (np.nanmin(figures), np.nanmax(figures)) if not np.isnan(figures).all() else (0.0, 1.0)
+    finite = figures[np.isfinite(figures)]  # an infinite PSNR (a lossless file) is shown, not scaled
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     for p, (rest, grid) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), p + 1)
         ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r" if sign == -1 else "viridis", vmin=low, vmax=high,

@@ -43,7 +43,7 @@ from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec
 from stages.request import frames_nearest
 from stages.settings import SETTINGS
-from stages.video_io import CODECS, read_frame
+from stages.video_io import CODECS, interpolated_path, read_frame
 
 log = logging.getLogger("framecast.serve")
 
@@ -272,19 +272,21 @@ class VideoService:
         record = self._record(video_id)
         if record.status != "completed":
             raise NotReady(f"video {video_id} is {record.status}; its content is there once it is completed")
-        settings = record.request["settings"]
-        if variant == "interpolated" and not settings["interpolate_fps"]:
+        settings, result = record.request["settings"], record.result
+        if variant == "interpolated" and not settings.get("interpolate_fps"):
             raise NotFound(video_id, f"video {video_id} has no interpolated copy: it was made without interpolate_fps")
-        codec = CODECS[settings["codec"]]
-        suffix, media_type = {  # each attempt's files are <id>.a<attempt>-<mark><suffix>
-            "video": (codec.suffix, codec.media_type),
-            "interpolated": (f".interp{codec.suffix}", codec.media_type),
-            "thumbnail": (".thumbnail.png", "image/png"),
-            "spritesheet": (".sheet.png", "image/png"),
+        if variant == "interpolated" and result.get("interpolation_error"):
+            raise NotFound(video_id, f"video {video_id} has no interpolated copy: {result['interpolation_error']}")
+        codec = CODECS[settings.get("codec", "h264")]  # videos accepted before codecs were H.264
+        video = self.videos / f"{result['files']}{codec.suffix}"  # the attempt that made it
+        path, media_type = {
+            "video": (video, codec.media_type),
+            "interpolated": (interpolated_path(video), codec.media_type),
+            "thumbnail": (video.with_suffix(".thumbnail.png"), "image/png"),
+            "spritesheet": (video.with_suffix(".sheet.png"), "image/png"),
         }[variant]
-        name = f"{record.result['files']}{suffix}"  # the attempt that made it
         try:
-            return (self.videos / name).open("rb"), media_type, f"{video_id}{suffix}"
+            return path.open("rb"), media_type, video_id + path.name.removeprefix(result["files"])
         except FileNotFoundError:
             raise NotFound(video_id) from None
 
@@ -454,7 +456,9 @@ class VideoService:
         # touches what the other makes.
         stem = attempt.stem
         output = self.videos / f"{stem}{job.suffix}"
-        (result,) = list(run_stream([job], _AttemptExecutor(self.executor, attempt), [output], on_step))
+        executor = _AttemptExecutor(self.executor, attempt)
+        # every frame written or interpolated is progress: a long interpolation is not a stall
+        (result,) = list(run_stream([job], executor, [output], on_step, on_write=lambda _index: attempt.advance()))
         if isinstance(result, JobFailed):
             if result.error.actor_lost:
                 self.store.retry(record.id, worker, str(result.error))

@@ -403,10 +403,11 @@ class ClarityStage:
         start = time.perf_counter()
         made = _frames_video(frames, fps, "the generated frames")
         report = measure(made)
-        with tempfile.TemporaryDirectory(prefix="framecast-clarity-") as scratch:
-            path = Path(scratch) / f"video{suffix}"
-            path.write_bytes(media)
-            report.encoded = measure(DecodedVideo.read(path), reference=made)
+        if suffix != ".png":  # a PNG holds its one frame exactly: its figures would be the frame's
+            with tempfile.TemporaryDirectory(prefix="framecast-clarity-") as scratch:
+                path = Path(scratch) / f"video{suffix}"
+                path.write_bytes(media)
+                report.encoded = measure(DecodedVideo.read(path), reference=made)
         if interpolated is not None:
             report.interpolated = measure(_frames_video(interpolated, interpolated_fps, "the interpolated frames"))
         if adherence is not None and prompt is not None:

@@ -145,6 +145,8 @@ def check_output(spec: ModelSpec, r: GenerationRequest) -> None:
             )
         if r.interpolate_fps:
             raise InvalidRequest(f"{spec.name} makes a picture; interpolate is for video models")
+        if r.crf is not None:
+            raise InvalidRequest(f"{spec.name} makes a picture, written as PNG (lossless); crf is for video models")
         return
     if r.codec not in VIDEO_CODECS:
         raise InvalidRequest(f"codec must be one of {', '.join(VIDEO_CODECS)} (got {r.codec!r})")
@@ -159,6 +161,12 @@ def check_output(spec: ModelSpec, r: GenerationRequest) -> None:
         raise InvalidRequest(
             f"crf must be between {lo} and {hi} for {r.codec} (got {r.crf}); lower keeps more, "
             f"{codec.default_crf} is the default"
+        )
+    fastest = max(r.fps, r.interpolate_fps)
+    if codec.max_fps is not None and fastest > codec.max_fps:
+        raise InvalidRequest(
+            f"{r.codec} plays at most {codec.max_fps} fps (its frame delays are whole hundredths of a second); "
+            f"got {fastest} fps: choose another codec, or a lower fps"
         )
     if r.interpolate_fps:
         highest = min(INTERPOLATE_MAX_FPS, INTERPOLATE_MAX_RATIO * r.fps)

@@ -22,7 +22,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -131,6 +131,7 @@ class Codec:
     default_crf: int | None = None
     even_size: bool = False  # 4:2:0 or 4:2:2 chroma: the width (and for 4:2:0 the height) must be even
     picture: bool = False  # one frame, for text-to-image models
+    max_fps: int | None = None  # the fastest it can play
 
 
 FASTSTART = ("-movflags", "+faststart")  # MP4/MOV: the index first, so a player can start before the end
@@ -154,9 +155,10 @@ CODECS: dict[str, Codec] = {
               crf=(0, 63), default_crf=31, even_size=True),
         # One palette of at most 256 colours for the whole clip (stats_mode=full), none reserved for
         # transparency: a clip of at most 256 colours is kept exactly, one of more is dithered.
+        # Frame delays are whole hundredths of a second: 8 fps plays at 8.33, and 2 is the shortest.
         Codec("gif", ".gif", "image/gif", "GIF: at most 256 colours (lossy beyond that), loops",
               ("-filter_complex", "split[a][b];[a]palettegen=stats_mode=full:reserve_transparent=0[p];[b][p]paletteuse",
-               "-loop", "0")),
+               "-loop", "0"), max_fps=50),
         Codec("png", ".png", "image/png", "PNG: a text-to-image model's picture", lossless=True, picture=True),
     )
 }  # fmt: skip
@@ -164,9 +166,17 @@ VIDEO_CODECS = tuple(name for name, codec in CODECS.items() if not codec.picture
 GIF_COLOURS = 256
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: float, codec: str = "h264", crf: int | None = None) -> Path:
+def write_video(
+    frames: np.ndarray,
+    path: str | Path,
+    fps: float,
+    codec: str = "h264",
+    crf: int | None = None,
+    on_frame: Callable[[], None] | None = None,
+) -> Path:
     """Write (frames, H, W, 3) uint8 RGB with `codec` (CODECS) at `crf` (None: the codec's
-    default; only codecs with a CRF take one). The file appears under `path` whole or not at all."""
+    default; only codecs with a CRF take one). The file appears under `path` whole or not at all.
+    `on_frame` is called in this thread as each frame goes to the encoder (a sign of progress)."""
     spec = CODECS[codec]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (frames, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
@@ -186,7 +196,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float, codec: str = "
             Image.fromarray(frames[0]).save(partial, format="PNG")
         else:
             rate = ["-crf", str(spec.default_crf if crf is None else crf)] if spec.crf else []
-            _encode(frames, partial, fps, [*spec.encoder, *rate])
+            _encode(frames, partial, fps, [*spec.encoder, *rate], on_frame)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -201,7 +211,9 @@ def _raw_input(width: int, height: int, fps: float) -> list[str]:
             "-i", "-", "-an"]  # fmt: skip
 
 
-def _encode(frames: np.ndarray, path: Path, fps: float, options: Sequence[str]) -> None:
+def _encode(
+    frames: np.ndarray, path: Path, fps: float, options: Sequence[str], on_frame: Callable[[], None] | None
+) -> None:
     height, width = frames.shape[1:3]
     ffmpeg = FfmpegProcess(["-y", *_raw_input(width, height, fps), "-v", "error", *options, str(path)], feed=True)
     try:
@@ -209,6 +221,8 @@ def _encode(frames: np.ndarray, path: Path, fps: float, options: Sequence[str]) 
             for frame in frames:
                 ffmpeg.process.stdin.write(np.ascontiguousarray(frame).tobytes())
                 ffmpeg.touch()
+                if on_frame is not None:
+                    on_frame()
             ffmpeg.process.stdin.close()
         except BrokenPipeError:  # ffmpeg ended early: its exit status and log say why
             pass
@@ -218,10 +232,17 @@ def _encode(frames: np.ndarray, path: Path, fps: float, options: Sequence[str]) 
         ffmpeg.stop()
 
 
-def _filter(frames: np.ndarray, fps: float, options: Sequence[str], channels: int) -> np.ndarray:
+def _filter(
+    frames: np.ndarray,
+    fps: float,
+    options: Sequence[str],
+    channels: int,
+    on_frame: Callable[[], None] | None = None,
+) -> np.ndarray:
     """rgb24 `frames` through ffmpeg's `options` (filters, and e.g. -frames:v), back as raw frames
     of `channels` (3: rgb24, 1: gray) at the input's size. The frames are fed from a thread while
-    this one reads, so that neither pipe fills and stalls ffmpeg."""
+    this one reads, so that neither pipe fills and stalls ffmpeg; `on_frame` is called in this
+    thread for each frame that comes back."""
     height, width = frames.shape[1:3]
     pix_fmt = {3: "rgb24", 1: "gray"}[channels]
     ffmpeg = FfmpegProcess(
@@ -245,6 +266,8 @@ def _filter(frames: np.ndarray, fps: float, options: Sequence[str], channels: in
         while len(raw := ffmpeg.process.stdout.read(size)) == size:
             ffmpeg.touch()
             out.append(np.frombuffer(raw, np.uint8).reshape(height, width, channels))
+            if on_frame is not None:
+                on_frame()
         feeder.join()
         if ffmpeg.finish() != 0:
             raise OSError(f"ffmpeg failed: {ffmpeg.reason()}")
@@ -253,6 +276,19 @@ def _filter(frames: np.ndarray, fps: float, options: Sequence[str], channels: in
     if not out:
         raise OSError("ffmpeg gave no frames")
     return np.stack(out)
+
+
+INTERPOLATED = ".interp"  # <name>.interp.<ext>: a video's motion-interpolated copy, beside it
+
+
+def interpolated_path(video: Path) -> Path:
+    """Where a video's motion-interpolated copy goes."""
+    return video.with_suffix(f"{INTERPOLATED}{video.suffix}")
+
+
+def is_interpolated(path: Path) -> bool:
+    """Whether `path` names a motion-interpolated copy."""
+    return path.stem.endswith(INTERPOLATED)
 
 
 # What `interpolate` pads the clip's end with (clones of the last frame): minterpolate makes a
@@ -265,15 +301,18 @@ def interpolated_count(frames: int, fps: float, target_fps: float) -> int:
     return max(1, round(frames * target_fps / fps))
 
 
-def interpolate(frames: np.ndarray, fps: float, target_fps: float) -> np.ndarray:
+def interpolate(
+    frames: np.ndarray, fps: float, target_fps: float, on_frame: Callable[[], None] | None = None
+) -> np.ndarray:
     """The clip at `target_fps`, the same duration, made by ffmpeg's motion-compensated
     interpolation (`minterpolate`, mi_mode=mci). minterpolate works in YUV, so even the frames
     that fall on the original's instants come back within a code value or two of them. Output
-    frames past the last original instant hold the last frame, as the original does for 1/fps."""
+    frames past the last original instant hold the last frame, as the original does for 1/fps.
+    `on_frame` is called as each interpolated frame comes."""
     count = interpolated_count(len(frames), fps, target_fps)
     rate = str(Fraction(target_fps).limit_denominator())
     chain = f"tpad=stop_mode=clone:stop={INTERPOLATION_LOOKAHEAD},minterpolate=fps={rate}:mi_mode=mci"
-    return _filter(frames, fps, ["-vf", chain, "-frames:v", str(count)], channels=3)
+    return _filter(frames, fps, ["-vf", chain, "-frames:v", str(count)], channels=3, on_frame=on_frame)
 
 
 def luma(frames: np.ndarray) -> np.ndarray:

@@ -326,6 +326,9 @@ def test_the_stage_measures_the_frames_and_the_file_against_them(made, tmp_path)
         assert metrics["encoded/psnr_y"] == pytest.approx(expected, abs=0.01)
         assert metrics["encoded/clarity/noise_sigma"] != metrics["clarity/noise_sigma"]  # the codec's part
         assert metrics["encoded/ssim_y"] < 1
+    # x264 at CRF 0 is lossless on the Y plane it is given, and that plane is the frames' (luma):
+    zero = write_video(frames, tmp_path / "crf0.mp4", fps=8, crf=0)
+    assert ClarityStage(threads=1).measure(frames, 8, zero.read_bytes(), ".mp4").encoded.summary["psnr_y"] == math.inf
     kept = ClarityStage(threads=1).measure(frames, 8, lossless.read_bytes(), ".mkv")
     assert kept.encoded.summary["psnr_y"] == math.inf and kept.encoded.summary["ssim_y"] == 1.0
     assert {k: v for k, v in kept.encoded.summary.items() if k not in ("psnr_y", "ssim_y")} == kept.summary

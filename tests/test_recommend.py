@@ -12,10 +12,11 @@ from cluster.tracking import log_run
 from stages.models import load_spec
 
 SETTINGS = {"num_frames": "9", "fps": "8", "height": "64", "width": "96", "scheduler": "CogVideoXDDIMScheduler",
-            "dynamic_guidance": "False"}  # fmt: skip
+            "dynamic_guidance": "False", "codec": "h264", "crf": "18", "interpolate_fps": "0"}  # fmt: skip
 
 
 def seed_run(uri: str, model: str, steps: int, guidance: float, sharpness: float, blur: float, **extra) -> None:
+    stored = extra.pop("stored", {})  # how it was stored, and the file's figures
     log_run(
         params={
             "model": model,
@@ -23,8 +24,14 @@ def seed_run(uri: str, model: str, steps: int, guidance: float, sharpness: float
             "steps": str(steps),
             "guidance_scale": str(guidance),
             **SETTINGS,
+            **stored.get("params", {}),
         },  # fmt: skip
-        metrics={"clarity/sharpness_laplacian_var": sharpness, "clarity/blur_effect": blur, "total_s": 1.0},
+        metrics={
+            "clarity/sharpness_laplacian_var": sharpness,
+            "clarity/blur_effect": blur,
+            "total_s": 1.0,
+            **stored.get("metrics", {}),
+        },  # fmt: skip
         artifacts=[],
         experiment=extra.pop("experiment", "seeded"),
         tracking_uri=uri,
@@ -69,6 +76,51 @@ def test_best_settings_come_from_past_runs(store, capsys):
     assert "heuristics (rules of thumb from the tuning articles, not measured here)" in text
     assert "1. steps=50, guidance_scale=9.0, num_frames=9" in text and "mean 310 over 2 run(s), 300..320" in text
     assert "2. steps=30" in text and "over 3 run(s)" in text
+
+
+def test_how_a_video_was_stored_groups_only_the_figures_it_changes(store, capsys):
+    """The codec cannot change the frames' figures: runs that differ only in it are one setting
+    for clarity/..., two for encoded/.... A run from before frames were measured (no codec param)
+    measured its H.264 file as clarity/...: it counts for encoded/clarity/... at h264, CRF 18, and
+    not for the frames."""
+    seed_run(
+        store,
+        "tiny",
+        30,
+        6.0,
+        sharpness=200.0,
+        blur=0.3,
+        stored={"metrics": {"encoded/clarity/sharpness_laplacian_var": 190.0, "encoded/psnr_y": 40.0}},
+    )
+    seed_run(
+        store,
+        "tiny",
+        30,
+        6.0,
+        sharpness=210.0,
+        blur=0.3,
+        stored={
+            "params": {"codec": "ffv1", "crf": "None"},
+            "metrics": {"encoded/clarity/sharpness_laplacian_var": 210.0, "encoded/psnr_y": float("inf")},
+        },
+    )
+    old = {k: v for k, v in SETTINGS.items() if k not in ("codec", "crf", "interpolate_fps")}  # before codecs
+    log_run(
+        params={"model": "tiny", "prompt": "a fox", "steps": "30", "guidance_scale": "6.0", **old},
+        metrics={"clarity/sharpness_laplacian_var": 170.0},
+        artifacts=[],
+        experiment="seeded",
+        tracking_uri=store,
+    )
+    _, frames, _ = recommend(capsys, store)
+    (setting,) = frames["data"]["settings"]  # the two new runs, one setting; the old one has no frames figure
+    assert "codec" not in setting["settings"] and (setting["runs"], setting["mean"]) == (2, 205.0)
+    _, files, _ = recommend(capsys, store, "--metric", "encoded/clarity/sharpness_laplacian_var")
+    by_codec = {s["settings"]["codec"]: s for s in files["data"]["settings"]}
+    assert (by_codec["ffv1"]["mean"], by_codec["h264"]["runs"], by_codec["h264"]["mean"]) == (210.0, 2, 180.0)
+    _, psnr, _ = recommend(capsys, store, "--metric", "encoded/psnr_y")
+    best = psnr["data"]["settings"][0]  # lossless: an infinite PSNR, which MLflow's SQLite store keeps as 1.8e308
+    assert best["settings"]["codec"] == "ffv1" and best["mean"] > 1e308
 
 
 def test_no_runs_no_data(store, capsys):

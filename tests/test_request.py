@@ -45,6 +45,7 @@ def test_defaults_fill_unset_fields(spec):
         ({"codec": "webm", "crf": 64}, r"crf must be between 0 and 63 for webm \(got 64\)"),
         ({"codec": "ffv1", "crf": 10}, r"crf is for h264 \(0-51\), webm \(0-63\); ffv1 is lossless \(got crf 10\)"),
         ({"codec": "prores", "crf": 10}, r"crf is for h264 \(0-51\), webm \(0-63\); prores has no CRF"),
+        ({"codec": "gif", "interpolate_fps": 60}, r"gif plays at most 50 fps \(its frame delays are whole hundredths"),
     ],
 )
 def test_invalid_settings(spec, kwargs, message):
@@ -99,3 +100,5 @@ def test_a_picture_model_takes_no_codec_and_no_interpolation():
         build_request(image_model, "a cat", codec="h264")
     with pytest.raises(InvalidRequest, match=r"tiny-zimage makes a picture; interpolate is for video models"):
         build_request(image_model, "a cat", interpolate_fps=24)
+    with pytest.raises(InvalidRequest, match=r"tiny-zimage makes a picture, written as PNG \(lossless\); crf is for"):
+        build_request(image_model, "a cat", crf=18)

@@ -655,3 +655,40 @@ def test_a_video_accepted_under_other_settings_fails_rather_than_runs_differentl
     failed = service.retrieve(accepted["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
     assert "settings changed" in failed["error"]["message"]
+
+
+def test_the_content_of_videos_stored_before_codecs_and_of_a_failed_copy(tmp_path):
+    """A video accepted before codecs existed (its settings name none) is H.264; asking for an
+    interpolated copy that was never made, or whose making failed, is a 404 that says why."""
+    import json
+    import sqlite3
+
+    from cluster.serving import resolve_served
+    from cluster.videos import NotFound, VideoService
+
+    service = VideoService(resolve_served(ServeArgs(model="tiny", data_dir=str(tmp_path))), executor=None)
+    made = {}
+    for name, fields in (("old", {}), ("failed", {"interpolate_fps": 16})):
+        video = service.create({"prompt": "a fox", **fields})
+        record = service.store.claim("w", 60)
+        stem = f"{record.id}.a1-w"
+        (service.videos / f"{stem}.mp4").write_bytes(b"an mp4")
+        error = "OSError: ffmpeg vanished" if name == "failed" else None
+        assert service.store.finish(record.id, "w", {"files": stem, "interpolation_error": error})
+        made[name] = video["id"]
+    with sqlite3.connect(service.store.path) as db:  # as stored before codecs: no codec, crf or interpolate_fps
+        (request,) = db.execute("SELECT request FROM videos WHERE id = ?", (made["old"],)).fetchone()
+        request = json.loads(request)
+        request["settings"] = {
+            k: v for k, v in request["settings"].items() if k not in ("codec", "crf", "interpolate_fps")
+        }
+        db.execute("UPDATE videos SET request = ? WHERE id = ?", (json.dumps(request), made["old"]))
+    file, media_type, name = service.content(made["old"], "video")
+    assert (file.read(), media_type, name) == (b"an mp4", "video/mp4", f"{made['old']}.mp4")
+    file.close()
+    with pytest.raises(NotFound) as never:
+        service.content(made["old"], "interpolated")
+    assert never.value.args[1] == f"video {made['old']} has no interpolated copy: it was made without interpolate_fps"
+    with pytest.raises(NotFound) as failed:
+        service.content(made["failed"], "interpolated")
+    assert failed.value.args[1] == f"video {made['failed']} has no interpolated copy: OSError: ffmpeg vanished"

@@ -173,17 +173,29 @@ def test_a_codec_without_a_crf_refuses_one(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("frames, fps, target", [(9, 8, 24), (9, 8, 30), (17, 8, 12), (25, 12, 25)])
-def test_interpolation_lasts_as_long_at_the_higher_rate(tmp_path, frames, fps, target):
+@pytest.mark.parametrize(
+    "frames, fps, target, count",
+    [
+        (9, 8, 24, 27),
+        (9, 8, 30, 34),
+        (17, 8, 12, 26),
+        (25, 12, 25, 52),
+    ],  # seconds, the original's / the copy's: 1.125 / 1.125, 1.125 / 1.133, 2.125 / 2.167, 2.083 / 2.080
+)
+def test_interpolation_lasts_as_long_at_the_higher_rate(tmp_path, frames, fps, target, count):
     """minterpolate (mi_mode=mci) at `target` fps: as many frames as last as long as the original
     (to the nearest frame), written at that fps; frames on the original's instants are the
-    original's, within YUV rounding; frames between differ from both neighbours."""
+    original's, within YUV rounding; frames between differ from both neighbours. `on_frame` hears
+    of each frame made, and of each frame written."""
     clip = moving_texture(frames)
-    made = interpolate(clip, fps, target)
-    count = interpolated_count(frames, fps, target)
-    assert count == round(frames * target / fps) and made.shape == (count, *clip.shape[1:])
-    assert abs(count / target - frames / fps) <= 0.5 / target
-    path = write_video(made, tmp_path / "v.interp.mkv", fps=target, codec="ffv1")
+    made_frames, written_frames = [], []
+    made = interpolate(clip, fps, target, on_frame=lambda: made_frames.append(1))
+    assert interpolated_count(frames, fps, target) == count and made.shape == (count, *clip.shape[1:])
+    assert len(made_frames) == count
+    path = write_video(
+        made, tmp_path / "v.interp.mkv", fps=target, codec="ffv1", on_frame=lambda: written_frames.append(1)
+    )
+    assert len(written_frames) == count
     video = DecodedVideo.read(path, planes=("rgb",))
     assert video.frames == count and video.fps == target
     assert abs(video.frames / video.fps - frames / fps) <= 0.5 / target  # the same duration

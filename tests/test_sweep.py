@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import cluster.sweep as sweep_module
-from cluster.cli import main
+from cluster.cli import EXIT_INCOMPLETE, main
 from cluster.driver import generate, make_executor
 from cluster.settings import resolve_settings
 from cluster.sweep import CellOutcome, parse_grid, plan_sweep, run_sweep
@@ -180,27 +180,46 @@ def test_a_sweep_over_codecs_and_interpolation(tmp_path, capsys):
     """codec and interpolate are axes: each cell writes its codec's file and, when asked, its
     interpolated copy; the summary compares the copies (interp/clarity/...) and what each codec
     cost (encoded/psnr_y). The frames are the same in every cell: one generation's settings."""
-    argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a fox", "--grid", "codec=h264,webm",
+    argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a fox", "--grid", "codec=ffv1,webm",
             "--grid", "interpolate=0,16", "--steps", "1", "--json", "--experiment", "sweep-codecs",
             "--output-dir", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out)
     outcomes = {o["label"]: o for o in result["outcomes"]}
-    assert set(outcomes) == {"codec=h264,interpolate=0", "codec=h264,interpolate=16", "codec=webm,interpolate=0",
+    assert set(outcomes) == {"codec=ffv1,interpolate=0", "codec=ffv1,interpolate=16", "codec=webm,interpolate=0",
                              "codec=webm,interpolate=16"}  # fmt: skip
     client = MlflowClient()
     digests = {client.get_run(o["run_id"]).data.tags["framecast.frames_sha256"] for o in outcomes.values()}
     assert len(digests) == 1
     for label, o in outcomes.items():
         video = Path(o["video"])
-        assert video.suffix == (".webm" if "webm" in label else ".mp4")
+        assert video.suffix == (".webm" if "webm" in label else ".mkv")
         interpolated = video.with_suffix(f".interp{video.suffix}")
         assert interpolated.is_file() == label.endswith("=16")
         assert any(k.startswith("interp/clarity/") for k in o["metrics"]) == label.endswith("=16")
         if label.endswith("=16"):
             assert read_frames(interpolated).shape[0] == 18
+    # lossless: an infinite PSNR, "inf" in strict JSON, the best cell, shown but not on the colour scale
+    assert outcomes["codec=ffv1,interpolate=0"]["metrics"]["encoded/psnr_y"] == "inf"
+    assert result["best"]["encoded/psnr_y"] == {"cell": "codec=ffv1,interpolate=0", "value": "inf"}
     heatmaps = {a.path for a in client.list_artifacts(result["parent_run_id"], "summary/heatmaps")}
     assert {"summary/heatmaps/encoded_psnr_y.png", "summary/heatmaps/interp_clarity_warp_error.png"} <= heatmaps
+
+
+def test_a_cell_without_its_interpolated_copy_is_incomplete_and_run_again(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("ffmpeg vanished")
+
+    argv = ["sweep", "--model", "tiny", "--local", "--prompt", "a fox", "--grid", "interpolate=16", "--steps", "1",
+            "--json", "--experiment", "sweep-uninterpolated", "--output-dir", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr("cluster.driver.interpolate", broken)
+    assert main(argv) == EXIT_INCOMPLETE
+    (cell,) = json.loads(capsys.readouterr().out)["outcomes"]
+    assert cell["status"] == "uninterpolated" and cell["error"] == "OSError: ffmpeg vanished"
+    monkeypatch.undo()
+    assert main(argv) == 0  # the same sweep again: the cell is run again, not reused
+    result = json.loads(capsys.readouterr().out)
+    assert result["resumed"] and result["outcomes"][0]["status"] == "ran" and result["reused"] == 0
 
 
 def test_interrupted_sweep_resumes(tmp_path, capsys, monkeypatch):
