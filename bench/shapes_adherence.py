@@ -7,7 +7,7 @@ Every prompt of `stages.shapes.HELD_OUT` (12, never shown in training) and 12 pr
 training (every ninth of the others), at `--seeds` seeds each, at the model's default settings
 unless given, through framecast's own stages in this process. Each video is measured by the
 clarity panel as any framecast-shapes run is, and its `adherence/*` figures (the shapes
-detector on the saved MP4) are counted. Prints a markdown report with the colour, shape and
+detector on the frames as made) are counted. Prints a markdown report with the colour, shape and
 direction rates per group, and writes `adherence.json` and `adherence.png` (first, middle and
 last frame of every video; a row per prompt, a column per seed; red text: a term missed).
 """

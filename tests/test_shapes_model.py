@@ -106,7 +106,7 @@ def test_ulysses_group_equals_single_process(ray_session, spec, weights):
 
 def test_held_out_prompts_at_default_settings(tmp_path, capsys):
     """One real generation per test run: two prompts the model never saw, at its default settings
-    (the CLI's default model), read back by the detector from the saved MP4; the panel's adherence
+    (the CLI's default model), read by the detector from the frames as made; the panel's adherence
     figures are in the MLflow runs."""
     argv = ["generate", "--local", "--seed", str(SEED), "--output-dir", str(tmp_path), "--json"]
     for prompt in HELD_OUT_PROMPTS:
