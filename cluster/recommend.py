@@ -113,8 +113,9 @@ def metric_direction(metric: str) -> int:
         return -1
     allowed = [f"clarity/{k}" for k in CLEARER] + [f"adherence/{k}" for k in ADHERENCE] + list(TIMING_METRICS)
     raise InvalidRequest(
-        f"--metric {metric} does not rank settings; choose one of {', '.join(allowed)}, or a clarity key "
-        f"as encoded/clarity/<key> (the saved file) or interp/clarity/<key> (the interpolated copy)"
+        f"--metric {metric} does not rank settings; choose one of {', '.join(allowed)}, encoded/psnr_y, "
+        f"encoded/ssim_y, or a clarity key as encoded/clarity/<key> (the saved file) or interp/clarity/<key> "
+        f"(the interpolated copy)"
     )
 
 
