@@ -443,7 +443,10 @@ class VideoService:
             image = record.request.get("image")
             image = str(self.videos / image) if image else None
             job, _, recorded = prepare_video(self.served, self.spec, record.request["fields"], image)
-            if job.request.as_dict() != record.request["settings"]:
+            # Compared on the settings the video was accepted with: one accepted before a setting
+            # existed (a codec, say) gets that setting's default, as its fields ask for none.
+            now = job.request.as_dict()
+            if any(now.get(name) != value for name, value in record.request["settings"].items()):
                 raise InvalidRequest("the server's model settings changed since the video was accepted")
         except InvalidRequest as e:  # accepted earlier under other rules (the server was changed)
             self.store.fail(record.id, worker, "invalid_request", str(e))

@@ -22,6 +22,7 @@ from PIL import Image
 from cluster.driver import generate, prepare
 from cluster.executor import LocalExecutor
 from cluster.serving import ServeArgs
+from stages.models import load_spec
 from stages.video_io import DecodedVideo, read_frames
 
 KEY_ENV = "FRAMECAST_TEST_API_KEY"
@@ -692,3 +693,34 @@ def test_the_content_of_videos_stored_before_codecs_and_of_a_failed_copy(tmp_pat
     with pytest.raises(NotFound) as failed:
         service.content(made["failed"], "interpolated")
     assert failed.value.args[1] == f"video {made['failed']} has no interpolated copy: OSError: ffmpeg vanished"
+
+
+def test_a_video_queued_before_codecs_runs_as_h264(tmp_path, tiny_weights):
+    """Queued under settings that named no codec (before codecs existed): it runs with the
+    defaults of the settings it lacks, rather than failing as if the model had changed."""
+    import json
+    import sqlite3
+
+    from cluster.serving import resolve_served
+    from cluster.videos import Attempt, VideoService
+
+    served = resolve_served(ServeArgs(model="tiny", data_dir=str(tmp_path)))
+    executor = LocalExecutor(load_spec("tiny"), tiny_weights)
+    service = VideoService(served, executor=executor)
+    try:
+        accepted = service.create({"prompt": "a fox", "steps": "1"})
+        with sqlite3.connect(service.store.path) as db:
+            (request,) = db.execute("SELECT request FROM videos WHERE id = ?", (accepted["id"],)).fetchone()
+            request = json.loads(request)
+            for name in ("codec", "crf", "interpolate_fps"):
+                del request["settings"][name]
+            db.execute("UPDATE videos SET request = ? WHERE id = ?", (json.dumps(request), accepted["id"]))
+        record = service.store.claim("w", 60)
+        service.run_job(Attempt(service.store, record, "w", 60))
+        done = service.retrieve(accepted["id"])
+        assert done["status"] == "completed", done["error"]
+        file, media_type, _ = service.content(accepted["id"], "video")
+        file.close()
+        assert media_type == "video/mp4" and done["encoded"]["psnr_y"] < 60
+    finally:
+        executor.close()
