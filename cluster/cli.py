@@ -178,6 +178,25 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the sweep's result")
 
 
+def _batch_parser(sub) -> None:
+    p = sub.add_parser(
+        "batch", help="a JSON Lines file of requests -> a video each, a manifest, one MLflow run per job (resumable)"
+    )
+    p.add_argument(
+        "requests", type=Path,
+        help='one JSON object per line: "prompt", and optionally "id" and any setting by name (steps, guidance, '
+        'frames, seed, image, codec, ...); an image path is relative to the file',
+    )  # fmt: skip
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model from configs/models (default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--output-dir", type=Path, required=True,
+        help="videos, contact sheets and manifest.jsonl; the same command again runs only what it lacks",
+    )  # fmt: skip
+    _tracking_options(p)
+    _placement_options(p)
+    p.add_argument("--json", action="store_true", help="print each job's manifest line as it finishes, then the counts")
+
+
 def _recommend_parser(sub) -> None:
     p = sub.add_parser(
         "recommend", help="settings for a prompt: the articles' heuristics, and what past MLflow runs measured"
@@ -667,6 +686,69 @@ def _stop_serving(shared: bool) -> int:
     return returned
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    real_stdout = sys.stdout  # as in `generate`: with --json, stdout carries the JSON and nothing else
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        return _batch(args, real_stdout)
+
+
+def _batch(args: argparse.Namespace, out) -> int:
+    from cluster.batch import Manifest, prepare_batch, read_requests, run_batch
+    from cluster.driver import make_executor
+
+    try:
+        requests = read_requests(args.requests)
+        jobs = prepare_batch(args.model, requests, args.requests.resolve().parent, **_placement(args))
+    except InvalidRequest as e:
+        print(f"framecast: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    _say([], [f"{r.id}: {line}" for r, job in zip(requests, jobs, strict=True) for line in job.warnings.values()])
+    manifest = Manifest(args.output_dir)
+    todo = sum(not manifest.done(r.id) for r in requests)
+    tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
+    bar = tqdm(total=todo, desc="jobs", unit="job", file=sys.stderr)
+    failures = 0
+
+    def on_entry(entry: dict) -> None:
+        nonlocal failures
+        failures += bool(entry.get("error"))
+        bar.update(1)
+        per_minute = 60 * bar.n / elapsed if (elapsed := bar.format_dict["elapsed"]) else 0.0
+        bar.set_postfix_str(f"{failures} failed, {per_minute:.1f} jobs/min")
+        if args.json:
+            print(json.dumps(entry), file=out, flush=True)
+
+    executor = None
+    try:
+        if todo:
+            if not args.local:
+                from cluster.runtime import connect
+
+                connect(args.address, quiet=args.json)
+            executor = make_executor(jobs[0], local=args.local)
+        counts, parent = run_batch(
+            requests, jobs, executor, args.output_dir, manifest, model=args.model, experiment=args.experiment,
+            tracking_uri=tracking_uri, on_entry=on_entry,
+        )  # fmt: skip
+    except Exception as e:  # an actor or Ray itself failed: one line, unless debugging
+        if os.environ.get("FRAMECAST_DEBUG"):
+            raise
+        print(f"framecast: error: {_first_line(e)} (FRAMECAST_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        bar.close()
+        if executor is not None:
+            executor.close()
+    summary = {**counts.as_json(), "manifest": str(manifest.path), "parent_run_id": parent}
+    if args.json:
+        print(json.dumps(summary), file=out, flush=True)
+    else:
+        print(f"ran {counts.ran}, reused {counts.reused}, failed {len(counts.failed)}; manifest: {manifest.path}")
+    for failed in counts.failed:  # after the progress bar, so that the errors are the last thing printed
+        print(f"framecast: error: job {failed}: {manifest.entries[failed]['error']}", file=sys.stderr)
+    return EXIT_FAILED if counts.failed else 0
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     from cluster.recommend import heuristics, measured, metric_direction
     from stages.models import load_spec
@@ -873,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _sweep_parser(sub)
+    _batch_parser(sub)
     _recommend_parser(sub)
     _clarity_parser(sub)
     _frames_parser(sub)
@@ -882,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "generate": cmd_generate,
         "sweep": cmd_sweep,
+        "batch": cmd_batch,
         "recommend": cmd_recommend,
         "clarity": cmd_clarity,
         "frames": cmd_frames,
