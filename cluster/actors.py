@@ -144,13 +144,22 @@ def build_without_gc(build: Callable[..., Any], *args: Any, **kwargs: Any) -> An
 
 def run_stage_method(stage: Any, method: str, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """`stage.method(*args, **kwargs)` and its report: wall-clock start and end, the bytes of
-    tensors and arrays in its result, and the stage's own figures for the call (peak memory...)."""
+    tensors and arrays in its result, where it ran (`where_this_runs`, and the stage's device),
+    and the stage's own figures for the call (peak memory...)."""
     start = time.time()
     result = getattr(stage, method)(*args, **kwargs)
-    report = {"start": start, "end": time.time(), "output_bytes": payload_bytes(result)}
+    report = {"start": start, "end": time.time(), "output_bytes": payload_bytes(result), **where_this_runs()}
+    if hasattr(stage, "describe"):
+        report["device"] = stage.describe()
     if hasattr(stage, "last_run_stats"):
         report.update(stage.last_run_stats())
     return result, report
+
+
+def where_this_runs() -> dict[str, str]:
+    """This process's host name, and its Ray node's id ("" outside Ray)."""
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return {"host": socket.gethostname(), "node": node}
 
 
 def payload_bytes(value: Any) -> int:

@@ -273,7 +273,7 @@ def _finished_entry(result: Any) -> dict[str, Any]:
         "contact_sheet": str(result.contact_sheet),
         "clarity": clarity or None,
         "clarity_error": result.clarity_error,
-        "devices": {k.removeprefix("device_"): v for k, v in result.params.items() if k.startswith("device_")},
+        "placement": result.placement,  # stage -> each actor's host, Ray node and device
         "error": None,
     }
 

@@ -108,6 +108,8 @@ class GenerationResult:
     run_id: str | None = None
     tracking_error: str | None = None
     input_image: Path | None = None  # image-to-video: the image it was made from (as read), beside the video
+    # stage -> where each of its actors ran the job: {"host", "node" (Ray's id, "" without Ray), "device"}
+    placement: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     interpolated: Path | None = None  # the motion-interpolated copy (<name>.interp.<ext>), if asked for
     interpolation_error: str | None = None  # why there is no interpolated copy (the video stands without it)
 
@@ -133,6 +135,7 @@ class GenerationResult:
             "metrics": {k: json_figure(v) for k, v in self.metrics.items()},
             "stages": self.stages,
             "frames_sha256": self.frames_sha256,
+            "placement": self.placement,
         }
 
 
@@ -491,9 +494,11 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
     spans = {stage: [min(x["start"] for x in rep), max(x["end"] for x in rep)] for stage, rep in reports.items()}
     # The driver's part: taking the frames (or the tiles, and blending them), then writing.
     spans["write"] = [flight.gathered[0], flight.written_at]
+    placement = _placement(reports)
     if clarity is not None:
         (report,) = executor.reports(flight.measured)
         spans["measure"] = [report["start"], report["end"]]
+        placement |= _placement({"measure": [report]})
     seconds = {f"{stage}_s": end - begin for stage, (begin, end) in spans.items()}  # encode_s, ..., measure_s
     seconds["gather_s"] = flight.gathered[1] - flight.gathered[0]
     if flight.interpolated_video is not None:
@@ -542,5 +547,12 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         video, sheet, params, metrics, spans, digest, flight.index, clarity_csv=series,
         clarity_error=flight.clarity_error, warnings={**job.warnings, **flight.write_warnings},
         input_image=input_image, interpolated=flight.interpolated_video,
-        interpolation_error=flight.interpolation_error,
+        interpolation_error=flight.interpolation_error, placement=placement,
     )  # fmt: skip
+
+
+def _placement(reports: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, str]]]:
+    return {
+        stage: [{key: str(report.get(key, "")) for key in ("host", "node", "device")} for report in stage_reports]
+        for stage, stage_reports in reports.items()
+    }

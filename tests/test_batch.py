@@ -3,6 +3,7 @@ the batch resumable, a failed job that fails alone, one MLflow child run per job
 
 import hashlib
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,9 @@ def test_a_batch_runs_each_request_once_and_resumes(tmp_path, capsys, tiny_weigh
     # ffv1 is lossless: the file's frames are the frames the digest was taken of
     assert hashlib.sha256(read_frames(dog["video"])).hexdigest() == dog["frames_sha256"]
     assert all(e["error"] is None and e["clarity"]["sharpness_laplacian_var"] > 0 for e in manifest)
+    where = dog["placement"]  # in this process: this host, no Ray node
+    assert set(where) == {"encode", "denoise", "decode", "measure"}
+    assert where["denoise"] == [{"host": socket.gethostname(), "node": "", "device": "cpu"}]
     assert read_frames(by_id[read_requests(requests)[2].id]["video"]).shape[0] == 17
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(counts["parent_run_id"])

@@ -112,6 +112,9 @@ def test_each_video_is_measured_in_the_panels_own_actor(runs):
         assert result.metrics["moved_bytes/video"] == result.video.stat().st_size  # sent to the panel's actor
         assert result.metrics["moved_bytes/panel_frames"] == 9 * 64 * 96 * 3  # with the frames as made
         assert result.params["device_measure"].startswith("cpu (")
+        node = ray.get_runtime_context().get_node_id()  # one node: every actor on it
+        assert {w["node"] for ws in result.placement.values() for w in ws} == {node}
+        assert len(result.placement["decode"]) == 2 and result.placement["measure"][0]["device"].startswith("cpu (")
         assert result.stages["write"][1] <= result.stages["measure"][0]
 
 
