@@ -144,6 +144,10 @@ class Manifest:
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str):
                     self.entries[entry["id"]] = entry
 
+    def pending(self, requests: list[BatchRequest]) -> list[int]:
+        """The indices of the requests whose jobs are not done (each video's digest read once)."""
+        return [i for i, r in enumerate(requests) if not self.done(r.id)]
+
     def done(self, request_id: str) -> bool:
         """Whether the job's video is made: its last line has no error, and names a video that is
         still there with the digest it was written with."""
@@ -203,6 +207,7 @@ class BatchCounts:
 def run_batch(
     requests: list[BatchRequest],
     jobs: list,
+    todo: list[int],
     executor: Any,
     directory: Path,
     manifest: Manifest,
@@ -212,17 +217,16 @@ def run_batch(
     tracking_uri: str | None,
     on_entry: Any = None,
 ) -> tuple[BatchCounts, str]:
-    """Run the jobs the manifest lacks through `executor`, appending each one's manifest line and
-    child run as it finishes (`on_entry(entry)` hears of each); the counts and the parent run's id."""
+    """Run the jobs `todo` (indices: those the manifest lacks, `Manifest.pending`) through
+    `executor`, appending each one's manifest line and child run as it finishes (`on_entry(entry)`
+    hears of each); the counts and the parent run's id."""
     from mlflow import MlflowClient
     from mlflow.entities import RunStatus
 
     from cluster.driver import JobFailed, run_stream
     from cluster.tracking import log_generation, open_parent_run
 
-    counts = BatchCounts()
-    todo = [i for i, r in enumerate(requests) if not manifest.done(r.id)]
-    counts.reused = len(requests) - len(todo)
+    counts = BatchCounts(reused=len(requests) - len(todo))
     client = MlflowClient(tracking_uri=tracking_uri)
     ident = batch_id(model, directory)
     tags = {"framecast.kind": "batch", "framecast.batch": ident}

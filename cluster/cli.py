@@ -704,9 +704,9 @@ def _batch(args: argparse.Namespace, out) -> int:
         return EXIT_INVALID
     _say([], [f"{r.id}: {line}" for r, job in zip(requests, jobs, strict=True) for line in job.warnings.values()])
     manifest = Manifest(args.output_dir)
-    todo = sum(not manifest.done(r.id) for r in requests)
+    todo = manifest.pending(requests)
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
-    bar = tqdm(total=todo, desc="jobs", unit="job", file=sys.stderr)
+    bar = tqdm(total=len(todo), desc="jobs", unit="job", file=sys.stderr)
     failures = 0
 
     def on_entry(entry: dict) -> None:
@@ -727,7 +727,7 @@ def _batch(args: argparse.Namespace, out) -> int:
                 connect(args.address, quiet=args.json)
             executor = make_executor(jobs[0], local=args.local)
         counts, parent = run_batch(
-            requests, jobs, executor, args.output_dir, manifest, model=args.model, experiment=args.experiment,
+            requests, jobs, todo, executor, args.output_dir, manifest, model=args.model, experiment=args.experiment,
             tracking_uri=tracking_uri, on_entry=on_entry,
         )  # fmt: skip
     except Exception as e:  # an actor or Ray itself failed: one line, unless debugging

@@ -37,11 +37,11 @@ from stages.request import GenerationRequest, build_request, check_image, pitfal
 from stages.video_io import (
     CODECS,
     contact_sheet,
-    gif_note,
     image_digest,
     interpolate,
     interpolated_path,
     load_image,
+    palette_note,
     write_video,
 )
 from stages.weights import resolve_weights
@@ -429,8 +429,8 @@ def _write(executor: Executor, flight: _InFlight, on_write: WriteProgress | None
     on_frame = None if on_write is None else (lambda: on_write(flight.index))
     flight.video = write_video(flight.frames, flight.output, fps=r.fps, codec=r.codec, crf=r.crf, on_frame=on_frame)
     flight.written_at = time.time()
-    if r.codec == "gif" and (note := gif_note(flight.frames)):
-        flight.write_warnings["lossy_gif"] = note
+    if note := palette_note(r.codec, flight.frames):
+        flight.write_warnings[f"lossy_{r.codec}"] = note
     if r.interpolate_fps:
         try:
             flight.interpolated = interpolate(flight.frames, r.fps, r.interpolate_fps, on_frame)

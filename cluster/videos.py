@@ -277,7 +277,7 @@ class VideoService:
             raise NotFound(video_id, f"video {video_id} has no interpolated copy: it was made without interpolate_fps")
         if variant == "interpolated" and result.get("interpolation_error"):
             raise NotFound(video_id, f"video {video_id} has no interpolated copy: {result['interpolation_error']}")
-        codec = CODECS[settings.get("codec", "h264")]  # videos accepted before codecs were H.264
+        codec = CODECS[settings.get("codec", self.spec.default_codec)]  # as stored before codecs could be chosen
         video = self.videos / f"{result['files']}{codec.suffix}"  # the attempt that made it
         path, media_type = {
             "video": (video, codec.media_type),

@@ -132,6 +132,7 @@ class Codec:
     even_size: bool = False  # 4:2:0 or 4:2:2 chroma: the width (and for 4:2:0 the height) must be even
     picture: bool = False  # one frame, for text-to-image models
     max_fps: int | None = None  # the fastest it can play
+    max_colours: int | None = None  # a palette's size: frames of more colours are stored lossily
 
 
 FASTSTART = ("-movflags", "+faststart")  # MP4/MOV: the index first, so a player can start before the end
@@ -158,12 +159,11 @@ CODECS: dict[str, Codec] = {
         # Frame delays are whole hundredths of a second: 8 fps plays at 8.33, and 2 is the shortest.
         Codec("gif", ".gif", "image/gif", "GIF: at most 256 colours (lossy beyond that), loops",
               ("-filter_complex", "split[a][b];[a]palettegen=stats_mode=full:reserve_transparent=0[p];[b][p]paletteuse",
-               "-loop", "0"), max_fps=50),
+               "-loop", "0"), max_fps=50, max_colours=256),
         Codec("png", ".png", "image/png", "PNG: a text-to-image model's picture", lossless=True, picture=True),
     )
 }  # fmt: skip
 VIDEO_CODECS = tuple(name for name, codec in CODECS.items() if not codec.picture)
-GIF_COLOURS = 256
 
 
 def write_video(
@@ -217,19 +217,24 @@ def _encode(
     height, width = frames.shape[1:3]
     ffmpeg = FfmpegProcess(["-y", *_raw_input(width, height, fps), "-v", "error", *options, str(path)], feed=True)
     try:
-        try:
-            for frame in frames:
-                ffmpeg.process.stdin.write(np.ascontiguousarray(frame).tobytes())
-                ffmpeg.touch()
-                if on_frame is not None:
-                    on_frame()
-            ffmpeg.process.stdin.close()
-        except BrokenPipeError:  # ffmpeg ended early: its exit status and log say why
-            pass
+        _feed(ffmpeg, frames, on_frame)
         if ffmpeg.finish() != 0:
             raise OSError(f"ffmpeg could not write {path.name}: {ffmpeg.reason()}")
     finally:
         ffmpeg.stop()
+
+
+def _feed(ffmpeg: FfmpegProcess, frames: np.ndarray, on_frame: Callable[[], None] | None = None) -> None:
+    """Pipe the frames to ffmpeg as raw rgb24 and close its input; each frame restarts its deadline.
+    If ffmpeg stops reading (it took what it needed, or failed: its exit status and log say
+    which), the rest is not sent."""
+    with contextlib.suppress(BrokenPipeError, ValueError):  # ValueError: the pipe was closed by a stop
+        for frame in frames:
+            ffmpeg.process.stdin.write(np.ascontiguousarray(frame).tobytes())
+            ffmpeg.touch()
+            if on_frame is not None:
+                on_frame()
+        ffmpeg.process.stdin.close()
 
 
 def _filter(
@@ -251,14 +256,7 @@ def _filter(
         output=True,
     )
 
-    def feed() -> None:
-        with contextlib.suppress(OSError, ValueError):  # ffmpeg took what it needed and closed its input
-            for frame in frames:
-                ffmpeg.process.stdin.write(np.ascontiguousarray(frame).tobytes())
-                ffmpeg.touch()
-            ffmpeg.process.stdin.close()
-
-    feeder = threading.Thread(target=feed, name="ffmpeg-feed", daemon=True)
+    feeder = threading.Thread(target=_feed, args=(ffmpeg, frames), name="ffmpeg-feed", daemon=True)
     feeder.start()
     size = height * width * channels
     out = []
@@ -323,18 +321,19 @@ def luma(frames: np.ndarray) -> np.ndarray:
 
 
 def colour_count(frames: np.ndarray) -> int:
-    """How many distinct RGB colours the frames hold (a GIF keeps GIF_COLOURS)."""
+    """How many distinct RGB colours the frames hold."""
     packed = frames[..., 0].astype(np.uint32) << 16 | frames[..., 1].astype(np.uint32) << 8 | frames[..., 2]
     return int(np.unique(packed).size)
 
 
-def gif_note(frames: np.ndarray) -> str | None:
-    """Why a GIF of these frames is lossy, or None when it keeps them exactly."""
-    colours = colour_count(frames)
-    if colours <= GIF_COLOURS:
+def palette_note(codec: str, frames: np.ndarray) -> str | None:
+    """Why `codec`'s palette stores these frames lossily, or None when it has no palette or the
+    frames fit it."""
+    palette = CODECS[codec].max_colours
+    if palette is None or (colours := colour_count(frames)) <= palette:
         return None
     return (
-        f"the frames have {colours} colours and a GIF holds {GIF_COLOURS}: it is lossy (colours mapped "
+        f"the frames have {colours} colours and a {codec.upper()} holds {palette}: it is lossy (colours mapped "
         f"to one palette, dithered); for exact frames use h264-lossless or ffv1"
     )
 

@@ -77,6 +77,26 @@ def test_a_batch_runs_each_request_once_and_resumes(tmp_path, capsys, tiny_weigh
     assert len(child_runs(client, parent.info.run_id)) == 5
 
 
+def test_a_batch_through_ray_equals_the_batch_in_one_process(tmp_path, capsys, ray_session, tiny_weights,
+                                                             mlflow_uri):  # fmt: skip
+    """The same requests through Ray's actors (with an interpolated copy among them) and in this
+    process: the same frames, the same figures; the actors' node is recorded."""
+    requests = write_requests(tmp_path / "requests.jsonl", [*REQUESTS[:2], {**REQUESTS[2], "interpolate": 16}])
+    code, local, err = batch(capsys, requests, tmp_path / "local", mlflow_uri)
+    assert code == 0, err
+    code = main(["batch", str(requests), "--model", "tiny", "--output-dir", str(tmp_path / "ray"), "--tracking-uri",
+                 mlflow_uri, "--json"])  # fmt: skip
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    through_ray = [json.loads(line) for line in stdout.splitlines()][:-1]
+    assert len(through_ray) == 3
+    figures = {e["id"]: (e["frames_sha256"], e["clarity"]) for e in through_ray}
+    assert figures == {e["id"]: (e["frames_sha256"], e["clarity"]) for e in local[:-1]}
+    assert read_frames(next(e["interpolated"] for e in through_ray if e["interpolated"])).shape[0] == 34  # 17 at 16 fps
+    node = ray_session.get_runtime_context().get_node_id()
+    assert {w["node"] for e in through_ray for ws in e["placement"].values() for w in ws} == {node}
+
+
 def test_a_line_cut_short_by_a_kill_is_run_again(tmp_path):
     """The manifest's last line, half written when the batch was killed, counts for nothing."""
     out = tmp_path / "out"

@@ -17,10 +17,10 @@ from stages.video_io import (
     CODECS,
     DecodedVideo,
     contact_sheet,
-    gif_note,
     image_digest,
     interpolate,
     interpolated_count,
+    palette_note,
     read_frame,
     read_frames,
     write_video,
@@ -158,10 +158,10 @@ def test_every_codec_writes_a_video_ffmpeg_reads_back(tmp_path, codec, stream):
 
 def test_a_gif_of_at_most_256_colours_is_exact_and_more_says_it_is_lossy(tmp_path):
     few = moving_texture() // 64 * 64  # 4 levels per channel: 64 colours
-    assert gif_note(few) is None
+    assert palette_note("gif", few) is None
     assert image_digest(read_frames(write_video(few, tmp_path / "few.gif", fps=8, codec="gif"))) == image_digest(few)
     many = moving_texture()
-    note = gif_note(many)
+    note = palette_note("gif", many)
     assert note.startswith("the frames have ") and "a GIF holds 256: it is lossy" in note
     back = read_frames(write_video(many, tmp_path / "many.gif", fps=8, codec="gif"))
     assert image_digest(back) != image_digest(many) and len(np.unique(back.reshape(-1, 3), axis=0)) <= 256
