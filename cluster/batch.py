@@ -1,7 +1,7 @@
 """Batches: a file of requests (JSON Lines) -> one video per request, a manifest, an MLflow parent run.
 
     REQUESTS.jsonl -> checked, every line, before any work -> the jobs the manifest lacks
-        -> run_stream -> each job: its video, a manifest line, a child run
+        -> pipeline replicas (cluster.replicas) -> each job: its video, a manifest line, a child run
 
 A line is one request: `prompt`, and optionally `id` and any setting by its name
 (stages.settings: steps, guidance, frames, fps, ..., seed, image, negative_prompt). Without an id,
@@ -13,8 +13,10 @@ digests, run id and clarity summary, or its error. Running the batch again skips
 last line names a video that is still there with its digest, and runs the rest. A line cut short
 by a kill is ignored: its job runs again.
 
-Today the jobs run through one pipeline (one executor, its stages streaming the jobs). Spreading
-them over pipeline replicas, nodes and faults is issue 21's remaining work.
+The jobs run over pipeline replicas, each taking the next job when it has room; a job whose
+actor died goes to another replica, up to `max_attempts` tries (`cluster.replicas`). Every video
+is written by this process (the frames come back to it), into one directory: the manifest, the
+videos and the MLflow runs are in one place however many nodes made them.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def run_batch(
     requests: list[BatchRequest],
     jobs: list,
     todo: list[int],
-    executor: Any,
+    replicas: Any,
     directory: Path,
     manifest: Manifest,
     *,
@@ -217,13 +219,14 @@ def run_batch(
     tracking_uri: str | None,
     on_entry: Any = None,
 ) -> tuple[BatchCounts, str]:
-    """Run the jobs `todo` (indices: those the manifest lacks, `Manifest.pending`) through
-    `executor`, appending each one's manifest line and child run as it finishes (`on_entry(entry)`
-    hears of each); the counts and the parent run's id."""
+    """Run the jobs `todo` (indices: those the manifest lacks, `Manifest.pending`) over
+    `replicas` (a `cluster.replicas.ReplicaPool`), appending each one's manifest line and child
+    run as it finishes (`on_entry(entry)` hears of each); the counts and the parent run's id."""
     from mlflow import MlflowClient
     from mlflow.entities import RunStatus
 
-    from cluster.driver import JobFailed, run_stream
+    from cluster.driver import JobFailed
+    from cluster.replicas import Work
     from cluster.tracking import log_generation, open_parent_run
 
     counts = BatchCounts(reused=len(requests) - len(todo))
@@ -232,12 +235,13 @@ def run_batch(
     tags = {"framecast.kind": "batch", "framecast.batch": ident}
     params = {"model": model, "output_dir": str(Path(directory).resolve()), "jobs": str(len(requests))}
     parent, _ = open_parent_run(client, experiment, tags, params, f"batch-{model}-{ident}")
-    outputs = [Path(directory).resolve() / f"{requests[i].id}{jobs[i].suffix}" for i in todo]
+    work = [Work(i, jobs[i], Path(directory).resolve() / f"{requests[i].id}{jobs[i].suffix}") for i in todo]
     finished = False
     try:
-        for result in run_stream([jobs[i] for i in todo], executor, outputs) if todo else ():
-            request = requests[todo[result.index]]
-            entry: dict[str, Any] = {"id": request.id, "line": request.line, "request": request.as_dict()}
+        for done in replicas.run(work) if todo else ():
+            request, result = requests[done.index], done.result
+            entry: dict[str, Any] = {"id": request.id, "line": request.line, "request": request.as_dict(),
+                                     "replica": done.replica, "attempts": done.attempts}  # fmt: skip
             if isinstance(result, JobFailed):
                 counts.failed.append(request.id)
                 entry |= {"error": str(result.error), "stage": result.error.stage}
@@ -246,7 +250,7 @@ def run_batch(
                 entry |= _finished_entry(result)
                 try:
                     entry["run_id"] = log_generation(
-                        result, jobs[todo[result.index]], run_name=request.id, experiment=experiment,
+                        result, jobs[done.index], run_name=request.id, experiment=experiment,
                         tracking_uri=tracking_uri, params={"batch_id": request.id}, parent_run_id=parent,
                         tags={"framecast.batch": ident},
                     )  # fmt: skip

@@ -194,6 +194,16 @@ def _batch_parser(sub) -> None:
     )  # fmt: skip
     _tracking_options(p)
     _placement_options(p)
+    p.add_argument(
+        "--replicas", type=int, default=None,
+        help="pipeline replicas, each with its own denoiser group of --workers ranks and its decoders "
+        "(default: as many as the cluster has room for)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-attempts", type=int, default=3,
+        help="tries for a job whose stage's actor or node was lost (default 3); a job that fails on its own is not "
+        "tried again",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print each job's manifest line as it finishes, then the counts")
 
 
@@ -464,10 +474,7 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
     from stages.models import load_spec
 
     try:
-        if args.replicas is not None and args.replicas < 1:
-            raise InvalidRequest(f"--replicas must be at least 1 (got {args.replicas})")
-        if args.local and (args.replicas or 1) > 1:
-            raise InvalidRequest(f"--local runs in one process; --replicas {args.replicas} needs Ray")
+        _check_replicas(args)
         grid = parse_grid(args.grid)
         spec = load_spec(args.model)
         settings = resolve_settings(spec, _explicit(args), args.preset, args.duration, swept=frozenset(grid))
@@ -529,6 +536,13 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
     if result.count("failed"):
         return EXIT_FAILED
     return EXIT_INCOMPLETE if any(result.count(status) for status in INCOMPLETE) else 0
+
+
+def _check_replicas(args: argparse.Namespace) -> None:
+    if args.replicas is not None and args.replicas < 1:
+        raise InvalidRequest(f"--replicas must be at least 1 (got {args.replicas})")
+    if args.local and (args.replicas or 1) > 1:
+        raise InvalidRequest(f"--local runs in one process; --replicas {args.replicas} needs Ray")
 
 
 def _replicas(args: argparse.Namespace, world_size: int) -> int:
@@ -694,17 +708,26 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _batch(args: argparse.Namespace, out) -> int:
     from cluster.batch import Manifest, prepare_batch, read_requests, run_batch
-    from cluster.driver import make_executor
+    from cluster.replicas import pipeline_replicas
 
     try:
+        _check_replicas(args)
+        if args.max_attempts < 1:
+            raise InvalidRequest(f"--max-attempts must be at least 1 (got {args.max_attempts})")
         requests = read_requests(args.requests)
         jobs = prepare_batch(args.model, requests, args.requests.resolve().parent, **_placement(args))
+        manifest = Manifest(args.output_dir)
+        todo = manifest.pending(requests)
+        replicas = 1 if args.local or not todo else min(_replicas(args, jobs[0].layout.world_size), len(todo))
     except InvalidRequest as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    except Exception as e:  # Ray could not be started or joined
+        print(f"framecast: error: {_first_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
     _say([], [f"{r.id}: {line}" for r, job in zip(requests, jobs, strict=True) for line in job.warnings.values()])
-    manifest = Manifest(args.output_dir)
-    todo = manifest.pending(requests)
+    if todo:
+        print(f"{len(todo)} of {len(requests)} jobs to run on {replicas} pipeline replica(s)", file=sys.stderr)
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
     bar = tqdm(total=len(todo), desc="jobs", unit="job", file=sys.stderr)
     failures = 0
@@ -718,16 +741,12 @@ def _batch(args: argparse.Namespace, out) -> int:
         if args.json:
             print(json.dumps(entry), file=out, flush=True)
 
-    executor = None
+    pool = None
     try:
         if todo:
-            if not args.local:
-                from cluster.runtime import connect
-
-                connect(args.address, quiet=args.json)
-            executor = make_executor(jobs[0], local=args.local)
+            pool = pipeline_replicas(jobs[0], replicas, args.local, args.max_attempts)
         counts, parent = run_batch(
-            requests, jobs, todo, executor, args.output_dir, manifest, model=args.model, experiment=args.experiment,
+            requests, jobs, todo, pool, args.output_dir, manifest, model=args.model, experiment=args.experiment,
             tracking_uri=tracking_uri, on_entry=on_entry,
         )  # fmt: skip
     except Exception as e:  # an actor or Ray itself failed: one line, unless debugging
@@ -737,8 +756,10 @@ def _batch(args: argparse.Namespace, out) -> int:
         return EXIT_FAILED
     finally:
         bar.close()
-        if executor is not None:
-            executor.close()
+        if pool is not None:
+            for event in pool.events:  # replicas lost, replaced or retired
+                print(f"framecast: {event}", file=sys.stderr)
+            pool.close()
     summary = {**counts.as_json(), "manifest": str(manifest.path), "parent_run_id": parent}
     if args.json:
         print(json.dumps(summary), file=out, flush=True)

@@ -14,7 +14,7 @@ import hashlib
 import inspect
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -282,9 +282,9 @@ class _InFlight:
 
 
 def run_stream(
-    jobs: list[Job],
+    jobs: Iterable[Job],
     executor: Executor,
-    outputs: list[Path],
+    outputs: Iterable[Path],
     on_step: JobProgress | None = None,
     pipelined: bool = True,
     encodings: Encodings | None = None,
@@ -301,12 +301,12 @@ def run_stream(
     the panel measures while the driver waits for those. The local executor runs every call
     when it is made, so there a stream runs one job at a time, each finished before the next starts.
     A job whose prompt is in `encodings` (see `encode_once`) is not encoded again. `on_write` hears
-    of every frame written or interpolated: a long write is progress too.
+    of every frame written or interpolated: a long write is progress too. `jobs` and `outputs` are
+    taken one at a time, as jobs enter: they may be iterators that hand out jobs from a queue
+    (`cluster.replicas`).
     """
     pipelined = pipelined and executor.concurrent
     depth = PIPELINE_DEPTH if pipelined else 1
-    if any(job.decoders != executor.decoders for job in jobs):
-        raise ValueError(f"jobs for {jobs[0].decoders} decoder(s) given to an executor with {executor.decoders}")
     entering = iter(enumerate(zip(jobs, outputs, strict=True)))
     in_flight: deque[_InFlight] = deque()
 
@@ -314,6 +314,8 @@ def run_stream(
         """Let jobs in up to the depth, and send the oldest job's decode call."""
         while len(in_flight) < depth and (entry := next(entering, None)) is not None:
             index, (job, output) = entry
+            if job.decoders != executor.decoders:
+                raise ValueError(f"a job for {job.decoders} decoder(s) given to an executor with {executor.decoders}")
             in_flight.append(_submit(executor, _InFlight(index, job, output, time.time()), on_step, encodings))
         if in_flight and in_flight[0].decoded is None:
             _submit_decode(executor, in_flight[0])
@@ -351,13 +353,13 @@ def encode_once(executor: Executor, jobs: list[Job]) -> Encodings:
     first: dict[EncodingKey, Job] = {}
     guided: dict[EncodingKey, bool] = {}
     for job in jobs:
-        key = _encoding_key(job)
+        key = encoding_key(job)
         first.setdefault(key, job)
         guided[key] = guided.get(key, False) or job.request.do_classifier_free_guidance
     return {key: _encode(executor, job, guided[key]) for key, job in first.items()}
 
 
-def _encoding_key(job: Job) -> EncodingKey:
+def encoding_key(job: Job) -> EncodingKey:
     """What a job's encoding depends on: its prompts, and its image at its size (if any)."""
     r = job.request
     if job.image is None:
@@ -379,7 +381,7 @@ def _submit(
     r = flight.job.request
     progress = None if on_step is None else (lambda done, total: on_step(flight.index, done, total))
     try:
-        known = encodings.get(_encoding_key(flight.job)) if encodings else None
+        known = encodings.get(encoding_key(flight.job)) if encodings else None
         encoded = known.shared() if known else _encode(executor, flight.job, r.do_classifier_free_guidance)
         flight.encoded = encoded
         flight.denoised = executor.call(Stage.DENOISE, Method.DENOISE, flight.encoded, r, progress=progress)

@@ -77,6 +77,7 @@ class StageFailed(RuntimeError):
         super().__init__(f"{stage} stage failed: {type(cause).__name__}: {first_line}")
         self.stage = stage
         self.actor_lost = isinstance(cause, ray.exceptions.RayActorError)  # died, not raised
+        self.stage_down = False  # the stage was torn down before the job reached it (it never ran there)
 
 
 @dataclass
@@ -517,6 +518,7 @@ class RayExecutor(Executor):
             self.denoiser_down = StageFailed(
                 "denoise", RuntimeError(f"the denoiser group was shut down after a job failed in it ({failed})")
             )
+            self.denoiser_down.stage_down = True
             return
         for index, actor in enumerate(self.side[failed.stage]):
             try:

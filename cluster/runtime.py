@@ -201,6 +201,20 @@ def plan_resources(
     return ResourcePlan(side[0], tuple(side[1:]), rank, bundle={"GPU": 1.0}, measure=measure)
 
 
+def has_room(plan: ResourcePlan, workers: int, free: dict[str, float] | None = None) -> bool:
+    """Whether the cluster's free resources (`free`: Ray's available_resources(), read when not
+    given) hold one more pipeline of `plan` with `workers` denoiser ranks now. The sum over the
+    cluster: a group whose ranks must share a node may still find no node with room for all of
+    them, and then waits for its placement (PLACEMENT_TIMEOUT_S)."""
+    free = ray.available_resources() if free is None else free
+    actors = [plan.encode, *plan.decode, plan.measure]
+    need = {
+        "GPU": workers * plan.bundle.get("GPU", 0) + sum(a.num_gpus for a in actors if a.beside_rank is None),
+        "CPU": workers * plan.bundle.get("CPU", 0) + sum(a.num_cpus for a in actors if a.beside_rank is None),
+    }
+    return all(amount <= free.get(kind, 0) + 1e-6 for kind, amount in need.items())
+
+
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 

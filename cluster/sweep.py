@@ -18,11 +18,9 @@ import functools
 import hashlib
 import itertools
 import json
-import queue
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,8 @@ from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.utils.time import get_current_time_millis
 
 from cluster import sweep_report
-from cluster.driver import Job, JobFailed, encode_once, make_executor, prepare_variants, run_stream
+from cluster.driver import Job, JobFailed, encode_once, encoding_key, prepare_variants
+from cluster.replicas import Finished, Work, pipeline_replicas
 from cluster.settings import REQUEST_FIELDS, Settings
 from cluster.sweep_report import INCOMPLETE, STATUSES, Cell, CellOutcome
 from cluster.tracking import WARNING_TAG, child_runs, log_generation, open_parent_run
@@ -266,15 +265,13 @@ def run_sweep(
         outcomes: dict[int, CellOutcome] = _finished_cells(client, parent, plan, directory)
         todo = [i for i in range(len(plan.cells)) if i not in outcomes]
         if todo:
-            pipelines = Replicas(plan.jobs[todo[0]], min(replicas or 1, len(todo)), local)
-            try:
-                for index, result, replica in pipelines.run(plan, todo, directory, pipelined, on_progress):
-                    outcomes[index] = _track_cell(plan, index, result, replica, parent, experiment, tracking_uri)
-                    if on_cell is not None:
-                        on_cell(outcomes[index])
-            finally:
-                encodings = pipelines.encodings
-                pipelines.close()
+            for done in _run_cells(plan, todo, directory, min(replicas or 1, len(todo)), local, pipelined,
+                                   on_progress):  # fmt: skip
+                index = done.index
+                outcomes[index] = _track_cell(plan, index, done.result, done.replica, parent, experiment, tracking_uri)
+                if on_cell is not None:
+                    on_cell(outcomes[index])
+            encodings = len({encoding_key(plan.jobs[i]) for i in todo})
         ordered = [outcomes[i] for i in range(len(plan.cells))]
         summary = _summarize(plan, ordered, directory, sheet_frame)
         best = sweep_report.best_cells(ordered)
@@ -327,94 +324,38 @@ def _warnings_of(tags: dict[str, str]) -> dict[str, str]:
     return {k.removeprefix(WARNING_TAG): v for k, v in tags.items() if k.startswith(WARNING_TAG)}
 
 
-class Replicas:
-    """`count` pipeline replicas (executors sharing the cluster), each driving its share of the
-    cells from a thread of its own; the driver's thread tracks the results as they come."""
+def _run_cells(
+    plan: SweepPlan,
+    todo: list[int],
+    directory: Path,
+    replicas: int,
+    local: bool,
+    pipelined: bool,
+    on_progress: SweepProgress | None,
+) -> Iterator[Finished]:
+    """Run cells `todo` over `replicas` pipeline replicas (`cluster.replicas`), yielding each as it
+    finishes. The prompt is encoded once for all of them, by the first replica (the only one that
+    loads a text encoder). The longest cells (steps x frames x pixels x guidance branches) are
+    queued first, so that the replicas finish together. A cell is tried once: the prompt's
+    encodings are the first replica's, so a cell whose actor died is not tried again (a rerun
+    does); the cells behind it go to another replica."""
+    pool = pipeline_replicas(plan.jobs[todo[0]], replicas, local, max_attempts=1, encoder=lambda i: i == 0)
+    total, done, lock = sum(plan.jobs[i].request.steps for i in todo), {}, threading.Lock()
 
-    def __init__(self, job: Job, count: int, local: bool):
-        # Ray replicas' actors start at the same time. In-process ones load one after another:
-        # diffusers' from_pretrained builds models on the meta device under a process-wide
-        # context, which two threads loading at once break ("Cannot copy out of meta tensor").
-        with ThreadPoolExecutor(1 if local else count) as pool:
-            # Only the first replica encodes (the prompt, once), so only it loads a text encoder.
-            starting = [pool.submit(make_executor, job, local, count, i == 0) for i in range(count)]
-        self.executors = [s.result() for s in starting if s.exception() is None]
-        failed = next((s.exception() for s in starting if s.exception() is not None), None)
-        if failed is not None:
-            self.close()
-            raise failed
-        self.encodings = 0  # prompt encodings made
+    def on_step(index: int, steps: int, _total: int) -> None:
+        with lock:
+            done[index] = steps
+            if on_progress is not None:
+                on_progress(sum(done.values()), total)
 
-    def run(
-        self, plan: SweepPlan, todo: list[int], directory: Path, pipelined: bool, on_progress: SweepProgress | None
-    ) -> Iterator[tuple[int, Any]]:
-        """Run cells `todo`; yields (cell index, GenerationResult | JobFailed, replica) as each finishes.
-
-        The prompt is encoded once for all of them. Cells go to replicas longest first, each to
-        the least loaded (by steps x frames x pixels x guidance branches), so that the replicas
-        finish together. A replica that fails stops the sweep; the cells done are kept."""
-        shares: list[list[int]] = [[] for _ in self.executors]
-        load = [0.0] * len(self.executors)
-        for index in sorted(todo, key=lambda i: -_cost(plan.jobs[i])):
-            least = load.index(min(load))
-            shares[least].append(index)
-            load[least] += _cost(plan.jobs[index])
-        encodings = encode_once(self.executors[0], [plan.jobs[i] for i in todo])
-        self.encodings = len(encodings)
-        total, done, lock = sum(plan.jobs[i].request.steps for i in todo), {}, threading.Lock()
-        results: queue.Queue = queue.Queue()
-        stop, finished = threading.Event(), object()
-
-        def work(replica: int, executor, share: list[int]) -> None:
-            def on_step(job: int, steps: int, _total: int) -> None:
-                with lock:
-                    done[share[job]] = steps
-                    if on_progress is not None:
-                        on_progress(sum(done.values()), total)
-
-            try:
-                jobs = [plan.jobs[i] for i in share]
-                outputs = [directory / f"{plan.cells[i].file_stem}{plan.jobs[i].suffix}" for i in share]
-                for result in run_stream(jobs, executor, outputs, on_step, pipelined, encodings):
-                    results.put((share[result.index], result, replica))
-                    if stop.is_set():
-                        return
-            except BaseException as e:
-                results.put((None, e, replica))
-            finally:
-                results.put((None, finished, replica))
-
-        shared = enumerate(zip(self.executors, shares, strict=True))
-        threads = [threading.Thread(target=work, args=(i, *pair), daemon=True) for i, pair in shared]
-        try:
-            for thread in threads:
-                thread.start()
-            running, failure = len(threads), None
-            while running:
-                try:
-                    index, item, replica = results.get(timeout=0.5)  # a timeout, so that Ctrl-C is heard
-                except queue.Empty:
-                    continue
-                if item is finished:
-                    running -= 1
-                elif isinstance(item, BaseException):
-                    failure = failure or item
-                    stop.set()  # the others stop after their current cell, which is still yielded
-                else:
-                    yield index, item, replica
-            if failure is not None:
-                raise failure
-        finally:
-            stop.set()
-            self.close()  # a thread still waiting on its executor is woken by the error
-            for thread in threads:
-                if thread.is_alive():
-                    thread.join(timeout=30)
-
-    def close(self) -> None:
-        for executor in self.executors:
-            executor.close()
-        self.executors = []
+    try:
+        encodings = encode_once(pool.executors[0], [plan.jobs[i] for i in todo])
+        longest_first = sorted(todo, key=lambda i: -_cost(plan.jobs[i]))
+        work = [Work(i, plan.jobs[i], directory / f"{plan.cells[i].file_stem}{plan.jobs[i].suffix}")
+                for i in longest_first]  # fmt: skip
+        yield from pool.run(work, on_step, pipelined, encodings)
+    finally:
+        pool.close()
 
 
 def _cost(job: Job) -> float:
