@@ -233,15 +233,14 @@ def _labelled(error: InvalidRequest, label: str | None) -> InvalidRequest:
     return error if label is None else InvalidRequest(f"{label}: {error}")
 
 
-def make_executor(job: Job, local: bool, replicas: int = 1, encoder: bool = True) -> Executor:
+def make_executor(job: Job, local: bool, replicas: int = 1, encoder: bool = True, mend: bool = True) -> Executor:
     """The stages for `job` (and jobs like it): in this process, or in Ray actors, one of
     `replicas` executors that share the cluster; without an `encoder`, its jobs' prompts must be
-    encoded elsewhere (`encode_once`)."""
+    encoded elsewhere (`encode_once`). `mend`: see RayExecutor's `mend_actors`."""
     if local:
         return LocalExecutor(job.spec, job.weights)
-    return RayExecutor(
-        job.spec, job.weights, job.layout, job.cluster, decoders=job.decoders, replicas=replicas, encoder=encoder
-    )
+    return RayExecutor(job.spec, job.weights, job.layout, job.cluster, decoders=job.decoders, replicas=replicas,
+                       encoder=encoder, mend_actors=mend)  # fmt: skip
 
 
 def default_output(job: Job, index: int | None = None, directory: Path = Path("outputs")) -> Path:

@@ -337,8 +337,15 @@ class RayExecutor(Executor):
         decoders: int = 1,
         replicas: int = 1,
         encoder: bool = True,
+        mend_actors: bool = True,
     ):
+        """`mend_actors`: a dead encoder, decoder or panel actor is replaced in place (when this
+        executor is the only pipeline); otherwise its death takes the denoiser group down with it,
+        so that every later job fails at once as not run, and whoever runs several pipelines
+        replaces the whole one (`cluster.replicas`: its node may be lost, and a replacement placed
+        on a dead node's bundles would wait for room that never comes)."""
         self.spec, self.weights = spec, weights
+        self.mend_actors = mend_actors
         self.layout = layout or ParallelLayout()
         self.cluster_layout = cluster_layout or load_cluster_layout("single-node")
         # One of `replicas` executors sharing the cluster (a sweep's); its actors take its share.
@@ -513,10 +520,11 @@ class RayExecutor(Executor):
             raise
 
     def _recover(self, failed: StageFailed) -> None:
-        if failed.stage == "denoise":
+        if failed.stage == "denoise" or (failed.actor_lost and not self.mend_actors):
             self.group.close()
+            after = "a job failed in it" if failed.stage == "denoise" else f"its {failed.stage} actor was lost"
             self.denoiser_down = StageFailed(
-                "denoise", RuntimeError(f"the denoiser group was shut down after a job failed in it ({failed})")
+                "denoise", RuntimeError(f"the denoiser group was shut down after {after} ({failed})")
             )
             self.denoiser_down.stage_down = True
             return
@@ -531,9 +539,10 @@ class RayExecutor(Executor):
             try:
                 ray.get(replacement.start.remote(), timeout=ACTOR_START_TIMEOUT_S)
             except ray.exceptions.RayError as e:
-                raise StageFailed(
-                    failed.stage, RuntimeError(f"could not replace its dead actor {index} ({failed}): {e}")
-                ) from e
+                why = RuntimeError(f"could not replace its dead actor {index} ({failed}): {e}")
+                lost = StageFailed(failed.stage, why)
+                lost.actor_lost = True  # the job's actor died: nothing the job did
+                raise lost from e
 
     def get(self, call: StageCall) -> Any:
         """The stage's result, brought to the driver."""

@@ -20,7 +20,7 @@ from ray.util.placement_group import (
     placement_group_table,
     remove_placement_group,
 )
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import StageActor
 from cluster.runtime import ActorResources
@@ -52,7 +52,6 @@ class ActorGroup:
         self.size = size
         self.actors: list[Any] = []
         self.rank_bundles: list[int] = []
-        self.first_node: str | None = None  # the node of rank 0
         self._owns_placement = within is None
         self.placement_group = within or placement_group([dict(bundle)] * size, strategy=strategy)
         try:
@@ -63,7 +62,6 @@ class ActorGroup:
                     f"{PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.cluster_resources()}"
                 )
             self.rank_bundles = self._bundles_by_node()
-            self.first_node = placement_group_table(self.placement_group)["bundles_to_node_id"][self.rank_bundles[0]]
             rank_options = [self._actor(rank, index) for index in self.rank_bundles]
             self.actors = [options.remote(stage_class, *args, **kwargs) for options in rank_options]
             if size > 1:
@@ -102,28 +100,22 @@ class ActorGroup:
             first_bundle_on.setdefault(nodes[bundle], bundle)
         return sorted(nodes, key=lambda bundle: (first_bundle_on[nodes[bundle]], bundle))
 
-    def _actor(self, resources: ActorResources, bundle: int | None, near: str | None = None):
-        """StageActor options for `resources`, inside bundle `bundle` of the group, or outside it
-        (None), on node `near` if it has room."""
-        where = None
+    def _actor(self, resources: ActorResources, bundle: int | None):
+        """StageActor options for `resources`, inside bundle `bundle` of the group (None: outside it)."""
+        in_group = None
         if bundle is not None:
-            where = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=bundle)
-        elif near is not None:
-            where = NodeAffinitySchedulingStrategy(near, soft=True)
+            in_group = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=bundle)
         return StageActor.options(
             num_gpus=resources.num_gpus,
             num_cpus=resources.num_cpus,
             runtime_env={"env_vars": resources.env} if resources.env else None,
-            scheduling_strategy=where,
+            scheduling_strategy=in_group,
         )
 
     def side_actor(self, resources: ActorResources, stage_class: type, *args: Any, **kwargs: Any):
-        """An actor for another stage: in the bundle of a rank (beside it on its GPU) if the plan
-        says so, else on rank 0's node if it has room, so that a pipeline replica's embeddings,
-        latents and frames stay on one node, and a lost node takes one replica down, not parts of
-        several."""
+        """An actor for another stage: in the bundle of a rank (beside it on its GPU) if the plan says so."""
         bundle = None if resources.beside_rank is None else self.rank_bundles[resources.beside_rank]
-        return self._actor(resources, bundle, self.first_node).remote(stage_class, *args, **kwargs)
+        return self._actor(resources, bundle).remote(stage_class, *args, **kwargs)
 
     def start(self) -> list[ray.ObjectRef]:
         """Build every rank's stage (collectively: the stage may create process subgroups)."""

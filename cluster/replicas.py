@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,9 @@ from cluster.executor import Executor, StageFailed
 from cluster.runtime import has_room, plan_resources
 
 WAIT_S = 0.5  # how often a waiting thread looks up (so that Ctrl-C and a stop are heard)
+# How long a replica that lost an actor looks for room for its replacement: the resources of the
+# replica it closed return to Ray's view of the cluster within a second or two.
+ROOM_WAIT_S = 10.0
 
 
 @dataclass
@@ -69,11 +73,11 @@ class ReplicaPool:
         count: int,
         *,
         max_attempts: int = 3,
-        room: Callable[[], bool] = lambda: False,
+        room: Callable[[], bool] | None = None,
         one_at_a_time: bool = False,
     ):
         """`room()` says whether the cluster can take one more replica now (a lost one is replaced
-        only then). `one_at_a_time`: the executors are made one after another (in-process ones
+        only then; None: never). `one_at_a_time`: the executors are made one after another (in-process ones
         must be: diffusers' from_pretrained builds models on the meta device under a process-wide
         context, which two threads loading at once break); Ray replicas' actors start together."""
         if max_attempts < 1:
@@ -155,7 +159,7 @@ class ReplicaPool:
                 return False
         if self.executors[replica] is None:
             try:
-                if not self.room():
+                if self.room is None or not self._wait_for_room():
                     self.events.append(f"replica {replica} retired: the cluster has no room for another")
                     return False
                 self.executors[replica] = self.make(replica)
@@ -163,6 +167,14 @@ class ReplicaPool:
                 self.events.append(f"replica {replica} retired: {type(e).__name__}: {e}".splitlines()[0])
                 return False
             self.events.append(f"replica {replica} replaced")
+        return True
+
+    def _wait_for_room(self) -> bool:
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while not self.room():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(WAIT_S)
         return True
 
     def _stream(self, replica, pending, running, stop, results, on_step, pipelined, encodings) -> None:
@@ -224,12 +236,12 @@ def pipeline_replicas(
     """`count` pipelines for jobs like `job`: in this process (`local`: one), or Ray executors
     that share the cluster evenly, replica i with a text encoder if `encoder(i)`. A lost replica
     is replaced when the cluster has room for one more of them."""
-    if local:
-        return ReplicaPool(lambda _: make_executor(job, True), 1, max_attempts=max_attempts, one_at_a_time=True)
+    if local:  # nothing to lose and nothing to replace: one process
+        return ReplicaPool(lambda _: make_executor(job, True), count, max_attempts=max_attempts, one_at_a_time=True)
     workers = job.layout.world_size
 
     def room() -> bool:
         return has_room(plan_resources(workers=workers, decoders=job.decoders, replicas=count), workers)
 
-    return ReplicaPool(lambda i: make_executor(job, False, count, encoder(i)), count, max_attempts=max_attempts,
-                       room=room)  # fmt: skip
+    return ReplicaPool(lambda i: make_executor(job, False, count, encoder(i), mend=False), count,
+                       max_attempts=max_attempts, room=room)  # fmt: skip

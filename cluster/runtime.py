@@ -182,7 +182,11 @@ def plan_resources(
         processes = workers + 1 + decoders + 1  # the ranks, the encoder, the decoders, the panel
         threads = {"OMP_NUM_THREADS": str(max(1, cpus // processes)), "OMP_WAIT_POLICY": "PASSIVE"}
         rank = ActorResources(num_gpus=0, num_cpus=share, env=threads)
-        side = ActorResources(num_gpus=0, num_cpus=0, env=threads)
+        # One of several replicas: its side actors (they ask for nothing) live in rank 0's bundle,
+        # on its node, so that a replica is one unit of placement and a lost node takes down
+        # whole replicas, not parts of several. (Ray's soft node affinity, tried first, put them on
+        # other nodes of a cluster whose nodes share an address.)
+        side = ActorResources(num_gpus=0, num_cpus=0, env=threads, beside_rank=0 if replicas > 1 else None)
         return ResourcePlan(side, (side,) * decoders, rank, bundle={"CPU": share}, measure=side)
     if gpus < workers:
         raise InvalidRequest(f"--workers {workers} needs {workers} GPUs (one per rank); the Ray cluster has {gpus}")

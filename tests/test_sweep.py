@@ -13,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+import cluster.replicas as replicas_module
 import cluster.sweep as sweep_module
 from cluster.cli import EXIT_INCOMPLETE, main
 from cluster.driver import generate, make_executor
@@ -362,7 +363,7 @@ def test_a_failing_replica_keeps_the_others_cells(tmp_path, tiny_spec, monkeypat
     settings = resolve_settings(tiny_spec, {"frames": 9, "guidance": 1.0})
     plan = plan_sweep("tiny", "a fox", {"steps": [1, 2, 3, 4]}, settings, seed=1, local=True)
     replicas: list = []
-    real_stream = sweep_module.run_stream
+    real_stream = replicas_module.run_stream
 
     def failing_on_the_second(jobs, executor, *args):
         if executor not in replicas:
@@ -371,7 +372,7 @@ def test_a_failing_replica_keeps_the_others_cells(tmp_path, tiny_spec, monkeypat
             raise RuntimeError("replica 1 lost its GPU")
         yield from real_stream(jobs, executor, *args)
 
-    monkeypatch.setattr(sweep_module, "run_stream", failing_on_the_second)
+    monkeypatch.setattr(replicas_module, "run_stream", failing_on_the_second)
     with pytest.raises(RuntimeError, match="replica 1 lost its GPU"):
         run_sweep(plan, output_dir=tmp_path, replicas=2, local=True, experiment="sweep-replica-fails")
     client = MlflowClient()
@@ -380,7 +381,7 @@ def test_a_failing_replica_keeps_the_others_cells(tmp_path, tiny_spec, monkeypat
     assert parent.info.status == "FAILED"
     kept = children(client, parent.info.run_id)
     assert len(kept) >= 1 and all(r.info.status == "FINISHED" for r in kept)
-    monkeypatch.setattr(sweep_module, "run_stream", real_stream)
+    monkeypatch.setattr(replicas_module, "run_stream", real_stream)
     again = run_sweep(plan, output_dir=tmp_path, replicas=1, local=True, experiment="sweep-replica-fails")
     assert again.count("reused") == len(kept) and again.count("ran") == 4 - len(kept)
 
