@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,8 @@ def connect(address: str | None = None, quiet: bool = False, log_file: Path | No
         logging_level="INFO" if log_file is not None or not quiet else "ERROR",
         **options,
     )
-    if log_file is not None:
-        _route_ray_errors_to_log()
+    if log_file is not None or quiet:
+        _route_published_lines(into_log=log_file is not None)
 
 
 def _log_ray_to(log_file: Path) -> None:
@@ -59,11 +60,12 @@ def _log_ray_to(log_file: Path) -> None:
         logger.propagate = False
 
 
-def _route_ray_errors_to_log() -> None:
+def _route_published_lines(into_log: bool) -> None:
     """What the cluster publishes to the driver (a worker that died: a paragraph on the OOM killer
-    after every replica a test or an operator kills) goes to the `ray` logger, so to the log file,
-    rather than stdout. Ray has no setting for it: its error thread prints even without
-    log_to_driver. (Private; if a Ray release renames it, those lines print as before.)"""
+    after every replica a test or an operator kills; a raylet lost) goes to the `ray` logger, so to
+    the log file (`into_log`), or else to stderr, rather than stdout, which `--json` keeps for its
+    JSON. Ray has no setting for it: its error thread prints even without log_to_driver, to stdout
+    for a raylet's death. (Private; if a Ray release renames it, those lines print as before.)"""
     import logging
 
     import ray._private.worker as worker
@@ -76,7 +78,11 @@ def _route_ray_errors_to_log() -> None:
         for line in data.get("lines", []):
             published.warning("(%s) %s", data.get("pid", "cluster"), line)
 
-    worker.print_to_stdstream = to_log
+    def to_stderr(data: dict, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            print(f"({data.get('pid', 'cluster')}) {line}", file=sys.stderr)
+
+    worker.print_to_stdstream = to_log if into_log else to_stderr
 
 
 def _listen_on_loopback() -> dict:
