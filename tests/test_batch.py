@@ -173,3 +173,32 @@ def test_requests_without_an_id_keep_theirs_when_lines_move(tmp_path):
     assert {r.id: r.prompt for r in first} == {r.id: r.prompt for r in moved}
     with pytest.raises(InvalidRequest, match="cannot read"):
         read_requests(tmp_path / "nope.jsonl")
+
+
+def test_a_batch_killed_with_sigkill_loses_nothing_and_duplicates_nothing(tmp_path, tiny_weights, mlflow_uri):
+    """`framecast batch` killed with SIGKILL after its second job, then run again: every job's video
+    is there once, the jobs finished before the kill are reused, and the manifest names each job
+    once among its finished lines."""
+    import signal
+    import subprocess
+    import sys
+
+    requests = write_requests(
+        tmp_path / "requests.jsonl",
+        [{"id": f"fox{i}", "prompt": f"fox {i}", "steps": 100, "seed": i} for i in range(5)],
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "cluster.cli", "batch", str(requests), "--model", "tiny", "--output-dir",
+               str(out), "--local", "--tracking-uri", mlflow_uri, "--json"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    before = [json.loads(process.stdout.readline()) for _ in range(2)]
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.splitlines()[-1])
+    assert counts["reused"] >= 2 and counts["ran"] + counts["reused"] == 5 and counts["failed"] == 0
+    finished = [e for e in map(json.loads, (out / "manifest.jsonl").read_text().splitlines()) if not e["error"]]
+    assert sorted(e["id"] for e in finished) == [f"fox{i}" for i in range(5)]  # each once
+    assert {e["id"] for e in before} <= {e["id"] for e in finished[: counts["reused"]]}
+    assert sorted(p.name for p in out.glob("*.mp4")) == [f"fox{i}.mp4" for i in range(5)]
