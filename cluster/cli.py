@@ -262,6 +262,11 @@ def _serve_parser(sub) -> None:
         "--data-dir", default="framecast-serve",
         help="videos and the job database (SQLite) go here (default: framecast-serve)",
     )  # fmt: skip
+    p.add_argument(
+        "--database", default=None, metavar="PATH_OR_URL",
+        help="the job queue: an SQLite file, or a database URL (postgresql://user@host/db) that ingress replicas on "
+        "several nodes share (default: <data-dir>/jobs.sqlite3)",
+    )  # fmt: skip
     p.add_argument("--max-queue", type=int, default=16, help="videos queued or running; beyond it, 429 (default 16)")
     p.add_argument("--runners", type=int, default=2, help="videos in the pipeline at once (default 2)")
     p.add_argument(
@@ -538,6 +543,14 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
     return EXIT_INCOMPLETE if any(result.count(status) for status in INCOMPLETE) else 0
 
 
+def _shown(database: str) -> str:
+    """A job database as printed: an SQLite file's path, or a URL without its password."""
+    from cluster.jobs import database_url
+
+    url = database_url(database)
+    return url.database if url.get_backend_name() == "sqlite" else url.render_as_string(hide_password=True)
+
+
 def _check_replicas(args: argparse.Namespace) -> None:
     if args.replicas is not None and args.replicas < 1:
         raise InvalidRequest(f"--replicas must be at least 1 (got {args.replicas})")
@@ -595,7 +608,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model=args.model, weights=args.weights, workers=args.workers, ulysses=args.ulysses, ring=args.ring,
             decoders=args.decoders, data_dir=args.data_dir, max_queue=args.max_queue, runners=args.runners,
             api_key_env=args.api_key_env, experiment=args.experiment, tracking_uri=args.tracking_uri,
-            stall_timeout_s=args.stall_timeout,
+            stall_timeout_s=args.stall_timeout, database=args.database,
         )  # fmt: skip
         served = resolve_served(serve_args)  # every check that needs no cluster, before Ray starts
     except pydantic.ValidationError as e:
@@ -635,7 +648,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     auth = f"API key from ${args.api_key_env}" if args.api_key_env else "no API key (anyone who reaches it may use it)"
     print(f"framecast: serving {args.model} at http://{args.host}:{args.port}/v1 (OpenAI Videos API; docs at "
           f"http://{args.host}:{args.port}/docs)\n"
-          f"framecast: jobs in {served.database}, videos in {served.data_dir}/videos; {auth}; "
+          f"framecast: jobs in {_shown(served.database)}, videos in {served.data_dir}/videos; {auth}; "
           f"Ray's own log in {log_file}; Ctrl-C or SIGTERM stops it",
           file=sys.stderr, flush=True)  # fmt: skip
     try:

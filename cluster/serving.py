@@ -41,6 +41,7 @@ from cluster.executor import (
     StageFailed,
     call_arguments,
 )
+from cluster.jobs import database_url
 from cluster.runtime import ActorResources, plan_resources
 from cluster.tracking import DEFAULT_EXPERIMENT
 from stages.clarity import ClarityStage
@@ -78,7 +79,9 @@ class ServeArgs(BaseModel):
     ring: int | None = Field(None, ge=1)
     decoders: int = Field(1, ge=1, description="decoder replicas; a video's tiles are spread over them")
     data_dir: str = _env("FRAMECAST_SERVE_DIR", "framecast-serve")  # videos, and the job database
-    database: str | None = None  # the SQLite file of the jobs (default: <data_dir>/jobs.sqlite3)
+    # The job queue: an SQLite file (default: <data_dir>/jobs.sqlite3), or a database URL
+    # (postgresql://user@host/db) that ingress replicas on several nodes share.
+    database: str | None = None
     max_queue: int = Field(16, ge=1, description="videos queued or in progress; beyond it, 429")
     runners: int = Field(2, ge=1, description="videos in the pipeline at once (one per stage overlaps them)")
     max_attempts: int = Field(3, ge=1, description="tries of a video whose stage died under it")
@@ -136,7 +139,13 @@ def resolve_served(args: ServeArgs) -> Served:
             raise InvalidRequest(f"the API key variable ${args.api_key_env} is not set or empty")
         digest = hashlib.sha256(key.strip().encode()).hexdigest()
     data_dir = Path(args.data_dir).expanduser().resolve()
-    database = Path(args.database).expanduser().resolve() if args.database else data_dir / "jobs.sqlite3"
+    try:  # a path becomes sqlite:///path
+        database = database_url(args.database or data_dir / "jobs.sqlite3").render_as_string(hide_password=False)
+    except Exception as e:  # not a URL SQLAlchemy can read
+        raise InvalidRequest(
+            f"database must be an SQLite file or a database URL such as postgresql://user@host/db (got "
+            f"{args.database!r}: {e})"
+        ) from None
     return Served(
         args.model, str(weights), layout, args.decoders, str(data_dir), str(database), args.max_queue,
         args.runners, args.max_attempts, args.stall_timeout_s, int(args.max_image_mb * 2**20), args.experiment,

@@ -258,6 +258,25 @@ def pytest_runtest_teardown(item, nextitem):
         serve.shutdown()
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback for the session (tests/postgres.py), stopped at its end."""
+    from postgres import PostgresServer
+
+    server = PostgresServer(free_port())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """The URL of a new, empty database of the session's PostgreSQL server, for this test alone."""
+    import re
+
+    name = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[-50:] + f"_{free_port()}"
+    return postgres_server.create_database(name)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (for a server a test starts)."""
     with socket.socket() as s:

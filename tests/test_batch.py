@@ -202,3 +202,20 @@ def test_a_batch_killed_with_sigkill_loses_nothing_and_duplicates_nothing(tmp_pa
     assert sorted(e["id"] for e in finished) == [f"fox{i}" for i in range(5)]  # each once
     assert {e["id"] for e in before} <= {e["id"] for e in finished[: counts["reused"]]}
     assert sorted(p.name for p in out.glob("*.mp4")) == [f"fox{i}.mp4" for i in range(5)]
+
+
+def test_a_batch_tracked_in_postgresql(tmp_path, capsys, tiny_weights, postgres_url):
+    """MLflow's tracking store as a PostgreSQL URL (a real server on loopback): the parent run and a
+    child run per job read back from it, and a rerun finds the same parent there."""
+    requests = write_requests(tmp_path / "requests.jsonl", REQUESTS[:2])
+    code, lines, err = batch(capsys, requests, tmp_path / "out", postgres_url)
+    assert code == 0, err
+    *entries, counts = lines
+    client = MlflowClient(postgres_url)
+    parent = client.get_run(counts["parent_run_id"])
+    assert parent.data.tags["framecast.kind"] == "batch" and parent.data.metrics["jobs_ran"] == 2
+    children = child_runs(client, parent.info.run_id)
+    assert sorted(r.info.run_id for r in children) == sorted(e["run_id"] for e in entries)
+    assert {r.data.params["batch_id"] for r in children} == {e["id"] for e in entries}
+    code, lines, _ = batch(capsys, requests, tmp_path / "out", postgres_url)
+    assert code == 0 and lines[-1]["reused"] == 2 and lines[-1]["parent_run_id"] == parent.info.run_id

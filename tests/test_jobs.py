@@ -1,4 +1,5 @@
-"""The durable job queue of the Videos API (cluster.jobs): bounded, leased, never losing a job."""
+"""The durable job queue of the Videos API (cluster.jobs): bounded, leased, never losing a job;
+each test on an SQLite file and on a real PostgreSQL server (tests/postgres.py)."""
 
 import threading
 import time
@@ -8,9 +9,17 @@ import pytest
 from cluster.jobs import JobStore, QueueFull, is_video_id
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> str:
+    """Where a store keeps its jobs: an SQLite file's path, or a PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.sqlite3")
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "jobs.sqlite3", max_attempts=2)
+def store(database):
+    s = JobStore(database, max_attempts=2)
     yield s
     s.close()
 
@@ -48,10 +57,10 @@ def test_jobs_run_in_submission_order_and_finish(store):
     assert store.claim("w", lease_s=60) is None
 
 
-def test_a_store_opened_again_finds_every_job(tmp_path):
+def test_a_store_opened_again_finds_every_job(database):
     """An ingress restart: queued jobs are still queued, and a job whose runner died (its lease
     ran out) is claimed again; after its last attempt it fails, saying why."""
-    path = tmp_path / "jobs.sqlite3"
+    path = database
     first = JobStore(path, max_attempts=2)
     running = first.submit("tiny", {"n": 1}, max_active=10)
     queued = first.submit("tiny", {"n": 2}, max_active=10)
@@ -81,9 +90,9 @@ def test_retry_gives_a_job_back_until_its_attempts_are_spent(store):
     assert gone.status == "failed" and "ActorDiedError" in gone.error_message
 
 
-def test_concurrent_runners_never_share_a_job(tmp_path):
-    """Runners of two processes' worth of connections claim from one file at once."""
-    stores = [JobStore(tmp_path / "jobs.sqlite3") for _ in range(2)]
+def test_concurrent_runners_never_share_a_job(database):
+    """Runners of two processes' worth of connections claim from one database at once."""
+    stores = [JobStore(database) for _ in range(2)]
     submitted = {stores[0].submit("tiny", {"n": i}, max_active=100).id for i in range(40)}
     claimed, lock = [], threading.Lock()
 

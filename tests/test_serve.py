@@ -677,7 +677,7 @@ def test_the_content_of_videos_stored_before_codecs_and_of_a_failed_copy(tmp_pat
         error = "OSError: ffmpeg vanished" if name == "failed" else None
         assert service.store.finish(record.id, "w", {"files": stem, "interpolation_error": error})
         made[name] = video["id"]
-    with sqlite3.connect(service.store.path) as db:  # as stored before codecs: no codec, crf or interpolate_fps
+    with sqlite3.connect(service.store.url.database) as db:  # as stored before codecs: no codec, crf or interpolate_fps
         (request,) = db.execute("SELECT request FROM videos WHERE id = ?", (made["old"],)).fetchone()
         request = json.loads(request)
         request["settings"] = {
@@ -709,7 +709,7 @@ def test_a_video_queued_before_codecs_runs_as_h264(tmp_path, tiny_weights):
     service = VideoService(served, executor=executor)
     try:
         accepted = service.create({"prompt": "a fox", "steps": "1"})
-        with sqlite3.connect(service.store.path) as db:
+        with sqlite3.connect(service.store.url.database) as db:
             (request,) = db.execute("SELECT request FROM videos WHERE id = ?", (accepted["id"],)).fetchone()
             request = json.loads(request)
             for name in ("codec", "crf", "interpolate_fps"):
@@ -724,3 +724,26 @@ def test_a_video_queued_before_codecs_runs_as_h264(tmp_path, tiny_weights):
         assert media_type == "video/mp4" and done["encoded"]["psnr_y"] < 60
     finally:
         executor.close()
+
+
+def test_ingress_replicas_share_one_video_queue_in_postgresql(tmp_path, postgres_url):
+    """The job store as a PostgreSQL URL (a real server on loopback): two ingress replicas'
+    services, as on two nodes, share its queue, its bound and its leases. A bad URL is refused."""
+    from cluster.jobs import QueueFull
+    from cluster.serving import resolve_served
+    from cluster.videos import VideoService
+    from stages.errors import InvalidRequest
+
+    served = resolve_served(ServeArgs(model="tiny", data_dir=str(tmp_path), database=postgres_url, max_queue=2))
+    assert served.database == postgres_url
+    first, second = (VideoService(served, executor=None) for _ in range(2))
+    accepted = first.create({"prompt": "a fox"})
+    assert second.retrieve(accepted["id"])["status"] == "queued"
+    second.create({"prompt": "a cat"})
+    with pytest.raises(QueueFull):  # the bound counts both replicas' videos
+        first.create({"prompt": "a dog"})
+    claimed = second.store.claim("runner on node 2", lease_s=60)
+    assert claimed.id == accepted["id"] and first.retrieve(accepted["id"])["status"] == "in_progress"
+    assert first.store.claim("runner on node 1", lease_s=60).id != claimed.id  # never the same video twice
+    with pytest.raises(InvalidRequest, match="database must be an SQLite file or a database URL"):
+        resolve_served(ServeArgs(model="tiny", data_dir=str(tmp_path), database="postgresql://:::"))
