@@ -2,7 +2,7 @@
 
     python bench/sweep.py [--grid steps=20,40 --grid guidance=6,9] [--replicas 1 2] [--repeats 3]
 
-framecast: each replica count runs the whole grid through `Replicas.run` (the prompt encoded
+framecast: each replica count runs the whole grid through `run_cells` (the prompt encoded
 once, the cells spread over the replicas, every video measured by the clarity panel), after the
 replicas' actors have started; the start is timed apart. Stock diffusers: `CogVideoXPipeline` on
 the same saved weights runs the cells one after another in this process (encoding the prompt
@@ -26,17 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cluster.driver import GenerationResult  # noqa: E402
+from cluster.replicas import ReplicaPool  # noqa: E402
 from cluster.runtime import connect, replicas_that_fit  # noqa: E402
 from cluster.settings import resolve_settings  # noqa: E402
-from cluster.sweep import Replicas, parse_grid, plan_sweep  # noqa: E402
+from cluster.sweep import parse_grid, plan_sweep, run_cells, sweep_replicas  # noqa: E402
 from stages.models import load_spec  # noqa: E402
 
 PROMPT = "a red fox running through fresh snow"
 
 
-def framecast_seconds(plan, replicas: Replicas, out: Path) -> float:
+def framecast_seconds(plan, replicas: ReplicaPool, out: Path) -> float:
     start = time.perf_counter()
-    results = [result for _, result, _ in replicas.run(plan, list(range(len(plan.cells))), out, True, None)]
+    results = [done.result for done in run_cells(plan, list(range(len(plan.cells))), out, replicas)]
     elapsed = time.perf_counter() - start
     failed = [r for r in results if not isinstance(r, GenerationResult)]
     if failed:
@@ -90,13 +91,13 @@ def main() -> None:
         pools = {}
         for n in counts:
             begin = time.perf_counter()
-            pools[n] = Replicas(plan.jobs[0], n, local=False)
+            pools[n] = sweep_replicas(plan, n, local=False)
             starts[n] = time.perf_counter() - begin
             framecast_seconds(plan, pools[n], out)  # warm-up: first calls load kernels
             pools[n].close()
         for _ in range(args.repeats):
             for n in counts:
-                pools[n] = Replicas(plan.jobs[0], n, local=False)
+                pools[n] = sweep_replicas(plan, n, local=False)
                 seconds[f"framecast, {n} replica(s)"].append(framecast_seconds(plan, pools[n], out))
                 pools[n].close()
             seconds["stock diffusers, one by one"].append(stock_seconds(plan, out))

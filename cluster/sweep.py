@@ -31,7 +31,7 @@ from mlflow.utils.time import get_current_time_millis
 
 from cluster import sweep_report
 from cluster.driver import Job, JobFailed, encode_once, encoding_key, prepare_variants
-from cluster.replicas import Finished, Work, pipeline_replicas
+from cluster.replicas import Finished, ReplicaPool, Work, pipeline_replicas
 from cluster.settings import REQUEST_FIELDS, Settings
 from cluster.sweep_report import INCOMPLETE, STATUSES, Cell, CellOutcome
 from cluster.tracking import WARNING_TAG, child_runs, log_generation, open_parent_run
@@ -265,12 +265,16 @@ def run_sweep(
         outcomes: dict[int, CellOutcome] = _finished_cells(client, parent, plan, directory)
         todo = [i for i in range(len(plan.cells)) if i not in outcomes]
         if todo:
-            for done in _run_cells(plan, todo, directory, min(replicas or 1, len(todo)), local, pipelined,
-                                   on_progress):  # fmt: skip
-                index = done.index
-                outcomes[index] = _track_cell(plan, index, done.result, done.replica, parent, experiment, tracking_uri)
-                if on_cell is not None:
-                    on_cell(outcomes[index])
+            pool = sweep_replicas(plan, min(replicas or 1, len(todo)), local)
+            try:
+                for done in run_cells(plan, todo, directory, pool, pipelined, on_progress):
+                    index = done.index
+                    outcomes[index] = _track_cell(plan, index, done.result, done.replica, parent, experiment,
+                                                  tracking_uri)  # fmt: skip
+                    if on_cell is not None:
+                        on_cell(outcomes[index])
+            finally:
+                pool.close()
             encodings = len({encoding_key(plan.jobs[i]) for i in todo})
         ordered = [outcomes[i] for i in range(len(plan.cells))]
         summary = _summarize(plan, ordered, directory, sheet_frame)
@@ -324,22 +328,25 @@ def _warnings_of(tags: dict[str, str]) -> dict[str, str]:
     return {k.removeprefix(WARNING_TAG): v for k, v in tags.items() if k.startswith(WARNING_TAG)}
 
 
-def _run_cells(
+def sweep_replicas(plan: SweepPlan, count: int, local: bool) -> ReplicaPool:
+    """`count` pipeline replicas for the sweep's cells (`cluster.replicas`); only the first loads a
+    text encoder, which encodes the prompt once for all of them (`run_cells`). A cell is tried
+    once: the prompt's encodings are the first replica's, so a cell whose actor died is not tried
+    again (a rerun does); the cells behind it go to another replica."""
+    return pipeline_replicas(plan.jobs[0], count, local, max_attempts=1, encoder=lambda i: i == 0)
+
+
+def run_cells(
     plan: SweepPlan,
     todo: list[int],
     directory: Path,
-    replicas: int,
-    local: bool,
-    pipelined: bool,
-    on_progress: SweepProgress | None,
+    pool: ReplicaPool,
+    pipelined: bool = True,
+    on_progress: SweepProgress | None = None,
 ) -> Iterator[Finished]:
-    """Run cells `todo` over `replicas` pipeline replicas (`cluster.replicas`), yielding each as it
-    finishes. The prompt is encoded once for all of them, by the first replica (the only one that
-    loads a text encoder). The longest cells (steps x frames x pixels x guidance branches) are
-    queued first, so that the replicas finish together. A cell is tried once: the prompt's
-    encodings are the first replica's, so a cell whose actor died is not tried again (a rerun
-    does); the cells behind it go to another replica."""
-    pool = pipeline_replicas(plan.jobs[todo[0]], replicas, local, max_attempts=1, encoder=lambda i: i == 0)
+    """Run cells `todo` over `pool` (`sweep_replicas`), yielding each as it finishes. The prompt is
+    encoded once for all of them. The longest cells (steps x frames x pixels x guidance branches)
+    are queued first, so that the replicas finish together."""
     total, done, lock = sum(plan.jobs[i].request.steps for i in todo), {}, threading.Lock()
 
     def on_step(index: int, steps: int, _total: int) -> None:
@@ -348,14 +355,11 @@ def _run_cells(
             if on_progress is not None:
                 on_progress(sum(done.values()), total)
 
-    try:
-        encodings = encode_once(pool.executors[0], [plan.jobs[i] for i in todo])
-        longest_first = sorted(todo, key=lambda i: -_cost(plan.jobs[i]))
-        work = [Work(i, plan.jobs[i], directory / f"{plan.cells[i].file_stem}{plan.jobs[i].suffix}")
-                for i in longest_first]  # fmt: skip
-        yield from pool.run(work, on_step, pipelined, encodings)
-    finally:
-        pool.close()
+    encodings = encode_once(pool.executors[0], [plan.jobs[i] for i in todo])
+    longest_first = sorted(todo, key=lambda i: -_cost(plan.jobs[i]))
+    work = [Work(i, plan.jobs[i], directory / f"{plan.cells[i].file_stem}{plan.jobs[i].suffix}")
+            for i in longest_first]  # fmt: skip
+    yield from pool.run(work, on_step, pipelined, encodings)
 
 
 def _cost(job: Job) -> float:
