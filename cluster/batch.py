@@ -151,10 +151,11 @@ class Manifest:
         return [i for i, r in enumerate(requests) if not self.done(r.id)]
 
     def done(self, request_id: str) -> bool:
-        """Whether the job's video is made: its last line has no error, and names a video that is
-        still there with the digest it was written with."""
+        """Whether the job is done: its last line has no error, its video was measured and its
+        interpolated copy (if asked for) made (as with a sweep's cells, a job that lacks either is
+        made again), and it names a video still there with the digest it was written with."""
         entry = self.entries.get(request_id)
-        if entry is None or entry.get("error") or not entry.get("video"):
+        if entry is None or entry.get("error") or entry.get("clarity_error") or not entry.get("video"):
             return False
         video = Path(entry["video"])
         return video.is_file() and file_digest(video) == entry.get("video_sha256")
@@ -281,6 +282,7 @@ def _finished_entry(result: Any) -> dict[str, Any]:
         "contact_sheet": str(result.contact_sheet),
         "clarity": clarity or None,
         "clarity_error": result.clarity_error,
+        "interpolation_error": result.interpolation_error,
         "placement": result.placement,  # stage -> each actor's host, Ray node and device
         "error": None,
     }

@@ -68,6 +68,9 @@ ACTOR_PING_TIMEOUT_S = 30.0  # an actor that does not answer its progress thread
 PROGRESS_ANSWER_S = 1.0  # how long the driver waits for an actor's progress before it goes on
 
 
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
+
+
 class StageFailed(RuntimeError):
     """A stage raised, or its actor died: the message names the stage and the root cause."""
 
@@ -76,7 +79,8 @@ class StageFailed(RuntimeError):
         first_line = (str(cause).strip().splitlines() or [""])[0]
         super().__init__(f"{stage} stage failed: {type(cause).__name__}: {first_line}")
         self.stage = stage
-        self.actor_lost = isinstance(cause, ray.exceptions.RayActorError)  # died, not raised
+        # died, not raised: its actor, or a result it had made, lost (with its process or node)
+        self.actor_lost = isinstance(cause, LOST)
         self.stage_down = False  # the stage was torn down before the job reached it (it never ran there)
 
 
@@ -133,6 +137,8 @@ class Executor(ABC):
       `gather(call)` every process's (each decoder's tiles), `reports(call)` every process's
       figures (start, end, output bytes, the stage's own); each waits for the call first.
     - `devices()` names the device of each stage; `close()` releases what the executor made.
+    - `detach(call)` is the call with its results held where they outlive the stage's processes
+      (in-process results already do).
     - `decoders` is how many decoders share a video's tiles.
     """
 
@@ -161,6 +167,9 @@ class Executor(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def detach(self, call: StageCall) -> StageCall:
+        return call
 
 
 class LocalExecutor(Executor):
@@ -471,6 +480,18 @@ class RayExecutor(Executor):
     def devices(self) -> dict[str, str]:
         return dict(self._devices)
 
+    def detach(self, call: StageCall) -> StageCall:
+        """The call's results and reports, copied into objects of the driver's own node: they
+        outlive the stage's actors and their node (a sweep's one encoding of its prompt, which
+        every replica uses)."""
+        self.wait(call)
+        call.deliveries += 1
+
+        def copy(refs: list[Any]) -> list[Any]:
+            return [ray.put(ray.get(ref)) if isinstance(ref, ray.ObjectRef) else ref for ref in refs]
+
+        return StageCall(call.stage, copy(call.values), copy(call.reports))
+
     def actors(self, stage: str) -> list[Any]:
         if self.denoiser_down is not None:  # the jobs after it cannot be denoised; say why
             raise self.denoiser_down
@@ -528,6 +549,8 @@ class RayExecutor(Executor):
             )
             self.denoiser_down.stage_down = True
             return
+        if not self.mend_actors:
+            return  # the stage raised: its actors live (one that died is the pool's to replace, with its replica)
         for index, actor in enumerate(self.side[failed.stage]):
             try:
                 ray.get(actor.progress.remote(), timeout=ACTOR_PING_TIMEOUT_S)

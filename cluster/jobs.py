@@ -117,10 +117,15 @@ class JobStore:
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
             # The driver's own transactions off: `_transaction` says BEGIN IMMEDIATE itself.
             connect_args = {"timeout": STORE_TIMEOUT_S, "isolation_level": None, "check_same_thread": False}
+            options = {}
         else:
             connect_args = {"connect_timeout": int(STORE_TIMEOUT_S)}
+            # Each statement sees what the writer before it committed: a claim that waited for the
+            # advisory lock then reads the queue as that writer left it (a snapshot taken before
+            # the wait, as REPEATABLE READ would, would fail the claim).
+            options = {"isolation_level": "READ COMMITTED"}
         self._engine = sa.create_engine(self.url, connect_args=connect_args, pool_timeout=STORE_TIMEOUT_S,
-                                        pool_pre_ping=True)  # fmt: skip
+                                        pool_pre_ping=True, **options)  # fmt: skip
         if self._sqlite:
             sa.event.listen(self._engine, "connect", _sqlite_wal)
             sa.event.listen(self._engine, "begin", _sqlite_begin)
@@ -309,9 +314,11 @@ class JobStore:
 def database_url(database: str | Path) -> sa.URL:
     """A database URL as given (postgresql://user@host/db, sqlite:///path), or an SQLite file's path."""
     text = str(database)
-    if "://" in text:
-        return sa.make_url(text)
-    return sa.URL.create("sqlite", database=str(Path(text).expanduser().resolve()))
+    url = sa.make_url(text) if "://" in text else sa.URL.create("sqlite", database=text)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        # absolute: Serve's replicas run in Ray workers whose working directories differ
+        url = url.set(database=str(Path(url.database).expanduser().resolve()))
+    return url
 
 
 def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:

@@ -83,6 +83,9 @@ class ReplicaPool:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1 (got {max_attempts})")
         self.make, self.max_attempts, self.room = make, max_attempts, room
+        self.events: list[str] = []  # replicas lost, replaced, retired, as they happened
+        self._lock = threading.Condition()
+        self._closed = False
         with ThreadPoolExecutor(1 if one_at_a_time else count) as pool:
             starting = [pool.submit(make, i) for i in range(count)]
         self.executors: list[Executor | None] = [s.result() for s in starting if s.exception() is None]
@@ -90,8 +93,6 @@ class ReplicaPool:
         if failed is not None:
             self.close()
             raise failed
-        self.events: list[str] = []  # replicas lost, replaced, retired, as they happened
-        self._lock = threading.Condition()
 
     def run(
         self,
@@ -162,10 +163,15 @@ class ReplicaPool:
                 if self.room is None or not self._wait_for_room():
                     self.events.append(f"replica {replica} retired: the cluster has no room for another")
                     return False
-                self.executors[replica] = self.make(replica)
+                made = self.make(replica)
             except Exception as e:  # e.g. no node with room for its group after all: the others go on
                 self.events.append(f"replica {replica} retired: {type(e).__name__}: {e}".splitlines()[0])
                 return False
+            with self._lock:
+                if stop.is_set() or self._closed:  # the pool ended while it started: nothing for it to do
+                    made.close()
+                    return False
+                self.executors[replica] = made
             self.events.append(f"replica {replica} replaced")
         return True
 
@@ -220,14 +226,21 @@ class ReplicaPool:
                     self._lock.notify_all()
         finally:
             if lost.is_set():
-                executor.close()
-                self.executors[replica] = None
+                with self._lock:
+                    if not self._closed:
+                        self.executors[replica] = None
+                try:
+                    executor.close()
+                except Exception as e:  # e.g. Ray still busy with the lost node: the others go on
+                    self.events.append(f"replica {replica}: closing it failed: {type(e).__name__}: {e}".splitlines()[0])
 
     def close(self) -> None:
-        for executor in self.executors:
+        with self._lock:
+            self._closed = True
+            executors, self.executors = self.executors, []
+        for executor in executors:
             if executor is not None:
                 executor.close()
-        self.executors = []
 
 
 def pipeline_replicas(

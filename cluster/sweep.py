@@ -330,10 +330,9 @@ def _warnings_of(tags: dict[str, str]) -> dict[str, str]:
 
 def sweep_replicas(plan: SweepPlan, count: int, local: bool) -> ReplicaPool:
     """`count` pipeline replicas for the sweep's cells (`cluster.replicas`); only the first loads a
-    text encoder, which encodes the prompt once for all of them (`run_cells`). A cell is tried
-    once: the prompt's encodings are the first replica's, so a cell whose actor died is not tried
-    again (a rerun does); the cells behind it go to another replica."""
-    return pipeline_replicas(plan.jobs[0], count, local, max_attempts=1, encoder=lambda i: i == 0)
+    text encoder, which encodes the prompt once for all of them (`run_cells`). A cell whose actor
+    died goes back to the queue, up to 3 tries, as a batch's jobs do."""
+    return pipeline_replicas(plan.jobs[0], count, local, encoder=lambda i: i == 0)
 
 
 def run_cells(
@@ -355,7 +354,9 @@ def run_cells(
             if on_progress is not None:
                 on_progress(sum(done.values()), total)
 
-    encodings = encode_once(pool.executors[0], [plan.jobs[i] for i in todo])
+    first = pool.executors[0]
+    # held by the driver's node: a lost first replica (and its node) takes no other cell's prompt with it
+    encodings = {key: first.detach(call) for key, call in encode_once(first, [plan.jobs[i] for i in todo]).items()}
     longest_first = sorted(todo, key=lambda i: -_cost(plan.jobs[i]))
     work = [Work(i, plan.jobs[i], directory / f"{plan.cells[i].file_stem}{plan.jobs[i].suffix}")
             for i in longest_first]  # fmt: skip
