@@ -136,7 +136,7 @@ def choose_layout(
     valid = valid_layouts(workers, heads, guidance, sequence_parallel)
     if not sequence_parallel and not valid:
         raise InvalidRequest(
-            f"a UNet's token sequence cannot be split: {workers} denoiser workers run only as "
+            f"this model's token sequence is not split over ranks: {workers} denoiser workers run only as "
             f"CFG-parallel, 2 workers with guidance on (guidance scale above the model's off value); "
             f"use workers 1 or 2"
         )

@@ -101,7 +101,7 @@ def plan_serving_layout(
     family = family_for(spec)
     if not family.splits_sequence and workers > 1:
         raise InvalidRequest(
-            f"{spec.name}'s UNet cannot split its sequence over workers, and a served denoiser group runs "
+            f"{spec.name}'s denoiser does not split its sequence over workers, and a served denoiser group runs "
             f"no CFG-parallel (a request may turn guidance off): serve it with workers 1"
         )
     return choose_layout(family.heads, False, workers, ulysses, ring, cfg_parallel=False)

@@ -79,18 +79,19 @@ def test_cogvideox15_pads_and_drops_frames_in_its_first_step(tiny_spec, tiny_wei
 
 def test_every_configured_model_has_its_adapter():
     families = {load_spec(name).family for name in known_models()}
-    assert families == {"cogvideox", "zimage", "i2vgen-xl"}
+    assert families == {"cogvideox", "zimage", "i2vgen-xl", "wan"}
     for name in known_models():
         spec = load_spec(name)
         family = family_for(spec)
         assert isinstance(family, ModelFamily) and family.name == spec.family and family.spec is spec
-    assert set(known_families()) == {"cogvideox", "zimage", "i2vgen_xl"}
+    assert set(known_families()) == {"cogvideox", "zimage", "i2vgen_xl", "wan"}
     assert family_class("i2vgen-xl").denoiser_key == "unet"
 
 
 def test_an_unknown_family_is_refused_with_the_known_ones():
-    with pytest.raises(InvalidRequest, match=r"no adapter for model family 'wan'; known: cogvideox, i2vgen_xl, zimage"):
-        family_class("wan")
+    known = "cogvideox, i2vgen_xl, wan, zimage"
+    with pytest.raises(InvalidRequest, match=rf"no adapter for model family 'ltx'; known: {known}"):
+        family_class("ltx")
 
 
 def test_family_facts_are_the_pipelines():

@@ -22,7 +22,7 @@ def test_shipped_model_configs_load():
         family = family_for(spec)
         assert family.spatial_multiple == {"i2vgen-xl": 64 if name == "i2vgen-xl" else 16}.get(spec.family, 16)
         tokens = {"cogvideox": 16 if name == "framecast-shapes" else 226, "i2vgen-xl": 77,
-                  "zimage": 512 if name == "z-image-turbo" else 128}  # fmt: skip
+                  "zimage": 512 if name == "z-image-turbo" else 128, "wan": 64}  # fmt: skip
         assert family.max_text_tokens == tokens[spec.family]
         assert spec.scheduler_name(None)  # every default scheduler is one the model allows
 

@@ -1,0 +1,154 @@
+"""Wan (2.1 text-to-video): one generation, top to bottom, as diffusers' `WanPipeline` makes it.
+
+- components: a T5-style tokenizer and the UMT5 encoder, `WanTransformer3DModel`, the causal
+  `AutoencoderKLWan` (8x in space, 4x in time), the flow-matching UniPC scheduler;
+- conditioning: UMT5 states of the prompt's own tokens, zero-padded to the maximum (the
+  pipeline's `encode_prompt`, which also cleans the prompt's whitespace and HTML escapes);
+- initial latents: float32 noise, (1, C, (frames - 1) / 4 + 1, h, w) (`prepare_latents`);
+- one step: two forward passes, the prompt's and the negative prompt's (not one batch of two, as
+  the pipeline runs them), uncond + g (cond - uncond), the scheduler's step;
+- frames: latents un-normalised by the VAE's per-channel mean and std, through the Wan VAE.
+
+Not yet here (issue 22): image-to-video, Wan 2.2's two experts and `expand_timesteps`, the
+sequence split over a denoiser group (diffusers' context-parallel plans), tiled decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.context_parallel import ContextParallel
+from stages.families.base import Conditioning, Denoising, ModelFamily
+from stages.models import ComponentSpec
+from stages.tiny import build_tokenizer
+
+
+class Wan(ModelFamily):
+    name = "wan"
+    splits_sequence = False  # CFG-parallel only, until diffusers' context-parallel plans are wired in
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        return int(self.spec.components["vae"].config.get("scale_factor_spatial", 8))
+
+    @property
+    def vae_scale_temporal(self) -> int:
+        return int(self.spec.components["vae"].config.get("scale_factor_temporal", 4))
+
+    @property
+    def spatial_multiple(self) -> int:
+        patch = self.spec.components["transformer"].config.get("patch_size", [1, 2, 2])
+        return self.vae_scale_spatial * int(patch[1])
+
+    @property
+    def max_text_tokens(self) -> int:
+        return int(self.spec.text_tokens or 512)  # the pipeline's max_sequence_length
+
+    def build_tokenizer(self) -> Any:
+        return build_tokenizer()
+
+    def _pipeline(self, **components: Any) -> Any:
+        """diffusers' pipeline over the components at hand (the others None), for its helpers."""
+        keys = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
+        return ComponentSpec("diffusers.WanPipeline").load_class()(**{k: components.get(k) for k in keys})
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def load_encoder(self, weights: Path, device: torch.device) -> Any:
+        return self._pipeline(
+            tokenizer=self.load("tokenizer", weights), text_encoder=self.load("text_encoder", weights, device)
+        )
+
+    @torch.no_grad()
+    def encode(self, encoder, prompt, negative_prompt, guidance, image, size) -> Conditioning:
+        positive, negative = encoder.encode_prompt(
+            prompt,
+            negative_prompt,
+            do_classifier_free_guidance=guidance,
+            max_sequence_length=self.max_text_tokens,
+            device=encoder.text_encoder.device,
+            dtype=encoder.text_encoder.dtype,
+        )
+        return Conditioning(prompt=positive.cpu(), negative=negative.cpu() if guidance else None)
+
+    # -- denoising -------------------------------------------------------------------------------
+
+    def split_over(self, network: torch.nn.Module, context: ContextParallel) -> None:
+        return None  # CFG-parallel only: each rank runs the whole sequence of its branch
+
+    def start(self, network, scheduler, conditioning, r, context) -> Denoising:
+        return WanDenoising(self, network, scheduler, conditioning, r, context)
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    def vae_input(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (1, C, latent frames, h, w) -> the VAE's input: un-normalised per channel,
+        written as the pipeline writes it, for bit-equality."""
+        z = latents.to(vae.device, vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
+        return z / std + mean
+
+    def decode(self, vae: Any, z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z, return_dict=False)[0]
+
+
+class WanDenoising(Denoising):
+    """One job, step for step as `WanPipeline.__call__`: the same noise, timesteps, the two
+    branches' forward passes one after the other, the guidance arithmetic and the dtype casts."""
+
+    def __init__(self, family: Wan, network, scheduler, conditioning: Conditioning, r, context):
+        self.network, self.scheduler, self.r, self.context = network, scheduler, r, context
+        device, dtype = network.device, network.dtype
+        self.guidance = r.do_classifier_free_guidance
+        self.prompt = conditioning.prompt.to(device, dtype)
+        self.negative = conditioning.negative.to(device, dtype) if self.guidance else None
+        if context is not None and context.layout.cfg == 2:  # this rank's branch only
+            self.branch_prompt = self.negative if context.branch == 0 else self.prompt
+        pipe = family._pipeline(transformer=network, scheduler=scheduler)
+        pipe.vae_scale_factor_spatial = family.vae_scale_spatial  # the VAE's factors, from the spec
+        pipe.vae_scale_factor_temporal = family.vae_scale_temporal
+        scheduler.set_timesteps(r.steps, device=device)
+        scheduler.set_begin_index(0)
+        self.timesteps = scheduler.timesteps
+        generator = torch.Generator("cpu").manual_seed(r.seed)
+        channels = network.config.in_channels
+        self.latents = pipe.prepare_latents(1, channels, r.height, r.width, r.num_frames, torch.float32, device,
+                                            generator)  # fmt: skip
+        self.dtype = dtype
+
+    def _forward(self, model_input: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.network(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeddings,
+                            return_dict=False)[0]  # fmt: skip
+
+    def _predictions(self, model_input: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond): in one process one after the other; CFG-parallel, each rank its branch,
+        exchanged over the group."""
+        if self.context is None or self.context.layout.cfg == 1:
+            cond = self._forward(model_input, timestep, self.prompt)
+            return cond, self._forward(model_input, timestep, self.negative)
+        mine = self._forward(model_input, timestep, self.branch_prompt)
+        uncond, cond = self.context.gather_branches(mine).chunk(2)  # branch 0: the negative prompt's
+        return cond, uncond
+
+    def step(self, index: int, t: torch.Tensor) -> None:
+        model_input = self.latents.to(self.dtype)
+        timestep = t.expand(self.latents.shape[0])
+        if self.guidance:
+            cond, uncond = self._predictions(model_input, timestep)
+            noise_pred = uncond + self.r.guidance_scale * (cond - uncond)
+        else:
+            noise_pred = self._forward(model_input, timestep, self.prompt)
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
+
+    def result(self) -> torch.Tensor:
+        return self.latents.cpu()
+
+    def video_tokens(self) -> float:
+        p = self.network.config.patch_size
+        _, _, frames, height, width = self.latents.shape
+        return float(frames // p[0] * (height // p[1]) * (width // p[2]))
