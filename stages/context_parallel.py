@@ -83,8 +83,9 @@ class ParallelLayout:
         }
 
 
-def layout_problem(layout: ParallelLayout, heads: int, guidance: bool) -> str | None:
-    """Why `layout` cannot run a model with `heads` attention heads, or None if it can."""
+def layout_problem(layout: ParallelLayout, heads: int, guidance: bool, ring_attention: bool = True) -> str | None:
+    """Why `layout` cannot run a model with `heads` attention heads, or None if it can.
+    Without `ring_attention` (a family whose ring attention cannot run here) no ring degree."""
     if layout.cfg not in (1, 2):
         return "the CFG degree is 1 or 2"
     if layout.cfg == 2 and not guidance:
@@ -93,10 +94,14 @@ def layout_problem(layout: ParallelLayout, heads: int, guidance: bool) -> str | 
         return "degrees are at least 1"
     if heads % layout.ulysses:
         return f"the Ulysses degree must divide the model's {heads} attention heads"
+    if layout.ring > 1 and not ring_attention:
+        return "this model has no ring attention here (Ulysses and CFG-parallel only)"
     return None
 
 
-def valid_layouts(workers: int, heads: int, guidance: bool, sequence_parallel: bool = True) -> list[ParallelLayout]:
+def valid_layouts(
+    workers: int, heads: int, guidance: bool, sequence_parallel: bool = True, ring_attention: bool = True
+) -> list[ParallelLayout]:
     """Every layout of `workers` ranks that can run, best first (see `choose_layout`). Without
     `sequence_parallel` (a UNet, whose sequence cannot be split) only CFG-parallel remains."""
     layouts = [
@@ -107,7 +112,8 @@ def valid_layouts(workers: int, heads: int, guidance: bool, sequence_parallel: b
     return [
         layout
         for layout in layouts
-        if layout_problem(layout, heads, guidance) is None and (sequence_parallel or layout.sequence_degree == 1)
+        if layout_problem(layout, heads, guidance, ring_attention) is None
+        and (sequence_parallel or layout.sequence_degree == 1)
     ]
 
 
@@ -119,6 +125,7 @@ def choose_layout(
     ring: int | None = None,
     cfg_parallel: bool = False,
     sequence_parallel: bool = True,
+    ring_attention: bool = True,
 ) -> ParallelLayout:
     """The layout for `--workers N`, with any of `--ulysses/--ring/--cfg-parallel` fixed.
 
@@ -133,7 +140,7 @@ def choose_layout(
             raise InvalidRequest(f"{name} must be at least 1 (got {value})")
     requested = ParallelLayout(2 if cfg_parallel else 1, ulysses or 1, ring or 1)
     workers = requested.world_size if workers is None else workers
-    valid = valid_layouts(workers, heads, guidance, sequence_parallel)
+    valid = valid_layouts(workers, heads, guidance, sequence_parallel, ring_attention)
     if not sequence_parallel and not valid:
         raise InvalidRequest(
             f"this model's token sequence is not split over ranks: {workers} denoiser workers run only as "
@@ -149,7 +156,8 @@ def choose_layout(
             return layout
     fixed = [f"{name} {value}" for name, value in (("ulysses", ulysses), ("ring", ring)) if value is not None]
     fixed += ["CFG-parallel"] * cfg_parallel
-    problem = layout_problem(requested, heads, guidance) or f"no layout of {workers} ranks has {' and '.join(fixed)}"
+    problem = layout_problem(requested, heads, guidance, ring_attention)
+    problem = problem or f"no layout of {workers} ranks has {' and '.join(fixed)}"
     listed = ", ".join(str(v) for v in valid)
     raise InvalidRequest(
         f"invalid parallel layout {requested}: {problem}; valid layouts for {workers} workers: {listed}"
@@ -329,13 +337,13 @@ class ContextParallel:
         return torch.cat(branches, dim=0)
 
     def gather_branches(self, local: torch.Tensor) -> torch.Tensor:
-        """Every guidance branch's result stacked along dim 0 (branch 0 first), for a model run
-        CFG-parallel alone (a UNet: each rank computes its branch whole, nothing is sharded)."""
-        if self.layout.sequence_degree != 1:
-            raise ValueError(f"gather_branches is for CFG-parallel alone, not {self.layout}")
+        """Every guidance branch's result stacked along dim 0 (branch 0 first), for a model whose
+        every rank of a branch holds the branch's whole result: a UNet run CFG-parallel alone, or
+        a network split by diffusers' context parallelism, which gathers the sequence itself."""
         parts = [torch.empty_like(local) for _ in range(self.layout.world_size)]
         dist.all_gather(parts, local.contiguous())
-        return torch.cat(parts, dim=0)
+        degree = self.layout.sequence_degree
+        return torch.cat([parts[b * degree] for b in range(self.layout.cfg)], dim=0)
 
     def branch_of(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's guidance branch of a batch of [unconditional, conditional] inputs."""

@@ -89,8 +89,9 @@ def plan_layout(
     """The denoiser group's layout for this model and request (see `choose_layout`)."""
     family = family_for(spec)
     return choose_layout(
-        family.heads, r.do_classifier_free_guidance, workers, ulysses, ring, cfg_parallel, family.splits_sequence
-    )
+        family.heads, r.do_classifier_free_guidance, workers, ulysses, ring, cfg_parallel, family.splits_sequence,
+        family.ring_attention,
+    )  # fmt: skip
 
 
 def plan_serving_layout(
@@ -104,4 +105,5 @@ def plan_serving_layout(
             f"{spec.name}'s denoiser does not split its sequence over workers, and a served denoiser group runs "
             f"no CFG-parallel (a request may turn guidance off): serve it with workers 1"
         )
-    return choose_layout(family.heads, False, workers, ulysses, ring, cfg_parallel=False)
+    return choose_layout(family.heads, False, workers, ulysses, ring, cfg_parallel=False,
+                         ring_attention=family.ring_attention)  # fmt: skip

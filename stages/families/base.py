@@ -95,6 +95,8 @@ class ModelFamily(ABC):
     dynamic_guidance: ClassVar[bool] = False
     # Whether the network's token sequence can be split over a denoiser group (else CFG-parallel only).
     splits_sequence: ClassVar[bool] = True
+    # Whether that split may use ring attention (else Ulysses and CFG-parallel only).
+    ring_attention: ClassVar[bool] = True
     # Whether its VAE decodes in tiles that may be shared over decoders (`stages.decoder`).
     tiled_decode: ClassVar[bool] = False
 

@@ -15,6 +15,8 @@ sequence split over a denoiser group (diffusers' context-parallel plans), tiled 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,10 @@ from stages.tiny import build_tokenizer
 
 class Wan(ModelFamily):
     name = "wan"
-    splits_sequence = False  # CFG-parallel only, until diffusers' context-parallel plans are wired in
+    # The sequence is split by diffusers' own context-parallel plan for the Wan transformer; its
+    # ring attention needs each block's log-sum-exp, which no CPU backend of diffusers returns
+    # yet (docs/context-parallel.md): Ulysses and CFG-parallel only, for now.
+    ring_attention = False
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -77,7 +82,22 @@ class Wan(ModelFamily):
     # -- denoising -------------------------------------------------------------------------------
 
     def split_over(self, network: torch.nn.Module, context: ContextParallel) -> None:
-        return None  # CFG-parallel only: each rank runs the whole sequence of its branch
+        """diffusers' context parallelism on the transformer, over this group's ranks: a device
+        mesh (cfg, ring, ulysses) in framecast's rank order, of which diffusers takes the ring and
+        Ulysses dimensions (so each guidance branch splits its sequence within its own ranks).
+        Every rank then runs the whole forward pass on the whole input; diffusers' hooks split the
+        sequence and gather the output."""
+        layout = context.layout
+        if layout.sequence_degree == 1:
+            return  # CFG-parallel alone: each rank runs its branch whole
+        from diffusers import ContextParallelConfig
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape, names = (layout.cfg, layout.ring, layout.ulysses), ("cfg", "ring", "ulysses")
+        mesh = init_device_mesh(network.device.type, shape, mesh_dim_names=names)
+        config = ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, mesh=mesh)
+        with _an_accelerator_counted():
+            network.enable_parallelism(config=config)
 
     def start(self, network, scheduler, conditioning, r, context) -> Denoising:
         return WanDenoising(self, network, scheduler, conditioning, r, context)
@@ -95,6 +115,20 @@ class Wan(ModelFamily):
 
     def decode(self, vae: Any, z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def _an_accelerator_counted() -> Iterator[None]:
+    """`enable_parallelism` picks a rank's device as rank % torch.accelerator.device_count(),
+    which is 0 on a machine without one (ZeroDivisionError); the mesh it is given decides the
+    devices anyway. So while it runs, the count is at least 1. (Why framecast writes this shim:
+    docs/context-parallel.md, "Wan through diffusers' own context parallelism".)"""
+    counted = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: max(1, counted())
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = counted
 
 
 class WanDenoising(Denoising):
