@@ -543,14 +543,6 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
     return EXIT_INCOMPLETE if any(result.count(status) for status in INCOMPLETE) else 0
 
 
-def _shown(database: str) -> str:
-    """A job database as printed: an SQLite file's path, or a URL without its password."""
-    from cluster.jobs import database_url
-
-    url = database_url(database)
-    return url.database if url.get_backend_name() == "sqlite" else url.render_as_string(hide_password=True)
-
-
 def _check_replicas(args: argparse.Namespace) -> None:
     if args.replicas is not None and args.replicas < 1:
         raise InvalidRequest(f"--replicas must be at least 1 (got {args.replicas})")
@@ -598,6 +590,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import pydantic
 
+    from cluster.jobs import shown
     from cluster.runtime import connect
     from cluster.serving import ServeArgs, resolve_served
 
@@ -648,7 +641,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     auth = f"API key from ${args.api_key_env}" if args.api_key_env else "no API key (anyone who reaches it may use it)"
     print(f"framecast: serving {args.model} at http://{args.host}:{args.port}/v1 (OpenAI Videos API; docs at "
           f"http://{args.host}:{args.port}/docs)\n"
-          f"framecast: jobs in {_shown(served.database)}, videos in {served.data_dir}/videos; {auth}; "
+          f"framecast: jobs in {shown(served.database)}, videos in {served.data_dir}/videos; {auth}; "
           f"Ray's own log in {log_file}; Ctrl-C or SIGTERM stops it",
           file=sys.stderr, flush=True)  # fmt: skip
     try:

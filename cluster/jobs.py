@@ -129,7 +129,7 @@ class JobStore:
         if self._sqlite:
             sa.event.listen(self._engine, "connect", _sqlite_wal)
             sa.event.listen(self._engine, "begin", _sqlite_begin)
-        self.where = self.url.render_as_string(hide_password=True)
+        self.where = shown(self.url)
         with self._transaction() as db:
             METADATA.create_all(db)
 
@@ -319,6 +319,12 @@ def database_url(database: str | Path) -> sa.URL:
         # absolute: Serve's replicas run in Ray workers whose working directories differ
         url = url.set(database=str(Path(url.database).expanduser().resolve()))
     return url
+
+
+def shown(database: str | Path | sa.URL) -> str:
+    """A job database as said to people: an SQLite file's path, or a URL without its password."""
+    url = database if isinstance(database, sa.URL) else database_url(database)
+    return url.database if url.get_backend_name() == "sqlite" else url.render_as_string(hide_password=True)
 
 
 def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from stages.context_parallel import ContextParallel
-from stages.models import ModelSpec, load_component
+from stages.models import ComponentSpec, ModelSpec, load_component
 from stages.settings import GenerationRequest
 
 
@@ -139,6 +139,23 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_tokenizer(self) -> Any:
         """A small offline tokenizer of the family's kind, for test models built here (`stages.tiny`)."""
+
+    # The diffusers pipeline whose helpers (encode_prompt, prepare_latents, ...) the adapter calls.
+    helper_pipeline: ClassVar[str | None] = None
+    helper_components: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
+
+    def _pipeline(self, **components: Any) -> Any:
+        """`helper_pipeline` over the components at hand (the others None), for its helpers. The
+        VAE's factors come from the spec, as a stage may not hold the VAE: each pipeline keeps them
+        under its own names (one factor for an image pipeline, spatial and temporal for video)."""
+        pipeline_class = ComponentSpec(self.helper_pipeline).load_class()
+        pipe = pipeline_class(**{k: components.get(k) for k in self.helper_components})
+        factors = {"vae_scale_factor": self.vae_scale_spatial, "vae_scale_factor_spatial": self.vae_scale_spatial,
+                   "vae_scale_factor_temporal": self.vae_scale_temporal}  # fmt: skip
+        for name, value in factors.items():
+            if hasattr(pipe, name):
+                setattr(pipe, name, value)
+        return pipe
 
     def load(self, key: str, weights: Path, device: torch.device | None = None) -> Any:
         """One component of the weights, as the spec names it."""

@@ -28,13 +28,13 @@ import torch
 
 from stages.context_parallel import ContextParallel, SequenceShards
 from stages.families.base import Conditioning, Denoising, ImageLatents, ModelFamily
-from stages.models import ComponentSpec
 from stages.settings import GenerationRequest
 from stages.tiny import build_tokenizer
 
 
 class CogVideoX(ModelFamily):
     name = "cogvideox"
+    helper_pipeline = "diffusers.CogVideoXPipeline"  # text-to-video's helpers serve image-to-video too
     dynamic_guidance = True
     tiled_decode = True
 
@@ -55,14 +55,6 @@ class CogVideoX(ModelFamily):
 
     def build_tokenizer(self) -> Any:
         return build_tokenizer()
-
-    def _pipeline(self, **components: Any) -> Any:
-        """diffusers' text-to-video pipeline over the components at hand (the others None), for
-        its helpers; the VAE's factors come from the spec, as a stage may not hold the VAE."""
-        keys = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
-        pipe = ComponentSpec("diffusers.CogVideoXPipeline").load_class()(**{k: components.get(k) for k in keys})
-        pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal = self.vae_scale_spatial, self.vae_scale_temporal
-        return pipe
 
     # -- encoding --------------------------------------------------------------------------------
 

@@ -24,12 +24,12 @@ import torch
 
 from stages.context_parallel import ContextParallel
 from stages.families.base import Conditioning, Denoising, ModelFamily
-from stages.models import ComponentSpec
 from stages.tiny import build_tokenizer
 
 
 class Wan(ModelFamily):
     name = "wan"
+    helper_pipeline = "diffusers.WanPipeline"
     # The sequence is split by diffusers' own context-parallel plan for the Wan transformer; its
     # ring attention needs each block's log-sum-exp, which no CPU backend of diffusers returns
     # yet (docs/context-parallel.md): Ulysses and CFG-parallel only, for now.
@@ -54,11 +54,6 @@ class Wan(ModelFamily):
 
     def build_tokenizer(self) -> Any:
         return build_tokenizer()
-
-    def _pipeline(self, **components: Any) -> Any:
-        """diffusers' pipeline over the components at hand (the others None), for its helpers."""
-        keys = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
-        return ComponentSpec("diffusers.WanPipeline").load_class()(**{k: components.get(k) for k in keys})
 
     # -- encoding --------------------------------------------------------------------------------
 
@@ -144,8 +139,6 @@ class WanDenoising(Denoising):
         if context is not None and context.layout.cfg == 2:  # this rank's branch only
             self.branch_prompt = self.negative if context.branch == 0 else self.prompt
         pipe = family._pipeline(transformer=network, scheduler=scheduler)
-        pipe.vae_scale_factor_spatial = family.vae_scale_spatial  # the VAE's factors, from the spec
-        pipe.vae_scale_factor_temporal = family.vae_scale_temporal
         scheduler.set_timesteps(r.steps, device=device)
         scheduler.set_begin_index(0)
         self.timesteps = scheduler.timesteps
@@ -183,6 +176,8 @@ class WanDenoising(Denoising):
         return self.latents.cpu()
 
     def video_tokens(self) -> float:
+        """This rank's share: diffusers' plan splits the sequence evenly over the branch's ranks."""
         p = self.network.config.patch_size
         _, _, frames, height, width = self.latents.shape
-        return float(frames // p[0] * (height // p[1]) * (width // p[2]))
+        degree = self.context.layout.sequence_degree if self.context is not None else 1
+        return float(frames // p[0] * (height // p[1]) * (width // p[2])) / degree

@@ -23,7 +23,6 @@ import torch
 
 from stages.context_parallel import ContextParallel, SequenceShards
 from stages.families.base import Conditioning, Denoising, ModelFamily
-from stages.models import ComponentSpec
 from stages.tiny import build_qwen_tokenizer
 
 PATCH = "2-1"  # patch size 2, frame patch size 1: Z-Image's only patching
@@ -31,6 +30,7 @@ PATCH = "2-1"  # patch size 2, frame patch size 1: Z-Image's only patching
 
 class ZImage(ModelFamily):
     name = "zimage"
+    helper_pipeline = "diffusers.ZImagePipeline"
     guidance_off = 0.0
 
     @property
@@ -39,13 +39,6 @@ class ZImage(ModelFamily):
 
     def build_tokenizer(self) -> Any:
         return build_qwen_tokenizer()
-
-    def _pipeline(self, **components: Any) -> Any:
-        """diffusers' pipeline over the components at hand (the others None), for its helpers."""
-        keys = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
-        pipe = ComponentSpec("diffusers.ZImagePipeline").load_class()(**{k: components.get(k) for k in keys})
-        pipe.vae_scale_factor = self.vae_scale_spatial
-        return pipe
 
     # -- encoding --------------------------------------------------------------------------------
 
