@@ -83,9 +83,8 @@ class ParallelLayout:
         }
 
 
-def layout_problem(layout: ParallelLayout, heads: int, guidance: bool, ring_attention: bool = True) -> str | None:
-    """Why `layout` cannot run a model with `heads` attention heads, or None if it can.
-    Without `ring_attention` (a family whose ring attention cannot run here) no ring degree."""
+def layout_problem(layout: ParallelLayout, heads: int, guidance: bool) -> str | None:
+    """Why `layout` cannot run a model with `heads` attention heads, or None if it can."""
     if layout.cfg not in (1, 2):
         return "the CFG degree is 1 or 2"
     if layout.cfg == 2 and not guidance:
@@ -94,13 +93,11 @@ def layout_problem(layout: ParallelLayout, heads: int, guidance: bool, ring_atte
         return "degrees are at least 1"
     if heads % layout.ulysses:
         return f"the Ulysses degree must divide the model's {heads} attention heads"
-    if layout.ring > 1 and not ring_attention:
-        return "this model has no ring attention here (Ulysses and CFG-parallel only)"
     return None
 
 
 def valid_layouts(
-    workers: int, heads: int, guidance: bool, sequence_parallel: bool = True, ring_attention: bool = True
+    workers: int, heads: int, guidance: bool, sequence_parallel: bool = True
 ) -> list[ParallelLayout]:
     """Every layout of `workers` ranks that can run, best first (see `choose_layout`). Without
     `sequence_parallel` (a UNet, whose sequence cannot be split) only CFG-parallel remains."""
@@ -112,7 +109,7 @@ def valid_layouts(
     return [
         layout
         for layout in layouts
-        if layout_problem(layout, heads, guidance, ring_attention) is None
+        if layout_problem(layout, heads, guidance) is None
         and (sequence_parallel or layout.sequence_degree == 1)
     ]
 
@@ -125,7 +122,6 @@ def choose_layout(
     ring: int | None = None,
     cfg_parallel: bool = False,
     sequence_parallel: bool = True,
-    ring_attention: bool = True,
 ) -> ParallelLayout:
     """The layout for `--workers N`, with any of `--ulysses/--ring/--cfg-parallel` fixed.
 
@@ -140,7 +136,7 @@ def choose_layout(
             raise InvalidRequest(f"{name} must be at least 1 (got {value})")
     requested = ParallelLayout(2 if cfg_parallel else 1, ulysses or 1, ring or 1)
     workers = requested.world_size if workers is None else workers
-    valid = valid_layouts(workers, heads, guidance, sequence_parallel, ring_attention)
+    valid = valid_layouts(workers, heads, guidance, sequence_parallel)
     if not sequence_parallel and not valid:
         raise InvalidRequest(
             f"this model's token sequence is not split over ranks: {workers} denoiser workers run only as "
@@ -156,7 +152,7 @@ def choose_layout(
             return layout
     fixed = [f"{name} {value}" for name, value in (("ulysses", ulysses), ("ring", ring)) if value is not None]
     fixed += ["CFG-parallel"] * cfg_parallel
-    problem = layout_problem(requested, heads, guidance, ring_attention)
+    problem = layout_problem(requested, heads, guidance)
     problem = problem or f"no layout of {workers} ranks has {' and '.join(fixed)}"
     listed = ", ".join(str(v) for v in valid)
     raise InvalidRequest(

@@ -88,10 +88,13 @@ def plan_layout(
 ) -> ParallelLayout:
     """The denoiser group's layout for this model and request (see `choose_layout`)."""
     family = family_for(spec)
-    return choose_layout(
-        family.heads, r.do_classifier_free_guidance, workers, ulysses, ring, cfg_parallel, family.splits_sequence,
-        family.ring_attention,
-    )  # fmt: skip
+    layout = choose_layout(
+        family.heads, r.do_classifier_free_guidance, workers, ulysses, ring, cfg_parallel, family.splits_sequence
+    )
+    problem = family.check_layout(r, layout)
+    if problem:
+        raise InvalidRequest(f"invalid parallel layout {layout} for this request: {problem}")
+    return layout
 
 
 def plan_serving_layout(
@@ -105,5 +108,4 @@ def plan_serving_layout(
             f"{spec.name}'s denoiser does not split its sequence over workers, and a served denoiser group runs "
             f"no CFG-parallel (a request may turn guidance off): serve it with workers 1"
         )
-    return choose_layout(family.heads, False, workers, ulysses, ring, cfg_parallel=False,
-                         ring_attention=family.ring_attention)  # fmt: skip
+    return choose_layout(family.heads, False, workers, ulysses, ring, cfg_parallel=False)

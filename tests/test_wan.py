@@ -1,7 +1,7 @@
 """Wan 2.1 text-to-video (tiny-wan): equal to stock diffusers' WanPipeline in-process, through Ray,
-and split over a denoiser group by diffusers' own context parallelism (Ulysses, with and without
-CFG-parallel); clear errors for frame counts that are not 4k+1 and for ring layouts (diffusers'
-ring attention has no CPU backend that returns the LSE yet: issue 22)."""
+and split over a denoiser group of 2 or 4 ranks by diffusers' own context parallelism (Ulysses,
+ring and both, with and without CFG-parallel); clear errors for frame counts that are not 4k+1
+and for layouts that do not divide the heads or the tokens."""
 
 import numpy as np
 import pytest
@@ -65,7 +65,10 @@ def test_in_one_process_equals_diffusers(wan, case):
 @pytest.mark.parametrize(
     "layout, case",
     [(ParallelLayout(), "guided"), (ParallelLayout(cfg=2), "guided"), (ParallelLayout(ulysses=2), "unguided"),
-     (ParallelLayout(ulysses=2), "guided"), (ParallelLayout(cfg=2, ulysses=2), "guided")],
+     (ParallelLayout(ring=2), "guided"), (ParallelLayout(cfg=2, ulysses=2), "guided"),
+     (ParallelLayout(cfg=2, ring=2), "guided"), (ParallelLayout(ulysses=2, ring=2), "unguided"),
+     (ParallelLayout(ring=4), "guided")],
+    ids=str,
 )  # fmt: skip
 def test_through_ray_and_cfg_parallel_equals_diffusers(executors, wan, layout, case):
     spec, weights = wan
@@ -79,8 +82,15 @@ def test_frames_and_layouts_are_checked_before_any_work(wan):
     guided = build_request(spec, "a fox")
     assert plan_layout(spec, guided, workers=2) == ParallelLayout(cfg=2)
     assert plan_layout(spec, guided, workers=8) == ParallelLayout(cfg=2, ulysses=4)
-    no_ring = "this model has no ring attention here"
-    with pytest.raises(InvalidRequest, match=rf"invalid parallel layout cfg1xulysses1xring2: {no_ring}"):
-        plan_layout(spec, guided, ring=2)
-    with pytest.raises(InvalidRequest, match=r"valid layouts for 16 workers: $"):  # 4 heads: no 16-rank layout
-        plan_layout(spec, guided, workers=16)
+    assert plan_layout(spec, guided, workers=4, ring=2) == ParallelLayout(cfg=2, ring=2)
+    heads = "the Ulysses degree must divide the model's 4 attention heads"
+    with pytest.raises(InvalidRequest, match=rf"invalid parallel layout cfg1xulysses8xring1: {heads}; valid layouts"
+                                             r" for 8 workers: cfg2xulysses4xring1, cfg2xulysses2xring2, "):  # fmt: skip
+        plan_layout(spec, guided, ulysses=8)
+    # 9 frames at 48x80 are 3 x 3 x 5 = 45 tokens: no even split over 2 ranks
+    odd = build_request(spec, "a fox", height=48, width=80, guidance_scale=1.0)
+    assert plan_layout(spec, odd, workers=1) == ParallelLayout()
+    with pytest.raises(InvalidRequest, match=r"cfg1xulysses2xring1 for this request: tiny-wan splits a video's "
+                                             r"tokens into equal shards, and 9 frames at 80x48 are 45 tokens, "
+                                             r"which 2 ranks do not divide"):  # fmt: skip
+        plan_layout(spec, odd, workers=2)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from stages.context_parallel import ContextParallel
+from stages.context_parallel import ContextParallel, ParallelLayout
 from stages.models import ComponentSpec, ModelSpec, load_component
 from stages.settings import GenerationRequest
 
@@ -95,8 +95,6 @@ class ModelFamily(ABC):
     dynamic_guidance: ClassVar[bool] = False
     # Whether the network's token sequence can be split over a denoiser group (else CFG-parallel only).
     splits_sequence: ClassVar[bool] = True
-    # Whether that split may use ring attention (else Ulysses and CFG-parallel only).
-    ring_attention: ClassVar[bool] = True
     # Whether its VAE decodes in tiles that may be shared over decoders (`stages.decoder`).
     tiled_decode: ClassVar[bool] = False
 
@@ -134,6 +132,11 @@ class ModelFamily(ABC):
 
     def check_request(self, r: GenerationRequest) -> str | None:
         """Why this family cannot run request `r` (one line naming the setting), or None."""
+        return None
+
+    def check_layout(self, r: GenerationRequest, layout: ParallelLayout) -> str | None:
+        """Why this family cannot split request `r`'s forward pass as `layout` (the heads are
+        checked for every family, by `stages.context_parallel.layout_problem`), or None."""
         return None
 
     @abstractmethod

@@ -15,25 +15,21 @@ sequence split over a denoiser group (diffusers' context-parallel plans), tiled 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages.context_parallel import ContextParallel
+from stages.context_parallel import ContextParallel, ParallelLayout
+from stages.diffusers_parallel import enable_context_parallelism
 from stages.families.base import Conditioning, Denoising, ModelFamily
+from stages.settings import GenerationRequest
 from stages.tiny import build_tokenizer
 
 
 class Wan(ModelFamily):
     name = "wan"
     helper_pipeline = "diffusers.WanPipeline"
-    # The sequence is split by diffusers' own context-parallel plan for the Wan transformer; its
-    # ring attention needs each block's log-sum-exp, which no CPU backend of diffusers returns
-    # yet (docs/context-parallel.md): Ulysses and CFG-parallel only, for now.
-    ring_attention = False
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -51,6 +47,19 @@ class Wan(ModelFamily):
     @property
     def max_text_tokens(self) -> int:
         return int(self.spec.text_tokens or 512)  # the pipeline's max_sequence_length
+
+    def check_layout(self, r: GenerationRequest, layout: ParallelLayout) -> str | None:
+        """diffusers' plan cuts the video's tokens into equal shards (`EquipartitionSharder`)."""
+        patch = self.spec.components["transformer"].config.get("patch_size", [1, 2, 2])
+        frames = (r.num_frames - 1) // self.vae_scale_temporal + 1
+        tokens = frames // patch[0] * (r.height // self.spatial_multiple) * (r.width // self.spatial_multiple)
+        if tokens % layout.sequence_degree:
+            return (
+                f"{self.spec.name} splits a video's tokens into equal shards, and {r.num_frames} frames at "
+                f"{r.width}x{r.height} are {tokens} tokens, which {layout.sequence_degree} ranks do not divide; "
+                f"change the size or frames, or the Ulysses and ring degrees"
+            )
+        return None
 
     def build_tokenizer(self) -> Any:
         return build_tokenizer()
@@ -77,22 +86,8 @@ class Wan(ModelFamily):
     # -- denoising -------------------------------------------------------------------------------
 
     def split_over(self, network: torch.nn.Module, context: ContextParallel) -> None:
-        """diffusers' context parallelism on the transformer, over this group's ranks: a device
-        mesh (cfg, ring, ulysses) in framecast's rank order, of which diffusers takes the ring and
-        Ulysses dimensions (so each guidance branch splits its sequence within its own ranks).
-        Every rank then runs the whole forward pass on the whole input; diffusers' hooks split the
-        sequence and gather the output."""
-        layout = context.layout
-        if layout.sequence_degree == 1:
-            return  # CFG-parallel alone: each rank runs its branch whole
-        from diffusers import ContextParallelConfig
-        from torch.distributed.device_mesh import init_device_mesh
-
-        shape, names = (layout.cfg, layout.ring, layout.ulysses), ("cfg", "ring", "ulysses")
-        mesh = init_device_mesh(network.device.type, shape, mesh_dim_names=names)
-        config = ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, mesh=mesh)
-        with _an_accelerator_counted():
-            network.enable_parallelism(config=config)
+        """diffusers' own context-parallel plan for the Wan transformer, over this group's ranks."""
+        enable_context_parallelism(network, context.layout)
 
     def start(self, network, scheduler, conditioning, r, context) -> Denoising:
         return WanDenoising(self, network, scheduler, conditioning, r, context)
@@ -110,20 +105,6 @@ class Wan(ModelFamily):
 
     def decode(self, vae: Any, z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z, return_dict=False)[0]
-
-
-@contextlib.contextmanager
-def _an_accelerator_counted() -> Iterator[None]:
-    """`enable_parallelism` picks a rank's device as rank % torch.accelerator.device_count(),
-    which is 0 on a machine without one (ZeroDivisionError); the mesh it is given decides the
-    devices anyway. So while it runs, the count is at least 1. (Why framecast writes this shim:
-    docs/context-parallel.md, "Wan through diffusers' own context parallelism".)"""
-    counted = torch.accelerator.device_count
-    torch.accelerator.device_count = lambda: max(1, counted())
-    try:
-        yield
-    finally:
-        torch.accelerator.device_count = counted
 
 
 class WanDenoising(Denoising):
