@@ -96,9 +96,7 @@ def layout_problem(layout: ParallelLayout, heads: int, guidance: bool) -> str | 
     return None
 
 
-def valid_layouts(
-    workers: int, heads: int, guidance: bool, sequence_parallel: bool = True
-) -> list[ParallelLayout]:
+def valid_layouts(workers: int, heads: int, guidance: bool, sequence_parallel: bool = True) -> list[ParallelLayout]:
     """Every layout of `workers` ranks that can run, best first (see `choose_layout`). Without
     `sequence_parallel` (a UNet, whose sequence cannot be split) only CFG-parallel remains."""
     layouts = [
@@ -109,8 +107,7 @@ def valid_layouts(
     return [
         layout
         for layout in layouts
-        if layout_problem(layout, heads, guidance) is None
-        and (sequence_parallel or layout.sequence_degree == 1)
+        if layout_problem(layout, heads, guidance) is None and (sequence_parallel or layout.sequence_degree == 1)
     ]
 
 

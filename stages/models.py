@@ -55,6 +55,8 @@ class Defaults:
     # The scheduler a request gets when it names none (a short name of `schedulers`, built from
     # the weights' config); unset: the weights' own. CogVideoX-5b's card recommends DPM.
     scheduler: str | None = None
+    # Two-expert models (Wan 2.2 A14B): the low-noise expert's guidance scale; unset: guidance_scale.
+    guidance_scale_2: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,14 @@ class ModelSpec:
     # The world whose detector checks this model's videos against their prompts (a key of
     # stages.clarity.WORLDS, e.g. "shapes"): the panel then records adherence/*.
     adherence: str | None = None
+    # The pipeline's own config (model_index.json beside the components), e.g. Wan 2.2's
+    # `boundary_ratio` (where its two experts hand over) and `expand_timesteps`.
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def two_experts(self) -> bool:
+        """A high-noise `transformer` and a low-noise `transformer_2`, switched at a boundary timestep."""
+        return "transformer_2" in self.components
 
     @property
     def makes_images(self) -> bool:
@@ -217,6 +227,7 @@ def load_spec(name: str) -> ModelSpec:
         text_tokens=raw.get("text_tokens"),
         schedulers=dict(raw.get("schedulers") or {}),
         adherence=raw.get("adherence"),
+        pipeline_config=dict(raw.get("pipeline_config") or {}),
     )
 
 

@@ -25,6 +25,7 @@ def build_request(
     negative_prompt: str | None = None,
     steps: int | None = None,
     guidance_scale: float | None = None,
+    guidance_scale_2: float | None = None,
     num_frames: int | None = None,
     fps: int | None = None,
     height: int | None = None,
@@ -39,6 +40,14 @@ def build_request(
 ) -> GenerationRequest:
     """Fill unset fields from the model's defaults, then validate (see `validate`)."""
     d = spec.defaults
+    if guidance_scale_2 is not None and not spec.two_experts:
+        raise InvalidRequest(
+            f"guidance_2 is the low-noise expert's guidance scale, for two-expert models (Wan 2.2 A14B); "
+            f"{spec.name} has one denoiser: set guidance only"
+        )
+    if spec.two_experts and guidance_scale_2 is None:  # the pipeline's rule: the model's, else the same
+        guidance_scale_2 = d.guidance_scale_2 if d.guidance_scale_2 is not None else guidance_scale
+        guidance_scale_2 = d.guidance_scale if guidance_scale_2 is None else guidance_scale_2
     codec = spec.default_codec if codec is None else codec
     if crf is None and codec in CODECS:
         crf = CODECS[codec].default_crf
@@ -58,6 +67,7 @@ def build_request(
         codec=codec,
         crf=crf,
         interpolate_fps=interpolate_fps or 0,
+        guidance_scale_2=None if guidance_scale_2 is None else float(guidance_scale_2),
         guidance_off=family_for(spec).guidance_off,
     )
     validate(spec, request)
@@ -88,6 +98,10 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
         raise InvalidRequest(
             f"guidance scale must be at least {off} for {spec.name} ({off} turns classifier-free guidance off; "
             f"got {r.guidance_scale:g})"
+        )
+    if r.guidance_scale_2 is not None and not r.guidance_scale_2 >= family.guidance_off:
+        raise InvalidRequest(
+            f"guidance_2 must be at least {family.guidance_off:g} for {spec.name} (got {r.guidance_scale_2:g})"
         )
     if r.fps < 1:
         raise InvalidRequest(f"fps must be at least 1 (got {r.fps})")

@@ -40,6 +40,14 @@ SETTINGS: tuple[Setting, ...] = (
         preset=True,
     ),
     Setting(
+        "guidance_2",
+        "guidance_scale_2",
+        float,
+        "two-expert models (Wan 2.2 A14B): the low-noise expert's guidance scale (default: the model's, or guidance)",
+        api="guidance_scale_2",
+        preset=True,
+    ),
+    Setting(
         "frames",
         "num_frames",
         int,
@@ -128,6 +136,8 @@ class GenerationRequest:
     codec: str = "h264"
     crf: int | None = None
     interpolate_fps: int = 0
+    # Two-expert models: the guidance scale of the low-noise expert (None for a model with one).
+    guidance_scale_2: float | None = None
     # The model's guidance scale that means "no guidance" (its family's `guidance_off`: 1 for
     # uncond + g (cond - uncond), 0 for cond + g (cond - uncond)). A property of the model, not
     # a setting: not in `as_dict`.

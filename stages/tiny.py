@@ -97,12 +97,16 @@ def build_pipeline_dir(spec: ModelSpec, out_dir: Path, tokenizer: Any) -> None:
     import torch
 
     components = {"tokenizer": tokenizer}
+    built_before: dict[str, int] = {}  # class -> how many of it were built
     for key, component in spec.components.items():
         if key == "tokenizer":
             continue
         cls = component.load_class()
         config = dict(component.config)
-        torch.manual_seed(spec.weights.build_seed)
+        # A second component of one class (Wan 2.2's two experts) gets weights of its own.
+        repeat = built_before.get(component.class_path, 0)
+        built_before[component.class_path] = repeat + 1
+        torch.manual_seed(spec.weights.build_seed + repeat)
         if key in ("text_encoder", "image_encoder"):  # transformers models: built from their config class
             if key == "text_encoder":
                 config["vocab_size"] = len(tokenizer)
@@ -111,7 +115,8 @@ def build_pipeline_dir(spec: ModelSpec, out_dir: Path, tokenizer: Any) -> None:
             components[key] = cls.from_config(config)
         else:
             components[key] = cls(**config)
-    ComponentSpec(spec.pipeline).load_class()(**components).save_pretrained(out_dir)
+    pipeline = ComponentSpec(spec.pipeline).load_class()(**components, **spec.pipeline_config)
+    pipeline.save_pretrained(out_dir)
 
 
 def built_path(spec: ModelSpec, cache: Path) -> Path:
@@ -120,6 +125,7 @@ def built_path(spec: ModelSpec, cache: Path) -> Path:
         "seed": spec.weights.build_seed,
         "pipeline": spec.pipeline,
         "components": {k: [c.class_path, c.config] for k, c in spec.components.items()},
+        **({"pipeline_config": spec.pipeline_config} if spec.pipeline_config else {}),
         "words": WORDS,
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]

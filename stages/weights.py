@@ -94,6 +94,12 @@ def check_architecture(spec: ModelSpec, weights: Path) -> Path:
         for name, declared in spec.components[key].config.items():
             if name in actual and actual[name] != declared:
                 problems.append(f"{key}.{name} is {actual[name]!r} there but {declared!r} in {spec.source.name}")
+    if spec.pipeline_config:
+        index = json.loads((weights / "model_index.json").read_text())
+        for name, declared in spec.pipeline_config.items():
+            if index.get(name) != declared:
+                problems.append(f"model_index.json's {name} is {index.get(name)!r} there but {declared!r} in "
+                                f"{spec.source.name}")  # fmt: skip
     if problems:
         raise InvalidRequest(f"the weights at {weights} are not {spec.name}: " + "; ".join(problems))
     return weights

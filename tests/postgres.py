@@ -63,8 +63,14 @@ class PostgresServer:
         subprocess.run([str(install / "bin" / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
                         "-E", "UTF8", "--no-sync"], check=True, capture_output=True, env=env,
                        preexec_fn=drop_privileges)  # fmt: skip
-        settings = {"listen_addresses": "127.0.0.1", "port": str(port), "unix_socket_directories": "",
-                    "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}  # a test server
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(port),
+            "unix_socket_directories": "",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+        }  # a test server
         command = [str(install / "bin" / "postgres"), "-D", str(self.data)]
         command += [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
         self.log = open(self.directory / "postgres.log", "w")  # noqa: SIM115 (open while the server runs)

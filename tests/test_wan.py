@@ -3,6 +3,8 @@ and split over a denoiser group of 2 or 4 ranks by diffusers' own context parall
 ring and both, with and without CFG-parallel); clear errors for frame counts that are not 4k+1
 and for layouts that do not divide the heads or the tokens."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from stages.errors import InvalidRequest
 from stages.families import family_for
 from stages.models import load_spec
 from stages.request import build_request
-from stages.weights import resolve_weights
+from stages.weights import check_architecture, resolve_weights
 
 TOL = 1e-5
 CASES = {
@@ -30,26 +32,36 @@ def wan():
     return spec, resolve_weights(spec)
 
 
+@pytest.fixture(scope="module")
+def wan22():
+    spec = load_spec("tiny-wan22")
+    return spec, resolve_weights(spec)
+
+
 def stock(spec, weights, r):
     pipe = WanPipeline.from_pretrained(weights, dtype=spec.torch_dtype())
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
                   num_frames=r.num_frames, num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
                   max_sequence_length=family_for(spec).max_text_tokens)  # fmt: skip
+    if r.guidance_scale_2 is not None:
+        kwargs["guidance_scale_2"] = r.guidance_scale_2
     latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="latent").frames
     video = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="np").frames
     return latents, video[0]
 
 
-def assert_equal_to_stock(spec, weights, executor, case):
-    r = build_request(spec, **CASES[case])
+def assert_equal_to_stock(spec, weights, executor, settings):
+    r = build_request(spec, **settings)
+    scale = family_for(spec).vae_scale_spatial
     encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
     denoised = executor.call("denoise", "denoise", encoded, r)
     decoded = executor.call("decode", "decode_float", denoised)
     latents, video = executor.get(denoised), executor.get(decoded)
     ref_latents, ref_video = stock(spec, weights, r)
     frames = (r.num_frames - 1) // 4 + 1
-    assert latents.shape == ref_latents.shape == (1, 4, frames, r.height // 8, r.width // 8)
+    channels = spec.components["vae"].config["z_dim"]
+    assert latents.shape == ref_latents.shape == (1, channels, frames, r.height // scale, r.width // scale)
     assert latents.abs().max() > 0.1
     assert (latents - ref_latents).abs().max().item() <= TOL
     assert tuple(video.shape) == ref_video.shape == (r.num_frames, r.height, r.width, 3)
@@ -59,7 +71,7 @@ def assert_equal_to_stock(spec, weights, executor, case):
 @pytest.mark.parametrize("case", CASES)
 def test_in_one_process_equals_diffusers(wan, case):
     spec, weights = wan
-    assert_equal_to_stock(spec, weights, LocalExecutor(spec, weights), case)
+    assert_equal_to_stock(spec, weights, LocalExecutor(spec, weights), CASES[case])
 
 
 @pytest.mark.parametrize(
@@ -72,7 +84,7 @@ def test_in_one_process_equals_diffusers(wan, case):
 )  # fmt: skip
 def test_through_ray_and_cfg_parallel_equals_diffusers(executors, wan, layout, case):
     spec, weights = wan
-    assert_equal_to_stock(spec, weights, executors.get(spec, weights, layout), case)
+    assert_equal_to_stock(spec, weights, executors.get(spec, weights, layout), CASES[case])
 
 
 def test_frames_and_layouts_are_checked_before_any_work(wan):
@@ -84,8 +96,8 @@ def test_frames_and_layouts_are_checked_before_any_work(wan):
     assert plan_layout(spec, guided, workers=8) == ParallelLayout(cfg=2, ulysses=4)
     assert plan_layout(spec, guided, workers=4, ring=2) == ParallelLayout(cfg=2, ring=2)
     heads = "the Ulysses degree must divide the model's 4 attention heads"
-    with pytest.raises(InvalidRequest, match=rf"invalid parallel layout cfg1xulysses8xring1: {heads}; valid layouts"
-                                             r" for 8 workers: cfg2xulysses4xring1, cfg2xulysses2xring2, "):  # fmt: skip
+    listed = "valid layouts for 8 workers: cfg2xulysses4xring1, cfg2xulysses2xring2, "
+    with pytest.raises(InvalidRequest, match=rf"invalid parallel layout cfg1xulysses8xring1: {heads}; {listed}"):
         plan_layout(spec, guided, ulysses=8)
     # 9 frames at 48x80 are 3 x 3 x 5 = 45 tokens: no even split over 2 ranks
     odd = build_request(spec, "a fox", height=48, width=80, guidance_scale=1.0)
@@ -94,3 +106,63 @@ def test_frames_and_layouts_are_checked_before_any_work(wan):
                                              r"tokens into equal shards, and 9 frames at 80x48 are 45 tokens, "
                                              r"which 2 ranks do not divide"):  # fmt: skip
         plan_layout(spec, odd, workers=2)
+
+
+# Wan 2.2 (tiny-wan22): two experts handed over at boundary_ratio x 1000, the 2.2 VAE (16x in
+# space) and a timestep per token. Its 6 steps run t = 999, 961, 909 on the high-noise expert and
+# 833, 714, 501 on the low-noise one.
+CASES_22 = {
+    "guided": dict(prompt="a red fox running through the snow", negative_prompt="blurry", seed=2, guidance_scale_2=2.0),
+    "unguided": dict(prompt="a cat playing piano", guidance_scale=1.0, seed=1, num_frames=13, height=64, width=96),
+}
+
+
+@pytest.mark.parametrize("case", CASES_22)
+def test_two_experts_in_one_process_equal_diffusers(wan22, case):
+    spec, weights = wan22
+    assert_equal_to_stock(spec, weights, LocalExecutor(spec, weights), CASES_22[case])
+
+
+def test_the_low_noise_expert_and_its_guidance_make_the_last_steps(wan22):
+    """The hand-over is real: the experts' weights differ, and guidance_2 changes the video."""
+    spec, weights = wan22
+    executor = LocalExecutor(spec, weights)
+    stage = executor.stages["denoise"]
+    high, low = stage.network.high, stage.network.low
+    assert (high.proj_out.weight - low.proj_out.weight).abs().max() > 0.1
+
+    def latents(**settings):
+        r = build_request(spec, "a red fox", seed=2, **settings)
+        encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+        return executor.get(executor.call("denoise", "denoise", encoded, r))
+
+    assert (latents(guidance_scale_2=2.0) - latents(guidance_scale_2=4.0)).abs().max() > 1e-3
+    assert build_request(spec, "a fox").guidance_scale_2 == 3.0  # the model's default pair: 5.0, 3.0
+    with pytest.raises(InvalidRequest, match="guidance_2 is the low-noise expert's guidance scale, for two-expert "
+                                             "models .*; tiny-wan has one denoiser"):  # fmt: skip
+        build_request(load_spec("tiny-wan"), "a fox", guidance_scale_2=3.0)
+
+
+@pytest.mark.parametrize(
+    "layout, case",
+    [(ParallelLayout(cfg=2, ulysses=2), "guided"), (ParallelLayout(ring=2), "unguided")],
+    ids=str,
+)  # fmt: skip
+def test_two_experts_split_over_a_group_equal_diffusers(executors, wan22, layout, case):
+    spec, weights = wan22
+    assert_equal_to_stock(spec, weights, executors.get(spec, weights, layout), CASES_22[case])
+
+
+def test_weights_whose_pipeline_config_differs_are_refused_before_loading(wan22, tmp_path):
+    """A14B weights are checked for their hand-over point too, as the components' configs are."""
+    spec, weights = wan22
+    for config in weights.rglob("*.json"):
+        target = tmp_path / config.relative_to(weights)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(config.read_text())
+    assert check_architecture(spec, tmp_path) == tmp_path
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.9}))
+    with pytest.raises(InvalidRequest, match=r"are not tiny-wan22: model_index.json's boundary_ratio is 0.9 there "
+                                             r"but 0.875 in tiny-wan22.yaml"):  # fmt: skip
+        check_architecture(spec, tmp_path)

@@ -15,6 +15,7 @@ sequence split over a denoiser group (diffusers' context-parallel plans), tiled 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,16 @@ class Wan(ModelFamily):
 
     # -- denoising -------------------------------------------------------------------------------
 
-    def split_over(self, network: torch.nn.Module, context: ContextParallel) -> None:
-        """diffusers' own context-parallel plan for the Wan transformer, over this group's ranks."""
-        enable_context_parallelism(network, context.layout)
+    def load_denoiser(self, weights: Path, device: torch.device) -> WanExperts:
+        high = self.load("transformer", weights, device)
+        return WanExperts(high, self.load("transformer_2", weights, device) if self.spec.two_experts else None)
 
-    def start(self, network, scheduler, conditioning, r, context) -> Denoising:
+    def split_over(self, network: WanExperts, context: ContextParallel) -> None:
+        """diffusers' own context-parallel plan for the Wan transformer(s), over this group's ranks."""
+        for expert in network.experts:
+            enable_context_parallelism(expert, context.layout)
+
+    def start(self, network: WanExperts, scheduler, conditioning, r, context) -> Denoising:
         return WanDenoising(self, network, scheduler, conditioning, r, context)
 
     # -- decoding --------------------------------------------------------------------------------
@@ -107,27 +113,50 @@ class Wan(ModelFamily):
         return vae.decode(z, return_dict=False)[0]
 
 
-class WanDenoising(Denoising):
-    """One job, step for step as `WanPipeline.__call__`: the same noise, timesteps, the two
-    branches' forward passes one after the other, the guidance arithmetic and the dtype casts."""
+@dataclass(frozen=True)
+class WanExperts:
+    """A Wan model's denoiser: one transformer (2.1, 2.2 TI2V-5B), or Wan 2.2 A14B's two experts,
+    `high` for the high-noise steps (t at or above the boundary) and `low` for the rest."""
 
-    def __init__(self, family: Wan, network, scheduler, conditioning: Conditioning, r, context):
-        self.network, self.scheduler, self.r, self.context = network, scheduler, r, context
-        device, dtype = network.device, network.dtype
+    high: torch.nn.Module
+    low: torch.nn.Module | None = None
+
+    @property
+    def experts(self) -> list[torch.nn.Module]:
+        return [self.high] if self.low is None else [self.high, self.low]
+
+    @property
+    def device(self) -> torch.device:
+        return self.high.device
+
+
+class WanDenoising(Denoising):
+    """One job, step for step as `WanPipeline.__call__`: the same noise, timesteps, the expert for
+    each step and its guidance scale, the two branches' forward passes one after the other, the
+    guidance arithmetic and the dtype casts."""
+
+    def __init__(self, family: Wan, network: WanExperts, scheduler, conditioning: Conditioning, r, context):
+        self.experts, self.scheduler, self.r, self.context = network, scheduler, r, context
+        device, dtype = network.device, network.high.dtype
         self.guidance = r.do_classifier_free_guidance
         self.prompt = conditioning.prompt.to(device, dtype)
         self.negative = conditioning.negative.to(device, dtype) if self.guidance else None
         if context is not None and context.layout.cfg == 2:  # this rank's branch only
             self.branch_prompt = self.negative if context.branch == 0 else self.prompt
-        pipe = family._pipeline(transformer=network, scheduler=scheduler)
+        pipe = family._pipeline(transformer=network.high, scheduler=scheduler)
         scheduler.set_timesteps(r.steps, device=device)
         scheduler.set_begin_index(0)
         self.timesteps = scheduler.timesteps
         generator = torch.Generator("cpu").manual_seed(r.seed)
-        channels = network.config.in_channels
+        channels = network.high.config.in_channels
         self.latents = pipe.prepare_latents(1, channels, r.height, r.width, r.num_frames, torch.float32, device,
                                             generator)  # fmt: skip
         self.dtype = dtype
+        ratio = family.spec.pipeline_config.get("boundary_ratio")
+        self.boundary = None if ratio is None else ratio * scheduler.config.num_train_timesteps
+        # Wan 2.2 TI2V: a timestep per token (all equal for text-to-video), from a mask of ones.
+        self.expand_timesteps = bool(family.spec.pipeline_config.get("expand_timesteps"))
+        self.mask = torch.ones(self.latents.shape, dtype=torch.float32, device=device)
 
     def _forward(self, model_input: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         return self.network(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeddings,
@@ -144,11 +173,18 @@ class WanDenoising(Denoising):
         return cond, uncond
 
     def step(self, index: int, t: torch.Tensor) -> None:
+        if self.boundary is None or t >= self.boundary:  # Wan 2.1, or 2.2's high-noise steps
+            self.network, guidance_scale = self.experts.high, self.r.guidance_scale
+        else:
+            self.network, guidance_scale = self.experts.low, self.r.guidance_scale_2
         model_input = self.latents.to(self.dtype)
-        timestep = t.expand(self.latents.shape[0])
+        if self.expand_timesteps:
+            timestep = (self.mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(self.latents.shape[0], -1)
+        else:
+            timestep = t.expand(self.latents.shape[0])
         if self.guidance:
             cond, uncond = self._predictions(model_input, timestep)
-            noise_pred = uncond + self.r.guidance_scale * (cond - uncond)
+            noise_pred = uncond + guidance_scale * (cond - uncond)
         else:
             noise_pred = self._forward(model_input, timestep, self.prompt)
         self.latents = self.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
@@ -158,7 +194,7 @@ class WanDenoising(Denoising):
 
     def video_tokens(self) -> float:
         """This rank's share: diffusers' plan splits the sequence evenly over the branch's ranks."""
-        p = self.network.config.patch_size
+        p = self.experts.high.config.patch_size
         _, _, frames, height, width = self.latents.shape
         degree = self.context.layout.sequence_degree if self.context is not None else 1
         return float(frames // p[0] * (height // p[1]) * (width // p[2])) / degree
