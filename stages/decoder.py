@@ -6,8 +6,11 @@ For a video VAE that the family decodes in tiles, two ways, one result:
 - untiled: the whole latent video through the VAE at once (diffusers' default);
 - tiled: the latent video cut into overlapping spatial tiles, each decoded on its own, and the
   decoded tiles blended into one video where they overlap: the scheme of diffusers'
-  `AutoencoderKLCogVideoX.enable_tiling()` (same grid, same blending, same crops), so that the
-  frames equal `vae.enable_tiling(...)` + `vae.decode` for the same settings.
+  `AutoencoderKLCogVideoX.enable_tiling()` and `AutoencoderKLWan.enable_tiling()` (same grid,
+  same blending, same crops), so that the frames equal `vae.enable_tiling(...)` + `vae.decode`
+  for the same settings. What differs between the two VAEs (a tile's raw output, patchified
+  for Wan 2.2; the clamp after blending for Wan) is the family's (`ModelFamily.decode_tile`,
+  `tile_output`), and travels in the plan.
 
 The tiles of one video may be decoded by several decoders (`TilePlan.share`) and blended
 wherever they are gathered (`assemble_frames`). Decoded tiles leave the device as soon as they
@@ -48,23 +51,24 @@ class TileSettings:
 
 
 def default_overlap(spec: ModelSpec, height: int, width: int) -> tuple[int, int]:
-    """diffusers' default overlap for tiles of this size: 1/6 of the height and 1/5 of the width,
-    rounded to whole latent pixels (at least one)."""
-    scale = family_for(spec).vae_scale_spatial
+    """The VAE's default overlap for tiles of this size (`ModelFamily.tile_overlap_fractions`: for
+    CogVideoX 1/6 of the height and 1/5 of the width), rounded to whole latent pixels (at least one)."""
+    family = family_for(spec)
+    scale = family.vae_scale_spatial
+    factor_height, factor_width = family.tile_overlap_fractions
 
     def overlap(size: int, factor: float) -> int:
         return max(scale, round(size * factor / scale) * scale)
 
-    return overlap(height, 1 / 6), overlap(width, 1 / 5)
+    return overlap(height, factor_height), overlap(width, factor_width)
 
 
 def tile_settings(
     spec: ModelSpec, size: tuple[int, int] | None = None, overlap: tuple[int, int] | None = None
 ) -> TileSettings:
-    """Tile settings with diffusers' defaults filled in: tiles half the VAE's sample size (for
-    CogVideoX's 480x720, 240x360 tiles overlapping by 40x72, diffusers' own figures exactly)."""
-    vae = spec.components["vae"].config
-    height, width = size or (int(vae["sample_height"]) // 2, int(vae["sample_width"]) // 2)
+    """Tile settings with diffusers' defaults filled in (`ModelFamily.default_tile_size`: for
+    CogVideoX's 480x720, 240x360 tiles overlapping by 40x72; for Wan 256x256 by 64x64)."""
+    height, width = size or family_for(spec).default_tile_size
     overlap_height, overlap_width = overlap or default_overlap(spec, height, width)
     return TileSettings(height, width, overlap_height, overlap_width)
 
@@ -94,6 +98,10 @@ class TilePlan:
     keep_height: int = 0  # output rows of a tile kept in the video (the rest is the next tile's)
     keep_width: int = 0
     settings: TileSettings | None = None  # None: untiled
+    # A decoded tile's pixels come folded into channels, `patch` x `patch` (Wan 2.2's VAE): blend
+    # extents and kept sizes above are in those units, and the video is unfolded after blending.
+    patch: int = 1
+    clamp: bool = False  # the VAE clamps to [-1, 1] after blending, not each tile (Wan)
 
     @property
     def tiled(self) -> bool:
@@ -128,7 +136,8 @@ def plan_tiles(spec: ModelSpec, height: int, width: int, settings: TileSettings 
     or an overlap as large as the tile. (diffusers would take such settings and return frames of
     the wrong size; refusing them is why the grid is computed in whole latent pixels here.)
     """
-    scale = family_for(spec).vae_scale_spatial
+    family = family_for(spec)
+    scale = family.vae_scale_spatial
     latent_h, latent_w = height // scale, width // scale
     if settings is None:
         return TilePlan(tiles=(Tile(0, 0, 0, 0, latent_h, latent_w),))
@@ -153,13 +162,16 @@ def plan_tiles(spec: ModelSpec, height: int, width: int, settings: TileSettings 
         for row, top in enumerate(range(0, latent_h, stride_h))
         for col, left in enumerate(range(0, latent_w, stride_w))
     )
+    patch, clamp = family.tile_output
     return TilePlan(
         tiles=tiles,
-        blend_height=settings.overlap_height,
-        blend_width=settings.overlap_width,
-        keep_height=settings.height - settings.overlap_height,
-        keep_width=settings.width - settings.overlap_width,
+        blend_height=settings.overlap_height // patch,
+        blend_width=settings.overlap_width // patch,
+        keep_height=(settings.height - settings.overlap_height) // patch,
+        keep_width=(settings.width - settings.overlap_width) // patch,
         settings=settings,
+        patch=patch,
+        clamp=clamp,
     )
 
 
@@ -196,7 +208,7 @@ def plan_decode(
 @dataclass(frozen=True)
 class DecodedTile:
     index: int  # into TilePlan.tiles
-    sample: torch.Tensor  # (1, 3, frames, H, W) in [-1, 1], the VAE's dtype, on the CPU
+    sample: torch.Tensor  # (1, 3 x patch², frames, H / patch, W / patch), the VAE's dtype, on the CPU
 
 
 class DecoderStage:
@@ -243,7 +255,7 @@ class DecoderStage:
         for index in indices:
             t = plan.tiles[index]
             region = z[..., t.top : t.top + t.height, t.left : t.left + t.width]
-            decoded.append(DecodedTile(index, self.family.decode(self.vae, region).cpu()))
+            decoded.append(DecodedTile(index, self.family.decode_tile(self.vae, region).cpu()))
         self._record(tiles=len(decoded))
         return decoded
 
@@ -312,7 +324,12 @@ def assemble(plan: TilePlan, tiles: list[DecodedTile]) -> torch.Tensor:
                 _blend_columns(grid[r][c - 1], tile, plan.blend_width)
             kept.append(tile[:, :, :, : plan.keep_height, : plan.keep_width])
         kept_rows.append(torch.cat(kept, dim=4))
-    return torch.cat(kept_rows, dim=3)
+    video = torch.cat(kept_rows, dim=3)
+    if plan.patch > 1:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        video = unpatchify(video, plan.patch)
+    return video.clamp(-1.0, 1.0) if plan.clamp else video
 
 
 def postprocess(video: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import WanPipeline
+from diffusers import AutoencoderKLWan, WanPipeline
 
 from cluster.executor import LocalExecutor
 from stages.context_parallel import ParallelLayout
+from stages.decoder import DecoderStage, TileSettings, assemble_frames, plan_decode, plan_tiles, postprocess
 from stages.denoiser import plan_layout
 from stages.errors import InvalidRequest
 from stages.families import family_for
@@ -166,3 +167,46 @@ def test_weights_whose_pipeline_config_differs_are_refused_before_loading(wan22,
     with pytest.raises(InvalidRequest, match=r"are not tiny-wan22: model_index.json's boundary_ratio is 0.9 there "
                                              r"but 0.875 in tiny-wan22.yaml"):  # fmt: skip
         check_architecture(spec, tmp_path)
+
+
+def stock_tiled_decode(spec, weights, latents, s: TileSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stock AutoencoderKLWan as WanPipeline decodes, post-processed as the pipeline does: (frames
+    with `enable_tiling` at these settings, frames untiled)."""
+    vae = AutoencoderKLWan.from_pretrained(weights, subfolder="vae").eval()
+    z = family_for(spec).vae_input(vae, latents)
+    with torch.no_grad():
+        untiled = postprocess(vae.decode(z).sample)
+        vae.enable_tiling(tile_sample_min_height=s.height, tile_sample_min_width=s.width,
+                          tile_sample_stride_height=s.height - s.overlap_height,
+                          tile_sample_stride_width=s.width - s.overlap_width)  # fmt: skip
+        return postprocess(vae.decode(z).sample), untiled
+
+
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-wan22"])
+def test_tiles_on_m_decoders_equal_diffusers_tiling(executors, model):
+    """The Wan VAEs (2.1: 8x; 2.2: 16x with 2x2 patches folded into channels) decode their tiles
+    frame by frame with a causal cache; shared over 3 decoder actors and blended by the driver,
+    and all on one actor, the frames equal diffusers' `enable_tiling` decode."""
+    spec = load_spec(model)
+    weights = resolve_weights(spec)
+    settings, scale = TileSettings(32, 48, 16, 16), family_for(spec).vae_scale_spatial
+    z_dim = spec.components["vae"].config["z_dim"]
+    latents = torch.randn(1, z_dim, 3, 64 // scale, 96 // scale, generator=torch.Generator().manual_seed(0))
+    expected, untiled = stock_tiled_decode(spec, weights, latents, settings)
+    assert (expected - untiled).abs().max() > 1e-2  # tiling changes the frames: the comparison means something
+    plan = plan_tiles(spec, 64, 96, settings)
+    assert plan.grid == (4, 3) and plan.patch == (2 if model == "tiny-wan22" else 1) and plan.clamp
+    executor = executors.get(spec, weights, decoders=3, encoder=False)
+    call = executor.call("decode", "decode_tiles", latents, plan)
+    shared = assemble_frames(plan, [tile for share in executor.gather(call) for tile in share])
+    assert [r["tiles"] for r in executor.reports(call)] == [4, 4, 4]
+    whole = DecoderStage(spec, weights).decode_float(latents, plan)
+    for ours in (shared, whole):
+        assert ours.shape == expected.shape == (9, 64, 96, 3)
+        assert (ours - expected).abs().max().item() <= TOL
+
+
+def test_wan_tiles_default_to_diffusers_own():
+    """256 px tiles every 192 px, diffusers' AutoencoderKLWan defaults: a 3x5 grid at 832x480."""
+    plan = plan_decode(load_spec("tiny-wan"), 480, 832, decoders=4)
+    assert plan.settings == TileSettings(256, 256, 64, 64) and plan.grid == (3, 5)

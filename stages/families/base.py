@@ -214,6 +214,26 @@ class ModelFamily(ABC):
         """The VAE that turns the family's latents into frames."""
         return self.load("vae", weights, device)
 
+    @property
+    def default_tile_size(self) -> tuple[int, int]:
+        """Tiles when tiling is on and no size is given (pixels): half the VAE's sample size, as
+        diffusers' CogVideoX VAE tiles (240x360 for 480x720)."""
+        vae = self.spec.components["vae"].config
+        return int(vae["sample_height"]) // 2, int(vae["sample_width"]) // 2
+
+    # The default tile overlap as fractions of the tile's height and width (diffusers' CogVideoX VAE).
+    tile_overlap_fractions: ClassVar[tuple[float, float]] = (1 / 6, 1 / 5)
+
+    @property
+    def tile_output(self) -> tuple[int, bool]:
+        """(patch, clamp): how `decode_tile`'s output is blended (see `stages.decoder.TilePlan`)."""
+        return 1, False
+
+    def decode_tile(self, vae: Any, z: torch.Tensor) -> torch.Tensor:
+        """A tile of `vae_input`'s tensor -> its decoded pixels as the VAE's own tiled decode
+        blends them (the default: as `decode` makes them)."""
+        return self.decode(vae, z)
+
     @abstractmethod
     def vae_input(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
         """Denoised latents -> what `vae.decode` takes, on the VAE's device and dtype."""

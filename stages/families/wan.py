@@ -31,6 +31,10 @@ from stages.tiny import build_tokenizer
 class Wan(ModelFamily):
     name = "wan"
     helper_pipeline = "diffusers.WanPipeline"
+    tiled_decode = True
+    # diffusers' AutoencoderKLWan.enable_tiling defaults: 256 px tiles every 192 px.
+    default_tile_size = (256, 256)
+    tile_overlap_fractions = (1 / 4, 1 / 4)
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -111,6 +115,26 @@ class Wan(ModelFamily):
 
     def decode(self, vae: Any, z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z, return_dict=False)[0]
+
+    @property
+    def tile_output(self) -> tuple[int, bool]:
+        """Wan 2.2's VAE folds 2x2 pixels into channels; both VAEs clamp after blending."""
+        return int(self.spec.components["vae"].config.get("patch_size") or 1), True
+
+    @torch.no_grad()
+    def decode_tile(self, vae: Any, z: torch.Tensor) -> torch.Tensor:
+        """One tile as `AutoencoderKLWan.tiled_decode` decodes it: frame by frame through the causal
+        decoder with its feature cache, before the clamp and the unfolding of 2.2's patches, which
+        diffusers does once, after blending. (`vae.decode` of the tile would do both to each tile,
+        and `tiled_decode` decodes every tile in one call: hence this loop, written as diffusers'.)"""
+        vae.clear_cache()
+        frames = []
+        for k in range(z.shape[2]):
+            vae._conv_idx = [0]
+            tile = vae.post_quant_conv(z[:, :, k : k + 1])
+            frames.append(vae.decoder(tile, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=k == 0))
+        vae.clear_cache()
+        return torch.cat(frames, dim=2)
 
 
 @dataclass(frozen=True)
