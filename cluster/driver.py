@@ -52,7 +52,7 @@ JobProgress = Callable[[int, int, int], None]
 WriteProgress = Callable[[int], None]
 # Encodings already asked for, by (prompt, negative prompt, (image digest, height, width) or
 # None): see `encode_once`.
-EncodingKey = tuple[str, str, tuple[str, int, int] | None]
+EncodingKey = tuple[str, str, tuple[str, int, int, int] | None]
 Encodings = dict[EncodingKey, StageCall]
 
 
@@ -359,11 +359,11 @@ def encode_once(executor: Executor, jobs: list[Job]) -> Encodings:
 
 
 def encoding_key(job: Job) -> EncodingKey:
-    """What a job's encoding depends on: its prompts, and its image at its size (if any)."""
+    """What a job's encoding depends on: its prompts, and its image at its size and length (if any)."""
     r = job.request
     if job.image is None:
         return r.prompt, r.negative_prompt, None
-    return r.prompt, r.negative_prompt, (job.image_sha256, r.height, r.width)
+    return r.prompt, r.negative_prompt, (job.image_sha256, r.height, r.width, r.num_frames)
 
 
 def _encode(executor: Executor, job: Job, guidance: bool) -> StageCall:
@@ -371,7 +371,9 @@ def _encode(executor: Executor, job: Job, guidance: bool) -> StageCall:
     if job.image is None:
         return executor.call(Stage.ENCODE, Method.ENCODE, r.prompt, r.negative_prompt, guidance)
     size = (r.height, r.width)
-    return executor.call(Stage.ENCODE, Method.ENCODE, r.prompt, r.negative_prompt, guidance, job.image, size)
+    return executor.call(
+        Stage.ENCODE, Method.ENCODE, r.prompt, r.negative_prompt, guidance, job.image, size, r.num_frames
+    )
 
 
 def _submit(

@@ -140,8 +140,11 @@ def measured(
     runs = search_all_runs(client, experiments, query)
     figures = [(run, _figure(run, metric, spec)) for run in runs]
     figures = [(run, value) for run, value in figures if not math.isnan(value)]
-    names = grouping_params(metric)
     defaults = {**PARAM_DEFAULTS, "codec": spec.default_codec, "crf": str(CODECS[spec.default_codec].default_crf)}
+    # A setting no run has, and none had before it existed, is not the model's (guidance_2 of a
+    # model with one denoiser).
+    recorded = {name for run, _ in figures for name in run.data.params}
+    names = tuple(name for name in grouping_params(metric) if name in defaults or name in recorded)
     groups = defaultdict(list)
     for run, value in figures:
         key = tuple(run.data.params.get(name, defaults.get(name, "")) for name in names)

@@ -68,10 +68,11 @@ class EncoderStage:
         guidance: bool,
         image: np.ndarray | None = None,
         size: tuple[int, int] | None = None,
+        frames: int | None = None,
     ) -> Conditioning:
         """The prompt's embeddings (and the negative prompt's with `guidance`); with an `image`,
-        also what the family takes from it at the video's `size` (height, width)."""
+        also what the family takes from it at the video's `size` (height, width) and length."""
         check_prompts(self.tokenizer, self.spec, prompt, negative_prompt, guidance)
         if self.spec.takes_image != (image is not None):  # the stage's own guard; requests are checked earlier
             raise InvalidRequest(f"{self.spec.name} takes {'an image' if self.spec.takes_image else 'no image'}")
-        return self.family.encode(self.components, prompt, negative_prompt, guidance, image, size)
+        return self.family.encode(self.components, prompt, negative_prompt, guidance, image, size, frames)

@@ -242,7 +242,7 @@ def _weights_path(raw: str | None, config_dir: Path) -> str | None:
 def load_component(spec: ModelSpec, key: str, weights: Path, device: Any = None) -> Any:
     """`from_pretrained` of one component (its class from the spec), in the spec's dtype, in eval mode."""
     cls = spec.components[key].load_class()
-    if key in ("tokenizer", "scheduler", "feature_extractor"):  # no weights
+    if key in ("tokenizer", "scheduler", "feature_extractor", "image_processor"):  # no weights
         # Only the class's own library is imported: the driver loads the tokenizer to check
         # prompts, and importing diffusers there too would cost it seconds of CPU for nothing.
         return cls.from_pretrained(weights, subfolder=key)

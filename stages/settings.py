@@ -149,6 +149,10 @@ class GenerationRequest:
         return self.guidance_scale > self.guidance_off
 
     def as_dict(self) -> dict:
+        """The settings as run params and manifests record them; a model with one denoiser has no
+        guidance_scale_2."""
         settings = asdict(self)
         del settings["guidance_off"]
+        if settings["guidance_scale_2"] is None:
+            del settings["guidance_scale_2"]
         return settings

@@ -69,7 +69,7 @@ def weights_status(spec: ModelSpec) -> dict[str, Any]:
 
 
 # Components without an architecture to check: a tokenizer, an image preprocessor.
-UNCHECKED = ("tokenizer", "feature_extractor")
+UNCHECKED = ("tokenizer", "feature_extractor", "image_processor")
 
 
 def config_file(key: str) -> str:

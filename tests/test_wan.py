@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, WanPipeline
+from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
+from PIL import Image
 
 from cluster.executor import LocalExecutor
 from stages.context_parallel import ParallelLayout
@@ -39,27 +40,39 @@ def wan22():
     return spec, resolve_weights(spec)
 
 
-def stock(spec, weights, r):
-    pipe = WanPipeline.from_pretrained(weights, dtype=spec.torch_dtype())
+def picture(height: int, width: int) -> np.ndarray:
+    """A smooth picture, not the video's size: the pipelines fit it (and CLIP crops its own)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], -1).astype(np.uint8)
+
+
+def stock(spec, weights, r, image=None):
+    pipeline = WanImageToVideoPipeline if spec.takes_image else WanPipeline
+    pipe = pipeline.from_pretrained(weights, dtype=spec.torch_dtype())
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
                   num_frames=r.num_frames, num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
                   max_sequence_length=family_for(spec).max_text_tokens)  # fmt: skip
     if r.guidance_scale_2 is not None:
         kwargs["guidance_scale_2"] = r.guidance_scale_2
+    if image is not None:
+        kwargs["image"] = Image.fromarray(image)
     latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="latent").frames
     video = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(r.seed), output_type="np").frames
     return latents, video[0]
 
 
 def assert_equal_to_stock(spec, weights, executor, settings):
-    r = build_request(spec, **settings)
+    image = picture(80, 120) if spec.takes_image else None
+    r = build_request(spec, **settings, image="picture.png" if spec.takes_image else None)
     scale = family_for(spec).vae_scale_spatial
-    encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+    with_image = (image, (r.height, r.width), r.num_frames) if spec.takes_image else ()
+    encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance,
+                            *with_image)  # fmt: skip
     denoised = executor.call("denoise", "denoise", encoded, r)
     decoded = executor.call("decode", "decode_float", denoised)
     latents, video = executor.get(denoised), executor.get(decoded)
-    ref_latents, ref_video = stock(spec, weights, r)
+    ref_latents, ref_video = stock(spec, weights, r, image)
     frames = (r.num_frames - 1) // 4 + 1
     channels = spec.components["vae"].config["z_dim"]
     assert latents.shape == ref_latents.shape == (1, channels, frames, r.height // scale, r.width // scale)
@@ -210,3 +223,25 @@ def test_wan_tiles_default_to_diffusers_own():
     """256 px tiles every 192 px, diffusers' AutoencoderKLWan defaults: a 3x5 grid at 832x480."""
     plan = plan_decode(load_spec("tiny-wan"), 480, 832, decoders=4)
     assert plan.settings == TileSettings(256, 256, 64, 64) and plan.grid == (3, 5)
+
+
+# Image-to-video: Wan 2.1 (tiny-wan-i2v: the image's latents as more channels, its CLIP states as
+# more context) and Wan 2.2 (tiny-wan22-i2v: the image's latents as the first latent frame).
+@pytest.mark.parametrize("model", ["tiny-wan-i2v", "tiny-wan22-i2v"])
+def test_image_to_video_in_one_process_equals_diffusers(model):
+    spec = load_spec(model)
+    weights = resolve_weights(spec)
+    assert_equal_to_stock(spec, weights, LocalExecutor(spec, weights), CASES_22["guided"] if spec.two_experts
+                          else CASES["guided"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model, layout",
+    [("tiny-wan-i2v", ParallelLayout(cfg=2, ulysses=2)), ("tiny-wan22-i2v", ParallelLayout(ulysses=2, ring=2))],
+    ids=str,
+)  # fmt: skip
+def test_image_to_video_split_over_a_group_equals_diffusers(executors, model, layout):
+    spec = load_spec(model)
+    weights = resolve_weights(spec)
+    settings = CASES_22["guided"] if spec.two_experts else CASES["guided"]
+    assert_equal_to_stock(spec, weights, executors.get(spec, weights, layout), settings)

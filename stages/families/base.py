@@ -48,12 +48,16 @@ class Conditioning:
     """What the encoder stage hands the denoiser, on the CPU so that it can cross processes:
     the prompt's embeddings (1, tokens, dim), the negative prompt's (None when classifier-free
     guidance is off), and for image-to-video the image's latent distribution and, for families
-    that also condition on it, the image's embedding (1, 1, dim)."""
+    that also condition on it, the image's embedding (1, 1, dim), or the image as latents over
+    the video."""
 
     prompt: torch.Tensor
     negative: torch.Tensor | None
     image_latents: ImageLatents | None = None
     image_embeds: torch.Tensor | None = None
+    # The image as latents over the whole video, ready for the denoiser (Wan: the VAE's encoding
+    # of the image followed by blank frames, normalised, with Wan 2.1's frame mask in front).
+    image_condition: torch.Tensor | None = None
 
 
 class Denoising(ABC):
@@ -152,7 +156,7 @@ class ModelFamily(ABC):
         VAE's factors come from the spec, as a stage may not hold the VAE: each pipeline keeps them
         under its own names (one factor for an image pipeline, spatial and temporal for video)."""
         pipeline_class = ComponentSpec(self.helper_pipeline).load_class()
-        pipe = pipeline_class(**{k: components.get(k) for k in self.helper_components})
+        pipe = pipeline_class(**{k: components.get(k) for k in self.helper_components}, **self.spec.pipeline_config)
         factors = {"vae_scale_factor": self.vae_scale_spatial, "vae_scale_factor_spatial": self.vae_scale_spatial,
                    "vae_scale_factor_temporal": self.vae_scale_temporal}  # fmt: skip
         for name, value in factors.items():
@@ -183,9 +187,11 @@ class ModelFamily(ABC):
         guidance: bool,
         image: np.ndarray | None,
         size: tuple[int, int] | None,
+        frames: int | None = None,
     ) -> Conditioning:
         """The prompt's (and with `guidance` the negative prompt's) embeddings; with an `image`,
-        what the family conditions on from it, at the video's `size` (height, width)."""
+        what the family conditions on from it, at the video's `size` (height, width) and its
+        number of `frames` (for a family whose condition spans the video, as Wan 2.1 I2V's)."""
 
     # -- denoising -------------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ class CogVideoX(ModelFamily):
         return self._pipeline(**parts)
 
     @torch.no_grad()
-    def encode(self, encoder, prompt, negative_prompt, guidance, image, size) -> Conditioning:
+    def encode(self, encoder, prompt, negative_prompt, guidance, image, size, frames=None) -> Conditioning:
         positive, negative = encoder.encode_prompt(
             prompt,
             negative_prompt,

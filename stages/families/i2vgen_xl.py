@@ -65,7 +65,7 @@ class I2VGenXL(ModelFamily):
         return SimpleNamespace(**parts)
 
     @torch.no_grad()
-    def encode(self, encoder, prompt, negative_prompt, guidance, image, size) -> Conditioning:
+    def encode(self, encoder, prompt, negative_prompt, guidance, image, size, frames=None) -> Conditioning:
         return Conditioning(
             prompt=self._embed(encoder, prompt),
             negative=self._embed(encoder, negative_prompt) if guidance else None,

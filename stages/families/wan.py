@@ -15,11 +15,13 @@ sequence split over a denoiser group (diffusers' context-parallel plans), tiled 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from stages.context_parallel import ContextParallel, ParallelLayout
 from stages.diffusers_parallel import enable_context_parallelism
@@ -30,11 +32,20 @@ from stages.tiny import build_tokenizer
 
 class Wan(ModelFamily):
     name = "wan"
-    helper_pipeline = "diffusers.WanPipeline"
     tiled_decode = True
     # diffusers' AutoencoderKLWan.enable_tiling defaults: 256 px tiles every 192 px.
     default_tile_size = (256, 256)
     tile_overlap_fractions = (1 / 4, 1 / 4)
+
+    @property
+    def helper_pipeline(self) -> str:
+        """The model's own pipeline: `WanPipeline`, or `WanImageToVideoPipeline` for image-to-video."""
+        return self.spec.pipeline
+
+    @property
+    def helper_components(self) -> tuple[str, ...]:
+        image = ("image_encoder", "image_processor") if self.spec.takes_image else ()
+        return ("tokenizer", "text_encoder", "vae", "transformer", "scheduler", *image)
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -72,12 +83,18 @@ class Wan(ModelFamily):
     # -- encoding --------------------------------------------------------------------------------
 
     def load_encoder(self, weights: Path, device: torch.device) -> Any:
-        return self._pipeline(
-            tokenizer=self.load("tokenizer", weights), text_encoder=self.load("text_encoder", weights, device)
-        )
+        """The text encoder; for image-to-video also the VAE (the image becomes latents here) and,
+        for Wan 2.1 I2V, the CLIP image encoder and its processor."""
+        components = {"tokenizer": self.load("tokenizer", weights),
+                      "text_encoder": self.load("text_encoder", weights, device)}  # fmt: skip
+        if self.spec.takes_image:
+            for key in ("vae", "image_encoder", "image_processor"):
+                if key in self.spec.components:
+                    components[key] = self.load(key, weights, None if key == "image_processor" else device)
+        return self._pipeline(**components)
 
     @torch.no_grad()
-    def encode(self, encoder, prompt, negative_prompt, guidance, image, size) -> Conditioning:
+    def encode(self, encoder, prompt, negative_prompt, guidance, image, size, frames=None) -> Conditioning:
         positive, negative = encoder.encode_prompt(
             prompt,
             negative_prompt,
@@ -86,7 +103,30 @@ class Wan(ModelFamily):
             device=encoder.text_encoder.device,
             dtype=encoder.text_encoder.dtype,
         )
-        return Conditioning(prompt=positive.cpu(), negative=negative.cpu() if guidance else None)
+        conditioning = Conditioning(prompt=positive.cpu(), negative=negative.cpu() if guidance else None)
+        if image is None:
+            return conditioning
+        return replace(conditioning, **self._encode_image(encoder, image, size, frames))
+
+    def _encode_image(self, encoder: Any, image: np.ndarray, size: tuple[int, int], frames: int) -> dict:
+        """What `WanImageToVideoPipeline` takes from the image: the VAE's encoding of the image
+        stretched to `size` followed by blank frames (`prepare_latents`: Wan 2.1, with the frame
+        mask in front; Wan 2.2 TI2V, the image alone), and for 2.1 the CLIP image encoder's
+        penultimate hidden states (`encode_image`)."""
+        from PIL import Image
+
+        picture = Image.fromarray(image)
+        device = encoder.vae.device
+        embeds = encoder.encode_image(picture, device).cpu() if encoder.image_encoder is not None else None
+        pixels = encoder.video_processor.preprocess(picture, height=size[0], width=size[1])
+        pixels = pixels.to(device, dtype=torch.float32)
+        latent_frames = (frames - 1) // self.vae_scale_temporal + 1
+        shape = (1, encoder.vae.config.z_dim, latent_frames, size[0] // self.vae_scale_spatial,
+                 size[1] // self.vae_scale_spatial)  # fmt: skip
+        blank = torch.zeros(shape, device=device)  # given, so that prepare_latents draws no noise here
+        prepared = encoder.prepare_latents(pixels, 1, shape[1], size[0], size[1], frames, torch.float32, device,
+                                           None, blank)  # fmt: skip
+        return {"image_condition": prepared[1].cpu(), "image_embeds": embeds}
 
     # -- denoising -------------------------------------------------------------------------------
 
@@ -167,24 +207,34 @@ class WanDenoising(Denoising):
         self.negative = conditioning.negative.to(device, dtype) if self.guidance else None
         if context is not None and context.layout.cfg == 2:  # this rank's branch only
             self.branch_prompt = self.negative if context.branch == 0 else self.prompt
-        pipe = family._pipeline(transformer=network.high, scheduler=scheduler)
         scheduler.set_timesteps(r.steps, device=device)
         scheduler.set_begin_index(0)
         self.timesteps = scheduler.timesteps
+        # float32 noise of the VAE's latent shape, drawn as both pipelines' `prepare_latents` draw it
+        scale = family.vae_scale_spatial
+        shape = (1, family.spec.components["vae"].config["z_dim"], (r.num_frames - 1) // family.vae_scale_temporal + 1,
+                 r.height // scale, r.width // scale)  # fmt: skip
         generator = torch.Generator("cpu").manual_seed(r.seed)
-        channels = network.high.config.in_channels
-        self.latents = pipe.prepare_latents(1, channels, r.height, r.width, r.num_frames, torch.float32, device,
-                                            generator)  # fmt: skip
+        self.latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         self.dtype = dtype
         ratio = family.spec.pipeline_config.get("boundary_ratio")
         self.boundary = None if ratio is None else ratio * scheduler.config.num_train_timesteps
-        # Wan 2.2 TI2V: a timestep per token (all equal for text-to-video), from a mask of ones.
+        # Image-to-video: Wan 2.1 takes the image's latents (behind their frame mask) as more input
+        # channels and its CLIP states beside the text; Wan 2.2 TI2V puts them in the first latent
+        # frame instead, which `mask` (0 there) keeps at timestep 0.
+        self.condition = conditioning.image_condition
+        self.condition = None if self.condition is None else self.condition.to(device)
+        self.image_embeds = None if conditioning.image_embeds is None else conditioning.image_embeds.to(device, dtype)
+        # Wan 2.2: a timestep per token, from the mask (all ones for text-to-video).
         self.expand_timesteps = bool(family.spec.pipeline_config.get("expand_timesteps"))
         self.mask = torch.ones(self.latents.shape, dtype=torch.float32, device=device)
+        if self.expand_timesteps and self.condition is not None:
+            self.mask = torch.ones((1, 1, *self.latents.shape[2:]), dtype=torch.float32, device=device)
+            self.mask[:, :, 0] = 0
 
     def _forward(self, model_input: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         return self.network(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeddings,
-                            return_dict=False)[0]  # fmt: skip
+                            encoder_hidden_states_image=self.image_embeds, return_dict=False)[0]  # fmt: skip
 
     def _predictions(self, model_input: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond): in one process one after the other; CFG-parallel, each rank its branch,
@@ -201,7 +251,12 @@ class WanDenoising(Denoising):
             self.network, guidance_scale = self.experts.high, self.r.guidance_scale
         else:
             self.network, guidance_scale = self.experts.low, self.r.guidance_scale_2
-        model_input = self.latents.to(self.dtype)
+        if self.condition is None:
+            model_input = self.latents.to(self.dtype)
+        elif self.expand_timesteps:
+            model_input = ((1 - self.mask) * self.condition + self.mask * self.latents).to(self.dtype)
+        else:
+            model_input = torch.cat([self.latents, self.condition], dim=1).to(self.dtype)
         if self.expand_timesteps:
             timestep = (self.mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(self.latents.shape[0], -1)
         else:
@@ -214,6 +269,8 @@ class WanDenoising(Denoising):
         self.latents = self.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
 
     def result(self) -> torch.Tensor:
+        if self.expand_timesteps and self.condition is not None:  # the image's own first frame
+            return ((1 - self.mask) * self.condition + self.mask * self.latents).cpu()
         return self.latents.cpu()
 
     def video_tokens(self) -> float:

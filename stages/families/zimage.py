@@ -53,7 +53,7 @@ class ZImage(ModelFamily):
         )
 
     @torch.no_grad()
-    def encode(self, encoder, prompt, negative_prompt, guidance, image, size) -> Conditioning:
+    def encode(self, encoder, prompt, negative_prompt, guidance, image, size, frames=None) -> Conditioning:
         positive, negative = encoder.encode_prompt(
             prompt,
             device=encoder.text_encoder.device,
