@@ -964,7 +964,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for m in models:
         d, lim, w = m["defaults"], m["limits"], m["weights"]
         frames = f"{d['num_frames']}f@{d['fps']}fps " if m["kind"] != "t2i" else ""
-        defaults = f"{d['width']}x{d['height']} {frames}{d['steps']} steps g{d['guidance_scale']:g}"
+        guidance = f"g{d['guidance_scale']:g}" + (f"/{d['guidance_scale_2']:g}" if d.get("guidance_scale_2") else "")
+        defaults = f"{d['width']}x{d['height']} {frames}{d['steps']} steps {guidance}"
         step = f" by {lim['frame_step']}" if lim["frame_step"] > 1 else ""
         frame_limits = f" {span(lim['num_frames'])}f{step}" if m["kind"] != "t2i" else ""
         limit = f"w{span(lim['width'])} h{span(lim['height'])}{frame_limits}"

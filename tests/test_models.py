@@ -20,9 +20,11 @@ def test_shipped_model_configs_load():
         spec = load_spec(name)
         assert spec.name == name
         family = family_for(spec)
-        assert family.spatial_multiple == {"i2vgen-xl": 64 if name == "i2vgen-xl" else 16}.get(spec.family, 16)
+        multiple = {"i2vgen-xl": 64 if name == "i2vgen-xl" else 16, "wan": 32 if "wan22" in name or "wan2.2-ti2v" in name
+                    else 16}.get(spec.family, 16)  # fmt: skip
+        assert family.spatial_multiple == multiple
         tokens = {"cogvideox": 16 if name == "framecast-shapes" else 226, "i2vgen-xl": 77,
-                  "zimage": 512 if name == "z-image-turbo" else 128, "wan": 64}  # fmt: skip
+                  "zimage": 512 if name == "z-image-turbo" else 128, "wan": 64 if name.startswith("tiny") else 512}  # fmt: skip
         assert family.max_text_tokens == tokens[spec.family]
         assert spec.scheduler_name(None)  # every default scheduler is one the model allows
 
@@ -163,3 +165,24 @@ def test_real_layout_sentencepiece_tokenizer_loads(tmp_path, tiny_spec):
     end = ids.index(tok.eos_token_id)
     assert len(ids) == 16 and 0 < end < 15
     assert ids[end + 1 :] == [tok.pad_token_id] * (len(ids) - end - 1)  # padded after </s>, as T5 pads
+
+
+def test_wan_models_and_their_layouts():
+    """Heads (what a Ulysses degree must divide), VAEs, experts and defaults of the real Wan models."""
+    from stages.context_parallel import valid_layouts
+
+    heads = {"wan2.1-t2v-1.3b": 12, "wan2.1-t2v-14b": 40, "wan2.1-i2v-14b-480p": 40, "wan2.2-ti2v-5b": 24,
+             "wan2.2-ti2v-5b-i2v": 24, "wan2.2-t2v-a14b": 40}  # fmt: skip
+    for name, count in heads.items():
+        spec = load_spec(name)
+        assert family_for(spec).heads == count and spec.limits.frame_step == 4
+        assert (spec.defaults.num_frames - 1) % 4 == 0 and spec.defaults.fps in (16, 24)
+        build_request(spec, "a fox", image="x.png" if spec.takes_image else None)  # its defaults are valid
+    assert load_spec("wan2.2-t2v-a14b").two_experts and load_spec("wan2.2-t2v-a14b").defaults.guidance_scale_2 == 3.0
+    assert load_spec("wan2.2-ti2v-5b").components["vae"].config["scale_factor_spatial"] == 16
+    assert load_spec("wan2.1-i2v-14b-480p").components["transformer"].config["in_channels"] == 36
+    # 8 GPUs, guidance on: Ulysses 4 for 12 and 40 heads, but 24 heads take Ulysses 8 with CFG 1 too
+    assert [str(v) for v in valid_layouts(8, 12, True)][:3] == ["cfg2xulysses4xring1", "cfg2xulysses2xring2",
+                                                                "cfg2xulysses1xring4"]  # fmt: skip
+    assert "cfg1xulysses8xring1" in [str(v) for v in valid_layouts(8, 24, True)]
+    assert "cfg1xulysses8xring1" not in [str(v) for v in valid_layouts(8, 12, True)]
