@@ -245,3 +245,22 @@ def test_image_to_video_split_over_a_group_equals_diffusers(executors, model, la
     weights = resolve_weights(spec)
     settings = CASES_22["guided"] if spec.two_experts else CASES["guided"]
     assert_equal_to_stock(spec, weights, executors.get(spec, weights, layout), settings)
+
+
+def test_a_sweep_over_the_low_noise_experts_guidance(tmp_path, capsys):
+    """guidance_2 is a sweep axis for a two-expert model: each cell is an MLflow run with the
+    setting, the layout and the clarity panel's figures, and the cells' frames differ."""
+    from mlflow import MlflowClient
+
+    from cluster.cli import main
+
+    argv = ["sweep", "--model", "tiny-wan22", "--local", "--prompt", "a red fox", "--grid", "guidance_2=2,4",
+            "--steps", "4", "--json", "--experiment", "wan-sweep", "--output-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    outcomes = json.loads(capsys.readouterr().out)["outcomes"]
+    assert sorted(o["label"] for o in outcomes) == ["guidance_2=2.0", "guidance_2=4.0"]
+    runs = [MlflowClient().get_run(o["run_id"]) for o in outcomes]
+    assert sorted(run.data.params["guidance_scale_2"] for run in runs) == ["2.0", "4.0"]
+    assert all(run.data.params["model"] == "tiny-wan22" and run.data.params["ulysses_degree"] == "1" for run in runs)
+    assert all("clarity/sharpness_laplacian_var" in run.data.metrics for run in runs)
+    assert len({run.data.tags["framecast.frames_sha256"] for run in runs}) == 2
