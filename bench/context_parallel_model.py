@@ -7,6 +7,11 @@ stock diffusers from ../shared/reference/stock_diffusers_h100.json and README (b
 480x720, CFG batch 2) and adds what each layout must move over NVLink, counted from the code in
 stages/context_parallel.py. Its assumptions are the constants below; docs/context-parallel.md
 explains them. Re-measure on GPUs before trusting a prediction.
+
+Wan has no measured figure yet: its single-H100 step and attention times are estimated from its
+FLOPs at the rates CogVideoX-5b reached in the same reference run (`wan_models`), and its
+split is diffusers' (equal token shards, no padding; cross-attention to the text, so no text in
+the split sequence; the ring all-gathers every key/value block before attending, not overlapped).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from stages.context_parallel import ParallelLayout, valid_layouts
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "stock_diffusers_h100.json"
 
 BYTES = 2  # bf16 activations
+# Wan: 81 frames (21 latent frames) at 832x480 and at 1280x720; Wan 2.2 TI2V 121 frames (31) at 1280x704.
+WAN_TEXT_TOKENS = 512
 LINK_GB_S = 450.0  # NVLink 4 on H100: 18 links x 25 GB/s, per direction
 LINK_EFFICIENCY = 0.75  # what NCCL all-to-all / send-recv reach of that at tens of MB per message
 HBM_GB_S = 3350 * 0.8  # H100 SXM memory bandwidth, at a typical 80% for elementwise kernels
@@ -38,10 +45,18 @@ class Model:
     step_s: float  # one denoising step on one H100, CFG batch 2 (stock diffusers, default SDPA)
     attention_layer_s: float  # attention of one layer, CFG batch 2 (cuDNN SDPA: Ulysses and single GPU)
     flash_layer_s: float  # the same with the flash kernel, which ring blocks use (it returns the lse)
+    head_dim: int = 64
+    latent_frames: int = LATENT_FRAMES
+    tokens_per_frame: int = TOKENS_PER_FRAME
+    joint_text: int = TEXT_TOKENS  # text tokens inside the attended sequence (CogVideoX); 0: cross-attention
+    latent_elements: int = 16 * 60 * 90  # of one latent frame: what the final gather moves per frame
+    whole_frames: bool = True  # shards are whole latent frames (framecast's split), else equal token shards
+    ring_overlaps: bool = True  # ring hops overlap attention (framecast's ring) or are gathered first (diffusers')
+    estimated: bool = False  # step and attention times estimated from FLOPs, not measured
 
     @property
     def hidden(self) -> int:
-        return self.heads * 64
+        return self.heads * self.head_dim
 
 
 def models(reference: dict) -> list[Model]:
@@ -49,7 +64,32 @@ def models(reference: dict) -> list[Model]:
     return [
         Model("CogVideoX-2b", 30, 30, reference["2b"]["step_s_default"], 0.0113, flash_layer_s=0.0148),
         Model("CogVideoX-5b", 48, 42, reference["5b"]["step_s_default"], 0.0179, flash_layer_s=0.0236),
+        *wan_models(reference),
     ]
+
+
+def wan_models(reference: dict) -> list[Model]:
+    """Wan's transformers at their default sizes, timed by FLOPs at CogVideoX-5b's measured rates:
+    its whole step (TFLOP/s of the reference run) and its attention per layer (cuDNN and flash)."""
+    cog = reference["5b"]
+    rate = cog["tflops_default"] * 1e12
+    cog_attention_flop = 4 * cog["tokens"] ** 2 * 48 * 64 * 2  # QK^T and PV, CFG batch 2
+    cudnn_rate, flash_rate = cog_attention_flop / 0.0179, cog_attention_flop / 0.0236
+    shapes = [  # name, params, heads, layers, latent frames, tokens per frame, latent channels x h x w
+        ("Wan 2.1 1.3B, 832x480", 1.42e9, 12, 30, 21, 30 * 52, 16 * 60 * 104),
+        ("Wan 2.2 TI2V 5B, 1280x704", 5.0e9, 24, 30, 31, 22 * 40, 48 * 44 * 80),
+        ("Wan 2.1 14B, 1280x720", 14.3e9, 40, 40, 21, 45 * 80, 16 * 90 * 160),
+    ]
+    out = []
+    for name, params, heads, layers, frames, per_frame, latent in shapes:
+        n, d = frames * per_frame, heads * 128
+        attention_flop = 4 * n**2 * d * 2
+        step_flop = layers * attention_flop + 2 * params * n * 2 + layers * 4 * n * WAN_TEXT_TOKENS * d * 2
+        times = step_flop / rate, attention_flop / cudnn_rate, attention_flop / flash_rate
+        out.append(Model(name, heads, layers, *times, head_dim=128, latent_frames=frames, tokens_per_frame=per_frame,
+                         joint_text=0, latent_elements=latent // frames, whole_frames=False, ring_overlaps=False,
+                         estimated=True))  # fmt: skip
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,14 +104,19 @@ def predict(model: Model, layout: ParallelLayout) -> Prediction:
     u, r, c = layout.ulysses, layout.ring, layout.cfg
     p = u * r
     batch = 2 // c  # each rank's share of the CFG batch of two
-    frames_per_shard = math.ceil(LATENT_FRAMES / p)  # shards are whole frames, padded to the largest
-    n = frames_per_shard * TOKENS_PER_FRAME  # video tokens a rank holds
-    padding = n * p / (LATENT_FRAMES * TOKENS_PER_FRAME)  # work done on padding, as a factor
+    tokens = model.latent_frames * model.tokens_per_frame
+    if model.whole_frames:  # shards are whole frames, padded to the largest
+        frames_per_shard = math.ceil(model.latent_frames / p)
+        n = frames_per_shard * model.tokens_per_frame  # video tokens a rank holds
+    else:  # equal token shards (the layout is refused where they are not equal)
+        frames_per_shard, n = model.latent_frames / p, tokens / p
+    padding = n * p / tokens  # work done on padding, as a factor
     d, bw = model.hidden, LINK_GB_S * 1e9 * LINK_EFFICIENCY
+    text = model.joint_text
 
     # Per layer. Ulysses: q, k, v out and the output back: 4 all-to-alls of the rank's
     # (batch, n, d) shard, of which (u-1)/u leaves the rank; plus the text output's heads.
-    ulysses_bytes = 4 * batch * n * d * BYTES * (u - 1) / u + batch * TEXT_TOKENS * d * BYTES * (u - 1) / u
+    ulysses_bytes = 4 * batch * n * d * BYTES * (u - 1) / u + batch * text * d * BYTES * (u - 1) / u
     # Ring: the (k, v) block of a Ulysses group, (batch, u*n tokens, d/u channels) each, passed on r-1 times.
     ring_bytes_per_hop = 2 * batch * n * d * BYTES
     ring_bytes = ring_bytes_per_hop * (r - 1)
@@ -84,14 +129,17 @@ def predict(model: Model, layout: ParallelLayout) -> Prediction:
     # plus merging its partial output (read and write the fp32 output and lse) by log-sum-exp.
     if r > 1:
         flash_s = model.flash_layer_s * per_rank_work
-        merge_s = 3 * batch * (n * u + TEXT_TOKENS) * (d // u) * 4 / (HBM_GB_S * 1e9)
-        ring_s = r * max(flash_s / r, ring_bytes_per_hop / bw) + (r - 1) * merge_s
+        merge_s = 3 * batch * (n * u + text) * (d // u) * 4 / (HBM_GB_S * 1e9)
+        if model.ring_overlaps:
+            ring_s = r * max(flash_s / r, ring_bytes_per_hop / bw) + (r - 1) * merge_s
+        else:  # every block gathered first, then attended
+            ring_s = ring_bytes / bw + flash_s + (r - 1) * merge_s
     else:
         ring_s = attention_s
     layer_s = other_s + ulysses_s + ring_s
 
-    # Once per step: every rank gathers the noise prediction (latents, 16 channels of 60x90).
-    gather_bytes = (layout.world_size - 1) * batch * frames_per_shard * 16 * 60 * 90 * BYTES
+    # Once per step: every rank gathers the noise prediction (a latent shard).
+    gather_bytes = (layout.world_size - 1) * batch * frames_per_shard * model.latent_elements * BYTES
     step_s = model.layers * layer_s + gather_bytes / bw
     return Prediction(layout, model.layers * (ulysses_bytes + ring_bytes) + gather_bytes, step_s)
 
@@ -114,7 +162,8 @@ def main() -> None:
     args = parser.parse_args()
     reference = json.loads(args.reference.read_text())
     for model in models(reference):
-        shape = f"{model.heads} heads, {model.layers} layers; one H100: {model.step_s:.3f} s/step"
+        how = "estimated from FLOPs" if model.estimated else "measured"
+        shape = f"{model.heads} heads, {model.layers} layers; one H100: {model.step_s:.3f} s/step, {how}"
         print(f"\n#### {model.name} ({shape})\n")
         print("| GPUs | layout | GB sent per rank per step | predicted s/step | speedup | efficiency |")
         print("|---|---|---|---|---|---|")

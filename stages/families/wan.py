@@ -1,16 +1,23 @@
-"""Wan (2.1 text-to-video): one generation, top to bottom, as diffusers' `WanPipeline` makes it.
+"""Wan 2.1 and 2.2: one generation, top to bottom, as diffusers' `WanPipeline` and
+`WanImageToVideoPipeline` make it.
 
-- components: a T5-style tokenizer and the UMT5 encoder, `WanTransformer3DModel`, the causal
-  `AutoencoderKLWan` (8x in space, 4x in time), the flow-matching UniPC scheduler;
+- components: a T5-style tokenizer and the UMT5 encoder; `WanTransformer3DModel`, or Wan 2.2
+  A14B's two experts (`transformer` for the high-noise steps, `transformer_2` after the
+  boundary timestep); the causal `AutoencoderKLWan` (2.1: 8x in space; 2.2: 16x, 2x2 patches
+  folded into channels; 4x in time); the flow-matching UniPC scheduler; for Wan 2.1 I2V, a CLIP
+  image encoder;
 - conditioning: UMT5 states of the prompt's own tokens, zero-padded to the maximum (the
-  pipeline's `encode_prompt`, which also cleans the prompt's whitespace and HTML escapes);
-- initial latents: float32 noise, (1, C, (frames - 1) / 4 + 1, h, w) (`prepare_latents`);
-- one step: two forward passes, the prompt's and the negative prompt's (not one batch of two, as
-  the pipeline runs them), uncond + g (cond - uncond), the scheduler's step;
-- frames: latents un-normalised by the VAE's per-channel mean and std, through the Wan VAE.
-
-Not yet here (issue 22): image-to-video, Wan 2.2's two experts and `expand_timesteps`, the
-sequence split over a denoiser group (diffusers' context-parallel plans), tiled decoding.
+  pipeline's `encode_prompt`, which cleans the prompt with ftfy and unescapes HTML); with an
+  image, the VAE's encoding of it followed by blank frames over the whole video (the pipeline's
+  `prepare_latents`), and for 2.1 its CLIP states (`encode_image`);
+- initial latents: float32 noise, (1, z, (frames - 1) / 4 + 1, h, w);
+- one step: the expert for this timestep and its guidance scale; the prompt's and the negative
+  prompt's forward passes one after the other, uncond + g (cond - uncond), the scheduler's step.
+  Image-to-video joins the image's latents along channels (2.1) or writes them into the first
+  latent frame, which keeps timestep 0 while every other token has t (2.2, `expand_timesteps`);
+- over a denoiser group: diffusers' own context-parallel plan (`stages.diffusers_parallel`);
+- frames: latents un-normalised by the VAE's per-channel mean and std, through the Wan VAE,
+  whole or in tiles as its `tiled_decode` makes them (`decode_tile`).
 """
 
 from __future__ import annotations
