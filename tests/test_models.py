@@ -20,11 +20,12 @@ def test_shipped_model_configs_load():
         spec = load_spec(name)
         assert spec.name == name
         family = family_for(spec)
-        multiple = {"i2vgen-xl": 64 if name == "i2vgen-xl" else 16, "wan": 32 if "wan22" in name or "wan2.2-ti2v" in name
-                    else 16}.get(spec.family, 16)  # fmt: skip
-        assert family.spatial_multiple == multiple
+        wan_2_2_vae = "wan22" in name or "wan2.2-ti2v" in name
+        multiple = {"i2vgen-xl": 64 if name == "i2vgen-xl" else 16, "wan": 32 if wan_2_2_vae else 16}
+        assert family.spatial_multiple == multiple.get(spec.family, 16)
         tokens = {"cogvideox": 16 if name == "framecast-shapes" else 226, "i2vgen-xl": 77,
-                  "zimage": 512 if name == "z-image-turbo" else 128, "wan": 64 if name.startswith("tiny") else 512}  # fmt: skip
+                  "zimage": 512 if name == "z-image-turbo" else 128,
+                  "wan": 64 if name.startswith("tiny") else 512}  # fmt: skip
         assert family.max_text_tokens == tokens[spec.family]
         assert spec.scheduler_name(None)  # every default scheduler is one the model allows
 
