@@ -10,6 +10,7 @@ from test_diffusers_equality import picture
 from test_diffusers_equality import stock_diffusers as stock_cogvideox
 from test_image_to_video import stock_i2vgen
 from test_text_to_image import stock as stock_zimage
+from test_wan import stock as stock_wan
 
 from stages.denoiser import DenoiserStage
 from stages.encoder import EncoderStage
@@ -37,6 +38,8 @@ def stock_first_step(spec, weights, r, image=None):
     """The stock pipeline's latents after its first (and only) step."""
     if spec.family == "zimage":
         return stock_zimage(spec, weights, r)[0]
+    if spec.family == "wan":
+        return stock_wan(spec, weights, r, image)[0]
     if spec.family == "i2vgen-xl":
         return stock_i2vgen(spec, weights, r, image, threads=torch.get_num_threads())[0]
     return stock_cogvideox(spec, weights, r, image)[0]
@@ -48,6 +51,8 @@ CASES = {
     "tiny-i2v": dict(guidance_scale=6.0, image="picture.png"),  # the image joined along channels
     "tiny-zimage": dict(guidance_scale=3.0, negative_prompt="blurry"),  # flow matching, cond + g (cond - uncond)
     "tiny-i2vgen": dict(guidance_scale=9.0, image="picture.png"),  # a UNet, frame by frame
+    "tiny-wan": dict(guidance_scale=5.0, negative_prompt="blurry"),  # diffusers' own attention, UniPC flow
+    "tiny-wan22": dict(guidance_scale=4.0, guidance_scale_2=3.0),  # two experts, per-token timesteps
 }
 
 
