@@ -1,3 +1,4 @@
+import contextlib
 import gc
 import os
 import shutil
@@ -165,6 +166,21 @@ def serve_base_url(ray_session) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()  # nothing to do if the last test that used it shut it down
+
+
+@contextlib.contextmanager
+def served(args, name: str):
+    """framecast's Serve application for `args` (a ServeArgs), run as `name` at "/" of the
+    session's Serve (`serve_base_url`) and deleted afterwards."""
+    from ray import serve
+
+    import serve_app
+
+    serve.run(serve_app.app(args), name=name, route_prefix="/")
+    try:
+        yield
+    finally:
+        serve.delete(name)
 
 
 SERVE_USERS = []  # the session's tests that use its Serve, in the order they run

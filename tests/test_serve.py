@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 import schemathesis
-from conftest import free_port
+from conftest import free_port, served
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
@@ -36,18 +36,13 @@ STALL_S = 90.0
 @pytest.fixture(scope="module")
 def server(serve_base_url, tmp_path_factory):
     """The framecast application on Serve, its base URL and its data directory."""
-    from ray import serve
-
-    import serve_app
-
     os.environ[KEY_ENV] = KEY
     data = tmp_path_factory.mktemp("serve")
     args = ServeArgs(
         model="tiny", data_dir=str(data), api_key_env=KEY_ENV, max_queue=MAX_QUEUE, stall_timeout_s=STALL_S
     )
-    serve.run(serve_app.app(args), name="framecast", route_prefix="/")
-    yield serve_base_url, data
-    serve.delete("framecast")
+    with served(args, "framecast"):
+        yield serve_base_url, data
 
 
 def _get(url: str, **kwargs) -> requests.Response:

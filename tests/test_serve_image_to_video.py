@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import requests
+from conftest import served
 from PIL import Image
 from test_diffusers_equality import picture
 
@@ -18,14 +19,8 @@ from cluster.serving import ServeArgs
 
 @pytest.fixture(scope="module")
 def server(serve_base_url, tmp_path_factory):
-    from ray import serve
-
-    import serve_app
-
-    args = ServeArgs(model="tiny-i2v", data_dir=str(tmp_path_factory.mktemp("serve-i2v")))
-    serve.run(serve_app.app(args), name="framecast-i2v", route_prefix="/")
-    yield serve_base_url
-    serve.delete("framecast-i2v")
+    with served(ServeArgs(model="tiny-i2v", data_dir=str(tmp_path_factory.mktemp("serve-i2v"))), "framecast-i2v"):
+        yield serve_base_url
 
 
 def png(array: np.ndarray) -> bytes:

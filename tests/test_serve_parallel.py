@@ -4,6 +4,7 @@ decoded as shares by 2 decoder replicas (CPU, gloo, the tiny model)."""
 
 import pytest
 import torch
+from conftest import served
 
 from cluster.executor import LocalExecutor
 from cluster.serving import ServeArgs, ServeExecutor
@@ -17,13 +18,10 @@ TOL = 1e-5  # as tests/test_context_parallel.py: fp32 attention merged across ra
 def deployments(serve_base_url, tmp_path_factory):
     from ray import serve
 
-    import serve_app
-
     args = ServeArgs(model="tiny", workers=2, decoders=2, data_dir=str(tmp_path_factory.mktemp("serve-cp")))
-    serve.run(serve_app.app(args), name="framecast-cp", route_prefix="/")
-    names = ("Encoder", "DenoiserGroup", "Decoder")
-    yield {name: serve.get_deployment_handle(name, app_name="framecast-cp") for name in names}
-    serve.delete("framecast-cp")
+    with served(args, "framecast-cp"):
+        names = ("Encoder", "DenoiserGroup", "Decoder")
+        yield {name: serve.get_deployment_handle(name, app_name="framecast-cp") for name in names}
 
 
 def test_a_served_group_and_its_decoders_equal_one_process(deployments, tiny_spec, tiny_weights):

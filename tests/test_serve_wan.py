@@ -6,6 +6,7 @@ import time
 
 import pytest
 import requests
+from conftest import served
 
 from cluster.driver import generate, prepare
 from cluster.executor import LocalExecutor
@@ -14,14 +15,8 @@ from cluster.serving import ServeArgs
 
 @pytest.fixture(scope="module")
 def server(serve_base_url, tmp_path_factory):
-    from ray import serve
-
-    import serve_app
-
-    args = ServeArgs(model="tiny-wan", data_dir=str(tmp_path_factory.mktemp("serve-wan")))
-    serve.run(serve_app.app(args), name="framecast-wan", route_prefix="/")
-    yield serve_base_url
-    serve.delete("framecast-wan")
+    with served(ServeArgs(model="tiny-wan", data_dir=str(tmp_path_factory.mktemp("serve-wan"))), "framecast-wan"):
+        yield serve_base_url
 
 
 def test_the_openai_client_gets_the_same_video_as_the_cli(server, tmp_path):
