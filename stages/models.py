@@ -111,7 +111,8 @@ class ModelSpec:
 
     @property
     def two_experts(self) -> bool:
-        """A high-noise `transformer` and a low-noise `transformer_2`, switched at a boundary timestep."""
+        """A high-noise `transformer` and a low-noise `transformer_2`, switched at the boundary
+        timestep `pipeline_config.boundary_ratio` (`load_spec` refuses one without the other)."""
         return "transformer_2" in self.components
 
     @property
@@ -198,7 +199,7 @@ def load_spec(name: str) -> ModelSpec:
     raw = yaml.safe_load(path.read_text())
     weights = raw.get("weights") or {}
     limits = raw["limits"]
-    return ModelSpec(
+    spec = ModelSpec(
         name=raw["name"],
         family=raw["family"],
         kind=raw["kind"],
@@ -229,6 +230,10 @@ def load_spec(name: str) -> ModelSpec:
         adherence=raw.get("adherence"),
         pipeline_config=dict(raw.get("pipeline_config") or {}),
     )
+    if spec.two_experts != (spec.pipeline_config.get("boundary_ratio") is not None):
+        raise ValueError(f"{path}: a second expert (component transformer_2) and where it takes over "
+                         f"(pipeline_config.boundary_ratio) go together; it has only one of them")  # fmt: skip
+    return spec
 
 
 def _weights_path(raw: str | None, config_dir: Path) -> str | None:

@@ -45,9 +45,17 @@ def build_request(
             f"guidance_2 is the low-noise expert's guidance scale, for two-expert models (Wan 2.2 A14B); "
             f"{spec.name} has one denoiser: set guidance only"
         )
-    if spec.two_experts and guidance_scale_2 is None:  # the pipeline's rule: the model's, else the same
+    guidance_scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+    off = family_for(spec).guidance_off
+    if spec.two_experts and guidance_scale <= off:  # both experts unguided, as WanPipeline does it
+        if guidance_scale_2 is not None and guidance_scale_2 != off:
+            raise InvalidRequest(
+                f"guidance_2 ({guidance_scale_2:g}) does nothing while guidance is off ({guidance_scale:g}): "
+                f"both experts are then unguided; set guidance above {off:g}, or leave guidance_2 unset"
+            )
+        guidance_scale_2 = None
+    elif spec.two_experts and guidance_scale_2 is None:  # the pipeline's rule: the model's, else the same
         guidance_scale_2 = d.guidance_scale_2 if d.guidance_scale_2 is not None else guidance_scale
-        guidance_scale_2 = d.guidance_scale if guidance_scale_2 is None else guidance_scale_2
     codec = spec.default_codec if codec is None else codec
     if crf is None and codec in CODECS:
         crf = CODECS[codec].default_crf
@@ -55,7 +63,7 @@ def build_request(
         prompt=prompt,
         negative_prompt=d.negative_prompt if negative_prompt is None else negative_prompt,
         steps=d.steps if steps is None else steps,
-        guidance_scale=d.guidance_scale if guidance_scale is None else float(guidance_scale),
+        guidance_scale=guidance_scale,
         num_frames=d.num_frames if num_frames is None else num_frames,
         fps=d.fps if fps is None else fps,
         height=d.height if height is None else height,

@@ -94,12 +94,18 @@ def check_architecture(spec: ModelSpec, weights: Path) -> Path:
         for name, declared in spec.components[key].config.items():
             if name in actual and actual[name] != declared:
                 problems.append(f"{key}.{name} is {actual[name]!r} there but {declared!r} in {spec.source.name}")
-    if spec.pipeline_config:
-        index = json.loads((weights / "model_index.json").read_text())
-        for name, declared in spec.pipeline_config.items():
-            if index.get(name) != declared:
-                problems.append(f"model_index.json's {name} is {index.get(name)!r} there but {declared!r} in "
-                                f"{spec.source.name}")  # fmt: skip
+    index_path = weights / "model_index.json"
+    if not index_path.is_file():
+        raise InvalidRequest(f"{weights} has no model_index.json: it is not a diffusers copy of {spec.name}")
+    # The pipeline's own settings (its scalars: the rest names components), both ways: Wan 2.2 A14B
+    # weights, whose transformer is Wan 2.1 14B's, differ from it only in `boundary_ratio` here.
+    index = json.loads(index_path.read_text())
+    settings = {k for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    for name in sorted(settings | set(spec.pipeline_config)):
+        actual, declared = index.get(name), spec.pipeline_config.get(name)
+        if (actual or None) != (declared or None):  # unset, null and false are one: the default
+            problems.append(f"model_index.json's {name} is {actual!r} there but "
+                            f"{'unset' if declared is None else repr(declared)} in {spec.source.name}")  # fmt: skip
     if problems:
         raise InvalidRequest(f"the weights at {weights} are not {spec.name}: " + "; ".join(problems))
     return weights

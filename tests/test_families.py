@@ -52,7 +52,7 @@ CASES = {
     "tiny-zimage": dict(guidance_scale=3.0, negative_prompt="blurry"),  # flow matching, cond + g (cond - uncond)
     "tiny-i2vgen": dict(guidance_scale=9.0, image="picture.png"),  # a UNet, frame by frame
     "tiny-wan": dict(guidance_scale=5.0, negative_prompt="blurry"),  # diffusers' own attention, UniPC flow
-    "tiny-wan22": dict(guidance_scale=4.0, guidance_scale_2=3.0),  # two experts, per-token timesteps
+    "tiny-wan22": dict(guidance_scale=4.0),  # per-token timesteps; one step is the high-noise expert's
 }
 
 

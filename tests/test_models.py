@@ -182,8 +182,9 @@ def test_wan_models_and_their_layouts():
     assert load_spec("wan2.2-t2v-a14b").two_experts and load_spec("wan2.2-t2v-a14b").defaults.guidance_scale_2 == 3.0
     assert load_spec("wan2.2-ti2v-5b").components["vae"].config["scale_factor_spatial"] == 16
     assert load_spec("wan2.1-i2v-14b-480p").components["transformer"].config["in_channels"] == 36
-    # 8 GPUs, guidance on: Ulysses 4 for 12 and 40 heads, but 24 heads take Ulysses 8 with CFG 1 too
+    # 8 GPUs: 12 heads (1.3B) take Ulysses up to 4, then ring; 24 (5B) and 40 (14B) take Ulysses 8
     assert [str(v) for v in valid_layouts(8, 12, True)][:3] == ["cfg2xulysses4xring1", "cfg2xulysses2xring2",
                                                                 "cfg2xulysses1xring4"]  # fmt: skip
     assert "cfg1xulysses8xring1" in [str(v) for v in valid_layouts(8, 24, True)]
     assert "cfg1xulysses8xring1" not in [str(v) for v in valid_layouts(8, 12, True)]
+    assert "cfg1xulysses8xring1" in [str(v) for v in valid_layouts(8, 40, True)]

@@ -1,7 +1,9 @@
-"""Wan 2.1 text-to-video (tiny-wan): equal to stock diffusers' WanPipeline in-process, through Ray,
-and split over a denoiser group of 2 or 4 ranks by diffusers' own context parallelism (Ulysses,
-ring and both, with and without CFG-parallel); clear errors for frame counts that are not 4k+1
-and for layouts that do not divide the heads or the tokens."""
+"""The Wan family on test models built offline: Wan 2.1 text-to-video (tiny-wan), 2.2's two
+experts (tiny-wan22) and image-to-video (tiny-wan-i2v, tiny-wan22-i2v) equal stock diffusers'
+WanPipeline / WanImageToVideoPipeline in-process, through Ray, and split over a denoiser group of
+2 or 4 ranks by diffusers' own context parallelism (Ulysses, ring and both, with and without
+CFG-parallel); tiles over M decoders equal diffusers' tiling; a sweep over guidance_2; clear
+errors for frame counts, layouts, settings and weights that do not fit."""
 
 import json
 
@@ -155,6 +157,28 @@ def test_the_low_noise_expert_and_its_guidance_make_the_last_steps(wan22):
     with pytest.raises(InvalidRequest, match="guidance_2 is the low-noise expert's guidance scale, for two-expert "
                                              "models .*; tiny-wan has one denoiser"):  # fmt: skip
         build_request(load_spec("tiny-wan"), "a fox", guidance_scale_2=3.0)
+    # guidance off: WanPipeline guides neither expert, so there is no guidance_2 to record or to set
+    unguided = build_request(spec, "a fox", guidance_scale=1.0)
+    assert unguided.guidance_scale_2 is None and "guidance_scale_2" not in unguided.as_dict()
+    with pytest.raises(InvalidRequest, match=r"guidance_2 \(3\) does nothing while guidance is off \(1\): both "
+                                             r"experts are then unguided; set guidance above 1, or leave"):  # fmt: skip
+        build_request(spec, "a fox", guidance_scale=1.0, guidance_scale_2=3.0)
+
+
+def test_a_second_expert_and_its_boundary_go_together(tmp_path, monkeypatch):
+    """One definition of "two experts": a YAML with transformer_2 but no boundary_ratio (or the
+    other way round) is refused when it is read, not mid-denoise."""
+    import yaml
+
+    from stages import models
+
+    raw = yaml.safe_load(load_spec("tiny-wan22").source.read_text())
+    del raw["pipeline_config"]["boundary_ratio"]
+    (tmp_path / "half-wan22.yaml").write_text(yaml.safe_dump({**raw, "name": "half-wan22"}))
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"half-wan22.yaml: a second expert \(component transformer_2\) and where "
+                                         r"it takes over \(pipeline_config.boundary_ratio\) go together"):  # fmt: skip
+        load_spec("half-wan22")
 
 
 @pytest.mark.parametrize(
@@ -167,7 +191,7 @@ def test_two_experts_split_over_a_group_equal_diffusers(executors, wan22, layout
     assert_equal_to_stock(spec, weights, executors.get(spec, weights, layout), CASES_22[case])
 
 
-def test_weights_whose_pipeline_config_differs_are_refused_before_loading(wan22, tmp_path):
+def test_weights_whose_pipeline_config_differs_are_refused_before_loading(wan, wan22, tmp_path):
     """A14B weights are checked for their hand-over point too, as the components' configs are."""
     spec, weights = wan22
     for config in weights.rglob("*.json"):
@@ -180,6 +204,23 @@ def test_weights_whose_pipeline_config_differs_are_refused_before_loading(wan22,
     with pytest.raises(InvalidRequest, match=r"are not tiny-wan22: model_index.json's boundary_ratio is 0.9 there "
                                              r"but 0.875 in tiny-wan22.yaml"):  # fmt: skip
         check_architecture(spec, tmp_path)
+    # Both ways: a one-expert model (here tiny-wan's spec over its own configs) refuses weights
+    # whose pipeline hands over to a second expert, as Wan 2.1 14B must refuse A14B's.
+    one_expert, one_expert_weights = wan
+    index = json.loads((one_expert_weights / "model_index.json").read_text())
+    assert index["boundary_ratio"] is None and index["expand_timesteps"] is False  # diffusers' own "unset"
+    for config in one_expert_weights.rglob("*.json"):
+        target = tmp_path / "one" / config.relative_to(one_expert_weights)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(config.read_text())
+    assert check_architecture(one_expert, tmp_path / "one") == tmp_path / "one"
+    (tmp_path / "one" / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
+    with pytest.raises(InvalidRequest, match=r"model_index.json's boundary_ratio is 0.875 there but unset in "
+                                             r"tiny-wan.yaml"):  # fmt: skip
+        check_architecture(one_expert, tmp_path / "one")
+    (tmp_path / "one" / "model_index.json").unlink()
+    with pytest.raises(InvalidRequest, match=r"has no model_index.json: it is not a diffusers copy of tiny-wan$"):
+        check_architecture(one_expert, tmp_path / "one")
 
 
 def stock_tiled_decode(spec, weights, latents, s: TileSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +258,22 @@ def test_tiles_on_m_decoders_equal_diffusers_tiling(executors, model):
     for ours in (shared, whole):
         assert ours.shape == expected.shape == (9, 64, 96, 3)
         assert (ours - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-wan22"])
+def test_an_untiled_plans_one_tile_is_finished_as_the_vae_finishes_it(model):
+    """A plan of one tile (the video fits it) decoded as shares and assembled equals stock
+    untiled decoding: 2.2's folded patches are unfolded and the clamp applied there too."""
+    spec = load_spec(model)
+    weights = resolve_weights(spec)
+    z_dim, scale = spec.components["vae"].config["z_dim"], family_for(spec).vae_scale_spatial
+    latents = torch.randn(1, z_dim, 3, 64 // scale, 96 // scale, generator=torch.Generator().manual_seed(1))
+    _, expected = stock_tiled_decode(spec, weights, latents, TileSettings(64, 96, 16, 16))
+    plan = plan_tiles(spec, 64, 96, TileSettings(64, 96, 16, 16))
+    assert not plan.tiled and plan.patch == (2 if model == "tiny-wan22" else 1) and plan.clamp
+    ours = assemble_frames(plan, DecoderStage(spec, weights).decode_tiles(latents, plan))
+    assert ours.shape == expected.shape == (9, 64, 96, 3)
+    assert (ours - expected).abs().max().item() <= TOL
 
 
 def test_wan_tiles_default_to_diffusers_own():
