@@ -139,8 +139,10 @@ def plan_tiles(spec: ModelSpec, height: int, width: int, settings: TileSettings 
     family = family_for(spec)
     scale = family.vae_scale_spatial
     latent_h, latent_w = height // scale, width // scale
+    patch, clamp = family.tile_output  # an untiled plan's one tile is finished as a tiled one's
+    whole = TilePlan(tiles=(Tile(0, 0, 0, 0, latent_h, latent_w),), patch=patch, clamp=clamp)
     if settings is None:
-        return TilePlan(tiles=(Tile(0, 0, 0, 0, latent_h, latent_w),))
+        return whole
     for axis, size, overlap in (
         ("height", settings.height, settings.overlap_height),
         ("width", settings.width, settings.overlap_width),
@@ -155,14 +157,13 @@ def plan_tiles(spec: ModelSpec, height: int, width: int, settings: TileSettings 
             raise InvalidRequest(f"tile {axis} ({size} px) must be larger than the tile overlap ({overlap} px)")
     tile_h, tile_w = settings.height // scale, settings.width // scale
     if latent_h <= tile_h and latent_w <= tile_w:  # fits one tile: diffusers decodes it untiled
-        return TilePlan(tiles=(Tile(0, 0, 0, 0, latent_h, latent_w),), settings=None)
+        return whole
     stride_h, stride_w = tile_h - settings.overlap_height // scale, tile_w - settings.overlap_width // scale
     tiles = tuple(
         Tile(row, col, top, left, min(tile_h, latent_h - top), min(tile_w, latent_w - left))
         for row, top in enumerate(range(0, latent_h, stride_h))
         for col, left in enumerate(range(0, latent_w, stride_w))
     )
-    patch, clamp = family.tile_output
     return TilePlan(
         tiles=tiles,
         blend_height=settings.overlap_height // patch,
@@ -308,8 +309,12 @@ def assemble(plan: TilePlan, tiles: list[DecodedTile]) -> torch.Tensor:
     """
     if sorted(t.index for t in tiles) != list(range(len(plan.tiles))):
         raise ValueError(f"got tiles {sorted(t.index for t in tiles)} of a plan with {len(plan.tiles)}")
-    if not plan.tiled:
-        return tiles[0].sample
+    video = tiles[0].sample if not plan.tiled else _blend(plan, tiles)
+    video = _unfold_patches(video, plan.patch)
+    return video.clamp(-1.0, 1.0) if plan.clamp else video
+
+
+def _blend(plan: TilePlan, tiles: list[DecodedTile]) -> torch.Tensor:
     rows, cols = plan.grid
     by_index = {t.index: t.sample for t in tiles}
     grid = [[by_index[r * cols + c] for c in range(cols)] for r in range(rows)]
@@ -324,12 +329,20 @@ def assemble(plan: TilePlan, tiles: list[DecodedTile]) -> torch.Tensor:
                 _blend_columns(grid[r][c - 1], tile, plan.blend_width)
             kept.append(tile[:, :, :, : plan.keep_height, : plan.keep_width])
         kept_rows.append(torch.cat(kept, dim=4))
-    video = torch.cat(kept_rows, dim=3)
-    if plan.patch > 1:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+    return torch.cat(kept_rows, dim=3)
 
-        video = unpatchify(video, plan.patch)
-    return video.clamp(-1.0, 1.0) if plan.clamp else video
+
+def _unfold_patches(video: torch.Tensor, patch: int) -> torch.Tensor:
+    """(1, 3 * p * p, F, h, w) -> (1, 3, F, h * p, w * p): pixels a VAE folded into channels put
+    back in place. The channel order is (colour, column offset, row offset), the fold diffusers'
+    `AutoencoderKLWan` makes (its `patchify`); written here as a reshape so the shared decoder
+    names no model's module."""
+    if patch == 1:
+        return video
+    batch, folded, frames, height, width = video.shape
+    video = video.view(batch, folded // (patch * patch), patch, patch, frames, height, width)
+    video = video.permute(0, 1, 4, 5, 3, 6, 2)  # colour, frame, row, row offset, column, column offset
+    return video.reshape(batch, folded // (patch * patch), frames, height * patch, width * patch)
 
 
 def postprocess(video: torch.Tensor) -> torch.Tensor:
