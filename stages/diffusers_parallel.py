@@ -19,29 +19,32 @@ Two shims make diffusers 0.42's context parallelism run on CPU/gloo, as framecas
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from stages.context_parallel import ParallelLayout
 
 
-def enable_context_parallelism(network: torch.nn.Module, layout: ParallelLayout) -> None:
-    """diffusers' context parallelism on `network`, one rank of a group with `layout`: a device
-    mesh (cfg, ring, ulysses) in framecast's rank order, of which diffusers takes the ring and
-    Ulysses dimensions, so that each guidance branch splits its sequence within its own ranks."""
+def enable_context_parallelism(networks: Sequence[torch.nn.Module], layout: ParallelLayout) -> None:
+    """diffusers' context parallelism on `networks` (a model's transformers on this device), one
+    rank of a group with `layout`: a device mesh (cfg, ring, ulysses) in framecast's rank order, of
+    which diffusers takes the ring and Ulysses dimensions, so that each guidance branch splits its
+    sequence within its own ranks. One mesh for all of them: its process groups are made once."""
     if layout.sequence_degree == 1:
         return  # CFG-parallel alone: each rank runs its branch whole
     from diffusers import ContextParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
+    device_type = networks[0].device.type
     shape, names = (layout.cfg, layout.ring, layout.ulysses), ("cfg", "ring", "ulysses")
-    mesh = init_device_mesh(network.device.type, shape, mesh_dim_names=names)
-    config = ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, mesh=mesh)
-    if network.device.type == "cpu":
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    if device_type == "cpu":
         _give_native_attention_an_lse_on_cpu()
-    with _an_accelerator_counted():
-        network.enable_parallelism(config=config)
+    for network in networks:
+        config = ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, mesh=mesh)
+        with _an_accelerator_counted():
+            network.enable_parallelism(config=config)
 
 
 @contextlib.contextmanager

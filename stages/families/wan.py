@@ -63,9 +63,17 @@ class Wan(ModelFamily):
         return int(self.spec.components["vae"].config.get("scale_factor_temporal", 4))
 
     @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """The transformer's (frames, rows, columns) of latent pixels per token."""
+        return tuple(self.spec.components["transformer"].config.get("patch_size", [1, 2, 2]))
+
+    @property
     def spatial_multiple(self) -> int:
-        patch = self.spec.components["transformer"].config.get("patch_size", [1, 2, 2])
-        return self.vae_scale_spatial * int(patch[1])
+        return self.vae_scale_spatial * self.patch_size[1]
+
+    def latent_frames(self, num_frames: int) -> int:
+        """The VAE keeps the first frame and compresses the rest `vae_scale_temporal` x in time."""
+        return (num_frames - 1) // self.vae_scale_temporal + 1
 
     @property
     def max_text_tokens(self) -> int:
@@ -73,9 +81,8 @@ class Wan(ModelFamily):
 
     def check_layout(self, r: GenerationRequest, layout: ParallelLayout) -> str | None:
         """diffusers' plan cuts the video's tokens into equal shards (`EquipartitionSharder`)."""
-        patch = self.spec.components["transformer"].config.get("patch_size", [1, 2, 2])
-        frames = (r.num_frames - 1) // self.vae_scale_temporal + 1
-        tokens = frames // patch[0] * (r.height // self.spatial_multiple) * (r.width // self.spatial_multiple)
+        frames = self.latent_frames(r.num_frames) // self.patch_size[0]
+        tokens = frames * (r.height // self.spatial_multiple) * (r.width // self.spatial_multiple)
         if tokens % layout.sequence_degree:
             return (
                 f"{self.spec.name} splits a video's tokens into equal shards, and {r.num_frames} frames at "
@@ -122,13 +129,14 @@ class Wan(ModelFamily):
         penultimate hidden states (`encode_image`)."""
         from PIL import Image
 
+        if frames is None:  # a caller's mistake, not a request's: requests always have a length
+            raise ValueError(f"{self.spec.name} encodes the image over the whole video: give its frame count")
         picture = Image.fromarray(image)
         device = encoder.vae.device
         embeds = encoder.encode_image(picture, device).cpu() if encoder.image_encoder is not None else None
         pixels = encoder.video_processor.preprocess(picture, height=size[0], width=size[1])
         pixels = pixels.to(device, dtype=torch.float32)
-        latent_frames = (frames - 1) // self.vae_scale_temporal + 1
-        shape = (1, encoder.vae.config.z_dim, latent_frames, size[0] // self.vae_scale_spatial,
+        shape = (1, encoder.vae.config.z_dim, self.latent_frames(frames), size[0] // self.vae_scale_spatial,
                  size[1] // self.vae_scale_spatial)  # fmt: skip
         blank = torch.zeros(shape, device=device)  # given, so that prepare_latents draws no noise here
         prepared = encoder.prepare_latents(pixels, 1, shape[1], size[0], size[1], frames, torch.float32, device,
@@ -143,8 +151,7 @@ class Wan(ModelFamily):
 
     def split_over(self, network: WanExperts, context: ContextParallel) -> None:
         """diffusers' own context-parallel plan for the Wan transformer(s), over this group's ranks."""
-        for expert in network.experts:
-            enable_context_parallelism(expert, context.layout)
+        enable_context_parallelism(network.experts, context.layout)
 
     def start(self, network: WanExperts, scheduler, conditioning, r, context) -> Denoising:
         return WanDenoising(self, network, scheduler, conditioning, r, context)
@@ -219,8 +226,9 @@ class WanDenoising(Denoising):
         self.timesteps = scheduler.timesteps
         # float32 noise of the VAE's latent shape, drawn as both pipelines' `prepare_latents` draw it
         scale = family.vae_scale_spatial
-        shape = (1, family.spec.components["vae"].config["z_dim"], (r.num_frames - 1) // family.vae_scale_temporal + 1,
+        shape = (1, family.spec.components["vae"].config["z_dim"], family.latent_frames(r.num_frames),
                  r.height // scale, r.width // scale)  # fmt: skip
+        self.patch_size = family.patch_size
         generator = torch.Generator("cpu").manual_seed(r.seed)
         self.latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         self.dtype = dtype
@@ -265,7 +273,9 @@ class WanDenoising(Denoising):
         else:
             model_input = torch.cat([self.latents, self.condition], dim=1).to(self.dtype)
         if self.expand_timesteps:
-            timestep = (self.mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(self.latents.shape[0], -1)
+            _, rows, columns = self.patch_size  # one timestep per token: the mask at each patch's corner
+            timestep = self.mask[0][0][:, ::rows, ::columns] * t
+            timestep = timestep.flatten().unsqueeze(0).expand(self.latents.shape[0], -1)
         else:
             timestep = t.expand(self.latents.shape[0])
         if self.guidance:
@@ -282,7 +292,7 @@ class WanDenoising(Denoising):
 
     def video_tokens(self) -> float:
         """This rank's share: diffusers' plan splits the sequence evenly over the branch's ranks."""
-        p = self.experts.high.config.patch_size
+        p = self.patch_size
         _, _, frames, height, width = self.latents.shape
         degree = self.context.layout.sequence_degree if self.context is not None else 1
         return float(frames // p[0] * (height // p[1]) * (width // p[2])) / degree
