@@ -27,7 +27,6 @@ from stages.context_parallel import ParallelLayout, valid_layouts
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "stock_diffusers_h100.json"
 
 BYTES = 2  # bf16 activations
-# Wan: 81 frames (21 latent frames) at 832x480 and at 1280x720; Wan 2.2 TI2V 121 frames (31) at 1280x704.
 WAN_TEXT_TOKENS = 512
 LINK_GB_S = 450.0  # NVLink 4 on H100: 18 links x 25 GB/s, per direction
 LINK_EFFICIENCY = 0.75  # what NCCL all-to-all / send-recv reach of that at tens of MB per message
@@ -75,7 +74,8 @@ def wan_models(reference: dict) -> list[Model]:
     rate = cog["tflops_default"] * 1e12
     cog_attention_flop = 4 * cog["tokens"] ** 2 * 48 * 64 * 2  # QK^T and PV, CFG batch 2
     cudnn_rate, flash_rate = cog_attention_flop / 0.0179, cog_attention_flop / 0.0236
-    shapes = [  # name, params, heads, layers, latent frames, tokens per frame, latent channels x h x w
+    # Wan: 81 frames (21 latent frames) at 832x480 and at 1280x720; Wan 2.2 TI2V 121 frames (31) at 1280x704.
+    shapes = [  # name, params, heads, layers, latent frames, tokens per frame, one latent frame's channels x h x w
         ("Wan 2.1 1.3B, 832x480", 1.42e9, 12, 30, 21, 30 * 52, 16 * 60 * 104),
         ("Wan 2.2 TI2V 5B, 1280x704", 5.0e9, 24, 30, 31, 22 * 40, 48 * 44 * 80),
         ("Wan 2.1 14B, 1280x720", 14.3e9, 40, 40, 21, 45 * 80, 16 * 90 * 160),
@@ -87,7 +87,7 @@ def wan_models(reference: dict) -> list[Model]:
         step_flop = layers * attention_flop + 2 * params * n * 2 + layers * 4 * n * WAN_TEXT_TOKENS * d * 2
         times = step_flop / rate, attention_flop / cudnn_rate, attention_flop / flash_rate
         out.append(Model(name, heads, layers, *times, head_dim=128, latent_frames=frames, tokens_per_frame=per_frame,
-                         joint_text=0, latent_elements=latent // frames, whole_frames=False, ring_overlaps=False,
+                         joint_text=0, latent_elements=latent, whole_frames=False, ring_overlaps=False,
                          estimated=True))  # fmt: skip
     return out
 

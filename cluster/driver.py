@@ -50,8 +50,10 @@ from stages.weights import resolve_weights
 JobProgress = Callable[[int, int, int], None]
 # (job index): a frame of the job's video (or of its interpolated copy) was written or made
 WriteProgress = Callable[[int], None]
-# Encodings already asked for, by (prompt, negative prompt, (image digest, height, width) or
-# None): see `encode_once`.
+# Encodings already asked for, by (prompt, negative prompt, (image digest, height, width, frames)
+# or None): see `encode_once`. The frame count is in every image's key, though only some families
+# encode the image over the whole video (Wan 2.1 I2V): the driver knows no family's internals, so
+# a sweep over frames re-encodes the image of any image-to-video model.
 EncodingKey = tuple[str, str, tuple[str, int, int, int] | None]
 Encodings = dict[EncodingKey, StageCall]
 
