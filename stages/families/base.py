@@ -193,6 +193,19 @@ class ModelFamily(ABC):
         what the family conditions on from it, at the video's `size` (height, width) and its
         number of `frames` (for a family whose condition spans the video, as Wan 2.1 I2V's)."""
 
+    def _text_conditioning(self, encoder: Any, prompt: str, negative_prompt: str, guidance: bool) -> Conditioning:
+        """The text half of `encode` for a helper pipeline whose `encode_prompt` pads to
+        `max_sequence_length` and returns both prompts' states (CogVideoX's and Wan's)."""
+        positive, negative = encoder.encode_prompt(
+            prompt,
+            negative_prompt,
+            do_classifier_free_guidance=guidance,
+            max_sequence_length=self.max_text_tokens,
+            device=encoder.text_encoder.device,
+            dtype=encoder.text_encoder.dtype,
+        )
+        return Conditioning(prompt=positive.cpu(), negative=negative.cpu() if guidance else None)
+
     # -- denoising -------------------------------------------------------------------------------
 
     def load_denoiser(self, weights: Path, device: torch.device) -> torch.nn.Module:

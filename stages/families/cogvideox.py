@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +70,10 @@ class CogVideoX(ModelFamily):
 
     @torch.no_grad()
     def encode(self, encoder, prompt, negative_prompt, guidance, image, size, frames=None) -> Conditioning:
-        positive, negative = encoder.encode_prompt(
-            prompt,
-            negative_prompt,
-            do_classifier_free_guidance=guidance,
-            max_sequence_length=self.max_text_tokens,
-            device=encoder.text_encoder.device,
-            dtype=encoder.text_encoder.dtype,
-        )
-        return Conditioning(
-            prompt=positive.cpu(),
-            negative=negative.cpu() if guidance else None,
-            image_latents=None if image is None else self._encode_image(encoder, image, size),
-        )
+        conditioning = self._text_conditioning(encoder, prompt, negative_prompt, guidance)
+        if image is None:
+            return conditioning
+        return replace(conditioning, image_latents=self._encode_image(encoder, image, size))
 
     def _encode_image(self, encoder, image: np.ndarray, size: tuple[int, int]) -> ImageLatents:
         """The latent distribution of the image stretched to `size` (height, width). Drawn from

@@ -109,15 +109,7 @@ class Wan(ModelFamily):
 
     @torch.no_grad()
     def encode(self, encoder, prompt, negative_prompt, guidance, image, size, frames=None) -> Conditioning:
-        positive, negative = encoder.encode_prompt(
-            prompt,
-            negative_prompt,
-            do_classifier_free_guidance=guidance,
-            max_sequence_length=self.max_text_tokens,
-            device=encoder.text_encoder.device,
-            dtype=encoder.text_encoder.dtype,
-        )
-        conditioning = Conditioning(prompt=positive.cpu(), negative=negative.cpu() if guidance else None)
+        conditioning = self._text_conditioning(encoder, prompt, negative_prompt, guidance)
         if image is None:
             return conditioning
         return replace(conditioning, **self._encode_image(encoder, image, size, frames))
