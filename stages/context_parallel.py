@@ -289,6 +289,16 @@ class ContextParallel:
             if self.rank in ranks:
                 self.ring_group, self.ring_ranks = group, ranks
 
+        # Each guidance branch's ranks, for a decision one branch's forward pass makes alone (a step
+        # cache's, stages.cache); without CFG-parallel the branch is the whole group.
+        self.branch_group = None
+        if layout.cfg > 1:
+            for branch in range(layout.cfg):
+                ranks = list(range(branch * s, (branch + 1) * s))
+                group = dist.new_group(ranks, timeout=timeout)
+                if self.rank in ranks:
+                    self.branch_group = group
+
         self._ulysses = None
         if u > 1:
             from deepspeed.sequence.layer import DistributedAttention  # here: a slow import only Ulysses needs
@@ -337,6 +347,23 @@ class ContextParallel:
         dist.all_gather(parts, local.contiguous())
         degree = self.layout.sequence_degree
         return torch.cat([parts[b * degree] for b in range(self.layout.cfg)], dim=0)
+
+    def sum_over_group(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed over every rank of the group (in place)."""
+        dist.all_reduce(x)
+        return x
+
+    def sum_over_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed over the ranks of this rank's guidance branch (in place)."""
+        dist.all_reduce(x, group=self.branch_group)
+        return x
+
+    def real_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens (dim 1) without the padding `local_slices` added; all of them
+        where the sequence was split evenly by diffusers (no `shards`)."""
+        if self.shards is None:
+            return x
+        return x.narrow(1, 0, self.shards.counts[self.shard] * self.shards.tokens_per_slice)
 
     def branch_of(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's guidance branch of a batch of [unconditional, conditional] inputs."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from stages.cache import StepCache, parse_cache
 from stages.context_parallel import ContextParallel, ParallelLayout, choose_layout
 from stages.device import PeakMemory, default_device, describe
 from stages.errors import InvalidRequest
@@ -51,6 +52,12 @@ class DenoiserStage:
             timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
             self.context = ContextParallel(layout, timeout)
             self.family.split_over(self.network, self.context)
+        reduce = real = None
+        if self.context is not None:  # a cache decides over what one process's forward call holds
+            whole = self.family.branches_in_one_call
+            reduce = self.context.sum_over_group if whole else self.context.sum_over_branch
+            real = self.context.real_tokens
+        self.cache = StepCache(self.family.cached_networks(self.network), reduce, real)
         self._peak_memory = PeakMemory(self.device)
         self._last_run: dict[str, float] = {}
 
@@ -58,7 +65,8 @@ class DenoiserStage:
         return describe(self.device)
 
     def last_run_stats(self) -> dict[str, float]:
-        """This rank's figures for its last `denoise`: peak memory (MiB) and video tokens it held."""
+        """This rank's figures for its last `denoise`: peak memory (MiB), video tokens it held and
+        the fraction of the cache's wrapped computations it reused (0 without a cache)."""
         return dict(self._last_run)
 
     @torch.no_grad()
@@ -69,12 +77,16 @@ class DenoiserStage:
         scheduler_class = self.spec.scheduler_class(r.scheduler or self.spec.scheduler_name(None))
         scheduler = scheduler_class.from_config(self.scheduler_config)  # fresh state per job
         run = self.family.start(self.network, scheduler, conditioning, r, self.context)
+        spec = parse_cache(r.cache, self.family.cache_kinds, self.spec.name)
+        self.cache.prepare(spec)
         self._peak_memory.reset()
         for i, t in enumerate(run.timesteps):
+            self.cache.timestep = t  # PAB's timestep range, as the pipeline's current_timestep
             run.step(i, t)
             if on_step is not None:
                 on_step(i + 1, len(run.timesteps))
-        self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": run.video_tokens()}
+        self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": run.video_tokens(),
+                          "cache_skipped_fraction": self.cache.skipped_fraction}  # fmt: skip
         return run.result()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from stages.cache import parse_cache
 from stages.clarity import WORLDS
 from stages.errors import InvalidRequest
 from stages.families import family_for
@@ -37,6 +38,7 @@ def build_request(
     codec: str | None = None,
     crf: int | None = None,
     interpolate_fps: int | None = None,
+    cache: str | None = None,
 ) -> GenerationRequest:
     """Fill unset fields from the model's defaults, then validate (see `validate`)."""
     d = spec.defaults
@@ -77,6 +79,7 @@ def build_request(
         interpolate_fps=interpolate_fps or 0,
         guidance_scale_2=None if guidance_scale_2 is None else float(guidance_scale_2),
         guidance_off=family_for(spec).guidance_off,
+        cache=str(parse_cache(cache, family_for(spec).cache_kinds, spec.name)),
     )
     validate(spec, request)
     return request
@@ -116,6 +119,7 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
     problem = family.check_request(r)  # refused before any weights load
     if problem:
         raise InvalidRequest(problem)
+    parse_cache(r.cache, family.cache_kinds, spec.name)
     if r.dynamic_guidance and not family.dynamic_guidance:
         raise InvalidRequest(
             f"dynamic_guidance (diffusers' use_dynamic_cfg schedule) is not in {spec.name}'s pipeline; it has none"

@@ -91,6 +91,15 @@ SETTINGS: tuple[Setting, ...] = (
         api="interpolate_fps",
         preset=True,
     ),
+    Setting(
+        "cache",
+        "cache",
+        str,
+        "step caching through diffusers' hooks: none, fbc:THRESHOLD, pab:N, taylorseer:N, those the model's "
+        "family takes (see framecast models; docs/caching.md)",
+        api="cache",
+        preset=True,
+    ),
     Setting("seed", "seed", int, "the random seed of the noise (default 0)", api="seed", axis=False),
     Setting(
         "negative_prompt",
@@ -138,6 +147,8 @@ class GenerationRequest:
     interpolate_fps: int = 0
     # Two-expert models: the guidance scale of the low-noise expert (None for a model with one).
     guidance_scale_2: float | None = None
+    # Step caching (stages.cache): "none" or a spec such as "fbc:0.05", in its canonical spelling.
+    cache: str = "none"
     # The model's guidance scale that means "no guidance" (its family's `guidance_off`: 1 for
     # uncond + g (cond - uncond), 0 for cond + g (cond - uncond)). A property of the model, not
     # a setting: not in `as_dict`.

@@ -147,6 +147,13 @@ class ModelFamily(ABC):
     def build_tokenizer(self) -> Any:
         """A small offline tokenizer of the family's kind, for test models built here (`stages.tiny`)."""
 
+    # Step caching (stages.cache): the kinds of diffusers' cache hooks this family's denoiser
+    # takes, besides none; and whether one forward call holds both guidance branches (a batch of
+    # two, so the branches share one cache decision) or each branch is its own call and cache
+    # context, as the family's pipeline does it.
+    cache_kinds: ClassVar[tuple[str, ...]] = ()
+    branches_in_one_call: ClassVar[bool] = True
+
     # The diffusers pipeline whose helpers (encode_prompt, prepare_latents, ...) the adapter calls.
     helper_pipeline: ClassVar[str | None] = None
     helper_components: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
@@ -215,6 +222,10 @@ class ModelFamily(ABC):
         """Make the network one rank of a denoiser group (an attention processor, hooks). The
         default, for a network whose sequence is not split, changes nothing: CFG-parallel only."""
         return None
+
+    def cached_networks(self, network: Any) -> list[torch.nn.Module]:
+        """The networks a cache spec goes on: the denoiser (a family with several says which)."""
+        return [network]
 
     @abstractmethod
     def start(

@@ -38,6 +38,7 @@ class CogVideoX(ModelFamily):
     helper_pipeline = "diffusers.CogVideoXPipeline"  # text-to-video's helpers serve image-to-video too
     dynamic_guidance = True
     tiled_decode = True
+    cache_kinds = ("fbc", "pab", "taylorseer")
 
     @property
     def max_text_tokens(self) -> int:
@@ -177,22 +178,24 @@ class CogVideoXDenoising(Denoising):
         """The transformer's prediction for the whole batch: diffusers' forward on one process;
         in a group, the same forward on this rank's frames, gathered from every rank."""
         if self.context is None:
-            return self.network(
-                hidden_states=model_input,
-                encoder_hidden_states=self.prompt,
-                timestep=timestep,
-                image_rotary_emb=self.rotary,
-                return_dict=False,
-            )[0]
+            with self.network.cache_context("cond_uncond"):  # the pipeline's one cache context
+                return self.network(
+                    hidden_states=model_input,
+                    encoder_hidden_states=self.prompt,
+                    timestep=timestep,
+                    image_rotary_emb=self.rotary,
+                    return_dict=False,
+                )[0]
         context, p_t = self.context, self.network.config.patch_size_t or 1
         local = context.local_slices(context.branch_of(model_input), dim=1, slice_size=p_t)
-        out = self.network(
-            hidden_states=local,
-            encoder_hidden_states=context.branch_of(self.prompt),
-            timestep=context.branch_of(timestep),
-            image_rotary_emb=self.rotary,  # this rank's rows
-            return_dict=False,
-        )[0]
+        with self.network.cache_context("cond_uncond"):
+            out = self.network(
+                hidden_states=local,
+                encoder_hidden_states=context.branch_of(self.prompt),
+                timestep=context.branch_of(timestep),
+                image_rotary_emb=self.rotary,  # this rank's rows
+                return_dict=False,
+            )[0]
         return context.gather_slices(out, dim=1, slice_size=p_t)
 
     def step(self, index: int, t: torch.Tensor) -> None:

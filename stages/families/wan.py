@@ -40,6 +40,10 @@ from stages.tiny import build_tokenizer
 class Wan(ModelFamily):
     name = "wan"
     tiled_decode = True
+    # Not PAB: its hooks keep one state for all calls, and WanPipeline calls the two guidance
+    # branches apart, so the unconditional call would reuse the conditional one's attention.
+    cache_kinds = ("fbc", "taylorseer")
+    branches_in_one_call = False  # "cond" and "uncond" calls, each its own cache context
     # diffusers' AutoencoderKLWan.enable_tiling defaults: 256 px tiles every 192 px.
     default_tile_size = (256, 256)
     tile_overlap_fractions = (1 / 4, 1 / 4)
@@ -145,6 +149,9 @@ class Wan(ModelFamily):
         """diffusers' own context-parallel plan for the Wan transformer(s), over this group's ranks."""
         enable_context_parallelism(network.experts, context.layout)
 
+    def cached_networks(self, network: WanExperts) -> list[torch.nn.Module]:
+        return network.experts  # each expert its own cache, as on the pipeline's two transformers
+
     def start(self, network: WanExperts, scheduler, conditioning, r, context) -> Denoising:
         return WanDenoising(self, network, scheduler, conditioning, r, context)
 
@@ -239,21 +246,26 @@ class WanDenoising(Denoising):
             self.mask = torch.ones((1, 1, *self.latents.shape[2:]), dtype=torch.float32, device=device)
             self.mask[:, :, 0] = 0
 
-    def _forward(self, model_input: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.network(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeddings,
-                            encoder_hidden_states_image=self.image_embeds, return_dict=False)[0]  # fmt: skip
+    def _forward(self, model_input: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor,
+                 branch: str = "cond") -> torch.Tensor:  # fmt: skip
+        with self.network.cache_context(branch, **self.cache_step):  # as the pipeline names them
+            return self.network(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeddings,
+                                encoder_hidden_states_image=self.image_embeds, return_dict=False)[0]  # fmt: skip
 
     def _predictions(self, model_input: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond): in one process one after the other; CFG-parallel, each rank its branch,
         exchanged over the group."""
         if self.context is None or self.context.layout.cfg == 1:
             cond = self._forward(model_input, timestep, self.prompt)
-            return cond, self._forward(model_input, timestep, self.negative)
-        mine = self._forward(model_input, timestep, self.branch_prompt)
+            return cond, self._forward(model_input, timestep, self.negative, "uncond")
+        branch = "uncond" if self.context.branch == 0 else "cond"
+        mine = self._forward(model_input, timestep, self.branch_prompt, branch)
         uncond, cond = self.context.gather_branches(mine).chunk(2)  # branch 0: the negative prompt's
         return cond, uncond
 
     def step(self, index: int, t: torch.Tensor) -> None:
+        self.cache_step = {"step_index": index, "sigma": float(self.scheduler.sigmas[index]),
+                           "num_inference_steps": len(self.timesteps)}  # fmt: skip
         if self.boundary is None or t >= self.boundary:  # Wan 2.1, or 2.2's high-noise steps
             self.network, guidance_scale = self.experts.high, self.r.guidance_scale
         else:

@@ -1,0 +1,201 @@
+"""Step caching: diffusers' cache hooks on a denoiser, exact over a denoiser group, and counted.
+
+A cache spec names one of diffusers' caching hooks and its one knob:
+
+    none              no cache (the default)
+    fbc:THRESHOLD     FirstBlockCache: reuse the other blocks' residual while the first block's
+                      output changed by less than THRESHOLD (relative mean absolute difference)
+    pab:N             PyramidAttentionBroadcast: compute the spatial attention every N-th call
+                      while the timestep lies in (100, 800), diffusers' default range
+    taylorseer:N      TaylorSeer (lite): after 3 full steps, compute every N-th step and predict
+                      the output projection in between by a first-order Taylor series
+
+The hooks are diffusers' own (`enable_cache`), applied to the family's denoiser networks. What
+framecast adds, and why it is written here:
+
+- **The same decision on every rank.** FirstBlockCache decides per step from the first block's
+  residual; a rank of a denoiser group holds only its shard of it (and, CFG-parallel, one
+  guidance branch). The head hook's decision is replaced by the same relative difference summed
+  over every rank that one process's forward call would hold, so all ranks skip or compute
+  together and the group equals one process. PAB and TaylorSeer decide by counting calls and
+  steps, which is the same on every rank without help.
+- **What it skipped.** `skipped_fraction` counts, over the modules the hooks wrap (blocks,
+  attention layers, the output projection; not the whole network), the calls that reused or
+  predicted instead of computing.
+
+Which kinds a family takes is the family's (`ModelFamily.cache_kinds`); MagCache and FasterCache
+are not offered: diffusers has magnitude ratios only for FLUX, and FasterCache approximates the
+unconditional branch from a batch holding both, which CFG-parallel splits.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from stages.errors import InvalidRequest
+
+NONE = "none"
+KINDS = {
+    "fbc": ("THRESHOLD", float, "FirstBlockCache"),
+    "pab": ("N", int, "PyramidAttentionBroadcast"),
+    "taylorseer": ("N", int, "TaylorSeer"),
+}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    kind: str  # "none" or a key of KINDS
+    value: float | int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != NONE
+
+
+def allowed(kinds: Sequence[str]) -> str:
+    """The specs a family takes, as a refusal lists them."""
+    return ", ".join([NONE, *(f"{k}:{KINDS[k][0]}" for k in kinds)])
+
+
+def parse_cache(text: str | None, kinds: Sequence[str], model: str) -> CacheSpec:
+    """A spec from its text, checked against the kinds `model`'s family takes (one line if not)."""
+    text = (text or NONE).strip().lower()
+    kind, _, value = text.partition(":")
+    if kind == NONE and not value:
+        return CacheSpec(NONE)
+    if kind not in kinds:
+        raise InvalidRequest(f"cache {text!r} is not one {model} takes; it takes {allowed(kinds)}")
+    name, kind_type, _ = KINDS[kind]
+    try:
+        number = kind_type(value)
+    except ValueError:
+        raise InvalidRequest(f"cache {text!r}: {kind} takes {kind}:{name}, a {kind_type.__name__}") from None
+    if kind == "fbc" and not 0 < number < 1:
+        raise InvalidRequest(f"cache {text!r}: the threshold must lie between 0 and 1 (e.g. fbc:0.05)")
+    if kind in ("pab", "taylorseer") and not 2 <= number <= 16:
+        raise InvalidRequest(f"cache {text!r}: N must be between 2 and 16 (every N-th call computes)")
+    return CacheSpec(kind, number)
+
+
+def diffusers_config(spec: CacheSpec, timestep: Callable[[], float], dtype: torch.dtype):
+    """diffusers' config for `spec`; `timestep` gives the step's timestep (PAB's range)."""
+    from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+
+    if spec.kind == "fbc":
+        return FirstBlockCacheConfig(threshold=float(spec.value))
+    if spec.kind == "pab":
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=int(spec.value), current_timestep_callback=timestep
+        )
+    if spec.kind == "taylorseer":
+        # lite: the blocks are skipped and the output projection predicted, for any transformer
+        # with a `proj_out`; factors kept in the model's dtype (diffusers' default is bfloat16).
+        return TaylorSeerCacheConfig(cache_interval=int(spec.value), use_lite_mode=True, taylor_factors_dtype=dtype)
+    raise ValueError(f"no diffusers config for cache {spec}")
+
+
+# The relative difference FirstBlockCache compares with its threshold, summed over a group:
+# `reduce` sums a tensor over the ranks that one process's forward call holds, and `real`
+# keeps this rank's real tokens (a shard may be padded).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+RealTokens = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StepCache:
+    """A cache spec on a stage's denoiser networks: applied when a job's spec differs from the
+    last, reset before each job, its skipped computations counted."""
+
+    def __init__(self, networks: Sequence[torch.nn.Module], reduce: Reduce | None = None,
+                 real: RealTokens | None = None):  # fmt: skip
+        self.networks, self.reduce, self.real = list(networks), reduce, real
+        self.spec = CacheSpec(NONE)
+        self.timestep: float = 0.0  # the current step's timestep, for PAB
+        self.calls = self.computed = 0
+        self._handles: list = []  # the counting pre-hooks, removed with the cache
+        self._wrapped: list = []  # (hook, its own original_forward), restored before diffusers removes it
+
+    def prepare(self, spec: CacheSpec) -> None:
+        """Before a job: `spec` on every network, with fresh state and counts."""
+        if spec != self.spec:
+            for handle in self._handles:
+                handle.remove()
+            for hook, original in self._wrapped:
+                hook.fn_ref.original_forward = original
+            self._handles, self._wrapped = [], []
+            for network in self.networks:
+                if network.is_cache_enabled:
+                    network.disable_cache()
+                if spec.enabled:
+                    config = diffusers_config(spec, lambda: self.timestep, network.dtype)
+                    network.enable_cache(config)
+                    self._count(network)
+                    if spec.kind == "fbc" and self.reduce is not None:
+                        self._decide_over_group(network)
+            self.spec = spec
+        for network in self.networks:
+            if spec.enabled:
+                network._reset_stateful_cache()
+        self.calls = self.computed = 0
+
+    @property
+    def skipped_fraction(self) -> float:
+        return 0.0 if not self.calls else 1.0 - self.computed / self.calls
+
+    def _hooked(self, network: torch.nn.Module):
+        """(module, hook) for every cache hook under `network`, the network's own excluded."""
+        from diffusers.hooks import HookRegistry
+
+        for module in network.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if module is network or not isinstance(registry, HookRegistry):
+                continue
+            for hook in registry.hooks.values():
+                if getattr(hook, "fn_ref", None) is not None and hook.fn_ref.original_forward is not None:
+                    yield module, hook
+
+    def _count(self, network: torch.nn.Module) -> None:
+        """Every call of a hooked module (torch's pre-hook sees all), and those the hook let
+        through to the module's own forward (the computed ones)."""
+
+        def called(*_):
+            self.calls += 1
+
+        for module, hook in self._hooked(network):
+            self._handles.append(module.register_forward_pre_hook(called))
+            original = hook.fn_ref.original_forward
+
+            @functools.wraps(original)
+            def computed(*args, _original=original, **kwargs):
+                self.computed += 1
+                return _original(*args, **kwargs)
+
+            hook.fn_ref.original_forward = computed
+            self._wrapped.append((hook, original))
+
+    def _decide_over_group(self, network: torch.nn.Module) -> None:
+        """FirstBlockCache's head hook decides from the residual summed over the group (see the
+        module's docstring); diffusers' arithmetic otherwise: mean |r - r_prev| / mean |r_prev|."""
+        from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+        reduce, real = self.reduce, self.real or (lambda x: x)
+        for _, hook in self._hooked(network):
+            if not isinstance(hook, FBCHeadBlockHook):
+                continue
+
+            def should_compute(residual: torch.Tensor, _hook=hook) -> bool:
+                state = _hook.state_manager.get_state()
+                if state.head_block_residual is None:
+                    return True
+                previous = real(state.head_block_residual)
+                sums = torch.stack([(real(residual) - previous).abs().sum(), previous.abs().sum()])
+                sums = reduce(sums.float())
+                return (sums[0] / sums[1]).item() > _hook.threshold
+
+            hook._should_compute_remaining_blocks = should_compute
