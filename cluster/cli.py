@@ -9,12 +9,14 @@ import logging
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
 from tqdm import tqdm
 
 from cluster.tracking import DEFAULT_EXPERIMENT, log_generation, log_run
+from cluster.uncached import paired_with_uncached
 from stages.errors import InvalidRequest
 from stages.models import DEFAULT_MODEL
 from stages.settings import AXES, SETTINGS
@@ -42,6 +44,12 @@ def _generate_parser(sub) -> None:
     _placement_options(p)
     p.add_argument(
         "--sequential", action="store_true", help="run several prompts one after another instead of pipelined"
+    )
+    p.add_argument(
+        "--cache-reference",
+        action="store_true",
+        help="with --cache: also make each video uncached (<name>.uncached.<ext>, its own run) and record what the "
+        "cache cost against it (vs_uncached/psnr_y, /ssim_y, /denoise_speedup, /delta/<figure>)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
 
@@ -178,6 +186,26 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the sweep's result")
 
 
+def _tune_cache_parser(sub) -> None:
+    p = sub.add_parser(
+        "tune-cache",
+        help="the fastest step cache whose worst PSNR against uncached stays above a bound, measured at your prompts",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model from configs/models (default: {DEFAULT_MODEL})")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt to tune at; repeat it for several")
+    p.add_argument("--min-psnr", type=float, required=True, metavar="DB",
+                   help="the bound: every video's PSNR-Y against the same uncached, in dB (e.g. 30)")  # fmt: skip
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...", help="seeds to tune at (default: --seed)")
+    p.add_argument("--specs", default=None, metavar="SPEC,...",
+                   help="cache specs to try (default: every kind the model takes over a small grid)")  # fmt: skip
+    _settings_options(p)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where the sweeps go (default: outputs)")
+    _tracking_options(p)
+    _placement_options(p)
+    p.add_argument("--replicas", type=int, default=None, help="pipeline replicas (default: as many as fit)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the answer and the table")
+
+
 def _batch_parser(sub) -> None:
     p = sub.add_parser(
         "batch", help="a JSON Lines file of requests -> a video each, a manifest, one MLflow run per job (resumable)"
@@ -303,12 +331,39 @@ def _first_line(error: BaseException) -> str:
 
 
 def _outputs(jobs, args: argparse.Namespace) -> list[Path]:
-    if args.output is not None:
-        return [args.output.resolve()]
     from cluster.driver import default_output
 
-    numbered = len(jobs) > 1
-    return [default_output(job, i if numbered else None, args.output_dir).resolve() for i, job in enumerate(jobs)]
+    twins = [job.keep_frames and job.request.cache == "none" for job in jobs]  # --cache-reference's
+    cached = [job for job, twin in zip(jobs, twins, strict=True) if not twin]
+    if args.output is not None:
+        named = [args.output.resolve()]
+    else:
+        numbered = len(cached) > 1
+        directory = args.output_dir
+        named = [default_output(job, i if numbered else None, directory).resolve() for i, job in enumerate(cached)]
+    paths, mine = [], iter(named)
+    for twin in twins:  # a twin goes just before its cached job, and is named after it
+        paths.append(None if twin else next(mine))
+    return [path or _uncached_name(paths[i + 1]) for i, path in enumerate(paths)]
+
+
+def _uncached_name(cached: Path) -> Path:
+    return cached.with_name(f"{cached.stem}.uncached{cached.suffix}")
+
+
+def _with_uncached_twins(jobs: list) -> tuple[list, dict[int, int]]:
+    """--cache-reference: before each cached job, the same job uncached; both keep their frames
+    for the comparison. Returns the jobs and {cached job's index: its twin's index}."""
+    if all(job.request.cache == "none" for job in jobs):
+        raise InvalidRequest("--cache-reference compares a cached video with the same made uncached: set --cache too")
+    out, twins = [], {}
+    for job in jobs:
+        job.keep_frames = True
+        twins[len(out) + 1] = len(out)
+        out += [replace(job, request=replace(job.request, cache="none")), job]
+    return out, twins
+
+
 
 
 def _stream(jobs, args: argparse.Namespace):
@@ -368,6 +423,9 @@ def _generate(args: argparse.Namespace, out=None) -> int:
             **_placement(args),
         )
         _check_output_suffix(args.output, jobs[0])
+        twins = {}
+        if args.cache_reference:
+            jobs, twins = _with_uncached_twins(jobs)
     except InvalidRequest as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -379,7 +437,7 @@ def _generate(args: argparse.Namespace, out=None) -> int:
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
     failures, incomplete = [], False
     try:
-        for result in _stream(jobs, args):
+        for result in paired_with_uncached(_stream(jobs, args), twins, lambda r: r.index, lambda r: r):
             if isinstance(result, JobFailed):
                 failures.append(result)
                 if len(jobs) > 1:  # now, above the progress bar; all failures are listed again at the end
@@ -541,6 +599,68 @@ def _sweep(args: argparse.Namespace, out=None) -> int:
     if result.count("failed"):
         return EXIT_FAILED
     return EXIT_INCOMPLETE if any(result.count(status) for status in INCOMPLETE) else 0
+
+
+def cmd_tune_cache(args: argparse.Namespace) -> int:
+    from cluster.settings import resolve_settings
+    from cluster.tune_cache import candidate_specs, tune_cache
+    from stages.models import load_spec
+
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # the answer alone on stdout
+        try:
+            _check_replicas(args)
+            if args.cache is not None:
+                raise InvalidRequest("tune-cache tries the caches itself: leave --cache out (--specs picks them)")
+            if args.min_psnr <= 0:
+                raise InvalidRequest(f"--min-psnr must be positive dB (got {args.min_psnr:g})")
+            spec = load_spec(args.model)
+            seeds = [args.seed] if args.seeds is None else [_seed(text) for text in args.seeds.split(",")]
+            specs = None if args.specs is None else [s.strip() for s in args.specs.split(",") if s.strip()]
+            settings = resolve_settings(spec, _explicit(args), args.preset, args.duration, swept=frozenset({"cache"}))
+            tried = specs or candidate_specs(spec)
+            print(f"tune-cache: {len(tried)} cache spec(s) and none, at {len(args.prompt)} prompt(s) x "
+                  f"{len(seeds)} seed(s): {', '.join(tried)}")  # fmt: skip
+            replicas = 1 if args.local else _replicas(args, args.workers or 1)
+            tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
+
+            def on_sweep(done: int, total: int, result) -> None:
+                print(f"tune-cache: sweep {done}/{total} done (mlflow parent run {result.parent_run_id})")
+
+            result = tune_cache(
+                spec, args.prompt, seeds, args.min_psnr, settings, specs=specs, output_dir=args.output_dir,
+                experiment=args.experiment, tracking_uri=tracking_uri, local=args.local, replicas=replicas,
+                on_sweep=on_sweep, **_placement(args),
+            )  # fmt: skip
+        except InvalidRequest as e:
+            print(f"framecast: error: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        except Exception as e:
+            if os.environ.get("FRAMECAST_DEBUG"):
+                raise
+            print(f"framecast: error: {_first_line(e)} (FRAMECAST_DEBUG=1 shows the traceback)", file=sys.stderr)
+            return EXIT_FAILED
+    if args.json:
+        from dataclasses import asdict
+
+        from stages.clarity import json_figure
+
+        rows = [{k: json_figure(v) if isinstance(v, float) else v for k, v in asdict(f).items()}
+                for f in result.figures]  # fmt: skip
+        chosen = result.chosen.cache if result.chosen else "none"
+        print(json.dumps({"cache": chosen, "answer": result.answer(), "run_id": result.run_id, "specs": rows}),
+              file=real_stdout)  # fmt: skip
+    else:
+        print(result.table(), file=real_stdout)
+        print(f"answer: {result.answer()}", file=real_stdout)
+        print(f"mlflow run: {result.run_id} (experiment {args.experiment!r})", file=real_stdout)
+    return 0
+
+
+def _seed(text: str) -> int:
+    if not text.strip().isdigit():
+        raise InvalidRequest(f"--seeds takes non-negative integers separated by commas (got {text!r})")
+    return int(text)
 
 
 def _check_replicas(args: argparse.Namespace) -> None:
@@ -983,6 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _sweep_parser(sub)
+    _tune_cache_parser(sub)
     _batch_parser(sub)
     _recommend_parser(sub)
     _clarity_parser(sub)
@@ -993,6 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "generate": cmd_generate,
         "sweep": cmd_sweep,
+        "tune-cache": cmd_tune_cache,
         "batch": cmd_batch,
         "recommend": cmd_recommend,
         "clarity": cmd_clarity,

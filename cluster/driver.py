@@ -26,6 +26,7 @@ from PIL import Image
 
 from cluster.executor import Executor, LocalExecutor, Method, RayExecutor, Stage, StageCall, StageFailed
 from cluster.runtime import ClusterLayout, load_cluster_layout
+from stages.cache import skipped_fraction
 from stages.clarity import ClarityReport, json_figure
 from stages.context_parallel import ParallelLayout
 from stages.decoder import TilePlan, assemble_frames, plan_decode, to_uint8
@@ -72,6 +73,7 @@ class Job:
     warnings: dict[str, str] = field(default_factory=dict)  # settings the articles warn against (pitfalls)
     image: np.ndarray | None = None  # image-to-video: the image's pixels, (H, W, 3) uint8, read once here
     image_sha256: str = ""  # ... and their digest (`image_digest`), taken once
+    keep_frames: bool = False  # the result holds the frames as made (to compare a cached job with its uncached twin)
 
     def resolved_config(self) -> str:
         """YAML of what this run used: the model spec as loaded, the weights found, the filled-in request."""
@@ -114,6 +116,7 @@ class GenerationResult:
     placement: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     interpolated: Path | None = None  # the motion-interpolated copy (<name>.interp.<ext>), if asked for
     interpolation_error: str | None = None  # why there is no interpolated copy (the video stands without it)
+    frames: np.ndarray | None = field(default=None, repr=False)  # as made, only if the job kept them
 
     def artifacts(self) -> list[Path]:
         extra = [path for path in (self.interpolated, self.clarity_csv, self.input_image) if path is not None]
@@ -532,6 +535,7 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         **{f"decode_rank{i}_work_mib": d["work_memory_mib"] for i, d in enumerate(decoders)},
         **{f"decode_rank{i}_tiles": d["tiles"] for i, d in enumerate(decoders)},
         **{f"moved_bytes/{what}": float(n) for what, n in moved.items()},
+        **({"cache/skipped_fraction": skipped_fraction(ranks)} if r.cache != "none" else {}),
         **(clarity.metrics() if clarity else {}),
     }
     params = {
@@ -547,12 +551,13 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         **({"image_sha256": job.image_sha256} if job.image is not None else {}),
     }
     digest = hashlib.sha256(np.ascontiguousarray(frames)).hexdigest()
-    flight.frames = flight.interpolated = None  # the stream holds no finished job's frames
+    flight.frames = flight.interpolated = None  # the stream holds no finished job's frames (unless asked)
     return GenerationResult(
         video, sheet, params, metrics, spans, digest, flight.index, clarity_csv=series,
         clarity_error=flight.clarity_error, warnings={**job.warnings, **flight.write_warnings},
         input_image=input_image, interpolated=flight.interpolated_video,
         interpolation_error=flight.interpolation_error, placement=placement,
+        frames=frames if job.keep_frames else None,
     )  # fmt: skip
 
 

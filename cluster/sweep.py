@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.utils.time import get_current_time_millis
@@ -35,6 +36,7 @@ from cluster.replicas import Finished, ReplicaPool, Work, pipeline_replicas
 from cluster.settings import REQUEST_FIELDS, Settings
 from cluster.sweep_report import INCOMPLETE, STATUSES, Cell, CellOutcome
 from cluster.tracking import WARNING_TAG, child_runs, log_generation, open_parent_run
+from cluster.uncached import Earlier, paired_with_uncached
 from stages.clarity import json_figure
 from stages.errors import InvalidRequest
 from stages.models import load_spec
@@ -265,9 +267,14 @@ def run_sweep(
         outcomes: dict[int, CellOutcome] = _finished_cells(client, parent, plan, directory)
         todo = [i for i in range(len(plan.cells)) if i not in outcomes]
         if todo:
+            twins = {cell: twin for cell, twin in uncached_twins(plan).items() if cell in todo}
+            earlier = _earlier_twins(twins, outcomes)
+            for i in {*twins, *twins.values()} & set(todo):
+                plan.jobs[i].keep_frames = True
             pool = sweep_replicas(plan, min(replicas or 1, len(todo)), local)
             try:
-                for done in run_cells(plan, todo, directory, pool, pipelined, on_progress):
+                finished = _keeping_twin_frames(run_cells(plan, todo, directory, pool, pipelined, on_progress), twins)
+                for done in paired_with_uncached(finished, twins, lambda d: d.index, lambda d: d.result, earlier):
                     index = done.index
                     outcomes[index] = _track_cell(plan, index, done.result, done.replica, parent, experiment,
                                                   tracking_uri)  # fmt: skip
@@ -288,6 +295,45 @@ def run_sweep(
     client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED if complete else RunStatus.FAILED))
     header_rows = sweep_report.table(plan.axes, ordered)
     return SweepResult(plan.sweep_id, parent, ordered, encodings, resumed, summary, header_rows, best)
+
+
+def uncached_twins(plan: SweepPlan) -> dict[int, int]:
+    """{cached cell: its uncached twin} where the grid has a cache axis with none: the twin is
+    the cell with the same values but cache=none, the reference of what the cache cost."""
+    nones = [value for value in plan.axes.get("cache", []) if str(value).strip().lower() == "none"]
+    if not nones:
+        return {}
+    by_values = {cell.values: i for i, cell in enumerate(plan.cells)}
+    twins = {}
+    for i, cell in enumerate(plan.cells):
+        if plan.jobs[i].request.cache != "none":
+            twin = tuple((axis, nones[0] if axis == "cache" else value) for axis, value in cell.values)
+            twins[i] = by_values[twin]
+    return twins
+
+
+def _twin_frames_file(video: Path) -> Path:
+    """Where an uncached twin's frames as made are kept, for cached cells a later try runs."""
+    return video.with_name(f"{video.stem}.frames.npy")
+
+
+def _keeping_twin_frames(finished: Iterator[Finished], twins: dict[int, int]) -> Iterator[Finished]:
+    for done in finished:
+        frames = getattr(done.result, "frames", None)
+        if done.index in twins.values() and frames is not None:
+            np.save(_twin_frames_file(done.result.video), frames)
+        yield done
+
+
+def _earlier_twins(twins: dict[int, int], outcomes: dict[int, CellOutcome]) -> dict[int, Earlier]:
+    """Twins an earlier try finished, with their kept frames (a twin without them leaves its
+    cached cells without vs_uncached figures)."""
+    earlier = {}
+    for twin in set(twins.values()) & set(outcomes):
+        path = outcomes[twin].video and _twin_frames_file(outcomes[twin].video)
+        if path is not None and path.is_file():
+            earlier[twin] = (np.load(path), outcomes[twin].metrics)
+    return earlier
 
 
 def _finished_cells(client: MlflowClient, parent: str, plan: SweepPlan, directory: Path) -> dict[int, CellOutcome]:

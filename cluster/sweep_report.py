@@ -78,14 +78,19 @@ class CellOutcome:
 def panel_keys(outcomes: list[CellOutcome]) -> list[str]:
     """The panel's metrics any cell has, in the panel's order: `clarity/<key>` (the frames as
     made), what the codec cost (`encoded/psnr_y`, `encoded/ssim_y`), the interpolated copy's
-    `interp/clarity/<key>`, then `adherence/<key>` (models whose videos are checked against their
-    prompts). The file's own figures (`encoded/clarity/...`) stay in MLflow."""
+    `interp/clarity/<key>`, `adherence/<key>` (models whose videos are checked against their
+    prompts), then what a step cache did and cost (`cache/skipped_fraction`; against the cell's
+    uncached twin `vs_uncached/psnr_y`, `/ssim_y`, `/denoise_speedup`, and the change of
+    adherence). The file's own figures (`encoded/clarity/...`) and the change of each clarity
+    figure (`vs_uncached/delta/clarity/...`) stay in MLflow."""
     present = {key for o in outcomes for key in o.metrics}
     ordered = [
         *(f"clarity/{key}" for key in METRICS),
         *(f"encoded/{key}" for key in REFERENCED),
         *(f"interp/clarity/{key}" for key in METRICS),
         *(f"adherence/{key}" for key in ADHERENCE),
+        "cache/skipped_fraction",
+        *(f"vs_uncached/{key}" for key in (*REFERENCED, "denoise_speedup", "delta/adherence/score")),
     ]
     return [key for key in ordered if key in present]
 

@@ -19,9 +19,10 @@ framecast adds, and why it is written here:
   over every rank that one process's forward call would hold, so all ranks skip or compute
   together and the group equals one process. PAB and TaylorSeer decide by counting calls and
   steps, which is the same on every rank without help.
-- **What it skipped.** `skipped_fraction` counts, over the modules the hooks wrap (blocks,
-  attention layers, the output projection; not the whole network), the calls that reused or
-  predicted instead of computing.
+- **What it skipped.** `StepCache` counts the calls of the modules the hooks wrap (blocks,
+  attention layers, the output projection; not the whole network) and those that computed;
+  `skipped_fraction` of a group's counts is the share reused or predicted. Summed over the
+  ranks it equals one process's, also where each rank runs one guidance branch.
 
 Which kinds a family takes is the family's (`ModelFamily.cache_kinds`); MagCache and FasterCache
 are not offered: diffusers has magnitude ratios only for FLUX, and FasterCache approximates the
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.diffusers_parallel import hooks_inside_context_parallelism
 from stages.errors import InvalidRequest
 
 NONE = "none"
@@ -101,6 +103,34 @@ def diffusers_config(spec: CacheSpec, timestep: Callable[[], float], dtype: torc
     raise ValueError(f"no diffusers config for cache {spec}")
 
 
+def skipped_fraction(counts: Sequence[dict]) -> float:
+    """The share of wrapped calls a cache reused, over ranks' `cache_calls` / `cache_computed`."""
+    calls = sum(c["cache_calls"] for c in counts)
+    return 0.0 if not calls else 1.0 - sum(c["cache_computed"] for c in counts) / calls
+
+
+def versus_uncached(
+    frames, metrics: dict[str, float], uncached_frames, uncached_metrics: dict[str, float]
+) -> dict[str, float]:
+    """What a cache cost against the same job uncached: `vs_uncached/psnr_y` and `/ssim_y` of the
+    frames as made (not the lossy files), the denoising speedup, and the change of every clarity
+    and adherence figure both have (`vs_uncached/delta/<figure>`: cached minus uncached)."""
+    from stages.clarity import fidelity
+
+    out = {f"vs_uncached/{key}": value for key, value in fidelity(frames, uncached_frames).items()}
+    if metrics.get("denoise_s") and uncached_metrics.get("denoise_s"):
+        out["vs_uncached/denoise_speedup"] = uncached_metrics["denoise_s"] / metrics["denoise_s"]
+    for key, value in metrics.items():
+        if key.startswith(("clarity/", "adherence/")) and key in uncached_metrics:
+            out[f"vs_uncached/delta/{key}"] = value - uncached_metrics[key]
+    return out
+
+
+# Where diffusers defines the hooks of the kinds above.
+CACHE_HOOK_MODULES = frozenset(
+    f"diffusers.hooks.{name}" for name in ("first_block_cache", "pyramid_attention_broadcast", "taylorseer_cache")
+)
+
 # The relative difference FirstBlockCache compares with its threshold, summed over a group:
 # `reduce` sums a tensor over the ranks that one process's forward call holds, and `real`
 # keeps this rank's real tokens (a shard may be padded).
@@ -130,11 +160,12 @@ class StepCache:
                 hook.fn_ref.original_forward = original
             self._handles, self._wrapped = [], []
             for network in self.networks:
-                if network.is_cache_enabled:
-                    network.disable_cache()
+                with hooks_inside_context_parallelism(network):
+                    if network.is_cache_enabled:
+                        network.disable_cache()
+                    if spec.enabled:
+                        network.enable_cache(diffusers_config(spec, lambda: self.timestep, network.dtype))
                 if spec.enabled:
-                    config = diffusers_config(spec, lambda: self.timestep, network.dtype)
-                    network.enable_cache(config)
                     self._count(network)
                     if spec.kind == "fbc" and self.reduce is not None:
                         self._decide_over_group(network)
@@ -144,12 +175,9 @@ class StepCache:
                 network._reset_stateful_cache()
         self.calls = self.computed = 0
 
-    @property
-    def skipped_fraction(self) -> float:
-        return 0.0 if not self.calls else 1.0 - self.computed / self.calls
-
     def _hooked(self, network: torch.nn.Module):
-        """(module, hook) for every cache hook under `network`, the network's own excluded."""
+        """(module, hook) for every cache hook under `network`, the network's own excluded (other
+        hooks, such as a family's for context parallelism, are not the cache's)."""
         from diffusers.hooks import HookRegistry
 
         for module in network.modules():
@@ -157,7 +185,7 @@ class StepCache:
             if module is network or not isinstance(registry, HookRegistry):
                 continue
             for hook in registry.hooks.values():
-                if getattr(hook, "fn_ref", None) is not None and hook.fn_ref.original_forward is not None:
+                if type(hook).__module__ in CACHE_HOOK_MODULES and hook.fn_ref.original_forward is not None:
                     yield module, hook
 
     def _count(self, network: torch.nn.Module) -> None:

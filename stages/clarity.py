@@ -243,10 +243,9 @@ def measure(video: DecodedVideo, reference: DecodedVideo | None = None) -> Clari
         series["motion_magnitude"][t] = top_mean(cv2.magnitude(*cv2.split(forward)), MOTION_TOP)
         series["warp_error"][t] = warp_error(y[t - 1], y[t], forward, backward)
     if reference is not None:
-        mse = np.array([np.mean((a.astype(np.float64) - b) ** 2) for a, b in zip(y, reference.y, strict=True)])
+        mse, series["ssim_y"][:] = _fidelity(y, reference.y)
         with np.errstate(divide="ignore"):
             series["psnr_y"][:] = 10 * np.log10(PEAK**2 / mse)
-        series["ssim_y"][:] = [ssim(a, b) for a, b in zip(y, reference.y, strict=True)]
 
     # The video's figures: means over frames (pairs), except two; none for pairs a video lacks.
     summary = {key: _mean(values) for key, values in series.items() if not (key in PAIRWISE and len(y) < 2)}
@@ -258,6 +257,22 @@ def measure(video: DecodedVideo, reference: DecodedVideo | None = None) -> Clari
     height, width = video.size
     per_frame = {key: [float(v) for v in values] for key, values in series.items()}
     return ClarityReport(len(y), height, width, video.fps, summary, per_frame)
+
+
+def _fidelity(y: np.ndarray, reference_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the mean squared error and SSIM of luma planes against a reference's."""
+    mse = np.array([np.mean((a.astype(np.float64) - b) ** 2) for a, b in zip(y, reference_y, strict=True)])
+    return mse, np.array([ssim(a, b) for a, b in zip(y, reference_y, strict=True)])
+
+
+def fidelity(rgb: np.ndarray, reference_rgb: np.ndarray) -> dict[str, float]:
+    """psnr_y (of the mean MSE, as the panel's) and ssim_y (mean over frames) of uint8 RGB frames
+    against reference frames of the same shape, without the rest of the panel."""
+    if rgb.shape != reference_rgb.shape:
+        raise InvalidRequest(f"frames of shape {rgb.shape} cannot be compared with {reference_rgb.shape}")
+    mse, ssims = _fidelity(luma(rgb), luma(reference_rgb))
+    with np.errstate(divide="ignore"):
+        return {"psnr_y": float(10 * np.log10(PEAK**2 / mse.mean())), "ssim_y": float(ssims.mean())}
 
 
 def json_figure(v: float) -> float | str | None:
@@ -424,8 +439,12 @@ def check_adherence(world: str, prompt: str, rgb: np.ndarray) -> dict[str, float
 
 def metric_sign(metric: str) -> int | None:
     """+1 if a higher figure of an MLflow metric (`clarity/...`, `encoded/clarity/...`,
-    `interp/clarity/...`, `encoded/psnr_y`, `adherence/...`) is better, -1 if lower, None if it
-    has no direction (e.g. how much moves)."""
+    `interp/clarity/...`, `encoded/psnr_y`, `adherence/...`, `vs_uncached/...`) is better, -1 if
+    lower, None if it has no direction (e.g. how much moves, how much a cache skipped)."""
+    if metric.startswith("vs_uncached/delta/"):  # the change of a figure runs its way
+        return metric_sign(metric.removeprefix("vs_uncached/delta/"))
+    if metric in ("vs_uncached/psnr_y", "vs_uncached/ssim_y", "vs_uncached/denoise_speedup"):
+        return 1  # closer to the uncached video, and faster
     group, _, key = metric.removeprefix("encoded/").removeprefix("interp/").rpartition("/")
     if group == "clarity" or (group == "" and metric.startswith("encoded/") and key in REFERENCED):
         return CLEARER.get(key)

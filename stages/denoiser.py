@@ -65,8 +65,8 @@ class DenoiserStage:
         return describe(self.device)
 
     def last_run_stats(self) -> dict[str, float]:
-        """This rank's figures for its last `denoise`: peak memory (MiB), video tokens it held and
-        the fraction of the cache's wrapped computations it reused (0 without a cache)."""
+        """This rank's figures for its last `denoise`: peak memory (MiB), video tokens it held, and
+        the calls of the modules a cache wraps and how many of them computed (0 without a cache)."""
         return dict(self._last_run)
 
     @torch.no_grad()
@@ -86,7 +86,7 @@ class DenoiserStage:
             if on_step is not None:
                 on_step(i + 1, len(run.timesteps))
         self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": run.video_tokens(),
-                          "cache_skipped_fraction": self.cache.skipped_fraction}  # fmt: skip
+                          "cache_calls": self.cache.calls, "cache_computed": self.cache.computed}  # fmt: skip
         return run.result()
 
 

@@ -48,6 +48,29 @@ def enable_context_parallelism(networks: Sequence[torch.nn.Module], layout: Para
 
 
 @contextlib.contextmanager
+def hooks_inside_context_parallelism(network: torch.nn.Module) -> Iterator[None]:
+    """Hooks registered meanwhile on `network`'s modules (a step cache's) run inside diffusers'
+    context-parallel hooks, as if registered before them, and see the rank's shard. diffusers
+    wraps each hook around those registered earlier, so a cache enabled after `enable_parallelism`
+    would see a block's whole input (split only inside) beside its shard of the output: the
+    parallel hooks are taken off and put back over it."""
+    config = getattr(network, "_parallel_config", None)
+    parallel = None if config is None else config.context_parallel_config
+    if parallel is None:
+        yield
+        return
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
+
+    remove_context_parallel(network, network._cp_plan)
+    try:
+        yield
+    finally:
+        apply_context_parallel(network, parallel, network._cp_plan)
+        HookRegistry.check_if_exists_or_initialize(network).invalidate_child_registries_cache()
+
+
+@contextlib.contextmanager
 def _an_accelerator_counted() -> Iterator[None]:
     counted = torch.accelerator.device_count
     torch.accelerator.device_count = lambda: max(1, counted())

@@ -1,0 +1,212 @@
+"""`framecast tune-cache`: the fastest step cache that keeps a video close to uncached, measured.
+
+For each prompt and seed it runs one sweep over the cache specs a model's family takes and none
+(`cluster.sweep`: each cached cell records what it cost against its uncached twin). Then, per
+spec, over every prompt and seed:
+
+    worst vs_uncached/psnr_y     the bound applies to the worst video, not the mean
+    mean vs_uncached/ssim_y
+    mean vs_uncached/denoise_speedup
+    mean cache/skipped_fraction
+    mean change of adherence/score (models whose videos are checked against their prompts)
+
+The answer is the spec with the highest mean speedup whose worst PSNR is at least `min_psnr`
+and whose mean adherence does not drop; or none, said so, when no spec meets both. It is recorded
+as a parent MLflow run (tag framecast.kind=tune-cache, the table as tune.md and tune.csv, the
+answer as tag framecast.tuned_cache), which `framecast recommend` shows for the model.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+
+from cluster.settings import Settings
+from cluster.sweep import SweepResult, plan_sweep, run_sweep
+from cluster.tracking import search_all_runs
+from stages.cache import KINDS
+from stages.errors import InvalidRequest
+from stages.families import family_for
+from stages.models import ModelSpec
+
+KIND_TAG, TUNED_TAG = "framecast.kind", "framecast.tuned_cache"
+# The knob values tried for each kind: FirstBlockCache's thresholds from conservative to eager,
+# PAB's and TaylorSeer's intervals (every N-th call computes).
+GRID = {"fbc": ("0.05", "0.1", "0.2", "0.3", "0.4", "0.5"), "pab": ("2", "3", "4"), "taylorseer": ("2", "3", "4")}
+
+
+def candidate_specs(spec: ModelSpec) -> list[str]:
+    """Every spec `tune-cache` tries for the model: its family's kinds over `GRID`."""
+    return [f"{kind}:{value}" for kind in family_for(spec).cache_kinds for value in GRID[kind] if kind in KINDS]
+
+
+@dataclass(frozen=True)
+class SpecFigures:
+    """One spec's figures over every prompt and seed tried."""
+
+    cache: str
+    videos: int
+    worst_psnr_y: float
+    mean_ssim_y: float
+    speedup: float
+    skipped_fraction: float
+    adherence_change: float | None  # None: the model's videos are not checked against prompts
+
+    def meets(self, min_psnr: float) -> bool:
+        adherence_kept = self.adherence_change is None or self.adherence_change >= -1e-9
+        return self.worst_psnr_y >= min_psnr and adherence_kept
+
+
+def figures_by_spec(metrics_by_cell: Sequence[tuple[str, dict[str, float]]]) -> list[SpecFigures]:
+    """(cache spec, a cached cell's metrics) over every sweep -> one SpecFigures per spec, in
+    first-seen order. A cell without its vs_uncached figures counts as failing the bound."""
+    grouped: dict[str, list[dict[str, float]]] = {}
+    for cache, metrics in metrics_by_cell:
+        grouped.setdefault(cache, []).append(metrics)
+    out = []
+    for cache, cells in grouped.items():
+        psnrs = [m.get("vs_uncached/psnr_y", -math.inf) for m in cells]
+        adherence = [m["vs_uncached/delta/adherence/score"] for m in cells if "vs_uncached/delta/adherence/score" in m]
+        out.append(SpecFigures(
+            cache=cache,
+            videos=len(cells),
+            worst_psnr_y=min(psnrs),
+            mean_ssim_y=_mean([m.get("vs_uncached/ssim_y", math.nan) for m in cells]),
+            speedup=_mean([m.get("vs_uncached/denoise_speedup", math.nan) for m in cells]),
+            skipped_fraction=_mean([m.get("cache/skipped_fraction", math.nan) for m in cells]),
+            adherence_change=_mean(adherence) if adherence else None,
+        ))  # fmt: skip
+    return out
+
+
+def choose(figures: Sequence[SpecFigures], min_psnr: float) -> SpecFigures | None:
+    """The fastest spec that meets the bound (see `SpecFigures.meets`), or None."""
+    meeting = [f for f in figures if f.meets(min_psnr) and not math.isnan(f.speedup)]
+    return max(meeting, key=lambda f: f.speedup, default=None)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+@dataclass
+class TuneResult:
+    figures: list[SpecFigures]
+    chosen: SpecFigures | None
+    min_psnr: float
+    run_id: str
+    sweeps: list[str]  # the sweeps' parent runs
+
+    def table(self) -> str:
+        """The figures as a markdown table, the chosen spec marked."""
+        lines = ["| cache | videos | worst PSNR-Y dB | mean SSIM-Y | speedup | skipped | adherence change | meets |",
+                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for f in sorted(self.figures, key=lambda f: -f.speedup if not math.isnan(f.speedup) else math.inf):
+            mark = "chosen" if f is self.chosen else "yes" if f.meets(self.min_psnr) else "no"
+            change = "n/a" if f.adherence_change is None else f"{f.adherence_change:+.3f}"
+            lines.append(f"| {f.cache} | {f.videos} | {f.worst_psnr_y:.2f} | {f.mean_ssim_y:.4f} | {f.speedup:.2f}x | "
+                         f"{f.skipped_fraction:.2f} | {change} | {mark} |")  # fmt: skip
+        return "\n".join(lines) + "\n"
+
+    def answer(self) -> str:
+        if self.chosen is None:
+            best = max(self.figures, key=lambda f: f.worst_psnr_y, default=None)
+            closest = f"; the closest, {best.cache}, reached {best.worst_psnr_y:.2f} dB" if best else ""
+            return f"no cache keeps every video at {self.min_psnr:g} dB or more with adherence kept{closest}: use none"
+        c = self.chosen
+        return (f"{c.cache}: {c.speedup:.2f}x faster denoising, worst PSNR-Y {c.worst_psnr_y:.2f} dB against "
+                f"uncached (bound {self.min_psnr:g} dB), mean SSIM-Y {c.mean_ssim_y:.4f}")  # fmt: skip
+
+
+def tune_cache(
+    spec: ModelSpec,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    min_psnr: float,
+    settings: Settings,
+    *,
+    specs: Sequence[str] | None = None,
+    output_dir: Path,
+    experiment: str,
+    tracking_uri: str | None = None,
+    local: bool = False,
+    replicas: int = 1,
+    on_sweep: Callable[[int, int, SweepResult], None] | None = None,
+    **placement: Any,
+) -> TuneResult:
+    """Every sweep planned (and so every spec checked) before any runs; then run, summarized and
+    recorded. `on_sweep(done, total, result)` after each sweep."""
+    specs = list(specs) if specs else candidate_specs(spec)
+    if not specs:
+        raise InvalidRequest(f"{spec.name} takes no step cache (its family's denoiser has none in diffusers)")
+    if "none" in specs:
+        raise InvalidRequest("tune-cache compares every spec with none itself: leave none out of --specs")
+    grid = {"cache": ["none", *specs]}
+    plans = [plan_sweep(spec.name, prompt, grid, settings, seed=seed, **placement)
+             for prompt in prompts for seed in seeds]  # fmt: skip
+    cells, sweeps = [], []
+    for done, plan in enumerate(plans, 1):
+        result = run_sweep(plan, output_dir=output_dir, replicas=replicas, local=local, experiment=experiment,
+                           tracking_uri=tracking_uri)  # fmt: skip
+        sweeps.append(result.parent_run_id)
+        for job, outcome in zip(plan.jobs, result.outcomes, strict=True):
+            if job.request.cache != "none":
+                cells.append((job.request.cache, outcome.metrics))
+        if on_sweep is not None:
+            on_sweep(done, len(plans), result)
+    figures = figures_by_spec(cells)
+    chosen = choose(figures, min_psnr)
+    result = TuneResult(figures, chosen, min_psnr, "", sweeps)
+    result.run_id = _record(result, spec, prompts, seeds, plans[0].jobs[0].request.steps, experiment, tracking_uri)
+    return result
+
+
+def _record(result: TuneResult, spec: ModelSpec, prompts, seeds, steps: int, experiment: str, uri) -> str:
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags = {KIND_TAG: "tune-cache", TUNED_TAG: result.chosen.cache if result.chosen else "none",
+            "mlflow.runName": f"tune-cache-{spec.name}"}  # fmt: skip
+    run = client.create_run(experiment_id, tags=tags)
+    run_id = run.info.run_id
+    params = {"model": spec.name, "min_psnr_y": f"{result.min_psnr:g}", "prompts": " | ".join(prompts),
+              "seeds": ",".join(map(str, seeds)), "steps": str(steps),
+              "specs": ",".join(f.cache for f in result.figures), "sweeps": ",".join(result.sweeps)}  # fmt: skip
+    for key, value in params.items():
+        client.log_param(run_id, key, value[:6000])
+    if result.chosen is not None:
+        for key, value in asdict(result.chosen).items():
+            if isinstance(value, float):
+                client.log_metric(run_id, f"tuned/{key}", value)
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "tune.md").write_text(f"{result.answer()}\n\n{result.table()}")
+        rows = [",".join(map(str, asdict(f).values())) for f in result.figures]
+        (Path(scratch) / "tune.csv").write_text(",".join(SpecFigures.__dataclass_fields__) + "\n" + "\n".join(rows))
+        client.log_artifacts(run_id, scratch)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run_id
+
+
+def tuned_cache(spec: ModelSpec, experiment: str | None, tracking_uri: str | None) -> dict[str, Any] | None:
+    """The latest finished tune-cache run of the model: its answer and figures, or None."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        ids = [found.experiment_id] if found else []
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.`{KIND_TAG}` = 'tune-cache' and params.model = '{spec.name}' and attributes.status = 'FINISHED'"
+    runs = sorted(search_all_runs(client, ids, query), key=lambda r: r.info.start_time, reverse=True)
+    if not runs:
+        return None
+    run = runs[0]
+    figures = {k.removeprefix("tuned/"): v for k, v in run.data.metrics.items() if k.startswith("tuned/")}
+    return {"cache": run.data.tags.get(TUNED_TAG, "none"), "run_id": run.info.run_id,
+            "min_psnr_y": float(run.data.params["min_psnr_y"]), **figures}  # fmt: skip

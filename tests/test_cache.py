@@ -1,0 +1,230 @@
+"""Step caching (issue 23): diffusers' own cache hooks, equal to the stock hook on the stock
+pipeline in one process, equal to one process over every parallel layout, refused before any
+work where a family does not take a spec."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.executor import LocalExecutor
+from stages.cache import diffusers_config, parse_cache, skipped_fraction
+from stages.context_parallel import ParallelLayout
+from stages.errors import InvalidRequest
+from stages.families import family_for
+from stages.models import ComponentSpec, load_spec
+from stages.request import build_request
+from stages.weights import resolve_weights
+
+TOL = 1e-5
+SHAPES_PROMPT = "a red circle moving right on a black background"
+# (model, cache, steps): thresholds chosen so that each cache skips some work at these steps.
+CASES = [
+    ("framecast-shapes", "fbc:0.3", 8),
+    ("framecast-shapes", "pab:2", 8),
+    ("framecast-shapes", "taylorseer:2", 8),
+    ("tiny-wan", "fbc:0.2", 6),
+    ("tiny-wan", "taylorseer:2", 6),
+    ("tiny-wan22", "fbc:0.3", 6),
+]
+
+
+def model(name):
+    spec = load_spec(name)
+    return spec, resolve_weights(spec)
+
+
+def request(spec, cache, steps, **settings):
+    prompt = SHAPES_PROMPT if spec.name == "framecast-shapes" else "a fox in the snow"
+    return build_request(spec, prompt, cache=cache, steps=steps, seed=3, **settings)
+
+
+def stock(spec, weights, r):
+    """Stock diffusers: the model's pipeline with the same diffusers cache config on each transformer."""
+    pipe = ComponentSpec(spec.pipeline).load_class().from_pretrained(weights, dtype=spec.torch_dtype())
+    pipe.set_progress_bar_config(disable=True)
+    cache = parse_cache(r.cache, family_for(spec).cache_kinds, spec.name)
+    for network in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+        if network is not None and cache.enabled:
+            network.enable_cache(diffusers_config(cache, lambda: pipe.current_timestep, network.dtype))
+    extra = {"guidance_scale_2": r.guidance_scale_2} if r.guidance_scale_2 is not None else {}
+    return pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, num_inference_steps=r.steps,
+                guidance_scale=r.guidance_scale, num_frames=r.num_frames, height=r.height, width=r.width,
+                max_sequence_length=family_for(spec).max_text_tokens, generator=torch.Generator().manual_seed(r.seed),
+                output_type="latent", **extra).frames  # fmt: skip
+
+
+def denoise(executor, r):
+    """(latents, the fraction of wrapped calls reused over the group, and every rank's counts)."""
+    encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+    denoised = executor.call("denoise", "denoise", encoded, r)
+    reports = executor.reports(denoised)
+    return executor.get(denoised), skipped_fraction(reports), [(x["cache_calls"], x["cache_computed"]) for x in reports]
+
+
+@pytest.mark.parametrize("name, cache, steps", CASES, ids=lambda x: str(x))
+def test_each_spec_equals_the_stock_hook_on_the_stock_pipeline(name, cache, steps):
+    spec, weights = model(name)
+    executor = LocalExecutor(spec, weights)
+    r = request(spec, cache, steps)
+    ours, skipped, _ = denoise(executor, r)
+    reference = stock(spec, weights, r)
+    reference = reference if reference.shape == ours.shape else reference.permute(0, 2, 1, 3, 4)
+    assert (ours - reference).abs().max().item() <= TOL
+    assert skipped > 0  # the cache did skip work here...
+    uncached, none_skipped, counts = denoise(executor, request(spec, "none", steps))
+    assert none_skipped == 0.0 and counts == [(0, 0)]
+    assert (ours - uncached).abs().max().item() > 1e-3  # ...and it changed the result
+
+
+def test_specs_a_family_does_not_take_are_refused_before_any_work():
+    shapes, wan = load_spec("framecast-shapes"), load_spec("tiny-wan")
+    with pytest.raises(InvalidRequest, match=r"^cache 'pab:2' is not one tiny-wan takes; it takes none, "
+                                             r"fbc:THRESHOLD, taylorseer:N$"):  # fmt: skip
+        build_request(wan, "a fox", cache="pab:2")
+    with pytest.raises(InvalidRequest, match="cache 'magcache' is not one framecast-shapes takes; it takes none, "
+                                             "fbc:THRESHOLD, pab:N, taylorseer:N"):  # fmt: skip
+        build_request(shapes, SHAPES_PROMPT, cache="magcache")
+    with pytest.raises(InvalidRequest, match=r"cache 'fbc:high': fbc takes fbc:THRESHOLD, a float"):
+        build_request(shapes, SHAPES_PROMPT, cache="fbc:high")
+    with pytest.raises(InvalidRequest, match=r"cache 'fbc:1.5': the threshold must lie between 0 and 1"):
+        build_request(shapes, SHAPES_PROMPT, cache="fbc:1.5")
+    with pytest.raises(InvalidRequest, match=r"cache 'taylorseer:1': N must be between 2 and 16"):
+        build_request(shapes, SHAPES_PROMPT, cache="taylorseer:1")
+    unet = load_spec("tiny-i2vgen")
+    with pytest.raises(InvalidRequest, match=r"cache 'fbc:0.1' is not one tiny-i2vgen takes; it takes none$"):
+        build_request(unet, "a fox", cache="fbc:0.1", image="x.png")
+    assert build_request(shapes, SHAPES_PROMPT, cache=" FBC:0.30 ").cache == "fbc:0.3"  # one spelling
+    assert build_request(shapes, SHAPES_PROMPT).cache == "none"
+    assert "cache" in build_request(shapes, SHAPES_PROMPT).as_dict()
+
+
+# Over a denoiser group the cache decides as one process does: FirstBlockCache's residual is
+# summed over the ranks one forward call spans (CogVideoX: both branches, one batch; Wan: each
+# branch its own call), padding excluded (framecast-shapes' 5 latent frames split 3 + 2).
+# Some CogVideoX layouts use `tiny`: with framecast-shapes' trained weights, CFG-parallel differs
+# from one process by 1.5e-5 even uncached (one batch of two and two of one sum their GEMMs in
+# another order), and TaylorSeer's extrapolation multiplies such float differences (3e-5 over
+# ulysses2 x ring2): neither is a different cache decision, which would differ by far more.
+@pytest.mark.parametrize(
+    "name, cache, steps, layout, settings",
+    [("tiny", "fbc:0.3", 6, ParallelLayout(cfg=2), {}),
+     ("framecast-shapes", "fbc:0.3", 8, ParallelLayout(ulysses=2), {}),
+     ("framecast-shapes", "fbc:0.3", 8, ParallelLayout(ring=2), {"guidance_scale": 1.0}),
+     ("tiny", "fbc:0.3", 6, ParallelLayout(cfg=2, ulysses=2), {}),
+     ("tiny", "pab:2", 6, ParallelLayout(cfg=2, ring=2), {}),
+     ("tiny", "taylorseer:2", 6, ParallelLayout(ulysses=2, ring=2), {}),
+     ("tiny-wan", "fbc:0.2", 6, ParallelLayout(cfg=2, ulysses=2), {}),
+     ("tiny-wan", "fbc:0.2", 6, ParallelLayout(ring=2), {}),
+     ("tiny-wan", "taylorseer:2", 6, ParallelLayout(cfg=2, ring=2), {}),
+     ("tiny-wan22", "fbc:0.3", 6, ParallelLayout(cfg=2, ulysses=2), {})],
+    ids=str,
+)  # fmt: skip
+def test_a_cache_over_a_group_equals_one_process(executors, name, cache, steps, layout, settings):
+    spec, weights = model(name)
+    r = request(spec, cache, steps, **settings)
+    one, one_skipped, _ = denoise(LocalExecutor(spec, weights), r)
+    group, skipped, counts = denoise(executors.get(spec, weights, layout), r)
+    assert (group - one).abs().max().item() <= TOL
+    assert one_skipped > 0 and skipped == pytest.approx(one_skipped)
+    # every rank of a guidance branch decided alike (and, one forward call for both, every rank)
+    branches = [counts[b * layout.sequence_degree : (b + 1) * layout.sequence_degree] for b in range(layout.cfg)]
+    assert all(len(set(branch)) == 1 for branch in branches)
+    if family_for(spec).branches_in_one_call:
+        assert len(set(counts)) == 1
+
+
+def test_a_cached_run_records_what_it_cost_against_its_uncached_twin(tmp_path, capsys, mlflow_uri):
+    """framecast generate --cache ... --cache-reference on framecast-shapes: the cached video and
+    its uncached twin are both written and tracked; the cached run's metrics, read back from
+    MLflow, hold the skipped fraction and the comparison, and equal what the frames say."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from cluster.cli import main
+    from stages.video_io import read_frames
+
+    video = tmp_path / "shapes.mp4"
+    args = ["generate", "--model", "framecast-shapes", "--prompt", SHAPES_PROMPT, "--steps", "8", "--cache", "fbc:0.3",
+            "--cache-reference", "--output", str(video), "--tracking-uri", mlflow_uri, "--local", "--json"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    twin, cached = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert cached["video"] == str(video) and twin["video"] == str(tmp_path / "shapes.uncached.mp4")
+    assert twin["params"]["cache"] == "none" and cached["params"]["cache"] == "fbc:0.3"
+    client = MlflowClient(mlflow_uri)
+    metrics = client.get_run(cached["run_id"]).data.metrics
+    twin_metrics = client.get_run(twin["run_id"]).data.metrics
+    assert 0 < metrics["cache/skipped_fraction"] < 1 and "cache/skipped_fraction" not in twin_metrics
+    assert 0 < metrics["vs_uncached/ssim_y"] < 1 and 10 < metrics["vs_uncached/psnr_y"] < 60
+    assert metrics["vs_uncached/denoise_speedup"] == pytest.approx(twin_metrics["denoise_s"] / metrics["denoise_s"])
+    for key in ("clarity/sharpness_laplacian_var", "adherence/score"):
+        assert metrics[f"vs_uncached/delta/{key}"] == pytest.approx(metrics[key] - twin_metrics[key])
+    assert not np.array_equal(read_frames(video), read_frames(Path(twin["video"])))  # both written, and differ
+
+
+def test_versus_uncached_figures():
+    """+4 in R, G and B is about +3.4 in studio-range luma (4 x 219/255, rounded per pixel to 3 or 4):
+    near 10 log10(255^2 / 3.4^2) = 37.5 dB; deltas are cached minus uncached."""
+    from stages.cache import versus_uncached
+
+    rng = np.random.default_rng(0)
+    uncached = rng.integers(40, 200, size=(3, 32, 32, 3), dtype=np.uint8)
+    cached = uncached + np.uint8(4)
+    mine = {"denoise_s": 1.0, "clarity/tenengrad": 5.0, "adherence/score": 0.5}
+    theirs = {"denoise_s": 2.0, "clarity/tenengrad": 7.0, "adherence/score": 1.0}
+    figures = versus_uncached(cached, mine, uncached, theirs)
+    assert 36.1 < figures["vs_uncached/psnr_y"] < 38.6  # between errors of 4 and of 3 everywhere
+    assert figures["vs_uncached/denoise_speedup"] == 2.0
+    assert figures["vs_uncached/delta/clarity/tenengrad"] == -2.0
+    assert figures["vs_uncached/delta/adherence/score"] == -0.5
+    assert 0.9 < figures["vs_uncached/ssim_y"] < 1.0
+
+
+def test_cache_reference_without_a_cache_is_refused(tmp_path, capsys):
+    from cluster.cli import EXIT_INVALID, main
+
+    code = main(["generate", "--model", "framecast-shapes", "--prompt", SHAPES_PROMPT, "--cache-reference",
+                 "--output-dir", str(tmp_path), "--local"])  # fmt: skip
+    assert code == EXIT_INVALID
+    assert "--cache-reference compares a cached video with the same made uncached: set --cache too" in (
+        capsys.readouterr().err
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_sweep_over_caches_with_none_compares_each_with_its_uncached_cell(tmp_path, capsys, mlflow_uri):
+    """--grid cache=none,... on framecast-shapes: each cached cell's run has its skipped fraction
+    and what it cost against the uncached cell of the same settings; the table and heatmaps show them."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from cluster.cli import main
+
+    argv = ["sweep", "--model", "framecast-shapes", "--local", "--prompt", SHAPES_PROMPT, "--steps", "8",
+            "--grid", "cache=fbc:0.3,none,taylorseer:2", "--grid", "guidance=1,6", "--json",
+            "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    client = MlflowClient(mlflow_uri)
+    runs = {o["label"]: client.get_run(o["run_id"]).data.metrics for o in result["outcomes"]}
+    assert len(runs) == 6
+    for guidance in ("1.0", "6.0"):
+        uncached = runs[f"cache=none,guidance={guidance}"]
+        assert not any(k.startswith(("vs_uncached/", "cache/")) for k in uncached)
+        for cache in ("fbc:0.3", "taylorseer:2"):
+            cached = runs[f"cache={cache},guidance={guidance}"]
+            assert 0 < cached["cache/skipped_fraction"] < 1
+            assert 10 < cached["vs_uncached/psnr_y"] < 100 and 0 < cached["vs_uncached/ssim_y"] <= 1
+            speedup = uncached["denoise_s"] / cached["denoise_s"]
+            assert cached["vs_uncached/denoise_speedup"] == pytest.approx(speedup)
+            delta = cached["adherence/score"] - uncached["adherence/score"]
+            assert cached["vs_uncached/delta/adherence/score"] == pytest.approx(delta)
+    summary = tmp_path / next(p.name for p in tmp_path.iterdir() if p.name.startswith("sweep-")) / "summary"
+    header = (summary / "table.md").read_text().splitlines()[0]
+    for key in ("cache/skipped_fraction", "vs_uncached/psnr_y", "vs_uncached/ssim_y", "vs_uncached/denoise_speedup"):
+        assert key in header
+    assert (summary / "heatmaps" / "vs_uncached_psnr_y.png").is_file()
+    assert (summary / "heatmaps" / "cache_skipped_fraction.png").is_file()
