@@ -629,7 +629,7 @@ def cmd_tune_cache(args: argparse.Namespace) -> int:
 
             result = tune_cache(
                 spec, args.prompt, seeds, args.min_psnr, settings, specs=specs, output_dir=args.output_dir,
-                experiment=args.experiment, tracking_uri=tracking_uri, local=args.local, replicas=replicas,
+                experiment=args.experiment, tracking_uri=tracking_uri, replicas=replicas,
                 on_sweep=on_sweep, **_placement(args),
             )  # fmt: skip
         except InvalidRequest as e:
@@ -898,6 +898,7 @@ def _batch(args: argparse.Namespace, out) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     from cluster.recommend import heuristics, measured, metric_direction
+    from cluster.tune_cache import tuned_cache
     from stages.models import load_spec
     from stages.video_io import image_size
 
@@ -914,6 +915,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
     try:
         ranked, runs = measured(spec, args.metric, args.prompt, args.experiment, tracking_uri)
+        tuned = tuned_cache(spec, args.experiment, tracking_uri)
     except Exception as e:
         print(f"framecast: error: cannot read past runs from {tracking_uri}: {_first_line(e)}", file=sys.stderr)
         return EXIT_FAILED
@@ -924,11 +926,19 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             "heuristics": [{"rule": h.rule, "advice": h.advice} for h in rules],
             "data": {"runs": runs, "where": f"{where} in {tracking_uri}",
                      "settings": [_json_measured(m) for m in ranked[: args.top]]},
+            "tuned_cache": tuned,
         }))  # fmt: skip
         return 0
     print(f"heuristics (rules of thumb from the tuning articles, not measured here) for {spec.name}:")
     for h in rules:
         print(f"  - {h.rule}: {h.advice}")
+    if tuned is not None:
+        print(f"\nstep cache, tuned here (framecast tune-cache, mlflow run {tuned['run_id']}): ", end="")
+        if tuned["cache"] == "none":
+            print(f"none; no cache kept every video at {tuned['min_psnr_y']:g} dB or more against uncached")
+        else:
+            print(f"--cache {tuned['cache']}: {tuned['speedup']:.2f}x faster denoising, worst PSNR-Y "
+                  f"{tuned['worst_psnr_y']:.2f} dB against uncached (bound {tuned['min_psnr_y']:g} dB)")  # fmt: skip
     print(f"\nwhat the data says ({args.metric}, {way} is better; runs of {args.model} in {where} in {tracking_uri}):")
     if not ranked:
         print(f"  no data: no finished runs of {args.model} with {args.metric}; run `framecast sweep` to measure")

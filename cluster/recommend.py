@@ -30,7 +30,7 @@ SETTING_PARAMS = tuple(REQUEST_FIELDS.values())
 STORAGE_PARAMS = {"codec": "encoded/", "crf": "encoded/", "interpolate_fps": "interp/"}
 # What a run from before a setting existed had: its default. Before codecs, every video was
 # stored with its model's default codec (H.264 at CRF 18, or PNG), without an interpolated copy.
-PARAM_DEFAULTS = {"dynamic_guidance": "False", "interpolate_fps": "0"}
+PARAM_DEFAULTS = {"dynamic_guidance": "False", "interpolate_fps": "0", "cache": "none"}
 
 # Word lists behind the heuristics (lower-case word stems; a prompt word matches a stem it starts with).
 MOTION_WORDS = ("run", "danc", "jump", "fly", "flie", "race", "racing", "chas", "spin", "explod", "crash", "fight",

@@ -136,13 +136,13 @@ def tune_cache(
     output_dir: Path,
     experiment: str,
     tracking_uri: str | None = None,
-    local: bool = False,
     replicas: int = 1,
     on_sweep: Callable[[int, int, SweepResult], None] | None = None,
     **placement: Any,
 ) -> TuneResult:
     """Every sweep planned (and so every spec checked) before any runs; then run, summarized and
-    recorded. `on_sweep(done, total, result)` after each sweep."""
+    recorded. `placement` as for `plan_sweep` (with `local`); `on_sweep(done, total, result)` after
+    each sweep."""
     specs = list(specs) if specs else candidate_specs(spec)
     if not specs:
         raise InvalidRequest(f"{spec.name} takes no step cache (its family's denoiser has none in diffusers)")
@@ -153,7 +153,8 @@ def tune_cache(
              for prompt in prompts for seed in seeds]  # fmt: skip
     cells, sweeps = [], []
     for done, plan in enumerate(plans, 1):
-        result = run_sweep(plan, output_dir=output_dir, replicas=replicas, local=local, experiment=experiment,
+        result = run_sweep(plan, output_dir=output_dir, replicas=replicas, local=bool(placement.get("local")),
+                           experiment=experiment,
                            tracking_uri=tracking_uri)  # fmt: skip
         sweeps.append(result.parent_run_id)
         for job, outcome in zip(plan.jobs, result.outcomes, strict=True):

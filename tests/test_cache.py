@@ -228,3 +228,84 @@ def test_a_sweep_over_caches_with_none_compares_each_with_its_uncached_cell(tmp_
         assert key in header
     assert (summary / "heatmaps" / "vs_uncached_psnr_y.png").is_file()
     assert (summary / "heatmaps" / "cache_skipped_fraction.png").is_file()
+
+
+def test_tune_cache_chooses_the_fastest_spec_within_the_bound():
+    """On figures where the answer is known: the fastest spec whose worst PSNR meets the bound and
+    whose adherence does not drop; none when no spec does."""
+    from cluster.tune_cache import choose, figures_by_spec
+
+    def cell(psnr, speedup, adherence=0.0):
+        return {"vs_uncached/psnr_y": psnr, "vs_uncached/ssim_y": 0.9, "vs_uncached/denoise_speedup": speedup,
+                "cache/skipped_fraction": 0.5, "vs_uncached/delta/adherence/score": adherence}  # fmt: skip
+
+    cells = [
+        ("fbc:0.1", cell(41, 1.2)),
+        ("fbc:0.1", cell(40, 1.2)),
+        ("fbc:0.3", cell(33, 1.5)),
+        ("fbc:0.3", cell(31, 1.7)),  # worst 31, mean speedup 1.6
+        ("fbc:0.5", cell(45, 2.2)),
+        ("fbc:0.5", cell(25, 1.8)),  # fastest, but one video at 25 dB
+        ("taylorseer:2", cell(36, 1.8, -0.5)),
+        ("taylorseer:2", cell(35, 1.8, 0.0)),
+    ]  # adherence drops
+    figures = figures_by_spec(cells)
+    assert [f.cache for f in figures] == ["fbc:0.1", "fbc:0.3", "fbc:0.5", "taylorseer:2"]
+    by_spec = {f.cache: f for f in figures}
+    assert by_spec["fbc:0.3"].worst_psnr_y == 31 and by_spec["fbc:0.3"].speedup == pytest.approx(1.6)
+    assert by_spec["taylorseer:2"].adherence_change == pytest.approx(-0.25)
+    assert choose(figures, 30).cache == "fbc:0.3"
+    assert choose(figures, 20).cache == "fbc:0.5"
+    assert choose(figures, 32).cache == "fbc:0.1"
+    assert choose(figures, 42) is None
+    missing = figures_by_spec([("pab:2", {"vs_uncached/denoise_speedup": 3.0})])  # no PSNR: fails any bound
+    assert choose(missing, 1) is None
+
+
+def test_tune_cache_end_to_end_and_recommend_shows_it(tmp_path, capsys, mlflow_uri):
+    """framecast tune-cache on framecast-shapes (two specs, one prompt, one seed, 8 steps): the
+    parent run records the answer and its table, which is the fastest meeting the bound; with an
+    unreachable bound the answer is none; recommend shows the latest."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from cluster.cli import main
+
+    base = ["tune-cache", "--model", "framecast-shapes", "--prompt", SHAPES_PROMPT, "--steps", "8",
+            "--specs", "fbc:0.3,taylorseer:2", "--local", "--json", "--tracking-uri", mlflow_uri,
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    assert main([*base, "--min-psnr", "10"]) == 0, capsys.readouterr().err
+    answer = json.loads(capsys.readouterr().out)
+    meeting = [s for s in answer["specs"] if s["worst_psnr_y"] >= 10 and (s["adherence_change"] or 0) >= 0]
+    assert answer["cache"] == max(meeting, key=lambda s: s["speedup"])["cache"]
+    run = MlflowClient(mlflow_uri).get_run(answer["run_id"])
+    assert run.data.tags["framecast.tuned_cache"] == answer["cache"] and run.data.params["min_psnr_y"] == "10"
+    table = MlflowClient(mlflow_uri).download_artifacts(answer["run_id"], "tune.md", str(tmp_path))
+    assert f"| {answer['cache']} |" in Path(table).read_text() and "chosen" in Path(table).read_text()
+
+    assert main(["recommend", "--model", "framecast-shapes", "--prompt", SHAPES_PROMPT,
+                 "--tracking-uri", mlflow_uri]) == 0  # fmt: skip
+    assert f"--cache {answer['cache']}:" in capsys.readouterr().out
+
+    assert main([*base, "--min-psnr", "200"]) == 0  # the sweeps are reused; no spec reaches 200 dB
+    unreachable = json.loads(capsys.readouterr().out)
+    assert unreachable["cache"] == "none" and "no cache keeps every video at 200 dB" in unreachable["answer"]
+    assert main(["recommend", "--model", "framecast-shapes", "--prompt", SHAPES_PROMPT, "--json",
+                 "--tracking-uri", mlflow_uri]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["tuned_cache"]["cache"] == "none"
+
+
+def test_tune_cache_refuses_bad_input_before_any_work(tmp_path, capsys):
+    from cluster.cli import EXIT_INVALID, main
+
+    base = ["tune-cache", "--model", "framecast-shapes", "--prompt", SHAPES_PROMPT, "--local",
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    for extra, message in [(["--min-psnr", "30", "--cache", "fbc:0.1"], "tune-cache tries the caches itself"),
+                           (["--min-psnr", "30", "--specs", "magcache"], "cache 'magcache' is not one framecast"),
+                           (["--min-psnr", "30", "--specs", "none,fbc:0.1"], "leave none out of --specs"),
+                           (["--min-psnr", "30", "--seeds", "1,x"], "--seeds takes non-negative integers"),
+                           (["--min-psnr", "-3"], "--min-psnr must be positive")]:  # fmt: skip
+        assert main([*base, *extra]) == EXIT_INVALID
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
