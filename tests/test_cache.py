@@ -309,3 +309,21 @@ def test_tune_cache_refuses_bad_input_before_any_work(tmp_path, capsys):
         assert main([*base, *extra]) == EXIT_INVALID
         assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_preset_may_set_a_cache(tmp_path, monkeypatch):
+    """A preset's `cache` fills the request (explicit settings win), and is checked per model."""
+    from cluster.settings import resolve_settings
+    from stages import presets
+
+    (tmp_path / "draft.yaml").write_text("description: drafts\nkinds: [t2v]\nsettings:\n  cache: fbc:0.3\n  steps: 8\n")
+    monkeypatch.setattr(presets, "PRESETS_DIR", tmp_path)
+    shapes = load_spec("framecast-shapes")
+    settings = resolve_settings(shapes, {}, "draft")
+    assert build_request(shapes, SHAPES_PROMPT, **settings.request_kwargs()).cache == "fbc:0.3"
+    mine = resolve_settings(shapes, {"cache": "taylorseer:3"}, "draft")
+    assert build_request(shapes, SHAPES_PROMPT, **mine.request_kwargs()).cache == "taylorseer:3"
+    (tmp_path / "broadcast.yaml").write_text("description: x\nkinds: [t2v]\nsettings:\n  cache: pab:2\n")
+    wan = load_spec("tiny-wan")
+    with pytest.raises(InvalidRequest, match="cache 'pab:2' is not one tiny-wan takes"):
+        build_request(wan, "a fox", **resolve_settings(wan, {}, "broadcast").request_kwargs())

@@ -165,6 +165,24 @@ def test_the_official_openai_client(server):
     assert [m.id for m in models] == ["tiny"]
 
 
+def test_a_cached_video_is_the_cli_s_with_the_same_cache(server):
+    """The API field `cache`: the served video equals `framecast generate --cache` frame for frame,
+    and its run records what the cache skipped."""
+    import mlflow
+
+    base, _ = server
+    settings = {"prompt": "a fox in the snow", "steps": 6, "num_frames": 9, "seed": 4, "cache": "fbc:0.30"}
+    created = requests.post(f"{base}/v1/videos", headers=AUTH, json=settings)
+    assert created.status_code == 200, created.text
+    assert created.json()["settings"]["cache"] == "fbc:0.3"  # one spelling
+    done, _ = _wait(base, created.json()["id"])
+    assert done["status"] == "completed", done
+    assert done["frames_sha256"] == _local_digest(steps=6, num_frames=9, seed=4, cache="fbc:0.3")
+    assert done["frames_sha256"] != _local_digest(steps=6, num_frames=9, seed=4)
+    run = mlflow.get_run(done["mlflow_run_id"])
+    assert run.data.params["cache"] == "fbc:0.3" and 0 < run.data.metrics["cache/skipped_fraction"] < 1
+
+
 def test_a_webm_with_an_interpolated_copy(server):
     """codec webm (a CRF of its own) and interpolate_fps: the video as WebM, its interpolated copy
     as variant=interpolated (twice the frames, as long), and the panel's figures for the frames,
@@ -210,6 +228,7 @@ def test_a_failed_request_says_what_was_wrong(server):
         ({"prompt": "x", "steps": "many"}, 400, "steps must be an integer of at most 12 digits (got 'many')"),
         ({"prompt": "x", "preset": "quick"}, 400, "preset quick gives ranges"),
         ({"prompt": "x", "preset": "nope"}, 400, "unknown preset 'nope'"),
+        ({"prompt": "x", "cache": "magcache"}, 400, "cache 'magcache' is not one tiny takes; it takes none, fbc:"),
         ({"prompt": "x", "colour": "red"}, 400, "unknown field(s) colour"),
         ({"prompt": "x", "steps": "--5"}, 400, "steps must be an integer"),
         ({"prompt": "x", "seconds": 1e308}, 400, "seconds must be a finite number below"),
