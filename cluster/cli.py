@@ -1071,6 +1071,8 @@ def cmd_frames(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from stages.cache import allowed
+    from stages.families import family_for
     from stages.models import KIND_NAMES, known_models, load_spec
     from stages.weights import weights_status
 
@@ -1081,7 +1083,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         models.append({
             "name": name, "kind": spec.kind, "family": spec.family, "description": spec.description,
             "license": spec.license, "dtype": spec.dtype, "defaults": described["defaults"],
-            "limits": described["limits"], "weights": weights_status(spec),
+            "limits": described["limits"], "caches": allowed(family_for(spec).cache_kinds).split(", "),
+            "weights": weights_status(spec),
         })  # fmt: skip
     if args.json:
         print(json.dumps({"models": models}, indent=2))
@@ -1090,7 +1093,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     def span(lo_hi: list[int]) -> str:
         return f"{lo_hi[0]}" if lo_hi[0] == lo_hi[1] else f"{lo_hi[0]}-{lo_hi[1]}"
 
-    rows = [("MODEL", "KIND", "DEFAULTS", "LIMITS", "LICENSE", "WEIGHTS")]
+    rows = [("MODEL", "KIND", "DEFAULTS", "LIMITS", "CACHES", "LICENSE", "WEIGHTS")]
     for m in models:
         d, lim, w = m["defaults"], m["limits"], m["weights"]
         frames = f"{d['num_frames']}f@{d['fps']}fps " if m["kind"] != "t2i" else ""
@@ -1101,7 +1104,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         limit = f"w{span(lim['width'])} h{span(lim['height'])}{frame_limits}"
         state = "present" if w["present"] else "built on first use" if w["source"] == "built offline" else "missing"
         weights = f"{state} ({w['source']}: {w['location']})"
-        rows.append((m["name"], KIND_NAMES.get(m["kind"], m["kind"]), defaults, limit, m["license"], weights))
+        caches = ",".join(kind.partition(":")[0] for kind in m["caches"][1:]) or "-"
+        rows.append((m["name"], KIND_NAMES.get(m["kind"], m["kind"]), defaults, limit, caches, m["license"], weights))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])

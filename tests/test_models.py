@@ -77,7 +77,10 @@ def test_models_command_lists_every_model(capsys, monkeypatch, tmp_path):
     assert json.loads(capsys.readouterr().out)["models"][known_models().index("tiny")]["weights"]["present"]
     assert main(["models"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["MODEL", "KIND", "DEFAULTS", "LIMITS", "LICENSE", "WEIGHTS"]
+    assert table[0].split() == ["MODEL", "KIND", "DEFAULTS", "LIMITS", "CACHES", "LICENSE", "WEIGHTS"]
+    assert listed["tiny-wan"]["caches"] == ["none", "fbc:THRESHOLD", "taylorseer:N"]
+    assert any(line.startswith("framecast-shapes ") and " fbc,pab,taylorseer " in line for line in table)
+    assert any(line.startswith("tiny-i2vgen ") and " - " in line for line in table)
     assert any(line.startswith("cogvideox1.5-5b") and "81-161f by 80" in line for line in table)
 
 
