@@ -342,9 +342,9 @@ def _outputs(jobs, args: argparse.Namespace) -> list[Path]:
         directory = args.output_dir
         named = [default_output(job, i if numbered else None, directory).resolve() for i, job in enumerate(cached)]
     paths, mine = [], iter(named)
-    for twin in twins:  # a twin goes just before its cached job, and is named after it
-        paths.append(None if twin else next(mine))
-    return [path or _uncached_name(paths[i + 1]) for i, path in enumerate(paths)]
+    for twin in twins:  # a twin goes just after its cached job, and is named after it
+        paths.append(_uncached_name(paths[-1]) if twin else next(mine))
+    return paths
 
 
 def _uncached_name(cached: Path) -> Path:
@@ -352,15 +352,17 @@ def _uncached_name(cached: Path) -> Path:
 
 
 def _with_uncached_twins(jobs: list) -> tuple[list, dict[int, int]]:
-    """--cache-reference: before each cached job, the same job uncached; both keep their frames
-    for the comparison. Returns the jobs and {cached job's index: its twin's index}."""
+    """--cache-reference: after each cached job, the same job uncached; both keep their frames
+    for the comparison. Returns the jobs and {cached job's index: its twin's index}. The cached
+    job goes first: a fresh pipeline's first job is slower (kernels chosen, memory pools grown),
+    which then understates the cache's speedup rather than overstating it."""
     if all(job.request.cache == "none" for job in jobs):
         raise InvalidRequest("--cache-reference compares a cached video with the same made uncached: set --cache too")
     out, twins = [], {}
     for job in jobs:
         job.keep_frames = True
-        twins[len(out) + 1] = len(out)
-        out += [replace(job, request=replace(job.request, cache="none")), job]
+        twins[len(out)] = len(out) + 1
+        out += [job, replace(job, request=replace(job.request, cache="none"))]
     return out, twins
 
 
@@ -616,9 +618,10 @@ def cmd_tune_cache(args: argparse.Namespace) -> int:
                 raise InvalidRequest(f"--min-psnr must be positive dB (got {args.min_psnr:g})")
             spec = load_spec(args.model)
             seeds = [args.seed] if args.seeds is None else [_seed(text) for text in args.seeds.split(",")]
-            specs = None if args.specs is None else [s.strip() for s in args.specs.split(",") if s.strip()]
+            asked = None if args.specs is None else [s for s in args.specs.split(",") if s.strip()]
+            specs = candidate_specs(spec, asked)
             settings = resolve_settings(spec, _explicit(args), args.preset, args.duration, swept=frozenset({"cache"}))
-            tried = specs or candidate_specs(spec)
+            tried = specs
             print(f"tune-cache: {len(tried)} cache spec(s) and none, at {len(args.prompt)} prompt(s) x "
                   f"{len(seeds)} seed(s): {', '.join(tried)}")  # fmt: skip
             replicas = 1 if args.local else _replicas(args, args.workers or 1)
@@ -1071,8 +1074,7 @@ def cmd_frames(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from stages.cache import allowed
-    from stages.families import family_for
+    from stages.cache import allowed, cache_kinds
     from stages.models import KIND_NAMES, known_models, load_spec
     from stages.weights import weights_status
 
@@ -1083,7 +1085,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         models.append({
             "name": name, "kind": spec.kind, "family": spec.family, "description": spec.description,
             "license": spec.license, "dtype": spec.dtype, "defaults": described["defaults"],
-            "limits": described["limits"], "caches": allowed(family_for(spec).cache_kinds).split(", "),
+            "limits": described["limits"], "caches": allowed(cache_kinds(spec)).split(", "),
             "weights": weights_status(spec),
         })  # fmt: skip
     if args.json:

@@ -269,11 +269,15 @@ def run_sweep(
         if todo:
             twins = {cell: twin for cell, twin in uncached_twins(plan).items() if cell in todo}
             earlier = _earlier_twins(twins, outcomes)
+            for twin in set(twins.values()) - set(earlier) - set(todo):  # finished, but its frames are gone
+                del outcomes[twin]
+                todo.append(twin)
             for i in {*twins, *twins.values()} & set(todo):
                 plan.jobs[i].keep_frames = True
             pool = sweep_replicas(plan, min(replicas or 1, len(todo)), local)
             try:
-                finished = _keeping_twin_frames(run_cells(plan, todo, directory, pool, pipelined, on_progress), twins)
+                cells = run_cells(plan, todo, directory, pool, pipelined, on_progress, later=set(twins.values()))
+                finished = _keeping_twin_frames(cells, twins)
                 for done in paired_with_uncached(finished, twins, lambda d: d.index, lambda d: d.result, earlier):
                     index = done.index
                     outcomes[index] = _track_cell(plan, index, done.result, done.replica, parent, experiment,
@@ -331,15 +335,17 @@ def _earlier_twins(twins: dict[int, int], outcomes: dict[int, CellOutcome]) -> d
     earlier = {}
     for twin in set(twins.values()) & set(outcomes):
         path = outcomes[twin].video and _twin_frames_file(outcomes[twin].video)
-        if path is not None and path.is_file():
-            earlier[twin] = (np.load(path), outcomes[twin].metrics)
+        if path is not None and path.is_file():  # read as its cached cells need it, not all at once
+            earlier[twin] = (np.load(path, mmap_mode="r"), outcomes[twin].metrics)
     return earlier
 
 
 def _finished_cells(client: MlflowClient, parent: str, plan: SweepPlan, directory: Path) -> dict[int, CellOutcome]:
     """Cells an earlier try finished: a FINISHED child run with the video and clarity figures (and
-    the interpolated copy's, when the cell asks for one)."""
+    the interpolated copy's, when the cell asks for one; and what its cache cost, when the grid
+    has its uncached twin)."""
     by_id = {cell_id: i for i, cell_id in enumerate(plan.cell_ids)}
+    paired = uncached_twins(plan)
     found = {}
     for run in child_runs(client, parent):
         index = by_id.get(run.data.tags.get(CELL_ID_TAG))
@@ -347,6 +353,8 @@ def _finished_cells(client: MlflowClient, parent: str, plan: SweepPlan, director
         if index is None or index in found or not any(k.startswith("clarity/") for k in metrics):
             continue
         if plan.jobs[index].request.interpolate_fps and not any(k.startswith("interp/") for k in metrics):
+            continue
+        if index in paired and "vs_uncached/psnr_y" not in metrics:
             continue
         video = _local_video(client, run, directory)
         if video is None:
@@ -388,10 +396,13 @@ def run_cells(
     pool: ReplicaPool,
     pipelined: bool = True,
     on_progress: SweepProgress | None = None,
+    later: set[int] = frozenset(),
 ) -> Iterator[Finished]:
     """Run cells `todo` over `pool` (`sweep_replicas`), yielding each as it finishes. The prompt is
     encoded once for all of them. The longest cells (steps x frames x pixels x guidance branches)
-    are queued first, so that the replicas finish together."""
+    are queued first, so that the replicas finish together; of equal ones, those in `later` (the
+    uncached twins, whose time is a cache's reference) after the others, so that a fresh
+    replica's slower first job is not the reference's."""
     total, done, lock = sum(plan.jobs[i].request.steps for i in todo), {}, threading.Lock()
 
     def on_step(index: int, steps: int, _total: int) -> None:
@@ -403,7 +414,7 @@ def run_cells(
     first = pool.executors[0]
     # held by the driver's node: a lost first replica (and its node) takes no other cell's prompt with it
     encodings = {key: first.detach(call) for key, call in encode_once(first, [plan.jobs[i] for i in todo]).items()}
-    longest_first = sorted(todo, key=lambda i: -_cost(plan.jobs[i]))
+    longest_first = sorted(todo, key=lambda i: (-_cost(plan.jobs[i]), i in later))
     work = [Work(i, plan.jobs[i], directory / f"{plan.cells[i].file_stem}{plan.jobs[i].suffix}")
             for i in longest_first]  # fmt: skip
     yield from pool.run(work, on_step, pipelined, encodings)

@@ -8,10 +8,14 @@ spec, over every prompt and seed:
     mean vs_uncached/ssim_y
     mean vs_uncached/denoise_speedup
     mean cache/skipped_fraction
-    mean change of adherence/score (models whose videos are checked against their prompts)
+    change of adherence/score: mean, and how many videos' score fell (models whose videos are
+    checked against their prompts)
 
 The answer is the spec with the highest mean speedup whose worst PSNR is at least `min_psnr`
-and whose mean adherence does not drop; or none, said so, when no spec meets both. It is recorded
+and under which no video's adherence drops; or none, said so, when no spec meets both. The
+sweeps run a cached cell before its uncached twin of the same cost, so that a fresh process's
+first, slower job (kernels chosen, memory pools grown) understates a cache's speedup rather than
+overstating it. It is recorded
 as a parent MLflow run (tag framecast.kind=tune-cache, the table as tune.md and tune.csv, the
 answer as tag framecast.tuned_cache), which `framecast recommend` shows for the model.
 """
@@ -31,20 +35,24 @@ from mlflow.entities import RunStatus
 from cluster.settings import Settings
 from cluster.sweep import SweepResult, plan_sweep, run_sweep
 from cluster.tracking import search_all_runs
-from stages.cache import KINDS
+from stages.cache import cache_kinds, parse_cache, tuning_specs
 from stages.errors import InvalidRequest
-from stages.families import family_for
 from stages.models import ModelSpec
 
 KIND_TAG, TUNED_TAG = "framecast.kind", "framecast.tuned_cache"
-# The knob values tried for each kind: FirstBlockCache's thresholds from conservative to eager,
-# PAB's and TaylorSeer's intervals (every N-th call computes).
-GRID = {"fbc": ("0.05", "0.1", "0.2", "0.3", "0.4", "0.5"), "pab": ("2", "3", "4"), "taylorseer": ("2", "3", "4")}
 
 
-def candidate_specs(spec: ModelSpec) -> list[str]:
-    """Every spec `tune-cache` tries for the model: its family's kinds over `GRID`."""
-    return [f"{kind}:{value}" for kind in family_for(spec).cache_kinds for value in GRID[kind] if kind in KINDS]
+def candidate_specs(spec: ModelSpec, asked: Sequence[str] | None = None) -> list[str]:
+    """The specs to try: `asked` (checked, in their one spelling, none refused: it is always the
+    reference), or every kind the model takes over `stages.cache.TUNING_GRID`."""
+    if asked is None:
+        return tuning_specs(spec)
+    specs = [str(parse_cache(text, cache_kinds(spec), spec.name)) for text in asked]
+    if not specs:
+        raise InvalidRequest("--specs names no cache spec; give e.g. --specs fbc:0.1,taylorseer:2")
+    if "none" in specs:
+        raise InvalidRequest("tune-cache compares every spec with none itself: leave none out of --specs")
+    return list(dict.fromkeys(specs))
 
 
 @dataclass(frozen=True)
@@ -57,11 +65,12 @@ class SpecFigures:
     mean_ssim_y: float
     speedup: float
     skipped_fraction: float
-    adherence_change: float | None  # None: the model's videos are not checked against prompts
+    adherence_change: float | None  # mean; None: the model's videos are not checked against prompts
+    adherence_lowered: int  # videos whose adherence score is lower than uncached
 
     def meets(self, min_psnr: float) -> bool:
-        adherence_kept = self.adherence_change is None or self.adherence_change >= -1e-9
-        return self.worst_psnr_y >= min_psnr and adherence_kept
+        """Every video at `min_psnr` dB or more, and no video's adherence lower."""
+        return self.worst_psnr_y >= min_psnr and not self.adherence_lowered
 
 
 def figures_by_spec(metrics_by_cell: Sequence[tuple[str, dict[str, float]]]) -> list[SpecFigures]:
@@ -82,6 +91,7 @@ def figures_by_spec(metrics_by_cell: Sequence[tuple[str, dict[str, float]]]) -> 
             speedup=_mean([m.get("vs_uncached/denoise_speedup", math.nan) for m in cells]),
             skipped_fraction=_mean([m.get("cache/skipped_fraction", math.nan) for m in cells]),
             adherence_change=_mean(adherence) if adherence else None,
+            adherence_lowered=sum(change < -1e-9 for change in adherence),
         ))  # fmt: skip
     return out
 
@@ -106,11 +116,11 @@ class TuneResult:
 
     def table(self) -> str:
         """The figures as a markdown table, the chosen spec marked."""
-        lines = ["| cache | videos | worst PSNR-Y dB | mean SSIM-Y | speedup | skipped | adherence change | meets |",
-                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines = ["| cache | videos | worst PSNR-Y dB | mean SSIM-Y | speedup | skipped | adherence change "
+                 "(videos lower) | meets |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for f in sorted(self.figures, key=lambda f: -f.speedup if not math.isnan(f.speedup) else math.inf):
             mark = "chosen" if f is self.chosen else "yes" if f.meets(self.min_psnr) else "no"
-            change = "n/a" if f.adherence_change is None else f"{f.adherence_change:+.3f}"
+            change = "n/a" if f.adherence_change is None else f"{f.adherence_change:+.3f} ({f.adherence_lowered})"
             lines.append(f"| {f.cache} | {f.videos} | {f.worst_psnr_y:.2f} | {f.mean_ssim_y:.4f} | {f.speedup:.2f}x | "
                          f"{f.skipped_fraction:.2f} | {change} | {mark} |")  # fmt: skip
         return "\n".join(lines) + "\n"
@@ -143,11 +153,9 @@ def tune_cache(
     """Every sweep planned (and so every spec checked) before any runs; then run, summarized and
     recorded. `placement` as for `plan_sweep` (with `local`); `on_sweep(done, total, result)` after
     each sweep."""
-    specs = list(specs) if specs else candidate_specs(spec)
+    specs = candidate_specs(spec, specs)
     if not specs:
         raise InvalidRequest(f"{spec.name} takes no step cache (its family's denoiser has none in diffusers)")
-    if "none" in specs:
-        raise InvalidRequest("tune-cache compares every spec with none itself: leave none out of --specs")
     grid = {"cache": ["none", *specs]}
     plans = [plan_sweep(spec.name, prompt, grid, settings, seed=seed, **placement)
              for prompt in prompts for seed in seeds]  # fmt: skip

@@ -42,14 +42,14 @@ def paired_with_uncached(
             result.frames = None  # kept here until its last cached partner is compared
         if index in twins:
             waiting[index] = item
-        else:
-            yield item
-        for cached in [i for i in waiting if twins[i] in known]:
-            item, twin = waiting.pop(cached), twins[cached]
-            _compare(result_of(item), known[twin])
+        for cached in [i for i in waiting if twins[i] in known]:  # before their twin, in job order
+            ready, twin = waiting.pop(cached), twins[cached]
+            _compare(result_of(ready), known[twin])
             partners[twin] -= 1
             if not partners[twin]:
                 del known[twin]
+            yield ready
+        if index not in twins:
             yield item
     yield from waiting.values()  # twins that never came: the cached results as they are
 

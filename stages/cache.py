@@ -17,8 +17,8 @@ framecast adds, and why it is written here:
   residual; a rank of a denoiser group holds only its shard of it (and, CFG-parallel, one
   guidance branch). The head hook's decision is replaced by the same relative difference summed
   over every rank that one process's forward call would hold, so all ranks skip or compute
-  together and the group equals one process. PAB and TaylorSeer decide by counting calls and
-  steps, which is the same on every rank without help.
+  together and the group equals one process (which decides by the same sums, over itself).
+  PAB and TaylorSeer decide by counting calls and steps, the same on every rank without help.
 - **What it skipped.** `StepCache` counts the calls of the modules the hooks wrap (blocks,
   attention layers, the output projection; not the whole network) and those that computed;
   `skipped_fraction` of a group's counts is the share reused or predicted. Summed over the
@@ -41,11 +41,15 @@ from stages.diffusers_parallel import hooks_inside_context_parallelism
 from stages.errors import InvalidRequest
 
 NONE = "none"
-KINDS = {
-    "fbc": ("THRESHOLD", float, "FirstBlockCache"),
-    "pab": ("N", int, "PyramidAttentionBroadcast"),
-    "taylorseer": ("N", int, "TaylorSeer"),
+KINDS = {  # kind: (its knob's name, type, as said in errors; diffusers' name)
+    "fbc": ("THRESHOLD", float, "a number", "FirstBlockCache"),
+    "pab": ("N", int, "an integer", "PyramidAttentionBroadcast"),
+    "taylorseer": ("N", int, "an integer", "TaylorSeer"),
 }
+# The knob values `framecast tune-cache` tries for each kind: FirstBlockCache's thresholds from
+# conservative to eager, PAB's and TaylorSeer's intervals (every N-th call computes).
+TUNING_GRID = {"fbc": ("0.05", "0.1", "0.2", "0.3", "0.4", "0.5"), "pab": ("2", "3", "4"),
+               "taylorseer": ("2", "3", "4")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,19 +70,34 @@ def allowed(kinds: Sequence[str]) -> str:
     return ", ".join([NONE, *(f"{k}:{KINDS[k][0]}" for k in kinds)])
 
 
+def cache_kinds(spec) -> tuple[str, ...]:
+    """The cache kinds a model takes besides none (its family's), for front ends that know no family."""
+    from stages.families import family_for
+
+    return family_for(spec).cache_kinds
+
+
+def tuning_specs(spec) -> list[str]:
+    """Every spec `framecast tune-cache` tries for a model: its kinds over `TUNING_GRID`."""
+    return [f"{kind}:{value}" for kind in cache_kinds(spec) for value in TUNING_GRID[kind]]
+
+
 def parse_cache(text: str | None, kinds: Sequence[str], model: str) -> CacheSpec:
     """A spec from its text, checked against the kinds `model`'s family takes (one line if not)."""
+    if text is not None and not isinstance(text, str):
+        raise InvalidRequest(f"cache must be a spec such as fbc:0.1 or none (got {text!r}); {model} takes "
+                             f"{allowed(kinds)}")  # fmt: skip
     text = (text or NONE).strip().lower()
     kind, _, value = text.partition(":")
     if kind == NONE and not value:
         return CacheSpec(NONE)
     if kind not in kinds:
         raise InvalidRequest(f"cache {text!r} is not one {model} takes; it takes {allowed(kinds)}")
-    name, kind_type, _ = KINDS[kind]
+    name, kind_type, said, _ = KINDS[kind]
     try:
         number = kind_type(value)
     except ValueError:
-        raise InvalidRequest(f"cache {text!r}: {kind} takes {kind}:{name}, a {kind_type.__name__}") from None
+        raise InvalidRequest(f"cache {text!r}: {kind} takes {kind}:{name}, {said}") from None
     if kind == "fbc" and not 0 < number < 1:
         raise InvalidRequest(f"cache {text!r}: the threshold must lie between 0 and 1 (e.g. fbc:0.05)")
     if kind in ("pab", "taylorseer") and not 2 <= number <= 16:
@@ -167,7 +186,7 @@ class StepCache:
                         network.enable_cache(diffusers_config(spec, lambda: self.timestep, network.dtype))
                 if spec.enabled:
                     self._count(network)
-                    if spec.kind == "fbc" and self.reduce is not None:
+                    if spec.kind == "fbc":
                         self._decide_over_group(network)
             self.spec = spec
         for network in self.networks:
@@ -209,10 +228,13 @@ class StepCache:
 
     def _decide_over_group(self, network: torch.nn.Module) -> None:
         """FirstBlockCache's head hook decides from the residual summed over the group (see the
-        module's docstring); diffusers' arithmetic otherwise: mean |r - r_prev| / mean |r_prev|."""
+        module's docstring): diffusers' mean |r - r_prev| / mean |r_prev|, as sums in float64.
+        One process decides by the same formula (its group is itself), so that every layout
+        decides alike in any dtype; diffusers' own means, in the model's dtype (bfloat16's 3
+        digits), could tip a step that lies that close to the threshold the other way."""
         from diffusers.hooks.first_block_cache import FBCHeadBlockHook
 
-        reduce, real = self.reduce, self.real or (lambda x: x)
+        reduce, real = self.reduce or (lambda x: x), self.real or (lambda x: x)
         for _, hook in self._hooked(network):
             if not isinstance(hook, FBCHeadBlockHook):
                 continue
@@ -221,9 +243,9 @@ class StepCache:
                 state = _hook.state_manager.get_state()
                 if state.head_block_residual is None:
                     return True
-                previous = real(state.head_block_residual)
-                sums = torch.stack([(real(residual) - previous).abs().sum(), previous.abs().sum()])
-                sums = reduce(sums.float())
+                previous = real(state.head_block_residual).double()
+                change = (real(residual).double() - previous).abs().sum()
+                sums = reduce(torch.stack([change, previous.abs().sum()]))
                 return (sums[0] / sums[1]).item() > _hook.threshold
 
             hook._should_compute_remaining_blocks = should_compute

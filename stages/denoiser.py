@@ -58,6 +58,7 @@ class DenoiserStage:
             reduce = self.context.sum_over_group if whole else self.context.sum_over_branch
             real = self.context.real_tokens
         self.cache = StepCache(self.family.cached_networks(self.network), reduce, real)
+        self.cache_kinds = self.family.cache_kinds
         self._peak_memory = PeakMemory(self.device)
         self._last_run: dict[str, float] = {}
 
@@ -76,9 +77,8 @@ class DenoiserStage:
         """The denoised latents on the CPU, in the layout the family's decoder takes."""
         scheduler_class = self.spec.scheduler_class(r.scheduler or self.spec.scheduler_name(None))
         scheduler = scheduler_class.from_config(self.scheduler_config)  # fresh state per job
+        self.cache.prepare(parse_cache(r.cache, self.cache_kinds, self.spec.name))
         run = self.family.start(self.network, scheduler, conditioning, r, self.context)
-        spec = parse_cache(r.cache, self.family.cache_kinds, self.spec.name)
-        self.cache.prepare(spec)
         self._peak_memory.reset()
         for i, t in enumerate(run.timesteps):
             self.cache.timestep = t  # PAB's timestep range, as the pipeline's current_timestep

@@ -86,7 +86,7 @@ def test_specs_a_family_does_not_take_are_refused_before_any_work():
     with pytest.raises(InvalidRequest, match="cache 'magcache' is not one framecast-shapes takes; it takes none, "
                                              "fbc:THRESHOLD, pab:N, taylorseer:N"):  # fmt: skip
         build_request(shapes, SHAPES_PROMPT, cache="magcache")
-    with pytest.raises(InvalidRequest, match=r"cache 'fbc:high': fbc takes fbc:THRESHOLD, a float"):
+    with pytest.raises(InvalidRequest, match=r"cache 'fbc:high': fbc takes fbc:THRESHOLD, a number"):
         build_request(shapes, SHAPES_PROMPT, cache="fbc:high")
     with pytest.raises(InvalidRequest, match=r"cache 'fbc:1.5': the threshold must lie between 0 and 1"):
         build_request(shapes, SHAPES_PROMPT, cache="fbc:1.5")
@@ -150,7 +150,7 @@ def test_a_cached_run_records_what_it_cost_against_its_uncached_twin(tmp_path, c
     args = ["generate", "--model", "framecast-shapes", "--prompt", SHAPES_PROMPT, "--steps", "8", "--cache", "fbc:0.3",
             "--cache-reference", "--output", str(video), "--tracking-uri", mlflow_uri, "--local", "--json"]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err
-    twin, cached = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    cached, twin = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert cached["video"] == str(video) and twin["video"] == str(tmp_path / "shapes.uncached.mp4")
     assert twin["params"]["cache"] == "none" and cached["params"]["cache"] == "fbc:0.3"
     client = MlflowClient(mlflow_uri)
@@ -327,3 +327,72 @@ def test_a_preset_may_set_a_cache(tmp_path, monkeypatch):
     wan = load_spec("tiny-wan")
     with pytest.raises(InvalidRequest, match="cache 'pab:2' is not one tiny-wan takes"):
         build_request(wan, "a fox", **resolve_settings(wan, {}, "broadcast").request_kwargs())
+
+
+def test_cached_results_wait_for_their_uncached_twin_in_any_order():
+    """cluster.uncached: a cached result comes after its twin's is known (before the twin itself),
+    with the comparison; a failed twin leaves it without; a twin from an earlier try serves too."""
+    from types import SimpleNamespace
+
+    from cluster.uncached import paired_with_uncached
+
+    frames = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+
+    def result(index, shift=0, failed=False):
+        kept = None if failed else frames + shift
+        return SimpleNamespace(index=index, metrics={"denoise_s": 1.0 + index}, frames=kept)
+
+    # jobs 0 and 2 are cached, twin 1 serves both; job 3 is cached, its twin 4 failed; 5 alone
+    twins = {0: 1, 2: 1, 3: 4}
+    arriving = [result(2, 2), result(3, 1), result(5), result(1), result(0, 1), result(4, failed=True)]
+    order = list(paired_with_uncached(arriving, twins, lambda r: r.index, lambda r: r))
+    assert [r.index for r in order] == [5, 2, 1, 0, 3, 4]
+    by_index = {r.index: r for r in order}
+    assert by_index[2].metrics["vs_uncached/denoise_speedup"] == pytest.approx(2.0 / 3.0)
+    assert by_index[0].metrics["vs_uncached/psnr_y"] > by_index[2].metrics["vs_uncached/psnr_y"]
+    assert "vs_uncached/psnr_y" not in by_index[3].metrics and "vs_uncached/psnr_y" not in by_index[5].metrics
+    assert all(r.frames is None for r in order if r.index != 5)  # nothing of a pair kept once compared
+
+    earlier = {7: (frames, {"denoise_s": 4.0})}
+    (late,) = paired_with_uncached([result(6)], {6: 7}, lambda r: r.index, lambda r: r, earlier)
+    assert late.metrics["vs_uncached/denoise_speedup"] == pytest.approx(4.0 / 7.0)
+
+
+def test_a_sweep_pairs_each_cached_cell_with_its_uncached_one():
+    from cluster.settings import resolve_settings
+    from cluster.sweep import plan_sweep, uncached_twins
+
+    shapes = load_spec("framecast-shapes")
+    grid = {"steps": [4, 8], "cache": ["FBC:0.30", "None", "taylorseer:2"]}
+    plan = plan_sweep("framecast-shapes", SHAPES_PROMPT, grid, resolve_settings(shapes, {}, None), local=True)
+    labels = [cell.label for cell in plan.cells]
+    named = {labels[c]: labels[t] for c, t in uncached_twins(plan).items()}
+    assert named == {"steps=4,cache=FBC:0.30": "steps=4,cache=None", "steps=4,cache=taylorseer:2": "steps=4,cache=None",
+                     "steps=8,cache=FBC:0.30": "steps=8,cache=None", "steps=8,cache=taylorseer:2": "steps=8,cache=None"}
+    no_none = plan_sweep("framecast-shapes", SHAPES_PROMPT, {"cache": ["fbc:0.3", "pab:2"]},
+                         resolve_settings(shapes, {}, None), local=True)  # fmt: skip
+    assert uncached_twins(no_none) == {}
+
+
+def test_one_denoiser_changing_its_cache_between_jobs_equals_a_fresh_one():
+    """The hooks, their state and the counts follow each job's spec: after fbc and pab jobs, a
+    taylorseer job (and then an uncached one) equals the same job on a fresh stage."""
+    from stages.denoiser import DenoiserStage
+    from stages.encoder import EncoderStage
+
+    spec, weights = model("tiny")
+    encoder = EncoderStage(spec, weights)
+
+    def run(stage, cache):
+        r = request(spec, cache, 6)
+        conditioning = encoder.encode(r.prompt, r.negative_prompt, r.do_classifier_free_guidance, None, None)
+        latents = stage.denoise(conditioning, r)
+        return latents, skipped_fraction([stage.last_run_stats()])
+
+    used = DenoiserStage(spec, weights)
+    for cache in ("fbc:0.3", "pab:2", "fbc:0.3"):
+        run(used, cache)
+    for cache in ("taylorseer:2", "none"):
+        latents, skipped = run(used, cache)
+        fresh_latents, fresh_skipped = run(DenoiserStage(spec, weights), cache)
+        assert torch.equal(latents, fresh_latents) and skipped == fresh_skipped
