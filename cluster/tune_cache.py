@@ -31,6 +31,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from cluster.settings import Settings
 from cluster.sweep import SweepResult, plan_sweep, run_sweep
@@ -199,6 +200,8 @@ def _record(result: TuneResult, spec: ModelSpec, prompts, seeds, steps: int, exp
         rows = [",".join(map(str, asdict(f).values())) for f in result.figures]
         (Path(scratch) / "tune.csv").write_text(",".join(SpecFigures.__dataclass_fields__) + "\n" + "\n".join(rows))
         client.log_artifacts(run_id, scratch)
+    for sweep in result.sweeps:  # nested under this run in MLflow (a rerun's tune run takes them over)
+        client.set_tag(sweep, MLFLOW_PARENT_RUN_ID, run_id)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     return run_id
 

@@ -281,6 +281,8 @@ def test_tune_cache_end_to_end_and_recommend_shows_it(tmp_path, capsys, mlflow_u
     assert answer["cache"] == max(meeting, key=lambda s: s["speedup"])["cache"]
     run = MlflowClient(mlflow_uri).get_run(answer["run_id"])
     assert run.data.tags["framecast.tuned_cache"] == answer["cache"] and run.data.params["min_psnr_y"] == "10"
+    (sweep,) = run.data.params["sweeps"].split(",")  # one prompt, one seed: one sweep, nested under it
+    assert MlflowClient(mlflow_uri).get_run(sweep).data.tags["mlflow.parentRunId"] == answer["run_id"]
     table = MlflowClient(mlflow_uri).download_artifacts(answer["run_id"], "tune.md", str(tmp_path))
     assert f"| {answer['cache']} |" in Path(table).read_text() and "chosen" in Path(table).read_text()
 
