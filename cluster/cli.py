@@ -621,9 +621,8 @@ def cmd_tune_cache(args: argparse.Namespace) -> int:
             asked = None if args.specs is None else [s for s in args.specs.split(",") if s.strip()]
             specs = candidate_specs(spec, asked)
             settings = resolve_settings(spec, _explicit(args), args.preset, args.duration, swept=frozenset({"cache"}))
-            tried = specs
-            print(f"tune-cache: {len(tried)} cache spec(s) and none, at {len(args.prompt)} prompt(s) x "
-                  f"{len(seeds)} seed(s): {', '.join(tried)}")  # fmt: skip
+            print(f"tune-cache: {len(specs)} cache spec(s) and none, at {len(args.prompt)} prompt(s) x "
+                  f"{len(seeds)} seed(s): {', '.join(specs)}")  # fmt: skip
             replicas = 1 if args.local else _replicas(args, args.workers or 1)
             tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 
 from cluster.settings import REQUEST_FIELDS
-from cluster.tracking import TIMING_METRICS, search_all_runs
+from cluster.tracking import TIMING_METRICS, search_all_runs, searched_experiments
 from stages.clarity import ADHERENCE, CLEARER, metric_sign
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec
@@ -131,11 +131,7 @@ def measured(
     every experiment in the store."""
     sign = metric_direction(metric)
     client = MlflowClient(tracking_uri=tracking_uri)
-    if experiment is None:
-        experiments = [e.experiment_id for e in client.search_experiments()]
-    else:
-        found = client.get_experiment_by_name(experiment)
-        experiments = [found.experiment_id] if found else []
+    experiments = searched_experiments(client, experiment)
     query = f"params.model = '{spec.name}' and tags.`framecast.kind` = 'generation' and attributes.status = 'FINISHED'"
     runs = search_all_runs(client, experiments, query)
     figures = [(run, _figure(run, metric, spec)) for run in runs]

@@ -264,10 +264,11 @@ def run_sweep(
     )  # fmt: skip
     encodings = 0
     try:
-        outcomes: dict[int, CellOutcome] = _finished_cells(client, parent, plan, directory)
+        paired = uncached_twins(plan)
+        outcomes: dict[int, CellOutcome] = _finished_cells(client, parent, plan, directory, paired)
         todo = [i for i in range(len(plan.cells)) if i not in outcomes]
         if todo:
-            twins = {cell: twin for cell, twin in uncached_twins(plan).items() if cell in todo}
+            twins = {cell: twin for cell, twin in paired.items() if cell in todo}
             earlier = _earlier_twins(twins, outcomes)
             for twin in set(twins.values()) - set(earlier) - set(todo):  # finished, but its frames are gone
                 del outcomes[twin]
@@ -340,12 +341,13 @@ def _earlier_twins(twins: dict[int, int], outcomes: dict[int, CellOutcome]) -> d
     return earlier
 
 
-def _finished_cells(client: MlflowClient, parent: str, plan: SweepPlan, directory: Path) -> dict[int, CellOutcome]:
+def _finished_cells(
+    client: MlflowClient, parent: str, plan: SweepPlan, directory: Path, paired: dict[int, int]
+) -> dict[int, CellOutcome]:
     """Cells an earlier try finished: a FINISHED child run with the video and clarity figures (and
-    the interpolated copy's, when the cell asks for one; and what its cache cost, when the grid
-    has its uncached twin)."""
+    the interpolated copy's, when the cell asks for one; and what its cache cost, for a cell
+    `paired` with an uncached twin, `uncached_twins`)."""
     by_id = {cell_id: i for i, cell_id in enumerate(plan.cell_ids)}
-    paired = uncached_twins(plan)
     found = {}
     for run in child_runs(client, parent):
         index = by_id.get(run.data.tags.get(CELL_ID_TAG))

@@ -106,6 +106,15 @@ def log_generation(
     )
 
 
+def searched_experiments(client: MlflowClient, experiment: str | None) -> list[str]:
+    """The ids of the experiments a search reads: `experiment` (none if it does not exist), or
+    every experiment of the store when None."""
+    if experiment is None:
+        return [e.experiment_id for e in client.search_experiments()]
+    found = client.get_experiment_by_name(experiment)
+    return [found.experiment_id] if found else []
+
+
 def experiment_id(client: MlflowClient, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     return found.experiment_id if found else client.create_experiment(experiment)

@@ -23,19 +23,17 @@ answer as tag framecast.tuned_cache), which `framecast recommend` shows for the 
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from cluster.settings import Settings
 from cluster.sweep import SweepResult, plan_sweep, run_sweep
-from cluster.tracking import search_all_runs
+from cluster.tracking import log_run, search_all_runs, searched_experiments
 from stages.cache import cache_kinds, parse_cache, tuning_specs
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec
@@ -179,41 +177,27 @@ def tune_cache(
 
 
 def _record(result: TuneResult, spec: ModelSpec, prompts, seeds, steps: int, experiment: str, uri) -> str:
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    tags = {KIND_TAG: "tune-cache", TUNED_TAG: result.chosen.cache if result.chosen else "none",
-            "mlflow.runName": f"tune-cache-{spec.name}"}  # fmt: skip
-    run = client.create_run(experiment_id, tags=tags)
-    run_id = run.info.run_id
-    params = {"model": spec.name, "min_psnr_y": f"{result.min_psnr:g}", "prompts": " | ".join(prompts),
+    params = {"model": spec.name, "min_psnr_y": f"{result.min_psnr:g}", "prompts": " | ".join(prompts)[:6000],
               "seeds": ",".join(map(str, seeds)), "steps": str(steps),
               "specs": ",".join(f.cache for f in result.figures), "sweeps": ",".join(result.sweeps)}  # fmt: skip
-    for key, value in params.items():
-        client.log_param(run_id, key, value[:6000])
-    if result.chosen is not None:
-        for key, value in asdict(result.chosen).items():
-            if isinstance(value, float):
-                client.log_metric(run_id, f"tuned/{key}", value)
-    with tempfile.TemporaryDirectory() as scratch:
-        (Path(scratch) / "tune.md").write_text(f"{result.answer()}\n\n{result.table()}")
-        rows = [",".join(map(str, asdict(f).values())) for f in result.figures]
-        (Path(scratch) / "tune.csv").write_text(",".join(SpecFigures.__dataclass_fields__) + "\n" + "\n".join(rows))
-        client.log_artifacts(run_id, scratch)
+    chosen = asdict(result.chosen) if result.chosen is not None else {}
+    metrics = {f"tuned/{key}": value for key, value in chosen.items() if isinstance(value, float)}
+    rows = [",".join(map(str, asdict(f).values())) for f in result.figures]
+    texts = {"tune.md": f"{result.answer()}\n\n{result.table()}",
+             "tune.csv": ",".join(SpecFigures.__dataclass_fields__) + "\n" + "\n".join(rows) + "\n"}  # fmt: skip
+    run_id = log_run(params=params, metrics=metrics, artifacts=[], texts=texts, kind="tune-cache",
+                     tags={TUNED_TAG: result.chosen.cache if result.chosen else "none"}, experiment=experiment,
+                     tracking_uri=uri, run_name=f"tune-cache-{spec.name}")  # fmt: skip
+    client = MlflowClient(tracking_uri=uri)
     for sweep in result.sweeps:  # nested under this run in MLflow (a rerun's tune run takes them over)
         client.set_tag(sweep, MLFLOW_PARENT_RUN_ID, run_id)
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     return run_id
 
 
 def tuned_cache(spec: ModelSpec, experiment: str | None, tracking_uri: str | None) -> dict[str, Any] | None:
     """The latest finished tune-cache run of the model: its answer and figures, or None."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    if experiment is not None:
-        found = client.get_experiment_by_name(experiment)
-        ids = [found.experiment_id] if found else []
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
+    ids = searched_experiments(client, experiment)
     query = f"tags.`{KIND_TAG}` = 'tune-cache' and params.model = '{spec.name}' and attributes.status = 'FINISHED'"
     runs = sorted(search_all_runs(client, ids, query), key=lambda r: r.info.start_time, reverse=True)
     if not runs:

@@ -41,10 +41,10 @@ from stages.diffusers_parallel import hooks_inside_context_parallelism
 from stages.errors import InvalidRequest
 
 NONE = "none"
-KINDS = {  # kind: (its knob's name, type, as said in errors; diffusers' name)
-    "fbc": ("THRESHOLD", float, "a number", "FirstBlockCache"),
-    "pab": ("N", int, "an integer", "PyramidAttentionBroadcast"),
-    "taylorseer": ("N", int, "an integer", "TaylorSeer"),
+KINDS = {  # kind: (its knob's name, type, as errors say it)
+    "fbc": ("THRESHOLD", float, "a number"),
+    "pab": ("N", int, "an integer"),
+    "taylorseer": ("N", int, "an integer"),
 }
 # The knob values `framecast tune-cache` tries for each kind: FirstBlockCache's thresholds from
 # conservative to eager, PAB's and TaylorSeer's intervals (every N-th call computes).
@@ -93,7 +93,7 @@ def parse_cache(text: str | None, kinds: Sequence[str], model: str) -> CacheSpec
         return CacheSpec(NONE)
     if kind not in kinds:
         raise InvalidRequest(f"cache {text!r} is not one {model} takes; it takes {allowed(kinds)}")
-    name, kind_type, said, _ = KINDS[kind]
+    name, kind_type, said = KINDS[kind]
     try:
         number = kind_type(value)
     except ValueError:
@@ -189,8 +189,8 @@ class StepCache:
                     if spec.kind == "fbc":
                         self._decide_over_group(network)
             self.spec = spec
-        for network in self.networks:
-            if spec.enabled:
+        if spec.enabled:
+            for network in self.networks:
                 network._reset_stateful_cache()
         self.calls = self.computed = 0
 
@@ -228,7 +228,8 @@ class StepCache:
 
     def _decide_over_group(self, network: torch.nn.Module) -> None:
         """FirstBlockCache's head hook decides from the residual summed over the group (see the
-        module's docstring): diffusers' mean |r - r_prev| / mean |r_prev|, as sums in float64.
+        module's docstring): diffusers' mean |r - r_prev| / mean |r_prev|, as sums accumulated in
+        float64.
         One process decides by the same formula (its group is itself), so that every layout
         decides alike in any dtype; diffusers' own means, in the model's dtype (bfloat16's 3
         digits), could tip a step that lies that close to the threshold the other way."""
@@ -243,9 +244,9 @@ class StepCache:
                 state = _hook.state_manager.get_state()
                 if state.head_block_residual is None:
                     return True
-                previous = real(state.head_block_residual).double()
-                change = (real(residual).double() - previous).abs().sum()
-                sums = reduce(torch.stack([change, previous.abs().sum()]))
+                previous = real(state.head_block_residual)
+                change = (real(residual) - previous).abs().sum(dtype=torch.float64)  # no float64 copies
+                sums = reduce(torch.stack([change, previous.abs().sum(dtype=torch.float64)]))
                 return (sums[0] / sums[1]).item() > _hook.threshold
 
             hook._should_compute_remaining_blocks = should_compute

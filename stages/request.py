@@ -79,7 +79,7 @@ def build_request(
         interpolate_fps=interpolate_fps or 0,
         guidance_scale_2=None if guidance_scale_2 is None else float(guidance_scale_2),
         guidance_off=family_for(spec).guidance_off,
-        cache=str(parse_cache(cache, family_for(spec).cache_kinds, spec.name)),
+        cache=str(parse_cache(cache, family_for(spec).cache_kinds, spec.name)),  # checked, in one spelling
     )
     validate(spec, request)
     return request
@@ -119,7 +119,6 @@ def validate(spec: ModelSpec, r: GenerationRequest) -> None:
     problem = family.check_request(r)  # refused before any weights load
     if problem:
         raise InvalidRequest(problem)
-    parse_cache(r.cache, family.cache_kinds, spec.name)
     if r.dynamic_guidance and not family.dynamic_guidance:
         raise InvalidRequest(
             f"dynamic_guidance (diffusers' use_dynamic_cfg schedule) is not in {spec.name}'s pipeline; it has none"
