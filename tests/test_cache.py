@@ -27,7 +27,12 @@ CASES = [
     ("tiny-wan", "fbc:0.2", 6),
     ("tiny-wan", "taylorseer:2", 6),
     ("tiny-wan22", "fbc:0.3", 6),
+    ("tiny-i2v", "fbc:0.5", 6),  # image-to-video: CogVideoX's image latents joined along channels
+    ("tiny-wan-i2v", "fbc:0.2", 6),  # Wan 2.1's, with CLIP states beside the text
 ]
+# The image image-to-video cases start from (the pipelines fit it to the video's size).
+_y, _x = np.mgrid[0:80, 0:120]
+PICTURE = np.stack([_x * 255 // 120, _y * 255 // 80, (_x + _y) * 127 // 200], -1).astype(np.uint8)
 
 
 def model(name):
@@ -37,18 +42,24 @@ def model(name):
 
 def request(spec, cache, steps, **settings):
     prompt = SHAPES_PROMPT if spec.name == "framecast-shapes" else "a fox in the snow"
-    return build_request(spec, prompt, cache=cache, steps=steps, seed=3, **settings)
+    image = "picture.png" if spec.takes_image else None
+    return build_request(spec, prompt, cache=cache, steps=steps, seed=3, image=image, **settings)
 
 
 def stock(spec, weights, r):
     """Stock diffusers: the model's pipeline with the same diffusers cache config on each transformer."""
     pipe = ComponentSpec(spec.pipeline).load_class().from_pretrained(weights, dtype=spec.torch_dtype())
+    pipe.scheduler = spec.scheduler_class(r.scheduler).from_config(pipe.scheduler.config)  # the request's
     pipe.set_progress_bar_config(disable=True)
     cache = parse_cache(r.cache, family_for(spec).cache_kinds, spec.name)
     for network in (pipe.transformer, getattr(pipe, "transformer_2", None)):
         if network is not None and cache.enabled:
             network.enable_cache(diffusers_config(cache, lambda: pipe.current_timestep, network.dtype))
     extra = {"guidance_scale_2": r.guidance_scale_2} if r.guidance_scale_2 is not None else {}
+    if r.image:
+        from PIL import Image
+
+        extra["image"] = Image.fromarray(PICTURE)
     return pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, num_inference_steps=r.steps,
                 guidance_scale=r.guidance_scale, num_frames=r.num_frames, height=r.height, width=r.width,
                 max_sequence_length=family_for(spec).max_text_tokens, generator=torch.Generator().manual_seed(r.seed),
@@ -57,7 +68,8 @@ def stock(spec, weights, r):
 
 def denoise(executor, r):
     """(latents, the fraction of wrapped calls reused over the group, and every rank's counts)."""
-    encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance)
+    image = (PICTURE, (r.height, r.width), r.num_frames) if r.image else ()
+    encoded = executor.call("encode", "encode", r.prompt, r.negative_prompt, r.do_classifier_free_guidance, *image)
     denoised = executor.call("denoise", "denoise", encoded, r)
     reports = executor.reports(denoised)
     return executor.get(denoised), skipped_fraction(reports), [(x["cache_calls"], x["cache_computed"]) for x in reports]
@@ -118,7 +130,9 @@ def test_specs_a_family_does_not_take_are_refused_before_any_work():
      ("tiny-wan", "fbc:0.2", 6, ParallelLayout(cfg=2, ulysses=2), {}),
      ("tiny-wan", "fbc:0.2", 6, ParallelLayout(ring=2), {}),
      ("tiny-wan", "taylorseer:2", 6, ParallelLayout(cfg=2, ring=2), {}),
-     ("tiny-wan22", "fbc:0.3", 6, ParallelLayout(cfg=2, ulysses=2), {})],
+     ("tiny-wan22", "fbc:0.3", 6, ParallelLayout(cfg=2, ulysses=2), {}),
+     ("tiny-i2v", "fbc:0.5", 6, ParallelLayout(cfg=2, ulysses=2), {}),
+     ("tiny-wan-i2v", "fbc:0.2", 6, ParallelLayout(cfg=2, ulysses=2), {})],
     ids=str,
 )  # fmt: skip
 def test_a_cache_over_a_group_equals_one_process(executors, name, cache, steps, layout, settings):
