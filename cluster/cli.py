@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from cluster.tracking import DEFAULT_EXPERIMENT, log_generation, log_run
 from cluster.uncached import paired_with_uncached
+from stages.acceleration import ATTENTION_BACKENDS, OFFLOAD_KINDS
 from stages.errors import InvalidRequest
 from stages.models import DEFAULT_MODEL
 from stages.settings import AXES, SETTINGS
@@ -96,6 +97,15 @@ def _placement_options(p: argparse.ArgumentParser) -> None:
     par.add_argument(
         "--cluster", default="single-node", help="cluster layout from configs/cluster (default: single-node)"
     )
+    acc = p.add_argument_group("speed and memory (defaults: the model YAML's acceleration section)")
+    acc.add_argument("--compile", action="store_true", default=None,
+                     help="regional torch.compile of the denoiser's blocks (paid once per stage)")  # fmt: skip
+    acc.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
+                     help="SDPA kernel (auto: by the GPU's capability; default: PyTorch's own choice)")  # fmt: skip
+    acc.add_argument("--fp8", action="store_true", default=None,
+                     help="torchao float8 linear layers in the denoiser (Ada/Hopper GPUs; needs torchao)")  # fmt: skip
+    acc.add_argument("--offload", choices=OFFLOAD_KINDS, default=None,
+                     help="keep weights in host memory: model (per job) or group (per block); CUDA only")  # fmt: skip
     dec = p.add_argument_group("decoding (one video's VAE decode spread over decoder actors)")
     dec.add_argument("--decoders", type=int, default=1, help="decoder actors sharing each video's tiles (default 1)")
     dec.add_argument(
@@ -120,6 +130,8 @@ def _placement(args: argparse.Namespace) -> dict:
         "tile_overlap": args.tile_overlap,
         "cluster": args.cluster,
         "local": args.local,
+        "acceleration": {"compile": args.compile, "attention": args.attention, "fp8": args.fp8,
+                         "offload": args.offload},  # fmt: skip
     }
 
 

@@ -15,7 +15,7 @@ import inspect
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from PIL import Image
 
 from cluster.executor import Executor, LocalExecutor, Method, RayExecutor, Stage, StageCall, StageFailed
 from cluster.runtime import ClusterLayout, load_cluster_layout
+from stages.acceleration import check_acceleration, torchao_available
 from stages.cache import skipped_fraction
 from stages.clarity import ClarityReport, json_figure
 from stages.context_parallel import ParallelLayout
@@ -185,6 +186,7 @@ def prepare_variants(
     tile_overlap: tuple[int, int] | None = None,
     cluster: str = "single-node",
     local: bool = False,
+    acceleration: dict[str, Any] | None = None,
     image_files: dict[str, str] | None = None,
 ) -> list[Job]:
     """Everything that can be checked before heavy work, for every job: model, settings, layout,
@@ -192,8 +194,12 @@ def prepare_variants(
     (prompt, `build_request` settings) pairs, one per job, all run by one executor; an error
     names the job's label (e.g. "prompt 3 of 3") when it has one. A request's `image` is the
     file it names, or the file `image_files` gives for that name (the Videos API names its upload
-    "input_reference", so that neither the request nor an error shows the server's paths)."""
+    "input_reference", so that neither the request nor an error shows the server's paths).
+    `acceleration`: levers that override the model YAML's (`stages.acceleration`; None: kept)."""
     spec = load_spec(model)
+    if acceleration:
+        spec = replace(spec, acceleration=spec.acceleration.with_overrides(**acceleration))
+    check_levers(spec, local)
     requests, layouts, tiles, image_warnings = [], [], [], []
     images: dict[str, tuple[np.ndarray, str]] = {}  # pixels and digest, once per file
     for (prompt, settings), label in zip(variants, labels, strict=True):
@@ -232,6 +238,25 @@ def prepare_variants(
 
 
 _PLACEMENT = tuple(inspect.signature(prepare_variants).parameters)[3:]  # weights, workers, ..., local
+
+
+def check_levers(spec: ModelSpec, local: bool) -> None:
+    """Refuse levers this run cannot take, before any weights load: in one process, for this
+    machine's device; through Ray, what does not depend on the actors' devices (each stage
+    checks its own device again before it loads anything)."""
+    if local:
+        import torch
+
+        from stages.device import default_device
+
+        device = default_device()
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        problem = check_acceleration(spec.acceleration, device.type, capability)
+    else:
+        problem = "fp8 needs torchao (pip install torchao); it is not installed" if (
+            spec.acceleration.fp8 and not torchao_available()) else None  # fmt: skip
+    if problem:
+        raise InvalidRequest(problem)
 
 
 def _labelled(error: InvalidRequest, label: str | None) -> InvalidRequest:
@@ -534,6 +559,10 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         **{f"decode_rank{i}_peak_mib": d["peak_memory_mib"] for i, d in enumerate(decoders)},
         **{f"decode_rank{i}_work_mib": d["work_memory_mib"] for i, d in enumerate(decoders)},
         **{f"decode_rank{i}_tiles": d["tiles"] for i, d in enumerate(decoders)},
+        "decode_tiled_for_memory": max(d.get("tiled_for_memory", 0.0) for d in decoders),
+        # The first step apart (on a compiled stage's first job of a shape it holds the compile).
+        "denoise_first_step_s": max(rank.get("first_step_s", 0.0) for rank in ranks),
+        "denoise_step_s": max(rank.get("step_s", 0.0) for rank in ranks),
         **{f"moved_bytes/{what}": float(n) for what, n in moved.items()},
         **({"cache/skipped_fraction": skipped_fraction(ranks)} if r.cache != "none" else {}),
         **(clarity.metrics() if clarity else {}),
@@ -542,6 +571,7 @@ def _finish(executor: Executor, flight: _InFlight) -> GenerationResult | JobFail
         "model": job.spec.name,
         **{k: str(v) for k, v in r.as_dict().items()},
         "dtype": job.spec.dtype,
+        **{f"acceleration/{k}": v for k, v in job.spec.acceleration.as_params().items()},
         "executor": executor.name,
         **job.layout.as_params(),
         **job.decode_params(),

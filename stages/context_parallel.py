@@ -198,22 +198,33 @@ class SequenceShards:
         return torch.cat([start + torch.arange(length, device=device) for start, length in starts_and_lengths])
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "default"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of (batch, heads, seq, dim) tensors and the log-sum-exp of its scores.
 
     PyTorch's public scaled_dot_product_attention does not return the log-sum-exp that ring
-    attention needs to merge blocks, so this calls the fused kernels underneath it.
+    attention needs to merge blocks, so this calls the fused kernels underneath it: `kernel`, the
+    one the stage chose for its device (`stages.acceleration.choose_attention`); "default" picks
+    by device and dtype; "math" computes it in fp32 from the scores.
     """
-    if q.device.type == "cpu":
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if kernel == "default" and q.device.type == "cuda":
+        kernel = "flash" if half and _has_flash(q.device) else "efficient"  # fp32, or older than sm80
+    if kernel == "default" and q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
-    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _has_flash(q.device):
+    elif kernel == "cudnn":  # (out, lse, ...): lse (batch, heads, seq) in fp32
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+    elif kernel == "flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
-    elif q.device.type == "cuda":  # fp32, or a GPU older than the flash kernel's sm80
+    elif kernel == "efficient":
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
     else:
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         lse = torch.logsumexp(scores, dim=-1)
         out = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    if lse.dim() == 4:  # cuDNN's comes as (batch, heads, seq, 1)
+        lse = lse.squeeze(-1)
     return out, lse[..., : q.shape[2]].float()  # the efficient kernel pads the lse's sequence dim
 
 
@@ -271,6 +282,7 @@ class ContextParallel:
         if not dist.is_initialized() or dist.get_world_size() != layout.world_size:
             raise RuntimeError(f"{layout} needs torch.distributed initialised over {layout.world_size} ranks")
         self.layout = layout
+        self.attention_kernel = "default"  # the ring's log-sum-exp kernel: the stage sets its choice
         self.rank = dist.get_rank()
         self.branch, self.ring_index, self.ulysses_index = layout.coordinates(self.rank)
         self.shard = self.ring_index * layout.ulysses + self.ulysses_index  # within the branch
@@ -448,7 +460,7 @@ class ContextParallel:
             if hop == 0:  # the text keys count once: with this rank's own block
                 k, v = torch.cat([text[1], k], dim=2), torch.cat([text[2], v], dim=2)
             if k.shape[2]:
-                out, lse = merge_partial(out, lse, *attention_with_lse(q, k, v))
+                out, lse = merge_partial(out, lse, *attention_with_lse(q, k, v, self.attention_kernel))
             if hop < ring - 1:
                 for request in requests:
                     request.wait()

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.device import PeakMemory, default_device, describe
+from stages.device import PeakMemory, default_device, describe, free_memory_bytes
 from stages.errors import InvalidRequest
 from stages.families import family_for
 from stages.models import ModelSpec
@@ -260,11 +260,30 @@ class DecoderStage:
         self._record(tiles=len(decoded))
         return decoded
 
+    def fits_untiled(self, latents: torch.Tensor) -> bool:
+        """Whether decoding these latents untiled fits in the device's free memory, by the family's
+        measured bytes per output pixel (`untiled_decode_bytes`); on the CPU, always."""
+        if self.device.type != "cuda":
+            return True
+        needed = self.family.untiled_decode_bytes(self.family.vae_input(self.vae, latents))
+        return needed is None or needed < 0.9 * free_memory_bytes(self.device)  # 10%: fragmentation
+
     @torch.no_grad()
     def decode_float(self, latents: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
-        """Every tile of the plan decoded and blended here: (frames, H, W, 3) float32 in [0, 1], on the CPU."""
+        """Every tile of the plan decoded and blended here: (frames, H, W, 3) float32 in [0, 1], on the CPU.
+
+        An untiled plan that would not fit in the GPU's free memory is decoded in the family's
+        default tiles instead (as `vae.enable_tiling()`), and `tiled_for_memory` says so."""
+        tiled_for_memory = False
+        if plan is not None and not plan.tiled and self.family.tiled_decode and not self.fits_untiled(latents):
+            tile = plan.tiles[0]  # an untiled plan's one tile: the whole latent video
+            scale = self.family.vae_scale_spatial
+            plan = plan_tiles(self.spec, tile.height * scale, tile.width * scale, tile_settings(self.spec))
+            tiled_for_memory = True
         if plan is not None and plan.tiled:
-            return assemble_frames(plan, self._decode_tiles(latents, plan, list(range(len(plan.tiles)))))
+            frames = assemble_frames(plan, self._decode_tiles(latents, plan, list(range(len(plan.tiles)))))
+            self._last_run["tiled_for_memory"] = float(tiled_for_memory)
+            return frames
         self._peak_memory.reset()
         video = self.family.decode(self.vae, self.family.vae_input(self.vae, latents))  # (1, 3, F, H, W) in [-1, 1]
         frames = postprocess(video)
@@ -280,6 +299,7 @@ class DecoderStage:
             "peak_memory_mib": self._peak_memory.peak_mib(),
             "work_memory_mib": self._peak_memory.growth_mib(),
             "tiles": tiles,
+            "tiled_for_memory": 0.0,
         }
 
 

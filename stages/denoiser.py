@@ -15,12 +15,15 @@ is split as the family says (`ModelFamily.split_over`) and gathered back.
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from stages.acceleration import attention_for, attention_kernel, check_for_device, prepare_network
 from stages.cache import StepCache, parse_cache
 from stages.context_parallel import ContextParallel, ParallelLayout, choose_layout
 from stages.device import PeakMemory, default_device, describe
@@ -44,7 +47,12 @@ class DenoiserStage:
         self.spec = spec
         self.device = device or default_device()
         self.family = family_for(spec)
-        self.network = self.family.load_denoiser(weights, self.device)
+        acceleration = spec.acceleration
+        check_for_device(acceleration, self.device)  # before any weights load
+        # Offloaded weights live in host memory: they are loaded there, not on the GPU first.
+        self.network = self.family.load_denoiser(weights, torch.device("cpu") if acceleration.offload else self.device)
+        self.attention = attention_for(acceleration, self.device, spec.torch_dtype())
+        self.family.use_attention(self.network, self.attention, self.device)
         # The weights' scheduler config; a request may name another scheduler class built from it.
         self.scheduler_config = spec.components["scheduler"].load_class().load_config(weights, subfolder="scheduler")
         self.context = None
@@ -52,6 +60,10 @@ class DenoiserStage:
             timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
             self.context = ContextParallel(layout, timeout)
             self.family.split_over(self.network, self.context)
+            self.context.attention_kernel = self.attention  # the ring's log-sum-exp kernel too
+        # After the group's processors and hooks: the compiled blocks trace what they call.
+        networks = self.family.denoiser_networks(self.network)
+        self._offloads = prepare_network(networks, acceleration, self.device, self.family.repeated_blocks)
         reduce = real = None
         if self.context is not None:  # a cache decides over what one process's forward call holds
             whole = self.family.branches_in_one_call
@@ -66,8 +78,10 @@ class DenoiserStage:
         return describe(self.device)
 
     def last_run_stats(self) -> dict[str, float]:
-        """This rank's figures for its last `denoise`: peak memory (MiB), video tokens it held, and
-        the calls of the modules a cache wraps and how many of them computed (0 without a cache)."""
+        """This rank's figures for its last `denoise`: peak memory (MiB), video tokens it held, the
+        calls of the modules a cache wraps and how many of them computed (0 without a cache), and
+        the first step's seconds beside the median of the others (the first of a compiled
+        stage's first job of a shape includes the compile)."""
         return dict(self._last_run)
 
     @torch.no_grad()
@@ -80,14 +94,25 @@ class DenoiserStage:
         self.cache.prepare(parse_cache(r.cache, self.cache_kinds, self.spec.name))
         run = self.family.start(self.network, scheduler, conditioning, r, self.context)
         self._peak_memory.reset()
-        for i, t in enumerate(run.timesteps):
-            self.cache.timestep = t  # PAB's timestep range, as the pipeline's current_timestep
-            run.step(i, t)
-            if on_step is not None:
-                on_step(i + 1, len(run.timesteps))
+        seconds = []
+        with attention_kernel(self.attention):
+            for i, t in enumerate(run.timesteps):
+                start = time.perf_counter()
+                self.cache.timestep = t  # PAB's timestep range, as the pipeline's current_timestep
+                run.step(i, t)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # a step's time is its kernels' (one sync per step)
+                seconds.append(time.perf_counter() - start)
+                if on_step is not None:
+                    on_step(i + 1, len(run.timesteps))
+        latents = run.result()
+        for offload in self._offloads:
+            offload.after_job()
         self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": run.video_tokens(),
-                          "cache_calls": self.cache.calls, "cache_computed": self.cache.computed}  # fmt: skip
-        return run.result()
+                          "cache_calls": self.cache.calls, "cache_computed": self.cache.computed,
+                          "first_step_s": seconds[0] if seconds else 0.0,
+                          "step_s": statistics.median(seconds[1:]) if len(seconds) > 1 else 0.0}  # fmt: skip
+        return latents
 
 
 def plan_layout(

@@ -12,6 +12,15 @@ def default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def free_memory_bytes(device: torch.device) -> float:
+    """What a CUDA device can still give this process: the driver's free memory plus what
+    PyTorch's allocator holds unused, within the process's memory fraction where one is set."""
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+    return min(free + cached, fraction * total - torch.cuda.memory_allocated(device))
+
+
 def describe(device: torch.device) -> str:
     """A readable device name for run records, e.g. 'cuda:0 (NVIDIA H100 80GB HBM3)' or 'cpu'."""
     if device.type == "cuda":

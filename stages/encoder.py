@@ -52,7 +52,11 @@ class EncoderStage:
         self.spec = spec
         self.device = device or default_device()
         self.family = family_for(spec)
-        self.components = self.family.load_encoder(weights, self.device)
+        # With offload, the weights live in host memory and come to the GPU for each job's
+        # encoding only, leaving it to the denoiser (a 24 GB card runs CogVideoX-5b so).
+        self.offload = spec.acceleration.offload is not None and self.device.type == "cuda"
+        self.components = self.family.load_encoder(weights, torch.device("cpu") if self.offload else self.device)
+        self._modules = [m for m in vars(self.components).values() if isinstance(m, torch.nn.Module)]
 
     def describe(self) -> str:
         return describe(self.device)
@@ -75,4 +79,14 @@ class EncoderStage:
         check_prompts(self.tokenizer, self.spec, prompt, negative_prompt, guidance)
         if self.spec.takes_image != (image is not None):  # the stage's own guard; requests are checked earlier
             raise InvalidRequest(f"{self.spec.name} takes {'an image' if self.spec.takes_image else 'no image'}")
-        return self.family.encode(self.components, prompt, negative_prompt, guidance, image, size, frames)
+        if not self.offload:
+            return self.family.encode(self.components, prompt, negative_prompt, guidance, image, size, frames)
+        # Model offload by hand: the encoder's modules are called through more than `forward`
+        # (a VAE's `encode`), which accelerate's hooks do not wrap; one move each way per job.
+        for module in self._modules:
+            module.to(self.device)
+        try:
+            return self.family.encode(self.components, prompt, negative_prompt, guidance, image, size, frames)
+        finally:
+            for module in self._modules:
+                module.to("cpu")

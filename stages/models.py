@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from stages.acceleration import Acceleration, parse_acceleration
 from stages.errors import InvalidRequest
 
 CONFIG_DIR = Path(os.environ.get("FRAMECAST_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
@@ -108,6 +109,9 @@ class ModelSpec:
     # The pipeline's own config (model_index.json beside the components), e.g. Wan 2.2's
     # `boundary_ratio` (where its two experts hand over) and `expand_timesteps`.
     pipeline_config: dict[str, Any] = field(default_factory=dict)
+    # The stages' speed and memory levers (stages.acceleration): the YAML's defaults, which the
+    # flags of a run override.
+    acceleration: Acceleration = field(default_factory=Acceleration)
 
     @property
     def two_experts(self) -> bool:
@@ -175,6 +179,7 @@ class ModelSpec:
             "source": str(self.source),
             "schedulers": dict(self.schedulers),
             "adherence": self.adherence,
+            "acceleration": self.acceleration.as_params(),
         }
 
 
@@ -229,6 +234,7 @@ def load_spec(name: str) -> ModelSpec:
         schedulers=dict(raw.get("schedulers") or {}),
         adherence=raw.get("adherence"),
         pipeline_config=dict(raw.get("pipeline_config") or {}),
+        acceleration=parse_acceleration(raw.get("acceleration"), where=f"{path}: acceleration"),
     )
     if spec.two_experts != (spec.pipeline_config.get("boundary_ratio") is not None):
         raise ValueError(f"{path}: a second expert (component transformer_2) and where it takes over "

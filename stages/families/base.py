@@ -223,9 +223,23 @@ class ModelFamily(ABC):
         default, for a network whose sequence is not split, changes nothing: CFG-parallel only."""
         return None
 
-    def cached_networks(self, network: Any) -> list[torch.nn.Module]:
-        """The networks a cache spec goes on: the denoiser (a family with several says which)."""
+    def denoiser_networks(self, network: Any) -> list[torch.nn.Module]:
+        """The modules of the denoiser `load_denoiser` returns (a family with several says which)."""
         return [network]
+
+    def cached_networks(self, network: Any) -> list[torch.nn.Module]:
+        """The networks a cache spec goes on: the denoiser's."""
+        return self.denoiser_networks(network)
+
+    # The denoiser's repeated transformer block classes, for regional compilation where the
+    # diffusers model class names none (`_repeated_blocks`; stages.acceleration).
+    repeated_blocks: ClassVar[tuple[str, ...]] = ()
+
+    def use_attention(self, network: Any, kernel: str, device: torch.device) -> None:
+        """Make the denoiser's attention use SDPA kernel `kernel` (stages.acceleration). The
+        default does nothing: the stage runs the loop inside `attention_kernel(kernel)`, which
+        steers every `scaled_dot_product_attention` call."""
+        return None
 
     @abstractmethod
     def start(
@@ -250,6 +264,20 @@ class ModelFamily(ABC):
         diffusers' CogVideoX VAE tiles (240x360 for 480x720)."""
         vae = self.spec.components["vae"].config
         return int(vae["sample_height"]) // 2, int(vae["sample_width"]) // 2
+
+    # Bytes an untiled decode adds per output pixel of every frame, in a 2-byte dtype, as measured
+    # on a GPU (bench/gpu.py): what the decoder weighs against free memory to tile by itself
+    # (stages.decoder). None: never tiled for memory.
+    untiled_decode_bytes_per_pixel: ClassVar[float | None] = None
+
+    def untiled_decode_bytes(self, z: torch.Tensor) -> float | None:
+        """What decoding `vae_input`'s tensor `z` (batch, channels, latent frames, h, w) untiled
+        would add to the device's memory, or None where unknown."""
+        if self.untiled_decode_bytes_per_pixel is None or z.dim() != 5:
+            return None
+        frames = (z.shape[2] - 1) * self.vae_scale_temporal + 1
+        pixels = frames * z.shape[3] * z.shape[4] * self.vae_scale_spatial**2
+        return pixels * self.untiled_decode_bytes_per_pixel * z.element_size() / 2
 
     # The default tile overlap as fractions of the tile's height and width (diffusers' CogVideoX VAE).
     tile_overlap_fractions: ClassVar[tuple[float, float]] = (1 / 6, 1 / 5)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stages.acceleration import execution_device
 from stages.context_parallel import ContextParallel, SequenceShards
 from stages.families.base import Conditioning, Denoising, ImageLatents, ModelFamily
 from stages.settings import GenerationRequest
@@ -39,6 +40,10 @@ class CogVideoX(ModelFamily):
     dynamic_guidance = True
     tiled_decode = True
     cache_kinds = ("fbc", "pab", "taylorseer")
+    repeated_blocks = ("CogVideoXBlock",)  # diffusers' CogVideoX transformer names none
+    # 49 frames of 480x720 (16.9 M output pixels) decoded untiled add about 15 GiB in bf16
+    # (../shared/reference, one H100; bench/gpu.py measures it again on its device).
+    untiled_decode_bytes_per_pixel = 950.0
 
     @property
     def max_text_tokens(self) -> int:
@@ -118,7 +123,7 @@ class CogVideoXDenoising(Denoising):
 
     def __init__(self, family: CogVideoX, network, scheduler, conditioning: Conditioning, r, context):
         self.network, self.scheduler, self.r, self.context = network, scheduler, r, context
-        device, config = network.device, network.config
+        device, config = execution_device(network), network.config
         self.guidance = r.do_classifier_free_guidance
         prompt = conditioning.prompt.to(device)
         if self.guidance:

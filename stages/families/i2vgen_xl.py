@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stages.acceleration import execution_device
 from stages.families.base import Conditioning, Denoising, ImageLatents, ModelFamily
 from stages.tiny import build_clip_tokenizer
 
@@ -145,7 +146,7 @@ class I2VGenXLDenoising(Denoising):
         from diffusers.utils.torch_utils import randn_tensor
 
         self.unet, self.scheduler, self.r, self.context = unet, scheduler, r, context
-        device, self.guidance = unet.device, r.do_classifier_free_guidance
+        device, self.guidance = execution_device(unet), r.do_classifier_free_guidance
         if conditioning.image_latents is None or conditioning.image_embeds is None:
             raise ValueError(f"{family.spec.name} is image-to-video: it needs the image's latents and embedding")
         prompt = conditioning.prompt.to(device)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from stages.acceleration import DIFFUSERS_BACKENDS, execution_device
 from stages.context_parallel import ContextParallel, ParallelLayout
 from stages.diffusers_parallel import enable_context_parallelism
 from stages.families.base import Conditioning, Denoising, ModelFamily
@@ -149,8 +150,16 @@ class Wan(ModelFamily):
         """diffusers' own context-parallel plan for the Wan transformer(s), over this group's ranks."""
         enable_context_parallelism(network.experts, context.layout)
 
-    def cached_networks(self, network: WanExperts) -> list[torch.nn.Module]:
-        return network.experts  # each expert its own cache, as on the pipeline's two transformers
+    def denoiser_networks(self, network: WanExperts) -> list[torch.nn.Module]:
+        return network.experts  # each expert its own cache and levers, as the pipeline's two transformers
+
+    def use_attention(self, network: WanExperts, kernel: str, device: torch.device) -> None:
+        """On CUDA, diffusers' dispatcher backend of the same kernel, for both experts: its
+        context-parallel ring then takes that kernel's log-sum-exp. On the CPU the native backend
+        stays (with the CPU log-sum-exp of `stages.diffusers_parallel`)."""
+        if device.type == "cuda" and kernel != "default":
+            for expert in network.experts:
+                expert.set_attention_backend(DIFFUSERS_BACKENDS[kernel])
 
     def start(self, network: WanExperts, scheduler, conditioning, r, context) -> Denoising:
         return WanDenoising(self, network, scheduler, conditioning, r, context)
@@ -204,7 +213,7 @@ class WanExperts:
 
     @property
     def device(self) -> torch.device:
-        return self.high.device
+        return execution_device(self.high)
 
 
 class WanDenoising(Denoising):

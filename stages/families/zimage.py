@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from stages.acceleration import execution_device
 from stages.context_parallel import ContextParallel, SequenceShards
 from stages.families.base import Conditioning, Denoising, ModelFamily
 from stages.tiny import build_qwen_tokenizer
@@ -93,7 +94,7 @@ class ZImageDenoising(Denoising):
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, retrieve_timesteps
 
         self.network, self.scheduler, self.r, self.context = network, scheduler, r, context
-        device, self.guidance = network.device, r.do_classifier_free_guidance
+        device, self.guidance = execution_device(network), r.do_classifier_free_guidance
         self.captions = [conditioning.prompt[0].to(device)]  # (tokens, dim): the prompt's own tokens
         if self.guidance:
             self.captions.append(conditioning.negative[0].to(device))
