@@ -192,6 +192,11 @@ class Run:
         self.args, self.device, self.start = args, device, time.perf_counter()
         self.rows: list[dict[str, Any]] = []
         self.results: dict[str, dict[str, Any]] = {}
+        if args.resume and args.resume.is_file():  # an earlier run's sections, kept and not run again
+            earlier = json.loads(args.resume.read_text())
+            self.rows, self.results = earlier["rows"], earlier["results"]
+            self.results = {m: {s: r for s, r in done.items() if "skipped" not in r}
+                            for m, done in self.results.items()}  # fmt: skip
         import diffusers
 
         self.header = {"device": describe(device), "date": date.today().isoformat(), "torch": torch.__version__,
@@ -200,6 +205,9 @@ class Run:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def done(self, model: str, name: str) -> bool:
+        return name in self.results.get(model, {})
 
     def section(self, model: str, name: str, run) -> None:
         if self.args.budget_s and self.elapsed() > self.args.budget_s:
@@ -225,6 +233,9 @@ class Run:
         doc = {**self.header, "elapsed_s": self.elapsed(), "rows": self.rows, "results": self.results}
         (out / "gpu.json").write_text(json.dumps(doc, indent=2, default=str))
         (out / "gpu.md").write_text(self.table())
+        if self.args.copy_to:  # for a later --resume on the same machine ($OUT is emptied between commands)
+            self.args.copy_to.mkdir(parents=True, exist_ok=True)
+            (self.args.copy_to / "gpu.json").write_text(json.dumps(doc, indent=2, default=str))
 
     def table(self) -> str:
         h = self.header
@@ -480,7 +491,7 @@ class ModelBench:
                      f"frames PSNR {out.get('frames_psnr_vs_eager', float('nan')):.1f} dB")  # fmt: skip
         return out
 
-    def _against_eager(self, latents: torch.Tensor) -> dict:
+    def _against_eager(self, latents: torch.Tensor, label: str | None = None) -> dict:
         """Latents of a lever against the eager bf16 ones of the same job: their max difference,
         the PSNR of the decoded frames and the clarity panel's deltas (lever minus eager)."""
         if "eager" not in self.latents or self.latents["eager"].shape != latents.shape:
@@ -490,10 +501,21 @@ class ModelBench:
         decoder = DecoderStage(self.spec, self.weights, self.device)
         plan = plan_decode(self.spec, self.r.height, self.r.width, 1, None, None)
         eager, other = decoder.decode(self.latents["eager"], plan), decoder.decode(latents, plan)
-        a, b = measure_frames(eager, float(self.r.fps)).summary, measure_frames(other, float(self.r.fps)).summary
-        return {"max_abs_latent_vs_eager": max_abs(latents, self.latents["eager"]),
-                "frames_psnr_vs_eager": psnr(other, eager),
-                "clarity_deltas_vs_eager": {k: b[k] - a[k] for k in a if k in b and not math.isnan(a[k])}}  # fmt: skip
+        out = {
+            "max_abs_latent_vs_eager": max_abs(latents, self.latents["eager"]),
+            "frames_psnr_vs_eager": psnr(other, eager),
+        }
+        try:
+            a, b = measure_frames(eager, float(self.r.fps)).summary, measure_frames(other, float(self.r.fps)).summary
+            out["clarity_deltas_vs_eager"] = {k: b[k] - a[k] for k in a if k in b and not math.isnan(a[k])}
+        except (OSError, RuntimeError) as e:  # the panel's luma is ffmpeg's: a machine without ffmpeg
+            out["clarity_deltas_vs_eager"] = f"not measured here ({e}); frames kept for measuring elsewhere"
+            if label:  # the first frames of both, for the panel on a machine with ffmpeg (16 MiB a file)
+                keep = max(1, 15 * 2**20 // eager[0].nbytes)
+                np.save(self.run.args.out / f"{self.model}-{label}-eager.npy", eager[:keep])
+                np.save(self.run.args.out / f"{self.model}-{label}.npy", other[:keep])
+                out["frames_kept"] = keep
+        return out
 
     def fp8(self) -> dict:
         device, r, m = self.device, self.timing, self.model
@@ -506,7 +528,7 @@ class ModelBench:
         latents, seconds = timed(lambda: stage.denoise(self.conditioning, r), device)
         stage = None
         free_device(device)
-        out = {"framecast_s_per_step": seconds / r.steps, **self._against_eager(latents)}
+        out = {"framecast_s_per_step": seconds / r.steps, **self._against_eager(latents, "fp8")}
         base = self.run.results.get(m, {}).get("compile", {}).get("framecast_s_per_step")
         quality = out.get("frames_psnr_vs_eager", float("nan"))
         self.run.row(m, "fp8", "s/step (fp8 + compile)", base, out["framecast_s_per_step"],
@@ -571,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=0, help="start no section after this many seconds")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()), help="where the weights are saved")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench-gpu"))
+    parser.add_argument("--resume", type=Path, default=None, help="an earlier run's gpu.json: its sections are kept")
+    parser.add_argument("--copy-to", type=Path, default=None, help="also keep gpu.json in this folder")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -586,11 +610,21 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args, device)
     benches: dict[str, ModelBench] = {}
     for model, section in plan:
+        if run.done(model, section):
+            continue
+        if run.args.budget_s and run.elapsed() > run.args.budget_s:
+            run.section(model, section, None)  # recorded as skipped
+            continue
         if model not in benches:
             benches.clear()  # one model's stages at a time on the device
             free_device(device)
             built = time.perf_counter()
-            benches[model] = ModelBench(run, model)
+            try:
+                benches[model] = ModelBench(run, model)
+            except Exception as e:  # the model could not be built: its sections say why
+                traceback.print_exc()
+                run.results.setdefault(model, {})[section] = {"error": f"building: {type(e).__name__}: {e}"}
+                continue
             print(f"[{run.elapsed():6.0f} s] {model}: weights ready in {time.perf_counter() - built:.1f} s", flush=True)
         run.section(model, section, getattr(benches[model], section))
     run.write()

@@ -4,7 +4,9 @@ flag may override, each measured by `bench/gpu.py`:
 - `compile`: regional `torch.compile` of the denoiser's repeated transformer blocks, through
   diffusers' `compile_repeated_blocks` (a family names the block class where diffusers' model
   class does not). The compile is paid on a stage's first job of a shape and kept for the
-  actor's life; `DenoiserStage` reports each job's first step apart from the rest.
+  actor's life; `DenoiserStage` reports each job's first step apart from the rest. On one
+  process, the attention's Q, K and V projections are fused first where diffusers offers it
+  (CogVideoX's `fuse_qkv_projections`): the compile does not merge separate matrix products.
 - `attention`: the SDPA kernel, `auto` choosing by the device's capability and dtype
   (`choose_attention`); the ring path's log-sum-exp kernel is the same one.
 - `fp8`: torchao's float8 dynamic quantisation of the denoiser's linear layers (Ada or Hopper).

@@ -61,6 +61,8 @@ class DenoiserStage:
             self.context = ContextParallel(layout, timeout)
             self.family.split_over(self.network, self.context)
             self.context.attention_kernel = self.attention  # the ring's log-sum-exp kernel too
+        if acceleration.compile and self.context is None:
+            self.family.fuse_projections(self.network)
         # After the group's processors and hooks: the compiled blocks trace what they call.
         networks = self.family.denoiser_networks(self.network)
         self._offloads = prepare_network(networks, acceleration, self.device, self.family.repeated_blocks)

@@ -235,6 +235,11 @@ class ModelFamily(ABC):
     # diffusers model class names none (`_repeated_blocks`; stages.acceleration).
     repeated_blocks: ClassVar[tuple[str, ...]] = ()
 
+    def fuse_projections(self, network: Any) -> None:
+        """With `compile`, on one process: fuse the attention's projections into one matrix product
+        where diffusers offers it (the default: nothing to fuse)."""
+        return None
+
     def use_attention(self, network: Any, kernel: str, device: torch.device) -> None:
         """Make the denoiser's attention use SDPA kernel `kernel` (stages.acceleration). The
         default does nothing: the stage runs the loop inside `attention_kernel(kernel)`, which

@@ -106,6 +106,11 @@ class CogVideoX(ModelFamily):
                 module.set_processor(processor)
         _patch_embed_hooks(network).register_hook(shard_positions_hook_class()(), SHARD_POSITIONS)
 
+    def fuse_projections(self, network: torch.nn.Module) -> None:
+        """diffusers' fused QKV: one (d, 3d) matrix product per attention instead of three (d, d)
+        ones, with its fused processor. Not in a denoiser group, whose processor projects itself."""
+        network.fuse_qkv_projections()
+
     def start(self, network, scheduler, conditioning, r, context) -> Denoising:
         return CogVideoXDenoising(self, network, scheduler, conditioning, r, context)
 
