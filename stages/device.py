@@ -15,10 +15,12 @@ def default_device() -> torch.device:
 def free_memory_bytes(device: torch.device) -> float:
     """What a CUDA device can still give this process: the driver's free memory plus what
     PyTorch's allocator holds unused, within the process's memory fraction where one is set."""
-    free, total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
-    return min(free + cached, fraction * total - torch.cuda.memory_allocated(device))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated = torch.cuda.memory_allocated(index)
+    cached = torch.cuda.memory_reserved(index) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)  # torch >= 2.9
+    return min(free + cached, fraction * total - allocated)
 
 
 def describe(device: torch.device) -> str:
