@@ -29,6 +29,17 @@ the run goes on; `--budget-s` skips the sections that would start after it):
   (compiled), and its error against bf16: frame PSNR and the clarity panel's deltas;
 - offload (`--offload` models): the denoiser with `--offload model` and `group` under a 22 GiB
   cap on the process (a 24 GB card), with the decoder choosing its tiling by free memory.
+
+On a machine with a 10-minute limit per command, split the run with `--order` (bench/RESULTS.md,
+"GPU", has the two commands), or keep `--copy-to DIR` and finish with `--resume DIR/gpu.json`.
+Pipe the log through `grep --line-buffered` (not plain grep) if at all: a killed pipe loses what
+a buffer held. On a CUDA machine without framecast's packages and no network, carry wheels for
+Python 3.12, manylinux x86_64 (`pip download --no-deps --only-binary=:all: ...`): diffusers, Ray
+(slimmed to 35 MB by tools/slim_ray_wheel.py), torchao, PyWavelets, ftfy, wcwidth, jsonschema,
+jsonschema-specifications, referencing, rpds-py and imageio-ffmpeg (the pure-Python build: the
+clarity panel then has no ffmpeg, and the fp8 section keeps the frames it would have measured);
+install them with `pip install --no-deps --target DIR` and put DIR on PYTHONPATH (Ray's workers
+inherit it).
 """
 
 from __future__ import annotations
@@ -195,8 +206,9 @@ class Run:
         if args.resume and args.resume.is_file():  # an earlier run's sections, kept and not run again
             earlier = json.loads(args.resume.read_text())
             self.rows, self.results = earlier["rows"], earlier["results"]
-            self.results = {m: {s: r for s, r in done.items() if "skipped" not in r}
+            self.results = {m: {s: r for s, r in done.items() if "skipped" not in r and "partial" not in r}
                             for m, done in self.results.items()}  # fmt: skip
+            self.rows = [row for row in self.rows if self.done(row["model"], row["section"])]
         import diffusers
 
         self.header = {"device": describe(device), "date": date.today().isoformat(), "torch": torch.__version__,
@@ -208,6 +220,11 @@ class Run:
 
     def done(self, model: str, name: str) -> bool:
         return name in self.results.get(model, {})
+
+    def progress(self, model: str, name: str, figures: dict[str, Any]) -> None:
+        """A long section's figures so far, written at once: a run cut short keeps them."""
+        self.results.setdefault(model, {})[name] = {**figures, "partial": True}
+        self.write()
 
     def section(self, model: str, name: str, run) -> None:
         if self.args.budget_s and self.elapsed() > self.args.budget_s:
@@ -409,6 +426,7 @@ class ModelBench:
         stock_frames, stock_s = timed(lambda: pipe(**kwargs, **seeded(r.seed)).frames[0], device)
         pipe = None
         free_device(device)
+        self.run.progress(self.model, "e2e", {"steps": r.steps, "stock_s": stock_s})
         plan = plan_decode(self.spec, r.height, r.width, 1, None, None)
         denoiser = DenoiserStage(self.spec, self.weights, device)
         decoder = DecoderStage(self.spec, self.weights, device)
@@ -425,11 +443,12 @@ class ModelBench:
                "local_vs_stock_psnr": psnr(frames, np.asarray(stock_frames, dtype=np.float32))}  # fmt: skip
         m = self.model
         self.run.row(m, "e2e", f"s ({r.steps} steps + decode), in-process", stock_s, local_s)
+        self.run.progress(m, "e2e", out)
         if self.run.args.ray:
-            out |= self._through_ray(plan, local_s, denoise_s)
+            out |= self._through_ray(plan, local_s, denoise_s, out)
         return out
 
-    def _through_ray(self, plan, local_s: float, denoise_s: float) -> dict:
+    def _through_ray(self, plan, local_s: float, denoise_s: float, so_far: dict) -> dict:
         import ray
 
         from cluster.executor import Method, RayExecutor, Stage
@@ -452,6 +471,7 @@ class ModelBench:
             self.run.row(m, "e2e", f"s ({r.steps} steps + decode), through Ray", local_s, ray_s,
                          "stock column: in-process; goal: within 5% + 2 s")  # fmt: skip
             out = {"ray_s": ray_s, "ray_actor_start_s": start_s, "ray_within_goal": ray_s <= 1.05 * local_s + 2}
+            self.run.progress(m, "e2e", {**so_far, **out})
             # A stream of 4 jobs, all submitted at once: the stages work on different jobs together.
             stream = replace(r, steps=min(r.steps, self.run.args.timing_steps))
             executor.get(job(stream))

@@ -41,9 +41,9 @@ class CogVideoX(ModelFamily):
     tiled_decode = True
     cache_kinds = ("fbc", "pab", "taylorseer")
     repeated_blocks = ("CogVideoXBlock",)  # diffusers' CogVideoX transformer names none
-    # 49 frames of 480x720 (16.9 M output pixels) decoded untiled add about 15 GiB in bf16
-    # (../shared/reference, one H100; bench/gpu.py measures it again on its device).
-    untiled_decode_bytes_per_pixel = 950.0
+    # 49 frames of 480x720 (16.9 M output pixels) decoded untiled added 14.74 GiB in bf16 on one
+    # H200 (bench/gpu.py, bench/RESULTS.md "GPU"; about 15 GiB on the reference H100).
+    untiled_decode_bytes_per_pixel = 935.0
 
     @property
     def max_text_tokens(self) -> int:
