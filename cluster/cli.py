@@ -98,13 +98,13 @@ def _placement_options(p: argparse.ArgumentParser) -> None:
         "--cluster", default="single-node", help="cluster layout from configs/cluster (default: single-node)"
     )
     acc = p.add_argument_group("speed and memory (defaults: the model YAML's acceleration section)")
-    acc.add_argument("--compile", action="store_true", default=None,
+    acc.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="regional torch.compile of the denoiser's blocks (paid once per stage)")  # fmt: skip
     acc.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
                      help="SDPA kernel (auto: by the GPU's capability; default: PyTorch's own choice)")  # fmt: skip
-    acc.add_argument("--fp8", action="store_true", default=None,
+    acc.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
                      help="torchao float8 linear layers in the denoiser (Ada/Hopper GPUs; needs torchao)")  # fmt: skip
-    acc.add_argument("--offload", choices=OFFLOAD_KINDS, default=None,
+    acc.add_argument("--offload", choices=("none", *OFFLOAD_KINDS), default=None,
                      help="keep weights in host memory: model (per job) or group (per block); CUDA only")  # fmt: skip
     dec = p.add_argument_group("decoding (one video's VAE decode spread over decoder actors)")
     dec.add_argument("--decoders", type=int, default=1, help="decoder actors sharing each video's tiles (default 1)")
@@ -130,9 +130,13 @@ def _placement(args: argparse.Namespace) -> dict:
         "tile_overlap": args.tile_overlap,
         "cluster": args.cluster,
         "local": args.local,
-        "acceleration": {"compile": args.compile, "attention": args.attention, "fp8": args.fp8,
-                         "offload": args.offload},  # fmt: skip
+        "acceleration": _levers(args),
     }
+
+
+def _levers(args: argparse.Namespace) -> dict:
+    """The speed and memory flags given (None: the model YAML's)."""
+    return {"compile": args.compile, "attention": args.attention, "fp8": args.fp8, "offload": args.offload}
 
 
 def _say(notes: list[str], warnings: list[str]) -> None:
@@ -376,8 +380,6 @@ def _with_uncached_twins(jobs: list) -> tuple[list, dict[int, int]]:
         twins[len(out)] = len(out) + 1
         out += [job, replace(job, request=replace(job.request, cache="none"))]
     return out, twins
-
-
 
 
 def _stream(jobs, args: argparse.Namespace):

@@ -26,12 +26,11 @@ from PIL import Image
 
 from cluster.executor import Executor, LocalExecutor, Method, RayExecutor, Stage, StageCall, StageFailed
 from cluster.runtime import ClusterLayout, load_cluster_layout
-from stages.acceleration import check_acceleration, torchao_available
 from stages.cache import skipped_fraction
 from stages.clarity import ClarityReport, json_figure
 from stages.context_parallel import ParallelLayout
 from stages.decoder import TilePlan, assemble_frames, plan_decode, to_uint8
-from stages.denoiser import plan_layout
+from stages.denoiser import lever_problem, plan_layout
 from stages.encoder import check_prompts, count_tokens, load_tokenizer
 from stages.errors import InvalidRequest
 from stages.models import ModelSpec, load_spec
@@ -199,7 +198,6 @@ def prepare_variants(
     spec = load_spec(model)
     if acceleration:
         spec = replace(spec, acceleration=spec.acceleration.with_overrides(**acceleration))
-    check_levers(spec, local)
     requests, layouts, tiles, image_warnings = [], [], [], []
     images: dict[str, tuple[np.ndarray, str]] = {}  # pixels and digest, once per file
     for (prompt, settings), label in zip(variants, labels, strict=True):
@@ -218,6 +216,7 @@ def prepare_variants(
     if any(other != layout for other in layouts):
         found = ", ".join(sorted({str(other) for other in layouts}))
         raise InvalidRequest(f"the jobs need different denoiser layouts ({found}); one executor runs one layout")
+    check_levers(spec, local, layout)
     if local and layout.world_size > 1:
         raise InvalidRequest(f"--local runs in one process; the layout {layout} needs {layout.world_size} Ray actors")
     if local and decoders > 1:
@@ -240,21 +239,21 @@ def prepare_variants(
 _PLACEMENT = tuple(inspect.signature(prepare_variants).parameters)[3:]  # weights, workers, ..., local
 
 
-def check_levers(spec: ModelSpec, local: bool) -> None:
+def check_levers(spec: ModelSpec, local: bool, layout: ParallelLayout) -> None:
     """Refuse levers this run cannot take, before any weights load: in one process, for this
-    machine's device; through Ray, what does not depend on the actors' devices (each stage
-    checks its own device again before it loads anything)."""
+    machine's device; through Ray, what does not depend on the actors' devices (the executor
+    checks the cluster's, and each stage its own device before it loads anything)."""
     if local:
         import torch
 
+        from stages.acceleration import available_kernels
         from stages.device import default_device
 
         device = default_device()
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        problem = check_acceleration(spec.acceleration, device.type, capability)
+        problem = lever_problem(spec, device.type, capability, available_kernels(device), layout.world_size)
     else:
-        problem = "fp8 needs torchao (pip install torchao); it is not installed" if (
-            spec.acceleration.fp8 and not torchao_available()) else None  # fmt: skip
+        problem = lever_problem(spec, None, ranks=layout.world_size)
     if problem:
         raise InvalidRequest(problem)
 

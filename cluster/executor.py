@@ -31,8 +31,9 @@ from cluster.runtime import ActorResources, ClusterLayout, ResourcePlan, load_cl
 from stages.clarity import ClarityStage
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
-from stages.denoiser import DenoiserStage, StepCallback
+from stages.denoiser import DenoiserStage, StepCallback, lever_problem
 from stages.encoder import EncoderStage
+from stages.errors import InvalidRequest
 from stages.models import ModelSpec
 
 
@@ -360,6 +361,12 @@ class RayExecutor(Executor):
         # One of `replicas` executors sharing the cluster (a sweep's); its actors take its share.
         self.replicas = replicas
         self.plan = plan_resources(workers=self.layout.world_size, decoders=decoders, replicas=replicas)
+        # The levers against the cluster's devices, before any actor loads weights (each stage
+        # checks its own GPU's capability again).
+        device_type = "cuda" if ray.cluster_resources().get("GPU", 0) else "cpu"
+        problem = lever_problem(spec, device_type, ranks=self.layout.world_size)
+        if problem:
+            raise InvalidRequest(problem)
         self.group: DenoiserGroup | None = None
         self.side: dict[str, list[Any]] = {"encode": [], "decode": [], "measure": []}
         self.decoders = decoders

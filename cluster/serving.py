@@ -47,7 +47,7 @@ from cluster.tracking import DEFAULT_EXPERIMENT
 from stages.clarity import ClarityStage
 from stages.context_parallel import ParallelLayout
 from stages.decoder import DecoderStage
-from stages.denoiser import StepCallback, plan_serving_layout
+from stages.denoiser import StepCallback, lever_problem, plan_serving_layout
 from stages.encoder import EncoderStage
 from stages.errors import InvalidRequest
 from stages.models import CONFIG_DIR, DEFAULT_MODEL, load_spec
@@ -132,6 +132,9 @@ def resolve_served(args: ServeArgs) -> Served:
         )
     weights = resolve_weights(spec, args.weights)
     layout = plan_serving_layout(spec, args.workers, args.ulysses, args.ring)
+    problem = lever_problem(spec, None, ranks=layout.world_size)  # the YAML's levers; the stages check their GPUs
+    if problem:
+        raise InvalidRequest(f"{spec.name}'s acceleration: {problem}")
     digest = None
     if args.api_key_env:
         key = os.environ.get(args.api_key_env, "")

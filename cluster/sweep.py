@@ -98,8 +98,9 @@ class SweepPlan:
 
     @functools.cached_property
     def cell_ids(self) -> list[str]:
-        """Per cell, what decides its video: model, weights, request (and image), and the decode tiles (tiling
-        changes the frames; how many decoders share the tiles does not)."""
+        """Per cell, what decides its video: model, weights, dtype and speed levers (compile and fp8
+        change the rounding), request (and image), and the decode tiles (tiling changes the frames;
+        how many decoders share the tiles does not)."""
         weights = weights_fingerprint(self.jobs[0].weights)  # one model, so one weights directory, per sweep
         ids = []
         for job in self.jobs:
@@ -107,7 +108,8 @@ class SweepPlan:
             request = job.request.as_dict()
             if job.image is not None:  # the picture itself, however its path was written
                 request["image"] = job.image_sha256
-            ids.append(_digest([self.model, weights, request, tiling]))
+            levers = {"dtype": job.spec.dtype, **job.spec.acceleration.as_params()}
+            ids.append(_digest([self.model, weights, request, tiling, levers]))
         return ids
 
     @functools.cached_property

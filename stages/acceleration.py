@@ -12,9 +12,10 @@ flag may override, each measured by `bench/gpu.py`:
 - `fp8`: torchao's float8 dynamic quantisation of the denoiser's linear layers (Ada or Hopper).
 - `offload`: weights kept in host memory and brought to the GPU by diffusers' offloading hooks:
   `model` (the whole network for a job, accelerate's hook as diffusers' model offload uses) or
-  `group` (block by block during the forward pass, diffusers' group offloading), so that a
-  24 GB card runs CogVideoX-5b. The decoder also tiles by itself when the untiled decode would
-  not fit in the device's free memory (`stages.decoder`).
+  `group` (block by block during the forward pass, diffusers' group offloading), so that
+  CogVideoX-5b can fit a 24 GB card when its jobs run one after another (docs/performance.md).
+  The decoder also tiles by itself when the untiled decode would not fit in the device's free
+  memory (`stages.decoder`).
 
 Everything here is checked before any weights load (`check_acceleration`): a lever a device
 cannot take is refused in one line.
@@ -85,37 +86,50 @@ def torchao_available() -> bool:
 
 def check_acceleration(
     acceleration: Acceleration,
-    device_type: str,
+    device_type: str | None,
     capability: tuple[int, int] | None = None,
     has_torchao: bool | None = None,
+    available: Collection[str] | None = None,
+    dtype: str | None = None,
 ) -> str | None:
-    """Why a stage on a device of this type (and CUDA compute capability) cannot take these
-    levers (one line naming the lever and what would allow it), or None."""
+    """Why a stage cannot take these levers (one line naming the lever and what would allow it),
+    or None. What is not known is not checked: `device_type` None (a driver before its cluster),
+    `capability` None on CUDA (a driver whose actors hold the GPUs), `available` None (the SDPA
+    kernels the stage's PyTorch has), `dtype` None (the model's, e.g. "bfloat16")."""
     has_torchao = torchao_available() if has_torchao is None else has_torchao
-    if acceleration.offload and device_type != "cuda":
-        return (f"offload {acceleration.offload} moves weights between host memory and a CUDA GPU; "
-                f"this stage runs on {device_type}: drop --offload")  # fmt: skip
-    if acceleration.attention in ("cudnn", "flash") and device_type != "cuda":
-        kernel = acceleration.attention
-        return f"attention {kernel} is a CUDA kernel; on {device_type} use auto, default, efficient or math"
+    kernel = acceleration.attention
+    if dtype is not None and kernel in ("cudnn", "flash") and dtype not in ("float16", "bfloat16"):
+        return f"attention {kernel} takes fp16 or bf16 and this model runs in {dtype}: use auto or efficient"
     if acceleration.fp8:
-        if device_type != "cuda" or capability is None or capability < FP8_CAPABILITY:
-            found = device_type if device_type != "cuda" else f"a GPU of compute capability {capability}"
-            return (f"fp8 needs a CUDA GPU of compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer "
-                    f"(Ada, Hopper); this stage has {found}: drop --fp8")  # fmt: skip
+        if dtype is not None and dtype != "bfloat16":
+            return f"fp8's per-row scales need bf16 weights and this model runs in {dtype}: drop --fp8"
         if not has_torchao:
             return "fp8 needs torchao (pip install torchao); it is not installed"
         if acceleration.offload:
             return "fp8 with offload is not supported: torchao's float8 weights are not moved by the offload hooks"
+    if device_type is None:
+        return None
+    if acceleration.offload and device_type != "cuda":
+        return (f"offload {acceleration.offload} moves weights between host memory and a CUDA GPU; "
+                f"this stage runs on {device_type}: drop --offload")  # fmt: skip
+    if kernel in ("cudnn", "flash") and device_type != "cuda":
+        return f"attention {kernel} is a CUDA kernel; on {device_type} use auto, default or math"
+    if available is not None and kernel != "auto" and kernel not in available:
+        return f"attention {kernel} is not in this PyTorch for {device_type} (it has {', '.join(sorted(available))})"
+    if acceleration.fp8 and (device_type != "cuda" or (capability is not None and capability < FP8_CAPABILITY)):
+        found = device_type if device_type != "cuda" else f"a GPU of compute capability {capability}"
+        return (f"fp8 needs a CUDA GPU of compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer "
+                f"(Ada, Hopper); this stage has {found}: drop --fp8")  # fmt: skip
     return None
 
 
-def check_for_device(acceleration: Acceleration, device: torch.device) -> None:
-    """`check_acceleration` for this device, raised as one InvalidRequest line."""
+def check_for_device(acceleration: Acceleration, device: torch.device, dtype: str) -> None:
+    """`check_acceleration` for this device and model dtype, raised as one InvalidRequest line."""
     import torch
 
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    problem = check_acceleration(acceleration, device.type, capability)
+    problem = check_acceleration(acceleration, device.type, capability, available=available_kernels(device),
+                                 dtype=dtype)  # fmt: skip
     if problem:
         raise InvalidRequest(problem)
 
@@ -196,10 +210,9 @@ def attention_kernel(name: str) -> Iterator[None]:
         yield
 
 
-# diffusers' attention dispatcher names for the same kernels: Wan's attention goes through it, and
-# its context-parallel (ring) path needs a backend that returns the log-sum-exp.
-DIFFUSERS_BACKENDS = {"cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
-                      "math": "_native_math", "default": "native"}  # fmt: skip
+# diffusers' attention dispatcher backends of the same kernels, those that take its context
+# parallelism (Wan's attention goes through it, and its ring needs the log-sum-exp).
+DIFFUSERS_BACKENDS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
 # -- compile, fp8, offload ------------------------------------------------------------------------
@@ -243,29 +256,28 @@ class Offload:
     next one's copy overlapped with compute on a CUDA stream; nothing to do after a job.
     """
 
-    def __init__(self, network: torch.nn.Module, kind: str, device: torch.device):
+    def __init__(self, network: torch.nn.Module, kind: str, device: torch.device, previous: Offload | None = None):
+        """`previous`: the offload of the network called before this one in a job (Wan 2.2's
+        high-noise expert before the low-noise one): its weights leave the GPU when these come,
+        as diffusers chains its model offload hooks."""
         import torch
 
         self.kind = kind
-        self._hook = None
+        self.hook = None
         network.to("cpu")
         network.framecast_execution_device = device  # where its forward runs (its parameters say cpu)
         if kind == "model":
             from accelerate import cpu_offload_with_hook
 
-            _, self._hook = cpu_offload_with_hook(network, execution_device=device)
-        elif hasattr(network, "enable_group_offload"):  # a diffusers model
+            _, self.hook = cpu_offload_with_hook(network, execution_device=device,
+                                                 prev_module_hook=previous.hook if previous else None)  # fmt: skip
+        else:  # a denoiser is a diffusers model: block by block
             network.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
                                          num_blocks_per_group=1, use_stream=True)  # fmt: skip
-        else:  # another torch module (a transformers text encoder): leaf by leaf
-            from diffusers.hooks import apply_group_offloading
-
-            apply_group_offloading(network, device, offload_device=torch.device("cpu"), offload_type="leaf_level",
-                                   use_stream=True)  # fmt: skip
 
     def after_job(self) -> None:
-        if self._hook is not None:
-            self._hook.offload()
+        if self.hook is not None:
+            self.hook.offload()
 
 
 def execution_device(network: Any) -> torch.device:
@@ -288,7 +300,7 @@ def prepare_network(
         if acceleration.fp8:
             quantize_fp8(network)
         if acceleration.offload:
-            offloads.append(Offload(network, acceleration.offload, device))
+            offloads.append(Offload(network, acceleration.offload, device, offloads[-1] if offloads else None))
         if acceleration.compile:
             compile_repeated_blocks(network, block_classes)
     return offloads

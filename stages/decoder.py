@@ -261,10 +261,8 @@ class DecoderStage:
         return decoded
 
     def fits_untiled(self, latents: torch.Tensor) -> bool:
-        """Whether decoding these latents untiled fits in the device's free memory, by the family's
-        measured bytes per output pixel (`untiled_decode_bytes`); on the CPU, always."""
-        if self.device.type != "cuda":
-            return True
+        """Whether decoding these latents untiled fits in the device's free memory (a GPU's, or the
+        host's on the CPU), by the family's measured bytes per output pixel (`untiled_decode_bytes`)."""
         needed = self.family.untiled_decode_bytes(self.family.vae_input(self.vae, latents))
         return needed is None or needed < 0.9 * free_memory_bytes(self.device)  # 10%: fragmentation
 

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from stages.acceleration import attention_for, attention_kernel, check_for_device, prepare_network
+from stages.acceleration import (
+    attention_for,
+    attention_kernel,
+    available_kernels,
+    check_acceleration,
+    prepare_network,
+)
 from stages.cache import StepCache, parse_cache
 from stages.context_parallel import ContextParallel, ParallelLayout, choose_layout
 from stages.device import PeakMemory, default_device, describe
@@ -48,7 +54,11 @@ class DenoiserStage:
         self.device = device or default_device()
         self.family = family_for(spec)
         acceleration = spec.acceleration
-        check_for_device(acceleration, self.device)  # before any weights load
+        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+        ranks = layout.world_size if layout is not None else 1
+        problem = lever_problem(spec, self.device.type, capability, available_kernels(self.device), ranks)
+        if problem:  # before any weights load
+            raise InvalidRequest(problem)
         # Offloaded weights live in host memory: they are loaded there, not on the GPU first.
         self.network = self.family.load_denoiser(weights, torch.device("cpu") if acceleration.offload else self.device)
         self.attention = attention_for(acceleration, self.device, spec.torch_dtype())
@@ -115,6 +125,24 @@ class DenoiserStage:
                           "first_step_s": seconds[0] if seconds else 0.0,
                           "step_s": statistics.median(seconds[1:]) if len(seconds) > 1 else 0.0}  # fmt: skip
         return latents
+
+
+def lever_problem(
+    spec: ModelSpec,
+    device_type: str | None,
+    capability: tuple[int, int] | None = None,
+    available: set[str] | None = None,
+    ranks: int = 1,
+) -> str | None:
+    """Why the denoiser of `spec` cannot take its levers (`spec.acceleration`) on this device and
+    group (one line), or None; what is not known (None) is not checked (`check_acceleration`)."""
+    acceleration, family = spec.acceleration, family_for(spec)
+    if acceleration.compile and not family.repeated_blocks:
+        return f"{spec.name}'s denoiser has no repeated transformer blocks to compile: drop --compile"
+    if acceleration.offload and ranks > 1:
+        return (f"offload keeps one GPU's weights in host memory; a denoiser group of {ranks} ranks splits the "
+                f"work instead: drop --offload or run one worker")  # fmt: skip
+    return check_acceleration(acceleration, device_type, capability, available=available, dtype=spec.dtype)
 
 
 def plan_layout(

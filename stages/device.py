@@ -13,8 +13,17 @@ def default_device() -> torch.device:
 
 
 def free_memory_bytes(device: torch.device) -> float:
-    """What a CUDA device can still give this process: the driver's free memory plus what
-    PyTorch's allocator holds unused, within the process's memory fraction where one is set."""
+    """What a device can still give this process. CUDA: the driver's free memory plus what
+    PyTorch's allocator holds unused, within the process's memory fraction where one is set. CPU:
+    the kernel's MemAvailable (unbounded where there is no /proc/meminfo)."""
+    if device.type != "cuda":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0  # kB
+        except OSError:
+            pass
+        return float("inf")
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
     allocated = torch.cuda.memory_allocated(index)

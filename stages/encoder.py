@@ -53,7 +53,7 @@ class EncoderStage:
         self.device = device or default_device()
         self.family = family_for(spec)
         # With offload, the weights live in host memory and come to the GPU for each job's
-        # encoding only, leaving it to the denoiser (a 24 GB card runs CogVideoX-5b so).
+        # encoding only, leaving the GPU to the denoiser between (docs/performance.md).
         self.offload = spec.acceleration.offload is not None and self.device.type == "cuda"
         self.components = self.family.load_encoder(weights, torch.device("cpu") if self.offload else self.device)
         self._modules = [m for m in vars(self.components).values() if isinstance(m, torch.nn.Module)]

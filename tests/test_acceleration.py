@@ -5,6 +5,7 @@ decoder tiling by itself when an untiled decode would not fit, and bench/gpu.py'
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,15 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.driver import prepare
 from stages.acceleration import (
     Acceleration,
+    attention_kernel,
     check_acceleration,
     choose_attention,
     parse_acceleration,
 )
 from stages.context_parallel import attention_with_lse
 from stages.decoder import DecoderStage, plan_decode
-from stages.denoiser import DenoiserStage
+from stages.denoiser import DenoiserStage, lever_problem
 from stages.errors import InvalidRequest
 from stages.families import Conditioning, family_for
 from stages.models import load_spec
@@ -86,7 +89,31 @@ def test_acceleration_settings_are_checked_and_overridden():
     assert Acceleration(compile=True).with_overrides(offload="model", fp8=None) == Acceleration(
         compile=True, offload="model"
     )
+    assert Acceleration(compile=True, offload="group").with_overrides(compile=False, offload="none") == Acceleration()
     assert load_spec("cogvideox-2b").acceleration == Acceleration()  # the YAML's defaults: levers off
+
+
+@pytest.mark.parametrize(
+    ("model", "levers", "refusal"),
+    [
+        ("i2vgen-xl", {"compile": True}, "i2vgen-xl's denoiser has no repeated transformer blocks to compile"),
+        ("i2vgen-xl", {"fp8": True}, "fp8's per-row scales need bf16 weights and this model runs in float16"),
+        ("tiny", {"attention": "flash"}, "attention flash takes fp16 or bf16 and this model runs in float32"),
+        ("tiny", {"attention": "efficient"}, "attention efficient is not in this PyTorch for cpu"),
+    ],
+)
+def test_levers_the_model_cannot_take_are_refused(model, levers, refusal):
+    """What the model itself rules out (its blocks, its dtype), and a kernel this PyTorch lacks for
+    the device, before any weights load (`lever_problem`, which the driver, the Ray executor, Serve
+    and each denoiser stage ask)."""
+    spec = replace(load_spec(model), acceleration=Acceleration(**levers))
+    problem = lever_problem(spec, "cpu", None, available={"default", "math"})
+    assert problem is not None and refusal in problem
+
+
+def test_offload_is_refused_for_a_denoiser_group():
+    with pytest.raises(InvalidRequest, match="a denoiser group of 2 ranks splits the work instead: drop --offload"):
+        prepare("tiny", "a red circle", workers=2, acceleration={"offload": "model"})
 
 
 @pytest.mark.parametrize("flag", [["--offload", "model"], ["--fp8"]])
@@ -95,11 +122,24 @@ def test_the_cli_refuses_a_lever_before_loading(flag, tmp_path):
         [sys.executable, "-m", "cluster.cli", "generate", "--model", "tiny", "--prompt", "a cat", "--local",
          "--output", str(tmp_path / "v.mp4"), *flag],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # this machine's device is the CPU, as here
     )  # fmt: skip
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("framecast: error:")]
     assert len(errors) == 1 and "drop --" in errors[0], done.stderr
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_the_attention_kernel_context_steers_sdpa():
+    """Within `attention_kernel("math")`, SDPA runs PyTorch's math kernel (the one the CPU's flash
+    kernel is checked against); outside it, PyTorch's own choice: the same values within 1e-5."""
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 33, 16, generator=generator) for _ in range(3))
+    with attention_kernel("math"):
+        steered = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    reference = torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1) @ v
+    torch.testing.assert_close(steered, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, v), steered, rtol=0, atol=1e-5)
 
 
 def test_the_ring_log_sum_exp_kernels_agree():
@@ -148,7 +188,7 @@ def test_regional_compile_equals_eager_on_the_cpu(name):
     assert second["first_step_s"] < first["first_step_s"] / 5  # not again
 
 
-def test_the_decoder_tiles_when_the_untiled_decode_would_not_fit(tiny_spec, tiny_weights):
+def test_the_decoder_tiles_when_the_untiled_decode_would_not_fit(tiny_spec, tiny_weights, monkeypatch):
     """An untiled plan the device's free memory cannot take is decoded in the default tiles, as
     `vae.enable_tiling()` would, and the stage says so; the estimate is bytes per output pixel."""
     spec, weights = tiny_spec, tiny_weights
@@ -159,7 +199,8 @@ def test_the_decoder_tiles_when_the_untiled_decode_would_not_fit(tiny_spec, tiny
     tiled = plan_decode(spec, r.height, r.width, 1, family_for(spec).default_tile_size, None)
     whole = decoder.decode_float(latents, untiled)
     assert decoder.last_run_stats()["tiled_for_memory"] == 0.0
-    decoder.fits_untiled = lambda latents: False  # as on a GPU without room for it
+    room = 0.9 * family_for(spec).untiled_decode_bytes(family_for(spec).vae_input(decoder.vae, latents))
+    monkeypatch.setattr("stages.decoder.free_memory_bytes", lambda device: room)  # too little for the estimate
     by_memory = decoder.decode_float(latents, untiled)
     assert decoder.last_run_stats()["tiled_for_memory"] == 1.0
     assert torch.equal(by_memory, decoder.decode_float(latents, tiled)) and not torch.equal(by_memory, whole)

@@ -347,6 +347,7 @@ def test_what_identifies_a_sweep(tiny_spec):
     tiled = sweep_id(decoders=2, tile_size=(32, 48))
     assert tiled != plain and sweep_id(decoders=3, tile_size=(32, 48)) == tiled
     assert plan_sweep("tiny", "a fox", {"steps": [1, 2]}, settings, seed=2).sweep_id != plain
+    assert sweep_id(acceleration={"compile": True}) != plain  # compiled kernels round otherwise: new videos
 
 
 def test_preset_ranges_become_axes(tmp_path):

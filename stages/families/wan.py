@@ -45,6 +45,7 @@ class Wan(ModelFamily):
     # branches apart, so the unconditional call would reuse the conditional one's attention.
     cache_kinds = ("fbc", "taylorseer")
     branches_in_one_call = False  # "cond" and "uncond" calls, each its own cache context
+    repeated_blocks = ("WanTransformerBlock",)  # as diffusers' own `_repeated_blocks`
     # diffusers' AutoencoderKLWan.enable_tiling defaults: 256 px tiles every 192 px.
     default_tile_size = (256, 256)
     tile_overlap_fractions = (1 / 4, 1 / 4)
@@ -154,10 +155,12 @@ class Wan(ModelFamily):
         return network.experts  # each expert its own cache and levers, as the pipeline's two transformers
 
     def use_attention(self, network: WanExperts, kernel: str, device: torch.device) -> None:
-        """On CUDA, diffusers' dispatcher backend of the same kernel, for both experts: its
-        context-parallel ring then takes that kernel's log-sum-exp. On the CPU the native backend
-        stays (with the CPU log-sum-exp of `stages.diffusers_parallel`)."""
-        if device.type == "cuda" and kernel != "default":
+        """On CUDA, diffusers' dispatcher backend of the same kernel (cuDNN or flash), for both
+        experts: its context-parallel ring then takes that kernel's log-sum-exp. The efficient and
+        math kernels' backends do not take context parallelism in diffusers 0.42, so with those
+        (and on the CPU, with the log-sum-exp of `stages.diffusers_parallel`) the native backend
+        stays, steered by the stage's `attention_kernel`."""
+        if device.type == "cuda" and kernel in ("cudnn", "flash"):  # diffusers' context-parallel backends
             for expert in network.experts:
                 expert.set_attention_backend(DIFFUSERS_BACKENDS[kernel])
 

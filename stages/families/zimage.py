@@ -33,6 +33,7 @@ class ZImage(ModelFamily):
     name = "zimage"
     helper_pipeline = "diffusers.ZImagePipeline"
     guidance_off = 0.0
+    repeated_blocks = ("ZImageTransformerBlock",)  # as diffusers' own `_repeated_blocks`
 
     @property
     def max_text_tokens(self) -> int:
