@@ -184,6 +184,7 @@ def test_regional_compile_equals_eager_on_the_cpu(name):
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)  # each block compiled
     fused = [m for m in network.modules() if getattr(m, "fused_projections", False)]
     assert bool(fused) == (name == "tiny")  # CogVideoX's QKV fused first (diffusers offers it); Wan's not
+    assert all(m.to_q is None and m.to_qkv is not None for m in fused)  # the separate ones dropped
     assert first["first_step_s"] > 5 * first["step_s"]  # the compile
     assert second["first_step_s"] < first["first_step_s"] / 5  # not again
 

@@ -108,8 +108,13 @@ class CogVideoX(ModelFamily):
 
     def fuse_projections(self, network: torch.nn.Module) -> None:
         """diffusers' fused QKV: one (d, 3d) matrix product per attention instead of three (d, d)
-        ones, with its fused processor. Not in a denoiser group, whose processor projects itself."""
+        ones, with its fused processor. Not in a denoiser group, whose processor projects itself.
+        diffusers keeps the three separate projections too (to unfuse); nothing here unfuses, so
+        they are dropped: 0.66 GB of bf16 weights for 2b, 2.4 GB for 5b."""
         network.fuse_qkv_projections()
+        for module in network.modules():
+            if getattr(module, "fused_projections", False):
+                module.to_q = module.to_k = module.to_v = None
 
     def start(self, network, scheduler, conditioning, r, context) -> Denoising:
         return CogVideoXDenoising(self, network, scheduler, conditioning, r, context)
