@@ -24,7 +24,16 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from cluster.executor import Executor, LocalExecutor, Method, RayExecutor, Stage, StageCall, StageFailed
+from cluster.executor import (
+    Executor,
+    LocalExecutor,
+    Method,
+    RayExecutor,
+    Stage,
+    StageCall,
+    StageFailed,
+    check_levers_on_cluster,
+)
 from cluster.runtime import ClusterLayout, load_cluster_layout
 from stages.cache import skipped_fraction
 from stages.clarity import ClarityReport, json_figure
@@ -268,6 +277,7 @@ def make_executor(job: Job, local: bool, replicas: int = 1, encoder: bool = True
     encoded elsewhere (`encode_once`). `mend`: see RayExecutor's `mend_actors`."""
     if local:
         return LocalExecutor(job.spec, job.weights)
+    check_levers_on_cluster(job.spec, job.layout)
     return RayExecutor(job.spec, job.weights, job.layout, job.cluster, decoders=job.decoders, replicas=replicas,
                        encoder=encoder, mend_actors=mend)  # fmt: skip
 

@@ -324,6 +324,15 @@ class DenoiserGroup(ActorGroup):
         return [actor.progress.remote() for actor in self.actors]
 
 
+def check_levers_on_cluster(spec: ModelSpec, layout: ParallelLayout) -> None:
+    """The model's levers against the connected cluster's devices, before any actor loads weights
+    (each denoiser stage checks its own GPU's capability again)."""
+    device_type = "cuda" if ray.cluster_resources().get("GPU", 0) else "cpu"
+    problem = lever_problem(spec, device_type, ranks=layout.world_size)
+    if problem:
+        raise InvalidRequest(problem)
+
+
 class RayExecutor(Executor):
     """The encoder in an actor, the decoders in one actor each, the denoiser as a group of
     `layout.world_size` ranks, and the clarity panel in an actor of its own (on CPU cores, so
@@ -361,12 +370,6 @@ class RayExecutor(Executor):
         # One of `replicas` executors sharing the cluster (a sweep's); its actors take its share.
         self.replicas = replicas
         self.plan = plan_resources(workers=self.layout.world_size, decoders=decoders, replicas=replicas)
-        # The levers against the cluster's devices, before any actor loads weights (each stage
-        # checks its own GPU's capability again).
-        device_type = "cuda" if ray.cluster_resources().get("GPU", 0) else "cpu"
-        problem = lever_problem(spec, device_type, ranks=self.layout.world_size)
-        if problem:
-            raise InvalidRequest(problem)
         self.group: DenoiserGroup | None = None
         self.side: dict[str, list[Any]] = {"encode": [], "decode": [], "measure": []}
         self.decoders = decoders

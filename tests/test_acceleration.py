@@ -22,7 +22,7 @@ from stages.acceleration import (
     choose_attention,
     parse_acceleration,
 )
-from stages.context_parallel import attention_with_lse
+from stages.context_parallel import ParallelLayout, attention_with_lse
 from stages.decoder import DecoderStage, plan_decode
 from stages.denoiser import DenoiserStage, lever_problem
 from stages.errors import InvalidRequest
@@ -233,3 +233,14 @@ def test_the_gpu_bench_runs_on_the_cpu(tmp_path):
     assert sections["compile"]["max_abs_latent_vs_eager"] <= 1e-5
     assert {row["section"] for row in result["rows"]} >= {"denoise", "decode", "attention", "e2e", "compile"}
     assert all(set(row) == set(table[2].strip("| ").split(" | ")) for row in result["rows"])
+
+
+def test_the_ray_executor_checks_the_clusters_devices(ray_session, tiny_spec):
+    """Through Ray the driver cannot see the actors' devices: before any actor loads weights,
+    the levers are checked against the cluster's (here CPUs only)."""
+    from cluster.executor import check_levers_on_cluster
+
+    offloaded = replace(tiny_spec, acceleration=Acceleration(offload="model"))
+    with pytest.raises(InvalidRequest, match="offload model moves weights between host memory and a CUDA GPU"):
+        check_levers_on_cluster(offloaded, ParallelLayout())
+    check_levers_on_cluster(tiny_spec, ParallelLayout())  # no lever: nothing to refuse
