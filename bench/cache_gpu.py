@@ -31,7 +31,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench import gpu  # noqa: E402  # real-size random weights, prompt states and stock's arguments
 from stages.cache import diffusers_config, parse_cache, skipped_fraction  # noqa: E402
 from stages.denoiser import DenoiserStage  # noqa: E402
 from stages.device import describe  # noqa: E402
@@ -50,52 +50,18 @@ from stages.request import build_request  # noqa: E402
 GRID = "fbc:0.1,taylorseer:2,taylorseer:3"
 
 
-def random_weights(spec, dtype: torch.dtype, device: torch.device) -> Path:
-    """The transformer (seeded random weights, real size, initialised on `device`: 5b's 5.6 B
-    parameters take minutes on a CPU) and the scheduler, as a diffusers directory."""
-    directory = Path(tempfile.gettempdir()) / f"framecast-bench-cache-{spec.name}-{str(dtype).removeprefix('torch.')}"
-    transformer = spec.components[family_for(spec).denoiser_key]
-    if not (directory / "transformer" / "config.json").is_file():
-        torch.manual_seed(0)
-        with device:
-            network = transformer.load_class().from_config(transformer.config).to(dtype)
-        network.save_pretrained(directory / "transformer")
-        scheduler = spec.components["scheduler"]
-        scheduler.load_class().from_config(scheduler.config).save_pretrained(directory / "scheduler")
-    return directory
-
-
-def text_states(spec, guidance: bool, device: torch.device, dtype: torch.dtype) -> Conditioning:
-    """Random prompt states of the text encoder's shape (T5's states are of order 0.1-1)."""
-    family = family_for(spec)
-    width = spec.components["text_encoder"].config["d_model"]
-    generator = torch.Generator("cpu").manual_seed(1)
-    shape = (1, family.max_text_tokens, width)
-    prompt = (0.2 * torch.randn(shape, generator=generator)).to(dtype)
-    negative = (0.2 * torch.randn(shape, generator=generator)).to(dtype) if guidance else None
-    return Conditioning(prompt=prompt, negative=negative)
-
-
 def timed(run, device: torch.device, repeats: int) -> float:
-    seconds = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    """The median of `repeats` synchronised runs."""
+    return statistics.median(gpu.timed(run, device)[1] for _ in range(repeats))
 
 
 def measure(model: str, args: argparse.Namespace) -> dict:
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(args.device)
     spec = replace(load_spec(model), dtype=args.dtype)
-    weights = random_weights(spec, dtype, device)
+    weights = gpu.build_weights(spec, device, Path(tempfile.gettempdir()))
     settings = {"steps": args.steps} if args.steps else {}
     r = build_request(spec, "timing only", **settings)
-    conditioning = text_states(spec, r.do_classifier_free_guidance, device, dtype)
+    conditioning = gpu.text_states(spec, r.do_classifier_free_guidance)
     stage = DenoiserStage(spec, weights, device)
     specs = [s.strip() for s in args.grid.split(",") if s.strip()]
     rows = {}
@@ -124,19 +90,15 @@ def _stock(spec, transformer, r, conditioning: Conditioning, cache: str | None, 
     scheduler = spec.scheduler_class(r.scheduler).from_config(spec.components["scheduler"].config)
     pipe = pipeline_class(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    guidance = r.do_classifier_free_guidance
-    kwargs = dict(prompt_embeds=conditioning.prompt.to(device),
-                  negative_prompt_embeds=conditioning.negative.to(device) if guidance else None,
-                  num_inference_steps=r.steps, guidance_scale=r.guidance_scale, num_frames=r.num_frames,
-                  height=r.height, width=r.width, output_type="latent")  # fmt: skip
+    kwargs = gpu.stock_kwargs(r, conditioning, device, r.steps, "latent")
     pipe.vae_scale_factor_spatial = family_for(spec).vae_scale_spatial
     pipe.vae_scale_factor_temporal = family_for(spec).vae_scale_temporal
-    out = {"none": {"denoise_s": timed(lambda: pipe(**kwargs, generator=torch.Generator().manual_seed(0)), device,
+    out = {"none": {"denoise_s": timed(lambda: pipe(**kwargs, **gpu.seeded(r.seed)), device,
                                         repeats)}}  # fmt: skip
     if cache is not None:
         parsed = parse_cache(cache, family_for(spec).cache_kinds, spec.name)
         transformer.enable_cache(diffusers_config(parsed, lambda: pipe.current_timestep, transformer.dtype))
-        seconds = timed(lambda: pipe(**kwargs, generator=torch.Generator().manual_seed(0)), device, repeats)
+        seconds = timed(lambda: pipe(**kwargs, **gpu.seeded(r.seed)), device, repeats)
         out[cache] = {"denoise_s": seconds, "speedup": out["none"]["denoise_s"] / seconds}
         transformer.disable_cache()
     return out

@@ -73,7 +73,7 @@ from stages.acceleration import (  # noqa: E402
 from stages.context_parallel import attention_with_lse  # noqa: E402
 from stages.decoder import DecoderStage, plan_decode  # noqa: E402
 from stages.denoiser import DenoiserStage  # noqa: E402
-from stages.device import describe  # noqa: E402
+from stages.device import PeakMemory, describe  # noqa: E402
 from stages.families import Conditioning, family_for  # noqa: E402
 from stages.models import ComponentSpec, ModelSpec, load_spec  # noqa: E402
 from stages.request import build_request  # noqa: E402
@@ -163,17 +163,6 @@ def timed(run, device: torch.device) -> tuple[Any, float]:
     value = run()
     sync(device)
     return value, time.perf_counter() - start
-
-
-def reset_peak(device: torch.device) -> float:
-    if device.type != "cuda":
-        return 0.0
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device) / 2**30
-
-
-def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
 def free_device(device: torch.device) -> None:
@@ -291,6 +280,10 @@ class ModelBench:
         self.weights = build_weights(self.spec, self.device, args.scratch)
         self.build_s = time.perf_counter() - built
         self.latents: dict[str, torch.Tensor] = {}
+        self.memory = PeakMemory(self.device)  # the CUDA peak on a GPU (the process's RSS on the CPU)
+
+    def peak_gib(self) -> float:
+        return self.memory.peak_mib() / 1024
 
     def stage(self, **levers: Any) -> DenoiserStage:
         spec = replace(self.spec, acceleration=Acceleration(**levers))
@@ -303,14 +296,14 @@ class ModelBench:
         pipe = stock_pipeline(self.spec, self.weights, device, r.scheduler)
         kwargs = stock_kwargs(r, self.conditioning, device, r.steps, "latent")
         pipe(**{**kwargs, "num_inference_steps": 2}, **seeded(r.seed))  # warm-up: kernels chosen, pools grown
-        reset_peak(device)
+        self.memory.reset()
         stock_latents, stock_s = timed(lambda: pipe(**kwargs, **seeded(r.seed)).frames, device)
-        stock_peak = peak_gib(device)
+        stock_peak = self.peak_gib()
         pipe = None
         free_device(device)
         stage = self.stage()
         stage.denoise(self.conditioning, replace(r, steps=2))
-        reset_peak(device)
+        self.memory.reset()
         latents, framecast_s = timed(lambda: stage.denoise(self.conditioning, r), device)
         stats = stage.last_run_stats()
         self.latents["eager"] = latents
@@ -322,11 +315,11 @@ class ModelBench:
         m = self.model
         note = f"{r.steps} steps, {self.spec.dtype}, kernel {stage.attention}"
         self.run.row(m, "denoise", "s/step", stock_step, framecast_step, note)
-        self.run.row(m, "denoise", "peak GiB", stock_peak, peak_gib(device))
+        self.run.row(m, "denoise", "peak GiB", stock_peak, self.peak_gib())
         self.run.row(m, "denoise", "max abs latent difference", None, difference, "framecast vs stock, same seed")
         return {"steps": r.steps, "stock_s_per_step": stock_step, "framecast_s_per_step": framecast_step,
-                "framecast_step_median_s": stats["step_s"], "stock_peak_gib": stock_peak,
-                "framecast_peak_gib": peak_gib(device), "max_abs_latent_difference": difference,
+                "framecast_step_mean_s": stats["step_s"], "stock_peak_gib": stock_peak,
+                "framecast_peak_gib": self.peak_gib(), "max_abs_latent_difference": difference,
                 "attention": stage.attention, "weights_build_s": self.build_s}  # fmt: skip
 
     def decode(self) -> dict:
@@ -359,9 +352,9 @@ class ModelBench:
             )
         stock_run = torch.no_grad()(stock_run)
         stock_run()
-        base = reset_peak(device)
+        self.memory.reset()
         stock_frames, stock_s = timed(stock_run, device)
-        stock_work = peak_gib(device) - base
+        stock_work = self.memory.growth_mib() / 1024
         stock = stock_frames[0].permute(0, 2, 3, 1).float().cpu().numpy()  # (frames, H, W, 3) in [0, 1]
         out |= {"stock_s": stock_s, "stock_work_gib": stock_work,
                 "stock_vs_framecast_psnr": psnr(stock, frames.numpy())}  # fmt: skip
@@ -567,18 +560,18 @@ class ModelBench:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * 2**30 / total), device)
             try:
-                base = reset_peak(device)
+                self.memory.reset()
                 stage = self.stage(offload=kind)
                 stage.denoise(self.conditioning, replace(r, steps=1))
                 latents, seconds = timed(lambda stage=stage: stage.denoise(self.conditioning, r), device)
-                denoise_peak = peak_gib(device)
+                denoise_peak = self.memory.growth_mib() / 1024
                 stage = None
                 free_device(device)
                 decoder = DecoderStage(self.spec, self.weights, device)
                 plan = plan_decode(self.spec, self.r.height, self.r.width, 1, None, None)
                 _, decode_s = timed(lambda d=decoder, z=latents, p=plan: d.decode_float(z, p), device)
                 stats = decoder.last_run_stats()
-                out[kind] = {"s_per_step": seconds / r.steps, "denoise_peak_gib": denoise_peak - base,
+                out[kind] = {"s_per_step": seconds / r.steps, "denoise_peak_gib": denoise_peak,
                              "decode_s": decode_s, "decode_peak_gib": stats["peak_memory_mib"] / 1024,
                              "tiled_for_memory": stats.get("tiled_for_memory", 0.0), "cap_gib": CAP_GIB}  # fmt: skip
                 decoder = None

@@ -123,17 +123,6 @@ def check_acceleration(
     return None
 
 
-def check_for_device(acceleration: Acceleration, device: torch.device, dtype: str) -> None:
-    """`check_acceleration` for this device and model dtype, raised as one InvalidRequest line."""
-    import torch
-
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    problem = check_acceleration(acceleration, device.type, capability, available=available_kernels(device),
-                                 dtype=dtype)  # fmt: skip
-    if problem:
-        raise InvalidRequest(problem)
-
-
 # -- attention ------------------------------------------------------------------------------------
 
 
@@ -180,13 +169,6 @@ def choose_attention(
     if half and capability is not None and capability >= (8, 0) and "flash" in available:
         return "flash"
     return "efficient" if "efficient" in available else "default"
-
-
-def attention_for(acceleration: Acceleration, device: torch.device, dtype: torch.dtype) -> str:
-    import torch
-
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return choose_attention(acceleration.attention, device.type, capability, dtype, available_kernels(device))
 
 
 def _sdpa_backend(name: str) -> Any:
@@ -237,14 +219,12 @@ def _fp8_linear(module: torch.nn.Module, name: str) -> bool:
     return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def quantize_fp8(network: torch.nn.Module) -> int:
+def quantize_fp8(network: torch.nn.Module) -> None:
     """torchao's float8 dynamic quantisation (activations and weights, per-row scales) of the
-    network's linear layers; returns how many were quantised."""
+    network's linear layers."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    count = sum(_fp8_linear(m, n) for n, m in network.named_modules())
     quantize_(network, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fp8_linear)
-    return count
 
 
 class Offload:
@@ -262,10 +242,8 @@ class Offload:
         as diffusers chains its model offload hooks."""
         import torch
 
-        self.kind = kind
         self.hook = None
         network.to("cpu")
-        network.framecast_execution_device = device  # where its forward runs (its parameters say cpu)
         if kind == "model":
             from accelerate import cpu_offload_with_hook
 
@@ -278,12 +256,6 @@ class Offload:
     def after_job(self) -> None:
         if self.hook is not None:
             self.hook.offload()
-
-
-def execution_device(network: Any) -> torch.device:
-    """Where a network's forward pass runs: its parameters' device, or the GPU its offload hooks
-    bring it to (`Offload`), which is where a job's latents go."""
-    return getattr(network, "framecast_execution_device", None) or network.device
 
 
 def prepare_network(

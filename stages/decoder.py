@@ -260,10 +260,10 @@ class DecoderStage:
         self._record(tiles=len(decoded))
         return decoded
 
-    def fits_untiled(self, latents: torch.Tensor) -> bool:
-        """Whether decoding these latents untiled fits in the device's free memory (a GPU's, or the
-        host's on the CPU), by the family's measured bytes per output pixel (`untiled_decode_bytes`)."""
-        needed = self.family.untiled_decode_bytes(self.family.vae_input(self.vae, latents))
+    def fits_untiled(self, z: torch.Tensor) -> bool:
+        """Whether decoding `vae_input`'s tensor `z` untiled fits in the device's free memory (a
+        GPU's, or the host's on the CPU), by the family's measured bytes per output pixel."""
+        needed = self.family.untiled_decode_bytes(z)
         return needed is None or needed < 0.9 * free_memory_bytes(self.device)  # 10%: fragmentation
 
     @torch.no_grad()
@@ -273,17 +273,19 @@ class DecoderStage:
         An untiled plan that would not fit in the GPU's free memory is decoded in the family's
         default tiles instead (as `vae.enable_tiling()`), and `tiled_for_memory` says so."""
         tiled_for_memory = False
-        if plan is not None and not plan.tiled and self.family.tiled_decode and not self.fits_untiled(latents):
-            tile = plan.tiles[0]  # an untiled plan's one tile: the whole latent video
-            scale = self.family.vae_scale_spatial
-            plan = plan_tiles(self.spec, tile.height * scale, tile.width * scale, tile_settings(self.spec))
-            tiled_for_memory = True
-        if plan is not None and plan.tiled:
+        if plan is None or not plan.tiled:
+            z = self.family.vae_input(self.vae, latents)  # the untiled decode's input
+            if plan is not None and self.family.tiled_decode and not self.fits_untiled(z):
+                tile = plan.tiles[0]  # an untiled plan's one tile: the whole latent video
+                scale = self.family.vae_scale_spatial
+                plan = plan_tiles(self.spec, tile.height * scale, tile.width * scale, tile_settings(self.spec))
+                tiled_for_memory = True
+        if plan is not None and plan.tiled:  # each tile is cut from `vae_input`'s tensor there
             frames = assemble_frames(plan, self._decode_tiles(latents, plan, list(range(len(plan.tiles)))))
             self._last_run["tiled_for_memory"] = float(tiled_for_memory)
             return frames
         self._peak_memory.reset()
-        video = self.family.decode(self.vae, self.family.vae_input(self.vae, latents))  # (1, 3, F, H, W) in [-1, 1]
+        video = self.family.decode(self.vae, z)  # (1, 3, F, H, W) in [-1, 1]
         frames = postprocess(video)
         self._record(tiles=1)
         return frames

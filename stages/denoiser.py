@@ -15,7 +15,6 @@ is split as the family says (`ModelFamily.split_over`) and gathered back.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -24,10 +23,10 @@ from pathlib import Path
 import torch
 
 from stages.acceleration import (
-    attention_for,
     attention_kernel,
     available_kernels,
     check_acceleration,
+    choose_attention,
     prepare_network,
 )
 from stages.cache import StepCache, parse_cache
@@ -56,12 +55,14 @@ class DenoiserStage:
         acceleration = spec.acceleration
         capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
         ranks = layout.world_size if layout is not None else 1
-        problem = lever_problem(spec, self.device.type, capability, available_kernels(self.device), ranks)
+        kernels = available_kernels(self.device)
+        problem = lever_problem(spec, self.device.type, capability, kernels, ranks)
         if problem:  # before any weights load
             raise InvalidRequest(problem)
         # Offloaded weights live in host memory: they are loaded there, not on the GPU first.
         self.network = self.family.load_denoiser(weights, torch.device("cpu") if acceleration.offload else self.device)
-        self.attention = attention_for(acceleration, self.device, spec.torch_dtype())
+        self.attention = choose_attention(acceleration.attention, self.device.type, capability, spec.torch_dtype(),
+                                          kernels)  # fmt: skip
         self.family.use_attention(self.network, self.attention, self.device)
         # The weights' scheduler config; a request may name another scheduler class built from it.
         self.scheduler_config = spec.components["scheduler"].load_class().load_config(weights, subfolder="scheduler")
@@ -92,8 +93,8 @@ class DenoiserStage:
     def last_run_stats(self) -> dict[str, float]:
         """This rank's figures for its last `denoise`: peak memory (MiB), video tokens it held, the
         calls of the modules a cache wraps and how many of them computed (0 without a cache), and
-        the first step's seconds beside the median of the others (the first of a compiled
-        stage's first job of a shape includes the compile)."""
+        the first step's seconds beside the mean of the others (the first of a compiled stage's
+        first job of a shape includes the compile)."""
         return dict(self._last_run)
 
     @torch.no_grad()
@@ -104,26 +105,28 @@ class DenoiserStage:
         scheduler_class = self.spec.scheduler_class(r.scheduler or self.spec.scheduler_name(None))
         scheduler = scheduler_class.from_config(self.scheduler_config)  # fresh state per job
         self.cache.prepare(parse_cache(r.cache, self.cache_kinds, self.spec.name))
-        run = self.family.start(self.network, scheduler, conditioning, r, self.context)
+        run = self.family.start(self.network, scheduler, conditioning, r, self.context, self.device)
         self._peak_memory.reset()
-        seconds = []
+        steps = len(run.timesteps)
+        start = first_done = time.perf_counter()
         with attention_kernel(self.attention):
             for i, t in enumerate(run.timesteps):
-                start = time.perf_counter()
                 self.cache.timestep = t  # PAB's timestep range, as the pipeline's current_timestep
                 run.step(i, t)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)  # a step's time is its kernels' (one sync per step)
-                seconds.append(time.perf_counter() - start)
+                if i == 0:  # the first step's kernels timed apart (a compile's first call); no sync after
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    first_done = time.perf_counter()
                 if on_step is not None:
-                    on_step(i + 1, len(run.timesteps))
-        latents = run.result()
+                    on_step(i + 1, steps)
+        latents = run.result()  # on the CPU: waits for the last step's kernels
+        rest_s = time.perf_counter() - first_done
         for offload in self._offloads:
             offload.after_job()
         self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": run.video_tokens(),
                           "cache_calls": self.cache.calls, "cache_computed": self.cache.computed,
-                          "first_step_s": seconds[0] if seconds else 0.0,
-                          "step_s": statistics.median(seconds[1:]) if len(seconds) > 1 else 0.0}  # fmt: skip
+                          "first_step_s": first_done - start if steps else 0.0,
+                          "step_s": rest_s / (steps - 1) if steps > 1 else 0.0}  # fmt: skip
         return latents
 
 

@@ -17,13 +17,8 @@ def free_memory_bytes(device: torch.device) -> float:
     PyTorch's allocator holds unused, within the process's memory fraction where one is set. CPU:
     the kernel's MemAvailable (unbounded where there is no /proc/meminfo)."""
     if device.type != "cuda":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024.0  # kB
-        except OSError:
-            pass
-        return float("inf")
+        available = _proc_mib("/proc/meminfo", "MemAvailable")
+        return float("inf") if available is None else available * 2**20
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
     allocated = torch.cuda.memory_allocated(index)
@@ -39,9 +34,10 @@ def describe(device: torch.device) -> str:
     return str(device)
 
 
-def _proc_status_mib(field: str) -> float | None:
+def _proc_mib(path: str, field: str) -> float | None:
+    """A kB field of a /proc file (Linux), in MiB; None elsewhere."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024  # kB
     except OSError:
@@ -61,7 +57,7 @@ class PeakMemory:
     def current_mib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device) / 2**20
-        return _proc_status_mib("VmRSS") or 0.0
+        return _proc_mib("/proc/self/status", "VmRSS") or 0.0
 
     def reset(self) -> None:
         if self.device.type == "cuda":
@@ -76,7 +72,7 @@ class PeakMemory:
     def peak_mib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        peak = _proc_status_mib("VmHWM")
+        peak = _proc_mib("/proc/self/status", "VmHWM")
         return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def growth_mib(self) -> float:

@@ -244,3 +244,16 @@ def test_the_ray_executor_checks_the_clusters_devices(ray_session, tiny_spec):
     with pytest.raises(InvalidRequest, match="offload model moves weights between host memory and a CUDA GPU"):
         check_levers_on_cluster(offloaded, ParallelLayout())
     check_levers_on_cluster(tiny_spec, ParallelLayout())  # no lever: nothing to refuse
+
+
+@pytest.mark.ranks(2)
+@pytest.mark.parametrize("name", ["tiny", "tiny-wan"])
+def test_a_compiled_group_equals_one_eager_process(executors, name):
+    """`--compile` in a denoiser group (Ulysses 2): the blocks compile around the group's
+    collectives (graph breaks), and the latents equal one eager process's within 1e-5 (fp32)."""
+    spec, weights, r, conditioning = _job(name)
+    eager = DenoiserStage(spec, weights).denoise(conditioning, r)
+    compiled_spec = replace(spec, acceleration=Acceleration(compile=True))
+    group = executors.get(compiled_spec, weights, ParallelLayout(ulysses=2), encoder=False)
+    latents = group.get(group.call("denoise", "denoise", conditioning, r))
+    torch.testing.assert_close(latents, eager, rtol=0, atol=1e-5)

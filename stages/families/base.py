@@ -254,8 +254,11 @@ class ModelFamily(ABC):
         conditioning: Conditioning,
         r: GenerationRequest,
         context: ContextParallel | None,
+        device: torch.device,
     ) -> Denoising:
-        """A job's denoising, ready for its first step: initial latents drawn, timesteps set."""
+        """A job's denoising on `device`, ready for its first step: initial latents drawn,
+        timesteps set. The stage names the device: an offloaded network's parameters sit in host
+        memory until its forward pass brings them (`stages.acceleration.Offload`)."""
 
     # -- decoding --------------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.acceleration import execution_device
 from stages.context_parallel import ContextParallel, SequenceShards
 from stages.families.base import Conditioning, Denoising, ImageLatents, ModelFamily
 from stages.settings import GenerationRequest
@@ -116,8 +115,8 @@ class CogVideoX(ModelFamily):
             if getattr(module, "fused_projections", False):
                 module.to_q = module.to_k = module.to_v = None
 
-    def start(self, network, scheduler, conditioning, r, context) -> Denoising:
-        return CogVideoXDenoising(self, network, scheduler, conditioning, r, context)
+    def start(self, network, scheduler, conditioning, r, context, device) -> Denoising:
+        return CogVideoXDenoising(self, network, scheduler, conditioning, r, context, device)
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -131,9 +130,9 @@ class CogVideoXDenoising(Denoising):
     """One job, step for step as the pipelines' `__call__` (same noise, timesteps, guidance
     arithmetic and dtype casts), so that the latents are equal for the same weights and seed."""
 
-    def __init__(self, family: CogVideoX, network, scheduler, conditioning: Conditioning, r, context):
+    def __init__(self, family: CogVideoX, network, scheduler, conditioning: Conditioning, r, context, device):
         self.network, self.scheduler, self.r, self.context = network, scheduler, r, context
-        device, config = execution_device(network), network.config
+        config = network.config
         self.guidance = r.do_classifier_free_guidance
         prompt = conditioning.prompt.to(device)
         if self.guidance:

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.acceleration import execution_device
 from stages.families.base import Conditioning, Denoising, ImageLatents, ModelFamily
 from stages.tiny import build_clip_tokenizer
 
@@ -116,8 +115,8 @@ class I2VGenXL(ModelFamily):
 
     # -- denoising -------------------------------------------------------------------------------
 
-    def start(self, network, scheduler, conditioning, r, context) -> Denoising:
-        return I2VGenXLDenoising(self, network, scheduler, conditioning, r, context)
+    def start(self, network, scheduler, conditioning, r, context, device) -> Denoising:
+        return I2VGenXLDenoising(self, network, scheduler, conditioning, r, context, device)
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -142,11 +141,11 @@ class I2VGenXLDenoising(Denoising):
     process drew before.
     """
 
-    def __init__(self, family: I2VGenXL, unet, scheduler, conditioning: Conditioning, r, context):
+    def __init__(self, family: I2VGenXL, unet, scheduler, conditioning: Conditioning, r, context, device):
         from diffusers.utils.torch_utils import randn_tensor
 
         self.unet, self.scheduler, self.r, self.context = unet, scheduler, r, context
-        device, self.guidance = execution_device(unet), r.do_classifier_free_guidance
+        self.guidance = r.do_classifier_free_guidance
         if conditioning.image_latents is None or conditioning.image_embeds is None:
             raise ValueError(f"{family.spec.name} is image-to-video: it needs the image's latents and embedding")
         prompt = conditioning.prompt.to(device)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from stages.acceleration import DIFFUSERS_BACKENDS, execution_device
+from stages.acceleration import DIFFUSERS_BACKENDS
 from stages.context_parallel import ContextParallel, ParallelLayout
 from stages.diffusers_parallel import enable_context_parallelism
 from stages.families.base import Conditioning, Denoising, ModelFamily
@@ -164,8 +164,8 @@ class Wan(ModelFamily):
             for expert in network.experts:
                 expert.set_attention_backend(DIFFUSERS_BACKENDS[kernel])
 
-    def start(self, network: WanExperts, scheduler, conditioning, r, context) -> Denoising:
-        return WanDenoising(self, network, scheduler, conditioning, r, context)
+    def start(self, network: WanExperts, scheduler, conditioning, r, context, device) -> Denoising:
+        return WanDenoising(self, network, scheduler, conditioning, r, context, device)
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -214,19 +214,15 @@ class WanExperts:
     def experts(self) -> list[torch.nn.Module]:
         return [self.high] if self.low is None else [self.high, self.low]
 
-    @property
-    def device(self) -> torch.device:
-        return execution_device(self.high)
-
 
 class WanDenoising(Denoising):
     """One job, step for step as `WanPipeline.__call__`: the same noise, timesteps, the expert for
     each step and its guidance scale, the two branches' forward passes one after the other, the
     guidance arithmetic and the dtype casts."""
 
-    def __init__(self, family: Wan, network: WanExperts, scheduler, conditioning: Conditioning, r, context):
+    def __init__(self, family: Wan, network: WanExperts, scheduler, conditioning: Conditioning, r, context, device):
         self.experts, self.scheduler, self.r, self.context = network, scheduler, r, context
-        device, dtype = network.device, network.high.dtype
+        dtype = network.high.dtype
         self.guidance = r.do_classifier_free_guidance
         self.prompt = conditioning.prompt.to(device, dtype)
         self.negative = conditioning.negative.to(device, dtype) if self.guidance else None

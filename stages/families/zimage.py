@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from stages.acceleration import execution_device
 from stages.context_parallel import ContextParallel, SequenceShards
 from stages.families.base import Conditioning, Denoising, ModelFamily
 from stages.tiny import build_qwen_tokenizer
@@ -73,8 +72,8 @@ class ZImage(ModelFamily):
             if hasattr(module, "set_processor"):
                 module.set_processor(processor)
 
-    def start(self, network, scheduler, conditioning, r, context) -> Denoising:
-        return ZImageDenoising(self, network, scheduler, conditioning, r, context)
+    def start(self, network, scheduler, conditioning, r, context, device) -> Denoising:
+        return ZImageDenoising(self, network, scheduler, conditioning, r, context, device)
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -90,12 +89,12 @@ class ZImageDenoising(Denoising):
     """One picture, step for step as `ZImagePipeline.__call__`: float32 latents, the scheduler's
     shift from the image's token count, sigmas from 1 to 1/steps."""
 
-    def __init__(self, family: ZImage, network, scheduler, conditioning: Conditioning, r, context):
+    def __init__(self, family: ZImage, network, scheduler, conditioning: Conditioning, r, context, device):
         from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, retrieve_timesteps
 
         self.network, self.scheduler, self.r, self.context = network, scheduler, r, context
-        device, self.guidance = execution_device(network), r.do_classifier_free_guidance
+        self.guidance = r.do_classifier_free_guidance
         self.captions = [conditioning.prompt[0].to(device)]  # (tokens, dim): the prompt's own tokens
         if self.guidance:
             self.captions.append(conditioning.negative[0].to(device))
