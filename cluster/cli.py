@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -637,16 +638,16 @@ def cmd_tune_cache(args: argparse.Namespace) -> int:
             settings = resolve_settings(spec, _explicit(args), args.preset, args.duration, swept=frozenset({"cache"}))
             print(f"tune-cache: {len(specs)} cache spec(s) and none, at {len(args.prompt)} prompt(s) x "
                   f"{len(seeds)} seed(s): {', '.join(specs)}")  # fmt: skip
-            replicas = 1 if args.local else _replicas(args, args.workers or 1)
             tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
 
             def on_sweep(done: int, total: int, result) -> None:
                 print(f"tune-cache: sweep {done}/{total} done (mlflow parent run {result.parent_run_id})")
 
+            replicas = 1 if args.local else functools.partial(_replicas, args)  # sized to the planned group
             result = tune_cache(
                 spec, args.prompt, seeds, args.min_psnr, settings, specs=specs, output_dir=args.output_dir,
-                experiment=args.experiment, tracking_uri=tracking_uri, replicas=replicas,
-                on_sweep=on_sweep, **_placement(args),
+                experiment=args.experiment, tracking_uri=tracking_uri, replicas=replicas, on_sweep=on_sweep,
+                negative_prompt=args.negative_prompt, image=args.image, **_placement(args),
             )  # fmt: skip
         except InvalidRequest as e:
             print(f"framecast: error: {e}", file=sys.stderr)

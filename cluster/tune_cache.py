@@ -145,19 +145,25 @@ def tune_cache(
     output_dir: Path,
     experiment: str,
     tracking_uri: str | None = None,
-    replicas: int = 1,
+    replicas: int | Callable[[int], int] = 1,
     on_sweep: Callable[[int, int, SweepResult], None] | None = None,
+    negative_prompt: str | None = None,
+    image: str | None = None,
     **placement: Any,
 ) -> TuneResult:
     """Every sweep planned (and so every spec checked) before any runs; then run, summarized and
-    recorded. `placement` as for `plan_sweep` (with `local`); `on_sweep(done, total, result)` after
-    each sweep."""
+    recorded. `replicas`: how many pipelines, or a function of the planned denoiser group's ranks
+    that says (the CLI's, which fits them to the cluster). `negative_prompt`, `image` and
+    `placement` as for `plan_sweep` (with `local`); `on_sweep(done, total, result)` after each sweep."""
     specs = candidate_specs(spec, specs)
     if not specs:
         raise InvalidRequest(f"{spec.name} takes no step cache (its family's denoiser has none in diffusers)")
     grid = {"cache": ["none", *specs]}
-    plans = [plan_sweep(spec.name, prompt, grid, settings, seed=seed, **placement)
+    plans = [plan_sweep(spec.name, prompt, grid, settings, seed=seed, negative_prompt=negative_prompt, image=image,
+                        **placement)
              for prompt in prompts for seed in seeds]  # fmt: skip
+    if callable(replicas):
+        replicas = replicas(plans[0].jobs[0].layout.world_size)
     cells, sweeps = [], []
     for done, plan in enumerate(plans, 1):
         result = run_sweep(plan, output_dir=output_dir, replicas=replicas, local=bool(placement.get("local")),

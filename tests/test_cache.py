@@ -312,6 +312,33 @@ def test_tune_cache_end_to_end_and_recommend_shows_it(tmp_path, capsys, mlflow_u
     assert json.loads(capsys.readouterr().out)["tuned_cache"]["cache"] == "none"
 
 
+def test_tune_cache_tunes_an_image_to_video_model(tmp_path, capsys, mlflow_uri, monkeypatch):
+    """tune-cache hands its image and negative prompt to every sweep it plans, as sweep does:
+    an image-to-video model is tuned at the user's picture."""
+    import json
+
+    from PIL import Image
+    from test_diffusers_equality import picture
+
+    import cluster.tune_cache
+    from cluster.cli import main
+
+    planned = []
+    plan_sweep = cluster.tune_cache.plan_sweep
+    monkeypatch.setattr(
+        cluster.tune_cache, "plan_sweep", lambda *a, **k: planned.append(plan_sweep(*a, **k)) or planned[-1]
+    )
+    image = tmp_path / "first.png"
+    Image.fromarray(picture(80, 120)).save(image)
+    assert main(["tune-cache", "--model", "tiny-i2v", "--prompt", "a red fox", "--image", str(image),
+                 "--negative-prompt", "blurry", "--steps", "2", "--frames", "9", "--specs", "fbc:0.1",
+                 "--min-psnr", "10", "--local", "--json", "--tracking-uri", mlflow_uri,
+                 "--output-dir", str(tmp_path / "out")]) == 0, capsys.readouterr().err  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["cache"] in ("none", "fbc:0.1")
+    requests = [job.request for plan in planned for job in plan.jobs]
+    assert len(requests) == 2 and all(r.image == str(image) and r.negative_prompt == "blurry" for r in requests)
+
+
 def test_tune_cache_refuses_bad_input_before_any_work(tmp_path, capsys):
     from cluster.cli import EXIT_INVALID, main
 
@@ -383,8 +410,12 @@ def test_a_sweep_pairs_each_cached_cell_with_its_uncached_one():
     plan = plan_sweep("framecast-shapes", SHAPES_PROMPT, grid, resolve_settings(shapes, {}, None), local=True)
     labels = [cell.label for cell in plan.cells]
     named = {labels[c]: labels[t] for c, t in uncached_twins(plan).items()}
-    assert named == {"steps=4,cache=FBC:0.30": "steps=4,cache=None", "steps=4,cache=taylorseer:2": "steps=4,cache=None",
-                     "steps=8,cache=FBC:0.30": "steps=8,cache=None", "steps=8,cache=taylorseer:2": "steps=8,cache=None"}
+    assert named == {
+        "steps=4,cache=FBC:0.30": "steps=4,cache=None",
+        "steps=4,cache=taylorseer:2": "steps=4,cache=None",
+        "steps=8,cache=FBC:0.30": "steps=8,cache=None",
+        "steps=8,cache=taylorseer:2": "steps=8,cache=None",
+    }
     no_none = plan_sweep("framecast-shapes", SHAPES_PROMPT, {"cache": ["fbc:0.3", "pab:2"]},
                          resolve_settings(shapes, {}, None), local=True)  # fmt: skip
     assert uncached_twins(no_none) == {}
