@@ -240,6 +240,7 @@ class StepCache:
             if not isinstance(hook, FBCHeadBlockHook):
                 continue
 
+            @torch.compiler.disable  # as diffusers' own: a data-dependent decision, outside a compiled block
             def should_compute(residual: torch.Tensor, _hook=hook) -> bool:
                 state = _hook.state_manager.get_state()
                 if state.head_block_residual is None:

@@ -82,8 +82,7 @@ class DenoiserStage:
             whole = self.family.branches_in_one_call
             reduce = self.context.sum_over_group if whole else self.context.sum_over_branch
             real = self.context.real_tokens
-        self.cache = StepCache(self.family.cached_networks(self.network), reduce, real)
-        self.cache_kinds = self.family.cache_kinds
+        self.cache = StepCache(networks, reduce, real)
         self._peak_memory = PeakMemory(self.device)
         self._last_run: dict[str, float] = {}
 
@@ -104,14 +103,15 @@ class DenoiserStage:
         """The denoised latents on the CPU, in the layout the family's decoder takes."""
         scheduler_class = self.spec.scheduler_class(r.scheduler or self.spec.scheduler_name(None))
         scheduler = scheduler_class.from_config(self.scheduler_config)  # fresh state per job
-        self.cache.prepare(parse_cache(r.cache, self.cache_kinds, self.spec.name))
+        self.cache.prepare(parse_cache(r.cache, self.family.cache_kinds, self.spec.name))
         run = self.family.start(self.network, scheduler, conditioning, r, self.context, self.device)
         self._peak_memory.reset()
         steps = len(run.timesteps)
+        values = run.timesteps.tolist()  # once per job: PAB compares it at every attention call
         start = first_done = time.perf_counter()
         with attention_kernel(self.attention):
             for i, t in enumerate(run.timesteps):
-                self.cache.timestep = t  # PAB's timestep range, as the pipeline's current_timestep
+                self.cache.timestep = values[i]  # PAB's timestep range, as the pipeline's current_timestep
                 run.step(i, t)
                 if i == 0:  # the first step's kernels timed apart (a compile's first call); no sync after
                     if self.device.type == "cuda":

@@ -27,6 +27,7 @@ CASES = [
     ("tiny-wan", "fbc:0.2", 6),
     ("tiny-wan", "taylorseer:2", 6),
     ("tiny-wan22", "fbc:0.3", 6),
+    ("tiny-wan22", "taylorseer:2", 12),  # each expert its own predictions, after its 3 full steps
     ("tiny-i2v", "fbc:0.5", 6),  # image-to-video: CogVideoX's image latents joined along channels
     ("tiny-wan-i2v", "fbc:0.2", 6),  # Wan 2.1's, with CLIP states beside the text
 ]
@@ -130,7 +131,9 @@ def test_specs_a_family_does_not_take_are_refused_before_any_work():
      ("tiny-wan", "fbc:0.2", 6, ParallelLayout(cfg=2, ulysses=2), {}),
      ("tiny-wan", "fbc:0.2", 6, ParallelLayout(ring=2), {}),
      ("tiny-wan", "taylorseer:2", 6, ParallelLayout(cfg=2, ring=2), {}),
+     ("tiny-wan", "fbc:0.2", 6, ParallelLayout(ulysses=2, ring=2), {}),  # no CFG-parallel: one decision, 4 ranks
      ("tiny-wan22", "fbc:0.3", 6, ParallelLayout(cfg=2, ulysses=2), {}),
+     ("tiny-wan22", "taylorseer:2", 12, ParallelLayout(ring=2), {}),  # each expert predicts after its 3 full steps
      ("tiny-i2v", "fbc:0.5", 6, ParallelLayout(cfg=2, ulysses=2), {}),
      ("tiny-wan-i2v", "fbc:0.2", 6, ParallelLayout(cfg=2, ulysses=2), {})],
     ids=str,

@@ -227,10 +227,6 @@ class ModelFamily(ABC):
         """The modules of the denoiser `load_denoiser` returns (a family with several says which)."""
         return [network]
 
-    def cached_networks(self, network: Any) -> list[torch.nn.Module]:
-        """The networks a cache spec goes on: the denoiser's."""
-        return self.denoiser_networks(network)
-
     # The denoiser's repeated transformer block classes, for regional compilation where the
     # diffusers model class names none (`_repeated_blocks`; stages.acceleration).
     repeated_blocks: ClassVar[tuple[str, ...]] = ()
