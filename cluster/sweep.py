@@ -299,6 +299,10 @@ def run_sweep(
         client.set_terminated(parent, RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
         raise
     complete = all(o.status in ("ran", "reused") for o in ordered)
+    if complete:  # every cached cell compared: the twins' raw frames (50 MB a 480x720 video) are done with
+        for twin in set(paired.values()):
+            if ordered[twin].video:
+                _twin_frames_file(ordered[twin].video).unlink(missing_ok=True)
     client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED if complete else RunStatus.FAILED))
     header_rows = sweep_report.table(plan.axes, ordered)
     return SweepResult(plan.sweep_id, parent, ordered, encodings, resumed, summary, header_rows, best)

@@ -245,6 +245,7 @@ def test_a_sweep_over_caches_with_none_compares_each_with_its_uncached_cell(tmp_
         assert key in header
     assert (summary / "heatmaps" / "vs_uncached_psnr_y.png").is_file()
     assert (summary / "heatmaps" / "cache_skipped_fraction.png").is_file()
+    assert not list(tmp_path.rglob("*.frames.npy"))  # the twins' raw frames go once every cell is compared
 
 
 def test_tune_cache_chooses_the_fastest_spec_within_the_bound():
