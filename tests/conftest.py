@@ -305,13 +305,17 @@ def broken_family(message: str):
     denoising step raises RuntimeError(message): that rank fails while the others wait for it in
     a collective. Its classes are local, so Ray ships them to the actor by value."""
 
+    import torch
+
     class BrokenDenoising:
-        timesteps = [0, 1]
+        timesteps = torch.tensor([0, 1])  # a Denoising's timesteps are a tensor
 
         def step(self, index, timestep):
             raise RuntimeError(message)
 
     class BrokenFamily:
+        cache_kinds = ()  # the stage checks a request's cache against its family's
+
         def start(self, *args, **kwargs):
             return BrokenDenoising()
 
