@@ -69,11 +69,12 @@ from stages.acceleration import (  # noqa: E402
     available_kernels,
     check_acceleration,
     choose_attention,
+    compile_repeated_blocks,
 )
 from stages.context_parallel import attention_with_lse  # noqa: E402
 from stages.decoder import DecoderStage, plan_decode  # noqa: E402
 from stages.denoiser import DenoiserStage  # noqa: E402
-from stages.device import PeakMemory, describe  # noqa: E402
+from stages.device import PeakMemory, cuda_capability, describe  # noqa: E402
 from stages.families import Conditioning, family_for  # noqa: E402
 from stages.models import ComponentSpec, ModelSpec, load_spec  # noqa: E402
 from stages.request import build_request  # noqa: E402
@@ -379,7 +380,7 @@ class ModelBench:
         q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, generator=generator)
                    for _ in range(3))  # fmt: skip
         flop = 4 * batch * heads * tokens**2 * head_dim
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        capability = cuda_capability(device)
         out = {"tokens": tokens, "heads": heads, "head_dim": head_dim,
                "auto": choose_attention("auto", device.type, capability, dtype, available_kernels(device))}  # fmt: skip
         reference = attention_with_lse(q[:1, :2].float(), k[:1, :2].float(), v[:1, :2].float(), "math")
@@ -490,10 +491,8 @@ class ModelBench:
         free_device(device)
         out = {"compile_s": compile_s, "framecast_s_per_step": framecast_s / r.steps, **self._against_eager(latents)}
         pipe = stock_pipeline(self.spec, self.weights, device, r.scheduler)
-        denoiser = getattr(pipe, self.family.denoiser_key)
-        if not getattr(denoiser, "_repeated_blocks", None):
-            denoiser._repeated_blocks = list(self.family.repeated_blocks)
-        denoiser.compile_repeated_blocks(fullgraph=False, dynamic=False)
+        # The same blocks compiled the same way (diffusers' compile_repeated_blocks), without the fusion.
+        compile_repeated_blocks(getattr(pipe, self.family.denoiser_key), self.family.repeated_blocks)
         kwargs = stock_kwargs(r, self.conditioning, device, r.steps, "latent")
         _, stock_first_s = timed(lambda: pipe(**{**kwargs, "num_inference_steps": 2}, **seeded(r.seed)), device)
         _, stock_s = timed(lambda: pipe(**kwargs, **seeded(r.seed)), device)
@@ -532,8 +531,7 @@ class ModelBench:
 
     def fp8(self) -> dict:
         device, r, m = self.device, self.timing, self.model
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        problem = check_acceleration(Acceleration(fp8=True), device.type, capability)
+        problem = check_acceleration(Acceleration(fp8=True), device.type, cuda_capability(device))
         if problem:
             return {"refused": problem}
         stage = self.stage(compile=True, fp8=True)

@@ -253,14 +253,12 @@ def check_levers(spec: ModelSpec, local: bool, layout: ParallelLayout) -> None:
     machine's device; through Ray, what does not depend on the actors' devices (the executor
     checks the cluster's, and each stage its own device before it loads anything)."""
     if local:
-        import torch
-
         from stages.acceleration import available_kernels
-        from stages.device import default_device
+        from stages.device import cuda_capability, default_device
 
         device = default_device()
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        problem = lever_problem(spec, device.type, capability, available_kernels(device), layout.world_size)
+        problem = lever_problem(spec, device.type, cuda_capability(device), available_kernels(device),
+                                layout.world_size)  # fmt: skip
     else:
         problem = lever_problem(spec, None, ranks=layout.world_size)
     if problem:

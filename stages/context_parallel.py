@@ -275,14 +275,15 @@ class ContextParallel:
 
     Needs `torch.distributed` initialised over exactly the group's ranks (cluster/ does that).
     Process groups are created here, in the same order on every rank, as torch requires, with
-    `timeout` for their collectives (torch's default otherwise).
+    `timeout` for their collectives (torch's default otherwise). `attention_kernel`: the SDPA
+    kernel whose log-sum-exp the ring merges (`attention_with_lse`), the stage's choice.
     """
 
-    def __init__(self, layout: ParallelLayout, timeout: timedelta | None = None):
+    def __init__(self, layout: ParallelLayout, timeout: timedelta | None = None, attention_kernel: str = "default"):
         if not dist.is_initialized() or dist.get_world_size() != layout.world_size:
             raise RuntimeError(f"{layout} needs torch.distributed initialised over {layout.world_size} ranks")
         self.layout = layout
-        self.attention_kernel = "default"  # the ring's log-sum-exp kernel: the stage sets its choice
+        self.attention_kernel = attention_kernel
         self.rank = dist.get_rank()
         self.branch, self.ring_index, self.ulysses_index = layout.coordinates(self.rank)
         self.shard = self.ring_index * layout.ulysses + self.ulysses_index  # within the branch

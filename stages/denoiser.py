@@ -31,7 +31,7 @@ from stages.acceleration import (
 )
 from stages.cache import StepCache, parse_cache
 from stages.context_parallel import ContextParallel, ParallelLayout, choose_layout
-from stages.device import PeakMemory, default_device, describe
+from stages.device import PeakMemory, cuda_capability, default_device, describe
 from stages.errors import InvalidRequest
 from stages.families import Conditioning, family_for
 from stages.models import ModelSpec
@@ -53,7 +53,7 @@ class DenoiserStage:
         self.device = device or default_device()
         self.family = family_for(spec)
         acceleration = spec.acceleration
-        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+        capability = cuda_capability(self.device)
         ranks = layout.world_size if layout is not None else 1
         kernels = available_kernels(self.device)
         problem = lever_problem(spec, self.device.type, capability, kernels, ranks)
@@ -69,9 +69,8 @@ class DenoiserStage:
         self.context = None
         if layout is not None and layout.world_size > 1:
             timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
-            self.context = ContextParallel(layout, timeout)
+            self.context = ContextParallel(layout, timeout, self.attention)  # the ring's log-sum-exp kernel too
             self.family.split_over(self.network, self.context)
-            self.context.attention_kernel = self.attention  # the ring's log-sum-exp kernel too
         if acceleration.compile and self.context is None:
             self.family.fuse_projections(self.network)
         # After the group's processors and hooks: the compiled blocks trace what they call.

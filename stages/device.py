@@ -12,6 +12,11 @@ def default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """A CUDA device's compute capability, e.g. (9, 0) for Hopper; None for any other device."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
 def free_memory_bytes(device: torch.device) -> float:
     """What a device can still give this process. CUDA: the driver's free memory plus what
     PyTorch's allocator holds unused, within the process's memory fraction where one is set. CPU:
