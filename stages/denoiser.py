@@ -76,6 +76,9 @@ class DenoiserStage:
         # After the group's processors and hooks: the compiled blocks trace what they call.
         networks = self.family.denoiser_networks(self.network)
         self._offloads = prepare_network(networks, acceleration, self.device, self.family.repeated_blocks)
+        # The blocks that run compiled (nn.Module.compile sets `_compiled_call_impl`), in each job's figures.
+        self._compiled_blocks = sum(getattr(m, "_compiled_call_impl", None) is not None
+                                    for network in networks for m in network.modules())  # fmt: skip
         reduce = real = None
         if self.context is not None:  # a cache decides over what one process's forward call holds
             whole = self.family.branches_in_one_call
@@ -90,9 +93,9 @@ class DenoiserStage:
 
     def last_run_stats(self) -> dict[str, float]:
         """This rank's figures for its last `denoise`: peak memory (MiB), video tokens it held, the
-        calls of the modules a cache wraps and how many of them computed (0 without a cache), and
-        the first step's seconds beside the mean of the others (the first of a compiled stage's
-        first job of a shape includes the compile)."""
+        calls of the modules a cache wraps and how many of them computed (0 without a cache), the
+        blocks that ran compiled, and the first step's seconds beside the mean of the others (the
+        first of a compiled stage's first job of a shape includes the compile)."""
         return dict(self._last_run)
 
     @torch.no_grad()
@@ -124,6 +127,7 @@ class DenoiserStage:
             offload.after_job()
         self._last_run = {"peak_memory_mib": self._peak_memory.peak_mib(), "video_tokens": run.video_tokens(),
                           "cache_calls": self.cache.calls, "cache_computed": self.cache.computed,
+                          "compiled_blocks": float(self._compiled_blocks),
                           "first_step_s": first_done - start if steps else 0.0,
                           "step_s": rest_s / (steps - 1) if steps > 1 else 0.0}  # fmt: skip
         return latents

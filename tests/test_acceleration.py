@@ -182,6 +182,7 @@ def test_regional_compile_equals_eager_on_the_cpu(name):
     network = family_for(spec).denoiser_networks(compiled_stage.network)[0]
     blocks = [m for m in network.modules() if type(m).__name__ in (network._repeated_blocks or ())]
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)  # each block compiled
+    assert first["compiled_blocks"] == len(blocks)  # and the stage says so
     fused = [m for m in network.modules() if getattr(m, "fused_projections", False)]
     assert bool(fused) == (name == "tiny")  # CogVideoX's QKV fused first (diffusers offers it); Wan's not
     assert all(m.to_q is None and m.to_qkv is not None for m in fused)  # the separate ones dropped
@@ -247,13 +248,21 @@ def test_the_ray_executor_checks_the_clusters_devices(ray_session, tiny_spec):
 
 
 @pytest.mark.ranks(2)
+@pytest.mark.parametrize("layout", [ParallelLayout(ulysses=2), ParallelLayout(ring=2)], ids=str)
 @pytest.mark.parametrize("name", ["tiny", "tiny-wan"])
-def test_a_compiled_group_equals_one_eager_process(executors, name):
-    """`--compile` in a denoiser group (Ulysses 2): the blocks compile around the group's
-    collectives (graph breaks), and the latents equal one eager process's within 1e-5 (fp32)."""
+def test_a_compiled_group_equals_one_eager_process(executors, name, layout):
+    """`--compile` in a denoiser group (Ulysses 2, ring 2): the blocks compile around the
+    group's collectives and the ring's log-sum-exp kernel (graph breaks), and the latents equal
+    one eager process's within 1e-5 (fp32)."""
     spec, weights, r, conditioning = _job(name)
-    eager = DenoiserStage(spec, weights).denoise(conditioning, r)
+    eager_stage = DenoiserStage(spec, weights)
+    eager = eager_stage.denoise(conditioning, r)
+    networks = family_for(spec).denoiser_networks(eager_stage.network)
+    blocks = sum(type(m).__name__ in family_for(spec).repeated_blocks for n in networks for m in n.modules())
     compiled_spec = replace(spec, acceleration=Acceleration(compile=True))
-    group = executors.get(compiled_spec, weights, ParallelLayout(ulysses=2), encoder=False)
-    latents = group.get(group.call("denoise", "denoise", conditioning, r))
+    group = executors.get(compiled_spec, weights, layout, encoder=False)
+    call = group.call("denoise", "denoise", conditioning, r)
+    latents = group.get(call)
     torch.testing.assert_close(latents, eager, rtol=0, atol=1e-5)
+    assert eager_stage.last_run_stats()["compiled_blocks"] == 0
+    assert blocks and [rank["compiled_blocks"] for rank in group.reports(call)] == [blocks, blocks]  # each rank's
